@@ -1,0 +1,233 @@
+//! Journal events and their automerge encoding.
+//!
+//! A device's journal is a list of events in automerge documents (one per segment of
+//! [`crate::SEGMENT_CHANGES`] entries). Each event is a map with scalar fields, so a peer reads it
+//! back field by field from the document it applied the change to.
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value};
+use serde::{Deserialize, Serialize};
+use stallmesh_identity::{Certificate, DeviceId, Revocation};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    pub sku: String,
+    pub name: String,
+    pub price_cents: u64,
+    pub currency: String,
+    pub stall: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaleLine {
+    pub sku: String,
+    pub qty: u64,
+    /// Unit price at the time of sale, from the selling device's catalogue.
+    pub price_cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventBody {
+    /// Always entry 0 of a journal: the market's certificate for its author.
+    Enrolled { certificate: Certificate },
+    /// Last writer wins per SKU, ordered by (lamport, author).
+    ProductUpserted { product: Product, lamport: u64 },
+    /// New stock: adds stock rights to the author.
+    Restocked { sku: String, qty: u64 },
+    /// Moves stock rights from the author to `to`.
+    Transferred { sku: String, qty: u64, to: DeviceId },
+    /// Spends the author's stock rights.
+    Sold { lines: Vec<SaleLine>, total_cents: u64, currency: String, client_ref: Option<String> },
+    /// The market's revocation of a device, recorded by whichever device learnt of it.
+    Revoked { revocation: Revocation },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The author's clock when the event was recorded (advisory: never used to order merges).
+    pub time_ms: u64,
+    pub body: EventBody,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+#[error("journal event {field}: {problem}")]
+pub struct DecodeError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn missing(field: &'static str) -> DecodeError {
+    DecodeError { field, problem: "missing or of the wrong type".into() }
+}
+
+type AmResult<T> = Result<T, automerge::AutomergeError>;
+
+/// Writes `event` as a new map at `index` of the journal list.
+pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usize, event: &Event) -> AmResult<()> {
+    let map = tx.insert_object(list, index, ObjType::Map)?;
+    tx.put(&map, "time_ms", event.time_ms)?;
+    match &event.body {
+        EventBody::Enrolled { certificate } => {
+            tx.put(&map, "kind", "enrolled")?;
+            tx.put(&map, "certificate", postcard::to_allocvec(certificate).expect("serializable"))?;
+        }
+        EventBody::ProductUpserted { product, lamport } => {
+            tx.put(&map, "kind", "product")?;
+            tx.put(&map, "sku", product.sku.as_str())?;
+            tx.put(&map, "name", product.name.as_str())?;
+            tx.put(&map, "price_cents", product.price_cents)?;
+            tx.put(&map, "currency", product.currency.as_str())?;
+            tx.put(&map, "stall", product.stall.as_str())?;
+            let tags = tx.put_object(&map, "tags", ObjType::List)?;
+            for (i, tag) in product.tags.iter().enumerate() {
+                tx.insert(&tags, i, tag.as_str())?;
+            }
+            tx.put(&map, "lamport", *lamport)?;
+        }
+        EventBody::Restocked { sku, qty } => {
+            tx.put(&map, "kind", "restock")?;
+            tx.put(&map, "sku", sku.as_str())?;
+            tx.put(&map, "qty", *qty)?;
+        }
+        EventBody::Transferred { sku, qty, to } => {
+            tx.put(&map, "kind", "transfer")?;
+            tx.put(&map, "sku", sku.as_str())?;
+            tx.put(&map, "qty", *qty)?;
+            tx.put(&map, "to", to.0.to_vec())?;
+        }
+        EventBody::Sold { lines, total_cents, currency, client_ref } => {
+            tx.put(&map, "kind", "sale")?;
+            let list = tx.put_object(&map, "lines", ObjType::List)?;
+            for (i, line) in lines.iter().enumerate() {
+                let l = tx.insert_object(&list, i, ObjType::Map)?;
+                tx.put(&l, "sku", line.sku.as_str())?;
+                tx.put(&l, "qty", line.qty)?;
+                tx.put(&l, "price_cents", line.price_cents)?;
+            }
+            tx.put(&map, "total_cents", *total_cents)?;
+            tx.put(&map, "currency", currency.as_str())?;
+            if let Some(r) = client_ref {
+                tx.put(&map, "client_ref", r.as_str())?;
+            }
+        }
+        EventBody::Revoked { revocation } => {
+            tx.put(&map, "kind", "revoked")?;
+            tx.put(&map, "revocation", postcard::to_allocvec(revocation).expect("serializable"))?;
+        }
+    }
+    Ok(())
+}
+
+fn scalar(doc: &Automerge, obj: &ObjId, key: &'static str) -> Option<ScalarValue> {
+    match doc.get(obj, key) {
+        Ok(Some((Value::Scalar(v), _))) => Some(v.into_owned()),
+        _ => None,
+    }
+}
+
+fn get_str(doc: &Automerge, obj: &ObjId, key: &'static str) -> Result<String, DecodeError> {
+    match scalar(doc, obj, key) {
+        Some(ScalarValue::Str(s)) => Ok(s.to_string()),
+        _ => Err(missing(key)),
+    }
+}
+
+fn get_u64(doc: &Automerge, obj: &ObjId, key: &'static str) -> Result<u64, DecodeError> {
+    match scalar(doc, obj, key) {
+        Some(ScalarValue::Uint(v)) => Ok(v),
+        Some(ScalarValue::Int(v)) if v >= 0 => Ok(v as u64),
+        _ => Err(missing(key)),
+    }
+}
+
+fn get_bytes(doc: &Automerge, obj: &ObjId, key: &'static str) -> Result<Vec<u8>, DecodeError> {
+    match scalar(doc, obj, key) {
+        Some(ScalarValue::Bytes(b)) => Ok(b),
+        _ => Err(missing(key)),
+    }
+}
+
+fn get_obj(doc: &Automerge, obj: &ObjId, key: &'static str, ty: ObjType) -> Result<ObjId, DecodeError> {
+    match doc.get(obj, key) {
+        Ok(Some((Value::Object(t), id))) if t == ty => Ok(id),
+        _ => Err(missing(key)),
+    }
+}
+
+fn decode_postcard<T: for<'de> Deserialize<'de>>(bytes: &[u8], field: &'static str) -> Result<T, DecodeError> {
+    postcard::from_bytes(bytes).map_err(|e| DecodeError { field, problem: e.to_string() })
+}
+
+/// Reads the event at `index` of the journal list.
+pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<Event, DecodeError> {
+    let map = match doc.get(list, index) {
+        Ok(Some((Value::Object(ObjType::Map), id))) => id,
+        _ => return Err(missing("entry")),
+    };
+    let time_ms = get_u64(doc, &map, "time_ms")?;
+    let kind = get_str(doc, &map, "kind")?;
+    let body = match kind.as_str() {
+        "enrolled" => EventBody::Enrolled { certificate: decode_postcard(&get_bytes(doc, &map, "certificate")?, "certificate")? },
+        "product" => {
+            let tags_obj = get_obj(doc, &map, "tags", ObjType::List)?;
+            let mut tags = Vec::new();
+            for i in 0..doc.length(&tags_obj) {
+                match doc.get(&tags_obj, i) {
+                    Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                        ScalarValue::Str(s) => tags.push(s.to_string()),
+                        _ => return Err(missing("tags")),
+                    },
+                    _ => return Err(missing("tags")),
+                }
+            }
+            EventBody::ProductUpserted {
+                product: Product {
+                    sku: get_str(doc, &map, "sku")?,
+                    name: get_str(doc, &map, "name")?,
+                    price_cents: get_u64(doc, &map, "price_cents")?,
+                    currency: get_str(doc, &map, "currency")?,
+                    stall: get_str(doc, &map, "stall")?,
+                    tags,
+                },
+                lamport: get_u64(doc, &map, "lamport")?,
+            }
+        }
+        "restock" => EventBody::Restocked { sku: get_str(doc, &map, "sku")?, qty: get_u64(doc, &map, "qty")? },
+        "transfer" => {
+            let to = get_bytes(doc, &map, "to")?;
+            let to: [u8; 32] = to.try_into().map_err(|_| DecodeError { field: "to", problem: "not 32 bytes".into() })?;
+            EventBody::Transferred { sku: get_str(doc, &map, "sku")?, qty: get_u64(doc, &map, "qty")?, to: DeviceId(to) }
+        }
+        "sale" => {
+            let lines_obj = get_obj(doc, &map, "lines", ObjType::List)?;
+            let mut lines = Vec::new();
+            for i in 0..doc.length(&lines_obj) {
+                let l = match doc.get(&lines_obj, i) {
+                    Ok(Some((Value::Object(ObjType::Map), id))) => id,
+                    _ => return Err(missing("lines")),
+                };
+                lines.push(SaleLine {
+                    sku: get_str(doc, &l, "sku")?,
+                    qty: get_u64(doc, &l, "qty")?,
+                    price_cents: get_u64(doc, &l, "price_cents")?,
+                });
+            }
+            let client_ref = match scalar(doc, &map, "client_ref") {
+                Some(ScalarValue::Str(s)) => Some(s.to_string()),
+                None => None,
+                Some(_) => return Err(missing("client_ref")),
+            };
+            EventBody::Sold {
+                lines,
+                total_cents: get_u64(doc, &map, "total_cents")?,
+                currency: get_str(doc, &map, "currency")?,
+                client_ref,
+            }
+        }
+        "revoked" => EventBody::Revoked { revocation: decode_postcard(&get_bytes(doc, &map, "revocation")?, "revocation")? },
+        other => return Err(DecodeError { field: "kind", problem: format!("unknown kind {other:?}") }),
+    };
+    Ok(Event { time_ms, body })
+}

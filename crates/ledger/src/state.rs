@@ -1,0 +1,219 @@
+//! The market state every replica derives from the journals it holds, and its projections.
+//!
+//! Folding is order-independent for any causal order: stock rights are sums, sales are keyed by
+//! their journal position, products are last-writer-wins on (lamport, author). So replicas that
+//! hold the same set of changes have identical state.
+
+use crate::event::{Event, EventBody, Product, SaleLine};
+use serde::Serialize;
+use stallmesh_identity::{Certificate, DeviceId, Dot};
+use std::collections::BTreeMap;
+
+/// A sale's id is its journal position: unique by construction, so it can never be duplicated.
+pub fn sale_id(dot: Dot) -> String {
+    format!("{}-{}", hex::encode(&dot.device.0[..8]), dot.seq)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceRecord {
+    pub certificate: Certificate,
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProductRecord {
+    #[serde(flatten)]
+    pub product: Product,
+    pub lamport: u64,
+    pub author: DeviceId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sale {
+    pub id: String,
+    pub device: DeviceId,
+    pub seq: u64,
+    pub lines: Vec<SaleLine>,
+    pub total_cents: u64,
+    pub currency: String,
+    pub time_ms: u64,
+    pub client_ref: Option<String>,
+}
+
+/// Why an event cannot be folded into the state. For a remote change this is a protocol violation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum FoldError {
+    #[error("device {device} spends {qty} of {sku} but holds {held}")]
+    Overspend { device: DeviceId, sku: String, qty: u64, held: u64 },
+    #[error("enrolment is only valid as journal entry 0")]
+    MisplacedEnrolment,
+    #[error("invalid event: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub devices: BTreeMap<DeviceId, DeviceRecord>,
+    pub products: BTreeMap<String, ProductRecord>,
+    /// sku → device → units that device may sell. Never negative (u64, checked on every spend).
+    pub rights: BTreeMap<String, BTreeMap<DeviceId, u64>>,
+    pub sales: BTreeMap<String, Sale>,
+    pub restocks: u64,
+    pub transfers: u64,
+}
+
+impl State {
+    pub fn rights_of(&self, sku: &str, device: &DeviceId) -> u64 {
+        self.rights.get(sku).and_then(|m| m.get(device)).copied().unwrap_or(0)
+    }
+
+    /// Checks, without changing anything, that `event` by `dot.device` can be folded.
+    pub fn check(&self, dot: Dot, event: &Event) -> Result<(), FoldError> {
+        let spend = |sku: &str, qty: u64| -> Result<(), FoldError> {
+            let held = self.rights_of(sku, &dot.device);
+            if qty > held {
+                return Err(FoldError::Overspend { device: dot.device, sku: sku.to_string(), qty, held });
+            }
+            Ok(())
+        };
+        match &event.body {
+            EventBody::Enrolled { .. } if dot.seq != 0 => Err(FoldError::MisplacedEnrolment),
+            EventBody::Enrolled { .. } => Ok(()),
+            _ if dot.seq == 0 => Err(FoldError::Invalid("journal entry 0 must be the enrolment".into())),
+            EventBody::ProductUpserted { .. } | EventBody::Revoked { .. } => Ok(()),
+            EventBody::Restocked { qty, .. } if *qty == 0 => Err(FoldError::Invalid("restock of 0 units".into())),
+            EventBody::Restocked { .. } => Ok(()),
+            EventBody::Transferred { qty, .. } if *qty == 0 => Err(FoldError::Invalid("transfer of 0 units".into())),
+            EventBody::Transferred { to, .. } if *to == dot.device => Err(FoldError::Invalid("transfer to self".into())),
+            EventBody::Transferred { sku, qty, .. } => spend(sku, *qty),
+            EventBody::Sold { lines, total_cents, .. } => {
+                if lines.is_empty() {
+                    return Err(FoldError::Invalid("sale without lines".into()));
+                }
+                let mut per_sku: BTreeMap<&str, u64> = BTreeMap::new();
+                let mut total: u64 = 0;
+                for l in lines {
+                    if l.qty == 0 {
+                        return Err(FoldError::Invalid("sale line of 0 units".into()));
+                    }
+                    *per_sku.entry(&l.sku).or_default() += l.qty;
+                    total = l
+                        .qty
+                        .checked_mul(l.price_cents)
+                        .and_then(|v| total.checked_add(v))
+                        .ok_or_else(|| FoldError::Invalid("sale total overflows".into()))?;
+                }
+                if total != *total_cents {
+                    return Err(FoldError::Invalid(format!("total_cents {total_cents} != sum of lines {total}")));
+                }
+                per_sku.into_iter().try_for_each(|(sku, qty)| spend(sku, qty))
+            }
+        }
+    }
+
+    /// Folds one event. The caller has run [`State::check`]; a failure here means the core is broken.
+    pub fn fold(&mut self, dot: Dot, event: &Event) {
+        match &event.body {
+            EventBody::Enrolled { certificate } => {
+                self.devices
+                    .entry(dot.device)
+                    .or_insert_with(|| DeviceRecord { certificate: certificate.clone(), revoked_at_ms: None });
+            }
+            EventBody::ProductUpserted { product, lamport } => {
+                let newer = match self.products.get(&product.sku) {
+                    Some(cur) => (*lamport, dot.device) > (cur.lamport, cur.author),
+                    None => true,
+                };
+                if newer {
+                    self.products.insert(
+                        product.sku.clone(),
+                        ProductRecord { product: product.clone(), lamport: *lamport, author: dot.device },
+                    );
+                }
+            }
+            EventBody::Restocked { sku, qty } => {
+                *self.rights.entry(sku.clone()).or_default().entry(dot.device).or_default() += qty;
+                self.restocks += 1;
+            }
+            EventBody::Transferred { sku, qty, to } => {
+                self.spend(sku, &dot.device, *qty);
+                *self.rights.entry(sku.clone()).or_default().entry(*to).or_default() += qty;
+                self.transfers += 1;
+            }
+            EventBody::Sold { lines, total_cents, currency, client_ref } => {
+                for l in lines {
+                    self.spend(&l.sku, &dot.device, l.qty);
+                }
+                let id = sale_id(dot);
+                let previous = self.sales.insert(
+                    id.clone(),
+                    Sale {
+                        id,
+                        device: dot.device,
+                        seq: dot.seq,
+                        lines: lines.clone(),
+                        total_cents: *total_cents,
+                        currency: currency.clone(),
+                        time_ms: event.time_ms,
+                        client_ref: client_ref.clone(),
+                    },
+                );
+                assert!(previous.is_none(), "a journal position is folded at most once");
+            }
+            EventBody::Revoked { revocation } => {
+                if let Some(d) = self.devices.get_mut(&revocation.device) {
+                    // The earliest revocation wins, so the result does not depend on arrival order.
+                    let t = d.revoked_at_ms.map_or(revocation.revoked_at_ms, |t| t.min(revocation.revoked_at_ms));
+                    d.revoked_at_ms = Some(t);
+                }
+            }
+        }
+    }
+
+    fn spend(&mut self, sku: &str, device: &DeviceId, qty: u64) {
+        let held = self.rights.get_mut(sku).and_then(|m| m.get_mut(device));
+        match held {
+            Some(h) if *h >= qty => *h -= qty,
+            // Invariant: stock rights never go negative. `check` and causal delivery guarantee it.
+            _ => panic!("invariant violated: {device:?} spends {qty} of {sku} beyond its stock rights"),
+        }
+    }
+
+    /// Stock of one SKU: total and per device.
+    pub fn stock(&self, sku: &str) -> StockView {
+        let per_device: BTreeMap<DeviceId, u64> =
+            self.rights.get(sku).map(|m| m.iter().filter(|(_, v)| **v > 0).map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
+        StockView { sku: sku.to_string(), total: per_device.values().sum(), per_device }
+    }
+
+    pub fn summary(&self) -> SalesSummary {
+        let mut s = SalesSummary::default();
+        for sale in self.sales.values() {
+            s.sales += 1;
+            *s.revenue_cents.entry(sale.currency.clone()).or_default() += sale.total_cents;
+            let hour = sale.time_ms / 3_600_000;
+            *s.revenue_cents_per_hour.entry(hour * 3_600_000).or_default() += sale.total_cents;
+            s.units += sale.lines.iter().map(|l| l.qty).sum::<u64>();
+        }
+        let total: u64 = s.revenue_cents.values().sum();
+        s.average_order_cents = if s.sales > 0 { total / s.sales } else { 0 };
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StockView {
+    pub sku: String,
+    pub total: u64,
+    pub per_device: BTreeMap<DeviceId, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SalesSummary {
+    pub sales: u64,
+    pub units: u64,
+    pub revenue_cents: BTreeMap<String, u64>,
+    /// Start of the hour (ms since the epoch, author's clock) → revenue in that hour.
+    pub revenue_cents_per_hour: BTreeMap<u64, u64>,
+    pub average_order_cents: u64,
+}

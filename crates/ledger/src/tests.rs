@@ -1,0 +1,232 @@
+//! Specifications of the ledger's behaviour, one scenario each.
+
+use super::testkit::{product, sell, TestMarket};
+use super::*;
+
+fn stocked(m: &TestMarket, n: u16, sku: &str, qty: u64) -> (Ledger, Vec<Entry>) {
+    let (mut l, e0) = m.device(n, "Test Stall");
+    let e1 = l.record(LocalOp::UpsertProduct(product(sku, 250)), 1).unwrap();
+    let e2 = l.record(LocalOp::Restock { sku: sku.into(), qty }, 2).unwrap();
+    (l, vec![e0, e1, e2])
+}
+
+/// Products, stock rights and sales agree (each replica also knows its own enrolment).
+fn assert_same_business_state(x: &Ledger, y: &Ledger) {
+    assert_eq!(x.state().products, y.state().products);
+    assert_eq!(x.state().rights, y.state().rights);
+    assert_eq!(x.state().sales, y.state().sales);
+}
+
+fn changes(entries: &[Entry]) -> Vec<SignedChange> {
+    entries.iter().map(|e| e.change.clone()).collect()
+}
+
+#[test]
+fn a_sale_spends_the_sellers_own_rights_and_is_refused_beyond_them() {
+    let m = TestMarket::new(1);
+    let (mut a, _) = stocked(&m, 1, "honey", 3);
+    let sale = a.record(sell("honey", 2), 10).unwrap();
+    assert!(matches!(&sale.event.body, EventBody::Sold { total_cents: 500, .. }));
+    assert_eq!(a.state().stock("honey").total, 1);
+    let err = a.record(sell("honey", 2), 11).unwrap_err();
+    assert!(matches!(err, LedgerError::InsufficientRights { requested: 2, held_here: 1, held_elsewhere_total: 0, .. }), "{err:?}");
+    assert_eq!(a.state().sales.len(), 1, "a refused sale changes nothing");
+}
+
+#[test]
+fn refusal_names_the_devices_that_hold_the_missing_units() {
+    let m = TestMarket::new(2);
+    let (a, ea) = stocked(&m, 1, "jam", 5);
+    let (mut b, eb) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    let err = b.record(sell("jam", 1), 5).unwrap_err();
+    match err {
+        LedgerError::InsufficientRights { held_here: 0, held_elsewhere, held_elsewhere_total: 5, .. } => {
+            assert_eq!(held_elsewhere.get(&a.device()), Some(&5));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(eb);
+}
+
+#[test]
+fn transferred_rights_can_be_spent_and_peers_apply_the_transfer_first() {
+    let m = TestMarket::new(3);
+    let (mut a, mut ea) = stocked(&m, 1, "cheese", 4);
+    let (mut b, eb0) = m.device(2, "Test Stall");
+    a.apply_remote(changes(&[eb0.clone()]));
+    b.apply_remote(changes(&ea));
+    ea.push(a.record(LocalOp::Transfer { sku: "cheese".into(), qty: 3, to: b.device() }, 3).unwrap());
+    b.apply_remote(changes(&ea));
+    let sale = b.record(sell("cheese", 3), 4).unwrap();
+    assert_eq!(sale.change.causal, vec![ea[3].change.dot()], "the sale names the transfer it spends");
+
+    // A third replica receives b's sale before a's transfer: it waits instead of going negative.
+    let (mut c, _) = m.device(3, "Test Stall");
+    let report = c.apply_remote(changes(&[eb0, sale.clone()]));
+    assert_eq!(report.pending, 1);
+    assert!(c.state().sales.is_empty());
+    let report = c.apply_remote(changes(&ea));
+    assert_eq!(report.pending, 0);
+    assert_eq!(c.state().sales.len(), 1);
+    assert_same_business_state(&c, &b);
+    assert_eq!(c.state().stock("cheese").total, 1);
+}
+
+#[test]
+fn remote_changes_in_any_order_give_the_same_state_and_duplicates_are_ignored() {
+    let m = TestMarket::new(4);
+    let (mut a, mut ea) = stocked(&m, 1, "bread", 10);
+    for t in 0..5 {
+        ea.push(a.record(sell("bread", 1), 100 + t).unwrap());
+    }
+    let (mut b, _) = m.device(2, "Test Stall");
+    let mut reversed = changes(&ea);
+    reversed.reverse();
+    let report = b.apply_remote(reversed.clone());
+    assert_eq!(report.applied.len(), ea.len());
+    assert_same_business_state(&a, &b);
+    let again = b.apply_remote(reversed);
+    assert_eq!((again.applied.len(), again.duplicates), (0, ea.len()));
+    assert_same_business_state(&a, &b);
+}
+
+#[test]
+fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_effect() {
+    let m = TestMarket::new(5);
+    let (mut a, ea) = stocked(&m, 1, "eggs", 10);
+    let (mut b, _) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    let before = b.state().clone();
+
+    // Forged: a byte of the sale flipped after signing.
+    let mut forged = a.record(sell("eggs", 1), 9).unwrap().change;
+    let last = forged.change.len() - 1;
+    forged.change[last] ^= 1;
+    let r = b.apply_remote([forged]);
+    assert_eq!(r.rejected[0].1, Rejection::BadSignature);
+
+    // Another market's device, replaying its own valid changes here.
+    let other = TestMarket::new(6);
+    let (_, eo) = stocked(&other, 1, "eggs", 10);
+    let r = b.apply_remote(changes(&eo));
+    assert!(r.rejected.iter().all(|(_, why)| *why == Rejection::WrongMarket));
+
+    // A device with a certificate signed by a stranger's key.
+    let stranger = stallmesh_identity::MarketKey::from_secret([77; 32]);
+    let key = DeviceKey::from_secret([78; 32]);
+    let bad_cert = stranger.enrol(key.device_id(), "Fake", stallmesh_identity::Role::Seller, u64::MAX);
+    let mut fake = Ledger::new(m.ctx.clone(), key, bad_cert);
+    // The fake ledger thinks it is enrolled; peers must not.
+    let e0 = fake.commit_local(Event { time_ms: 1, body: EventBody::Enrolled { certificate: fake.certificate().clone() } }).unwrap();
+    let r = b.apply_remote([e0.change]);
+    assert!(matches!(r.rejected[0].1, Rejection::BadEnrolment(_)), "{:?}", r.rejected);
+
+    // Wrong actor: a device signs a change whose automerge actor is another device.
+    let (mut c, ec0) = m.device(3, "Test Stall");
+    c.apply_remote(changes(&ea));
+    b.apply_remote([ec0.change.clone()]);
+    let stolen = a.record(sell("eggs", 1), 10).unwrap().change;
+    let c_key = DeviceKey::from_secret(c_secret(&m, 3));
+    let resigned = c_key.sign_change(m.ctx.market, 1, vec![], stolen.change.clone());
+    let r = b.apply_remote([resigned]);
+    assert_eq!(r.rejected[0].1, Rejection::WrongActor);
+
+    // b never saw a's last two sales, so its state is what it was plus c's enrolment.
+    assert_eq!(b.state().sales, before.sales);
+    assert_eq!(b.state().rights, before.rights);
+    assert!(b.stats().rejected.values().sum::<u64>() >= 4);
+}
+
+fn c_secret(m: &TestMarket, n: u16) -> [u8; 32] {
+    // Mirrors TestMarket::device's key derivation.
+    let mut secret = [0u8; 32];
+    secret[..2].copy_from_slice(&n.to_le_bytes());
+    secret[2] = m.key.secret()[0];
+    secret[31] = 0xd0;
+    secret
+}
+
+#[test]
+fn a_revoked_device_is_cut_off_everywhere_the_revocation_arrives() {
+    let m = TestMarket::new(7);
+    let (mut a, ea) = stocked(&m, 1, "figs", 10);
+    let (mut b, eb) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    a.apply_remote(changes(&[eb]));
+    let rev = b.record(LocalOp::Revoke(m.key.revoke(a.device(), 50)), 50).unwrap();
+    let late_sale = a.record(sell("figs", 1), 60).unwrap();
+    let before = b.state().clone();
+    let r = b.apply_remote([late_sale.change]);
+    assert_eq!(r.rejected[0].1, Rejection::Revoked);
+    assert_eq!(b.state(), &before);
+    a.apply_remote([rev.change]);
+    assert_eq!(a.record(sell("figs", 1), 70), Err(LedgerError::Revoked));
+    // A revocation not signed by the market is refused.
+    let fake = stallmesh_identity::MarketKey::from_secret([9; 32]).revoke(b.device(), 1);
+    assert!(matches!(b.record(LocalOp::Revoke(fake), 80), Err(LedgerError::BadRevocation(_))));
+}
+
+#[test]
+fn restore_from_entries_gives_the_same_state_and_continues_the_journal() {
+    let m = TestMarket::new(8);
+    let (mut a, mut ea) = stocked(&m, 1, "kale", 1_000);
+    for t in 0..(SEGMENT_CHANGES + 10) {
+        ea.push(a.record(sell("kale", 1), 100 + t).unwrap());
+    }
+    let key = DeviceKey::from_secret(c_secret(&m, 1));
+    let mut r = Ledger::restore(m.ctx.clone(), key, a.certificate().clone(), ea.clone()).unwrap();
+    assert_eq!(r.state(), a.state());
+    let next_a = a.record(sell("kale", 1), 999).unwrap();
+    let next_r = r.record(sell("kale", 1), 999).unwrap();
+    assert_eq!(next_a, next_r, "a restored ledger writes the very same next change");
+
+    // A store that lost an entry is refused rather than silently restored.
+    let mut gappy = ea.clone();
+    gappy.remove(5);
+    let key = DeviceKey::from_secret(c_secret(&m, 1));
+    assert!(matches!(Ledger::restore(m.ctx.clone(), key, a.certificate().clone(), gappy), Err(RestoreError::Gap { .. })));
+}
+
+#[test]
+fn a_remote_overspend_is_rejected_as_a_protocol_violation() {
+    let m = TestMarket::new(9);
+    let (mut a, ea) = stocked(&m, 1, "plums", 1);
+    a.allow_overspend_for_tests = true;
+    let bad = a.record(sell("plums", 5), 10).unwrap();
+    let (mut b, _) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    let r = b.apply_remote([bad.change]);
+    assert!(matches!(r.rejected[0].1, Rejection::Fold(FoldError::Overspend { .. })), "{:?}", r.rejected);
+    assert_eq!(b.state().stock("plums").total, 1);
+}
+
+#[test]
+fn client_ref_makes_a_retried_sale_idempotent() {
+    let m = TestMarket::new(10);
+    let (mut a, _) = stocked(&m, 1, "tea", 5);
+    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "tea".into(), qty: 1 }], client_ref: Some("till-7-0001".into()) };
+    let first = a.record(op.clone(), 1).unwrap();
+    match a.record(op, 2) {
+        Err(LedgerError::AlreadyRecorded { sale_id: id, .. }) => assert_eq!(id, sale_id(first.change.dot())),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.state().stock("tea").total, 4);
+}
+
+#[test]
+fn invalid_local_input_is_refused_with_the_field_named() {
+    let m = TestMarket::new(11);
+    let (mut a, _) = stocked(&m, 1, "oil", 5);
+    assert_eq!(a.record(sell("nope", 1), 1), Err(LedgerError::UnknownSku("nope".into())));
+    assert!(matches!(a.record(sell("oil", 0), 1), Err(LedgerError::Invalid { field: "qty", .. })));
+    let mut p = product("bad sku", 1);
+    assert!(matches!(a.record(LocalOp::UpsertProduct(p.clone()), 1), Err(LedgerError::Invalid { field: "sku", .. })));
+    p.sku = "ok".into();
+    p.currency = "euro".into();
+    assert!(matches!(a.record(LocalOp::UpsertProduct(p), 1), Err(LedgerError::Invalid { field: "currency", .. })));
+    assert!(matches!(
+        a.record(LocalOp::Sell { lines: vec![], client_ref: None }, 1),
+        Err(LedgerError::Invalid { field: "lines", .. })
+    ));
+}
