@@ -1,1 +1,46 @@
+//! The stallmesh node: configuration, the runtime around the ledger and store, and the HTTP API.
 
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod runtime;
+
+pub use config::Config;
+pub use runtime::{Node, NodeError};
+
+use std::net::SocketAddr;
+
+/// A node serving its API: the address it bound (useful with port 0) and its server task.
+pub struct Running {
+    pub node: Node,
+    pub addr: SocketAddr,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the node and serves its HTTP API until `shutdown` resolves.
+pub async fn start(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Running, StartError> {
+    let cfg = config.clone();
+    let node = tokio::task::spawn_blocking(move || Node::open(&cfg))
+        .await
+        .map_err(|e| StartError::Node(NodeError::Internal(e.to_string())))??;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+    let app = http::router(node.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
+    tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
+    Ok(Running { node, addr, server })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}

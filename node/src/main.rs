@@ -1,1 +1,106 @@
-fn main(){}
+use clap::Parser;
+use stallmesh_identity::files::{self, DeviceCredentials};
+use stallmesh_identity::{DeviceId, DeviceKey, Role};
+use stallmesh_node::cli::{run_client, ClientError, Cli, Command, DeviceCmd, MarketCmd, RoleArg};
+use stallmesh_node::config::{Config, LogFormat};
+use stallmesh_node::runtime::now_ms;
+use std::process::ExitCode;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
+
+fn up(args: stallmesh_node::cli::UpArgs) -> Result<(), String> {
+    let mut config = Config::load(args.config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(a) = args.http_addr {
+        config.http_addr = a.parse().map_err(|e| format!("--http-addr {a:?}: {e}"))?;
+    }
+    if let Some(c) = args.credentials {
+        config.credentials_dir = c;
+    }
+    init_tracing(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let running = stallmesh_node::start(&config, shutdown_signal()).await.map_err(|e| e.to_string())?;
+        running.server.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    })
+}
+
+fn admin(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::Market(MarketCmd::Init { dir, name }) => {
+            let (_, info) = files::init_market(&dir, &name).map_err(|e| e.to_string())?;
+            println!("market {:?} created: id {}", info.name, info.market_id);
+            println!("secret key: {} (mode 0600; keep it off the tablets)", dir.join(files::MARKET_KEY_FILE).display());
+        }
+        Command::Device(DeviceCmd::Enroll { market, stall, role, valid_days, out }) => {
+            let (market_key, info) = files::load_market(&market).map_err(|e| e.to_string())?;
+            let key = DeviceKey::generate().map_err(|e| e.to_string())?;
+            let role = match role {
+                RoleArg::Seller => Role::Seller,
+                RoleArg::Organiser => Role::Organiser,
+            };
+            let expires = now_ms().saturating_add(valid_days.saturating_mul(24 * 3_600_000));
+            let certificate = market_key.enrol(key.device_id(), &stall, role, expires);
+            let device = key.device_id();
+            files::write_device(&out, &DeviceCredentials { key, certificate, market: info }).map_err(|e| e.to_string())?;
+            println!("device {device} enrolled for stall {stall:?}");
+            println!("start it with: stallmesh up --credentials {}", out.display());
+        }
+        Command::Device(DeviceCmd::Revoke { market, device, out }) => {
+            let (market_key, _) = files::load_market(&market).map_err(|e| e.to_string())?;
+            let device = DeviceId::from_hex(&device).map_err(|e| format!("--device: {e}"))?;
+            let rev = market_key.revoke(device, now_ms());
+            files::write_revocation(&out, &rev).map_err(|e| e.to_string())?;
+            println!("revocation of {device} written to {}; hand it to any node: stallmesh revoke {}", out.display(), out.display());
+        }
+        _ => unreachable!("not an admin verb"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => up(args),
+        cmd @ (Command::Market(_) | Command::Device(_)) => admin(cmd),
+        cmd => run_client(cmd).map_err(|e| match e {
+            ClientError::Api { details: Some(ref d), .. } => format!("{e}\n{}", serde_json::to_string_pretty(&d).unwrap_or_default()),
+            e => e.to_string(),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The `stallmesh` command line: market and device administration, `up`, and client verbs that talk
+//! to a running node over its HTTP API.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "stallmesh", version, about = "Peer-to-peer point of sale for market stalls")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create and manage a market (the organiser's key).
+    #[command(subcommand)]
+    Market(MarketCmd),
+    /// Enrol or revoke devices (run by the market organiser).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Run a node: HTTP API, ledger and store. With no credentials, starts a demo market.
+    Up(UpArgs),
+    /// Record a sale on a running node: `stallmesh sell HNY-500:2 JAM-STR`.
+    Sell {
+        /// SKU[:QTY] for each line (QTY defaults to 1).
+        #[arg(required = true)]
+        lines: Vec<String>,
+        /// Idempotency key: retrying with the same value never records the sale twice.
+        #[arg(long)]
+        client_ref: Option<String>,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Add stock: gives this device stock rights for QTY units of SKU.
+    Restock {
+        sku: String,
+        qty: u64,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Give QTY units of this device's stock rights for SKU to another device.
+    Transfer {
+        sku: String,
+        qty: u64,
+        /// Device id (64 hex characters) of the recipient.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Add or change a product in the catalogue.
+    Product(ProductArgs),
+    /// Show stock per SKU: total, this device's rights, rights per device.
+    Stock {
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Show recent sales and the day's totals.
+    Sales {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Show the node's identity, market and journal heads.
+    Status {
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Hand a revocation (from `stallmesh device revoke`) to a running node, which spreads it.
+    Revoke {
+        /// Revocation file.
+        file: PathBuf,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MarketCmd {
+    /// Create a new market: its key (mode 0600) and public info in DIR.
+    Init {
+        /// Directory for market.key and market.json. Keep it off the tablets.
+        #[arg(long, default_value = "market")]
+        dir: PathBuf,
+        #[arg(long, default_value = "My Market")]
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoleArg {
+    Seller,
+    Organiser,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// Issue credentials for a new device: key, certificate and market info, written to OUT.
+    Enroll {
+        /// The market directory created by `stallmesh market init`.
+        #[arg(long, default_value = "market")]
+        market: PathBuf,
+        /// The stall this device sells for.
+        #[arg(long)]
+        stall: String,
+        #[arg(long, value_enum, default_value = "seller")]
+        role: RoleArg,
+        /// Days the certificate stays valid.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+        /// Directory to write; start the device with `stallmesh up --credentials OUT`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a revocation of DEVICE; hand the file to any node with `stallmesh revoke FILE`.
+    Revoke {
+        #[arg(long, default_value = "market")]
+        market: PathBuf,
+        /// Device id (64 hex characters).
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// TOML config file (defaults are in config/stallmesh.toml, embedded).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Overrides `http_addr`, e.g. 127.0.0.1:7878.
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Overrides `credentials_dir` (written by `stallmesh device enroll`).
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ProductArgs {
+    #[arg(long)]
+    sku: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    price_cents: u64,
+    #[arg(long, default_value = "EUR")]
+    currency: String,
+    #[arg(long)]
+    stall: String,
+    /// Comma-separated tags.
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    #[command(flatten)]
+    node: NodeAddr,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeAddr {
+    /// Base URL of the node's HTTP API.
+    #[arg(long = "node", env = "STALLMESH_NODE", default_value = "http://127.0.0.1:7878")]
+    pub url: String,
+}
+
+/// Seconds a client verb waits for the node: a local node answers in milliseconds.
+const CLIENT_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{code}: {message}")]
+    Api { status: u16, code: String, message: String, details: Option<Value> },
+    #[error("cannot reach the node at {url}: {detail} (is `stallmesh up` running?)")]
+    Unreachable { url: String, detail: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(CLIENT_TIMEOUT_SECS)).build();
+        Self { base: base.trim_end_matches('/').to_string(), agent }
+    }
+
+    fn handle(&self, result: Result<ureq::Response, ureq::Error>) -> Result<Value, ClientError> {
+        match result {
+            Ok(resp) => resp.into_json().map_err(|e| ClientError::Unreachable { url: self.base.clone(), detail: e.to_string() }),
+            Err(ureq::Error::Status(status, resp)) => {
+                let body: Value = resp.into_json().unwrap_or(Value::Null);
+                Err(ClientError::Api {
+                    status,
+                    code: body["error"].as_str().unwrap_or("error").to_string(),
+                    message: body["message"].as_str().unwrap_or("").to_string(),
+                    details: body.get("details").cloned(),
+                })
+            }
+            Err(e) => Err(ClientError::Unreachable { url: self.base.clone(), detail: e.to_string() }),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.handle(self.agent.get(&format!("{}{path}", self.base)).call())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.handle(self.agent.post(&format!("{}{path}", self.base)).send_json(body))
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.handle(self.agent.put(&format!("{}{path}", self.base)).send_json(body))
+    }
+}
+
+/// Parses `SKU[:QTY]`.
+pub fn parse_line(text: &str) -> Result<Value, ClientError> {
+    let (sku, qty) = match text.rsplit_once(':') {
+        Some((sku, q)) => (sku, q.parse::<u64>().map_err(|_| ClientError::Usage(format!("{text:?}: quantity must be a whole number")))?),
+        None => (text, 1),
+    };
+    Ok(json!({ "sku": sku, "qty": qty }))
+}
+
+fn euros(cents: u64) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+/// Runs a client verb and prints its result for a person.
+pub fn run_client(cmd: Command) -> Result<(), ClientError> {
+    match cmd {
+        Command::Sell { lines, client_ref, node } => {
+            let lines = lines.iter().map(|l| parse_line(l)).collect::<Result<Vec<_>, _>>()?;
+            let sale = Client::new(&node.url).post("/api/v1/sales", &json!({ "lines": lines, "client_ref": client_ref }))?;
+            println!("sale {}  total {} {}", sale["id"].as_str().unwrap_or("?"), euros(sale["total_cents"].as_u64().unwrap_or(0)), sale["currency"].as_str().unwrap_or(""));
+            for l in sale["lines"].as_array().into_iter().flatten() {
+                println!("  {:>4} x {:<12} @ {}", l["qty"], l["sku"].as_str().unwrap_or("?"), euros(l["price_cents"].as_u64().unwrap_or(0)));
+            }
+        }
+        Command::Restock { sku, qty, node } => {
+            let r = Client::new(&node.url).post("/api/v1/restocks", &json!({ "sku": sku, "qty": qty }))?;
+            println!("restocked {qty} x {sku}; this device now holds {}", r["rights_here"]);
+        }
+        Command::Transfer { sku, qty, to, node } => {
+            let r = Client::new(&node.url).post("/api/v1/transfers", &json!({ "sku": sku, "qty": qty, "to_device": to }))?;
+            println!("gave {qty} x {sku} to {to}; this device now holds {}", r["rights_here"]);
+        }
+        Command::Product(p) => {
+            let client = Client::new(&p.node.url);
+            let body = json!({ "sku": p.sku, "name": p.name, "price_cents": p.price_cents, "currency": p.currency, "stall": p.stall, "tags": p.tags });
+            let r = match client.post("/api/v1/products", &body) {
+                Err(ClientError::Api { code, .. }) if code == "product_exists" => client.put(&format!("/api/v1/products/{}", p.sku), &body)?,
+                other => other?,
+            };
+            println!("product {} = {} at {} {}", r["sku"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?"), euros(r["price_cents"].as_u64().unwrap_or(0)), r["currency"].as_str().unwrap_or(""));
+        }
+        Command::Stock { node } => {
+            let r = Client::new(&node.url).get("/api/v1/stock")?;
+            println!("{:<12} {:>7} {:>12}  name", "sku", "total", "this device");
+            for row in r["stock"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<12} {:>7} {:>12}  {}",
+                    row["sku"].as_str().unwrap_or("?"),
+                    row["total"].as_u64().unwrap_or(0),
+                    row["this_device"].as_u64().unwrap_or(0),
+                    row["name"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Sales { limit, node } => {
+            let r = Client::new(&node.url).get(&format!("/api/v1/sales?limit={limit}"))?;
+            let s = &r["summary"];
+            println!("{} sales, {} units, average order {}", s["sales"], s["units"], euros(s["average_order_cents"].as_u64().unwrap_or(0)));
+            for sale in r["sales"].as_array().into_iter().flatten() {
+                println!("  {:<24} {:>9} {}", sale["id"].as_str().unwrap_or("?"), euros(sale["total_cents"].as_u64().unwrap_or(0)), sale["currency"].as_str().unwrap_or(""));
+            }
+        }
+        Command::Status { node } => {
+            let r = Client::new(&node.url).get("/api/v1/status")?;
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        }
+        Command::Revoke { file, node } => {
+            let rev = stallmesh_identity::files::read_revocation(&file).map_err(|e| ClientError::Usage(e.to_string()))?;
+            let r = Client::new(&node.url).post("/api/v1/revocations", &json!(rev))?;
+            println!("revoked {}", r["revoked"].as_str().unwrap_or("?"));
+        }
+        Command::Market(_) | Command::Device(_) | Command::Up(_) => unreachable!("not a client verb"),
+    }
+    Ok(())
+}

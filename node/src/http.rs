@@ -1,0 +1,375 @@
+//! HTTP JSON API under `/api/v1`, `/healthz` and `/metrics`. Errors are `{"error": code, "message": text}`.
+
+use crate::runtime::{Node, NodeError};
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use stallmesh_identity::{DeviceId, Revocation, SignedChange};
+use stallmesh_ledger::{sale_id, EventBody, LedgerError, LineRequest, LocalOp, Product, Sale};
+use std::collections::BTreeMap;
+
+/// Largest JSON request body: a 100-line sale is ~5 KB.
+pub const MAX_JSON_BODY_BYTES: usize = 64 * 1024;
+/// Largest batch of signed changes one request may push (postcard-encoded).
+pub const MAX_CHANGES_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Most changes returned or accepted by one request.
+pub const MAX_CHANGES_PER_REQUEST: usize = 5_000;
+/// Most sales listed by one request.
+pub const MAX_SALES_LISTED: usize = 10_000;
+
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), details: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let Some(d) = self.details {
+            body["details"] = d;
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let code = match &r {
+            JsonRejection::JsonSyntaxError(_) => "malformed_json",
+            JsonRejection::JsonDataError(_) => "invalid_body",
+            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+            _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            _ => "bad_request",
+        };
+        ApiError::new(r.status(), code, r.body_text())
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let message = e.to_string();
+        match e {
+            NodeError::Ledger(le) => {
+                let (status, code) = match &le {
+                    LedgerError::UnknownSku(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_sku"),
+                    LedgerError::UnknownDevice(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_device"),
+                    LedgerError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+                    LedgerError::MixedCurrency(..) => (StatusCode::UNPROCESSABLE_ENTITY, "mixed_currency"),
+                    LedgerError::BadRevocation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_revocation"),
+                    LedgerError::InsufficientRights { .. } => (StatusCode::CONFLICT, "insufficient_stock_rights"),
+                    LedgerError::AlreadyRecorded { .. } => (StatusCode::CONFLICT, "already_recorded"),
+                    LedgerError::NotEnrolled | LedgerError::Revoked | LedgerError::Certificate(_) => {
+                        (StatusCode::FORBIDDEN, "device_not_allowed")
+                    }
+                    LedgerError::OtherStall { .. } => (StatusCode::FORBIDDEN, "other_stall"),
+                };
+                let mut err = ApiError::new(status, code, message);
+                if let LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere } = le {
+                    err.details = Some(json!({
+                        "sku": sku,
+                        "requested": requested,
+                        "held_here": held_here,
+                        "held_elsewhere_total": held_elsewhere_total,
+                        "held_elsewhere": held_elsewhere,
+                    }));
+                }
+                err
+            }
+            NodeError::Failed(_) | NodeError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs blocking ledger + store work off the async executor.
+async fn run_blocking<T: Send + 'static>(
+    node: &Node,
+    f: impl FnOnce(Node) -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || f(node)).await.map_err(|e| NodeError::Internal(e.to_string()))?
+}
+
+async fn blocking<T: Send + 'static>(node: &Node, f: impl FnOnce(Node) -> Result<T, NodeError> + Send + 'static) -> ApiResult<T> {
+    run_blocking(node, f).await.map_err(ApiError::from)
+}
+
+pub fn router(node: Node) -> Router {
+    let changes = Router::new()
+        .route("/api/v1/changes", post(push_changes).get(get_changes))
+        .layer(DefaultBodyLimit::max(MAX_CHANGES_BODY_BYTES));
+    Router::new()
+        .route("/api/v1/products", post(create_product).get(list_products))
+        .route("/api/v1/products/{sku}", put(update_product))
+        .route("/api/v1/restocks", post(restock))
+        .route("/api/v1/transfers", post(transfer))
+        .route("/api/v1/sales", post(create_sale).get(list_sales))
+        .route("/api/v1/stock", get(stock))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/revocations", post(revoke))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .merge(changes)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(node)
+}
+
+#[derive(Serialize)]
+struct SaleView {
+    id: String,
+    device: DeviceId,
+    lines: Vec<stallmesh_ledger::SaleLine>,
+    total_cents: u64,
+    currency: String,
+    time_ms: u64,
+    client_ref: Option<String>,
+}
+
+impl From<&Sale> for SaleView {
+    fn from(s: &Sale) -> Self {
+        SaleView {
+            id: s.id.clone(),
+            device: s.device,
+            lines: s.lines.clone(),
+            total_cents: s.total_cents,
+            currency: s.currency.clone(),
+            time_ms: s.time_ms,
+            client_ref: s.client_ref.clone(),
+        }
+    }
+}
+
+fn product_json(node: &Node, sku: &str) -> Value {
+    node.read(|l| l.state().products.get(sku).map(|p| json!(p)).unwrap_or(Value::Null))
+}
+
+async fn create_product(State(node): State<Node>, body: Result<Json<Product>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(product) = body?;
+    if node.read(|l| l.state().products.contains_key(&product.sku)) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "product_exists", format!("SKU {:?} exists; use PUT /api/v1/products/{{sku}}", product.sku)));
+    }
+    let sku = product.sku.clone();
+    blocking(&node, move |n| n.execute(LocalOp::UpsertProduct(product))).await?;
+    Ok((StatusCode::CREATED, Json(product_json(&node, &sku))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductUpdate {
+    #[serde(default)]
+    sku: Option<String>,
+    name: String,
+    price_cents: u64,
+    currency: String,
+    stall: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+async fn update_product(
+    State(node): State<Node>,
+    Path(sku): Path<String>,
+    body: Result<Json<ProductUpdate>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(u) = body?;
+    if u.sku.as_ref().is_some_and(|s| *s != sku) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", "sku in the body differs from the path"));
+    }
+    if !node.read(|l| l.state().products.contains_key(&sku)) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown SKU {sku:?}")));
+    }
+    let product = Product { sku: sku.clone(), name: u.name, price_cents: u.price_cents, currency: u.currency, stall: u.stall, tags: u.tags };
+    blocking(&node, move |n| n.execute(LocalOp::UpsertProduct(product))).await?;
+    Ok(Json(product_json(&node, &sku)))
+}
+
+async fn list_products(State(node): State<Node>) -> Json<Value> {
+    Json(node.read(|l| json!({ "products": l.state().products.values().collect::<Vec<_>>() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestockRequest {
+    sku: String,
+    qty: u64,
+}
+
+async fn restock(State(node): State<Node>, body: Result<Json<RestockRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(r) = body?;
+    let sku = r.sku.clone();
+    let entry = blocking(&node, move |n| n.execute(LocalOp::Restock { sku: r.sku, qty: r.qty })).await?;
+    let rights = node.read(|l| l.state().rights_of(&sku, &l.device()));
+    Ok((StatusCode::CREATED, Json(json!({ "sku": sku, "qty": r.qty, "seq": entry.change.seq, "rights_here": rights }))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    sku: String,
+    qty: u64,
+    to_device: DeviceId,
+}
+
+async fn transfer(State(node): State<Node>, body: Result<Json<TransferRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(t) = body?;
+    let (sku, to) = (t.sku.clone(), t.to_device);
+    let entry = blocking(&node, move |n| n.execute(LocalOp::Transfer { sku: t.sku, qty: t.qty, to: t.to_device })).await?;
+    let rights = node.read(|l| l.state().rights_of(&sku, &l.device()));
+    Ok((StatusCode::CREATED, Json(json!({ "sku": sku, "qty": t.qty, "to_device": to, "seq": entry.change.seq, "rights_here": rights }))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaleRequest {
+    lines: Vec<LineRequest>,
+    #[serde(default)]
+    client_ref: Option<String>,
+}
+
+async fn create_sale(State(node): State<Node>, body: Result<Json<SaleRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(req) = body?;
+    let (status, id) = match run_blocking(&node, move |n| n.sell(req.lines, req.client_ref)).await {
+        Ok(entry) => {
+            debug_assert!(matches!(entry.event.body, EventBody::Sold { .. }));
+            (StatusCode::CREATED, sale_id(entry.change.dot()))
+        }
+        // A retried POST with the same client_ref returns the sale already recorded.
+        Err(NodeError::Ledger(LedgerError::AlreadyRecorded { sale_id, .. })) => (StatusCode::OK, sale_id),
+        Err(e) => return Err(e.into()),
+    };
+    let sale = node.read(|l| l.state().sales.get(&id).map(SaleView::from));
+    Ok((status, Json(json!(sale))))
+}
+
+#[derive(Deserialize)]
+struct SalesQuery {
+    limit: Option<usize>,
+}
+
+async fn list_sales(State(node): State<Node>, Query(q): Query<SalesQuery>) -> Json<Value> {
+    let limit = q.limit.unwrap_or(1_000).min(MAX_SALES_LISTED);
+    Json(node.read(|l| {
+        let mut sales: Vec<&Sale> = l.state().sales.values().collect();
+        sales.sort_by(|a, b| (b.time_ms, &b.id).cmp(&(a.time_ms, &a.id)));
+        let summary = l.state().summary();
+        json!({
+            "summary": summary,
+            "sales": sales.into_iter().take(limit).map(SaleView::from).collect::<Vec<_>>(),
+        })
+    }))
+}
+
+async fn stock(State(node): State<Node>) -> Json<Value> {
+    Json(node.read(|l| {
+        let me = l.device();
+        let state = l.state();
+        let skus: std::collections::BTreeSet<&String> = state.products.keys().chain(state.rights.keys()).collect();
+        let rows: Vec<Value> = skus
+            .into_iter()
+            .map(|sku| {
+                let s = state.stock(sku);
+                json!({
+                    "sku": sku,
+                    "name": state.products.get(sku).map(|p| p.product.name.clone()),
+                    "total": s.total,
+                    "this_device": s.per_device.get(&me).copied().unwrap_or(0),
+                    "per_device": s.per_device,
+                })
+            })
+            .collect();
+        json!({ "device": me, "stock": rows })
+    }))
+}
+
+async fn status(State(node): State<Node>) -> Json<Value> {
+    let info = node.info.clone();
+    Json(node.read(|l| {
+        let heads: BTreeMap<String, u64> = l.heads().into_iter().map(|(d, n)| (d.to_hex(), n)).collect();
+        json!({
+            "node": *info,
+            "devices": l.state().devices.len(),
+            "products": l.state().products.len(),
+            "sales": l.state().sales.len(),
+            "pending_changes": l.pending_len(),
+            "heads": heads,
+        })
+    }))
+}
+
+async fn revoke(State(node): State<Node>, body: Result<Json<Revocation>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(rev) = body?;
+    let device = rev.device;
+    blocking(&node, move |n| n.execute(LocalOp::Revoke(rev))).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "revoked": device }))))
+}
+
+/// Pushes a postcard-encoded `Vec<SignedChange>` from a peer or a tool; every change is verified.
+async fn push_changes(State(node): State<Node>, body: Bytes) -> ApiResult<Json<Value>> {
+    let changes: Vec<SignedChange> = postcard::from_bytes(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_changes", format!("body is not a postcard Vec<SignedChange>: {e}")))?;
+    if changes.len() > MAX_CHANGES_PER_REQUEST {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_changes",
+            format!("{} changes; at most {MAX_CHANGES_PER_REQUEST} per request", changes.len()),
+        ));
+    }
+    let report = blocking(&node, move |n| n.ingest(changes)).await?;
+    let rejected: Vec<Value> = report
+        .rejected
+        .iter()
+        .map(|(dot, why)| json!({ "device": dot.device, "seq": dot.seq, "reason": why.label(), "message": why.to_string() }))
+        .collect();
+    Ok(Json(json!({
+        "applied": report.applied.len(),
+        "duplicates": report.duplicates,
+        "pending": report.pending,
+        "rejected": rejected,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    device: String,
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+/// A device's changes from `from`, postcard-encoded, for a peer or the cloud to catch up.
+async fn get_changes(State(node): State<Node>, Query(q): Query<ChangesQuery>) -> ApiResult<Response> {
+    let device = DeviceId::from_hex(&q.device)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_device", format!("device must be 64 hex characters: {e}")))?;
+    let limit = q.limit.unwrap_or(MAX_CHANGES_PER_REQUEST).min(MAX_CHANGES_PER_REQUEST);
+    let changes = blocking(&node, move |n| n.changes_since(&device, q.from, limit)).await?;
+    let body = postcard::to_allocvec(&changes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+async fn healthz(State(node): State<Node>) -> (StatusCode, Json<Value>) {
+    match node.failed() {
+        None => (StatusCode::OK, Json(json!({ "status": "ok", "device": node.info.device, "demo": node.info.demo }))),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "reason": why }))),
+    }
+}
+
+async fn metrics(State(node): State<Node>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.encode())
+}

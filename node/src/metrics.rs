@@ -1,0 +1,73 @@
+//! Prometheus metrics a market organiser can scrape from `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Origin {
+    pub origin: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sales: Counter,
+    pub refused_operations: Family<Reason, Counter>,
+    pub changes_applied: Family<Origin, Counter>,
+    pub verification_failures: Family<Reason, Counter>,
+    pub duplicate_changes: Counter,
+    pub store_commit_seconds: Histogram,
+    pub journal_entries: Gauge,
+    pub pending_changes: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("stallmesh");
+        let m = Metrics {
+            sales: Counter::default(),
+            refused_operations: Family::default(),
+            changes_applied: Family::default(),
+            verification_failures: Family::default(),
+            duplicate_changes: Counter::default(),
+            // 0.1 ms .. ~3 s: an fsync on a tablet's flash can take hundreds of milliseconds.
+            store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            journal_entries: Gauge::default(),
+            pending_changes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sales", "Sales recorded by this device", m.sales.clone());
+        registry.register("refused_operations", "Local operations refused, by reason", m.refused_operations.clone());
+        registry.register("changes_applied", "Journal changes applied, by origin", m.changes_applied.clone());
+        registry.register(
+            "verification_failures",
+            "Remote changes rejected before being applied, by reason",
+            m.verification_failures.clone(),
+        );
+        registry.register("duplicate_changes", "Remote changes received that were already held", m.duplicate_changes.clone());
+        registry.register("store_commit_seconds", "Durable redb commit latency", m.store_commit_seconds.clone());
+        registry.register("journal_entries", "Journal entries held in the store", m.journal_entries.clone());
+        registry.register("pending_changes", "Remote changes waiting for a predecessor", m.pending_changes.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
