@@ -19,15 +19,22 @@ impl TestMarket {
 
     /// A fresh, enrolled ledger for device number `n` of stall `stall`; returns its enrolment entry too.
     pub fn device(&self, n: u16, stall: &str) -> (Ledger, Entry) {
-        let mut secret = [0u8; 32];
-        secret[..2].copy_from_slice(&n.to_le_bytes());
-        secret[2] = self.key.secret()[0];
-        secret[31] = 0xd0;
-        let key = DeviceKey::from_secret(secret);
+        let key = self.device_key(n);
         let cert = self.key.enrol(key.device_id(), stall, Role::Organiser, u64::MAX);
         let mut ledger = Ledger::new(self.ctx.clone(), key, cert);
         let entry = ledger.enrol_self(0).expect("valid certificate").expect("first enrolment");
         (ledger, entry)
+    }
+}
+
+impl TestMarket {
+    /// The key of device number `n` (the same on every call).
+    pub fn device_key(&self, n: u16) -> DeviceKey {
+        let mut secret = [0u8; 32];
+        secret[..2].copy_from_slice(&n.to_le_bytes());
+        secret[2] = self.key.secret()[0];
+        secret[31] = 0xd0;
+        DeviceKey::from_secret(secret)
     }
 }
 

@@ -127,7 +127,7 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
     c.apply_remote(changes(&ea));
     b.apply_remote([ec0.change.clone()]);
     let stolen = a.record(sell("eggs", 1), 10).unwrap().change;
-    let c_key = DeviceKey::from_secret(c_secret(&m, 3));
+    let c_key = m.device_key(3);
     let resigned = c_key.sign_change(m.ctx.market, 1, vec![], stolen.change.clone());
     let r = b.apply_remote([resigned]);
     assert_eq!(r.rejected[0].1, Rejection::WrongActor);
@@ -138,14 +138,6 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
     assert!(b.stats().rejected.values().sum::<u64>() >= 4);
 }
 
-fn c_secret(m: &TestMarket, n: u16) -> [u8; 32] {
-    // Mirrors TestMarket::device's key derivation.
-    let mut secret = [0u8; 32];
-    secret[..2].copy_from_slice(&n.to_le_bytes());
-    secret[2] = m.key.secret()[0];
-    secret[31] = 0xd0;
-    secret
-}
 
 #[test]
 fn a_revoked_device_is_cut_off_everywhere_the_revocation_arrives() {
@@ -174,7 +166,7 @@ fn restore_from_entries_gives_the_same_state_and_continues_the_journal() {
     for t in 0..(SEGMENT_CHANGES + 10) {
         ea.push(a.record(sell("kale", 1), 100 + t).unwrap());
     }
-    let key = DeviceKey::from_secret(c_secret(&m, 1));
+    let key = m.device_key(1);
     let mut r = Ledger::restore(m.ctx.clone(), key, a.certificate().clone(), ea.clone()).unwrap();
     assert_eq!(r.state(), a.state());
     let next_a = a.record(sell("kale", 1), 999).unwrap();
@@ -184,7 +176,7 @@ fn restore_from_entries_gives_the_same_state_and_continues_the_journal() {
     // A store that lost an entry is refused rather than silently restored.
     let mut gappy = ea.clone();
     gappy.remove(5);
-    let key = DeviceKey::from_secret(c_secret(&m, 1));
+    let key = m.device_key(1);
     assert!(matches!(Ledger::restore(m.ctx.clone(), key, a.certificate().clone(), gappy), Err(RestoreError::Gap { .. })));
 }
 
