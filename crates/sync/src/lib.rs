@@ -1,0 +1,462 @@
+//! The sync protocol: a sans-IO state machine, one session per connected peer.
+//!
+//! Each journal is a gap-free chain per device, so what a peer lacks is exactly "device D from seq s
+//! on". Peers exchange their **heads** (device → entries held) on connect and as a heartbeat; each
+//! side answers with the changes the other lacks, in bounded messages. New local changes are
+//! broadcast at once. Changes received are handed to the driver (`Output::Apply`), which verifies
+//! and applies them through the ledger; if some could not be applied yet (a gap), the session pulls.
+//!
+//! The driver supplies everything from outside: bytes received, `now_ms`, this node's heads, and a
+//! [`ChangeLog`] to read stored changes from. It carries out the [`Output`]s: send to one peer,
+//! broadcast, apply, disconnect, give stock rights. Nothing here knows libp2p, tokio or a clock, so
+//! the node and the simulator run this same code.
+
+pub mod rebalance;
+
+use serde::{Deserialize, Serialize};
+use stallmesh_identity::{DeviceId, SignedChange};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+/// What a node holds: device → number of journal entries (= next seq expected).
+pub type Heads = BTreeMap<DeviceId, u64>;
+
+/// First byte of every message; a peer speaking another version is disconnected, not guessed at.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest encoded message. 2,000 changes of a typical sale (~550 bytes) fit in about 1.1 MB.
+pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Most changes in one message; more are sent in follow-up messages (`more: true`).
+pub const MAX_CHANGES_PER_MESSAGE: usize = 2_000;
+/// Budget for the changes in one message, leaving room for framing under `MAX_MESSAGE_BYTES`.
+pub const MAX_CHANGE_BYTES_PER_MESSAGE: usize = MAX_MESSAGE_BYTES - 64 * 1024;
+/// Most devices a heads message may list: far above any market, small enough to bound memory.
+pub const MAX_HEADS_ENTRIES: usize = 4_096;
+/// Bytes sent to one peer and not yet acknowledged before serving that peer pauses.
+pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
+/// Most connected peers a node keeps sessions for (a market has tens of devices).
+pub const MAX_PEERS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// What the sender holds. The receiver answers with what the sender lacks.
+    Heads { heads: Vec<(DeviceId, u64)> },
+    /// Changes the receiver lacks. `more`: the sender had more than one message holds.
+    Changes { changes: Vec<SignedChange>, more: bool },
+    /// The sender ran short of stock rights for `sku` and asks for `qty` units.
+    RightsWanted { sku: String, qty: u64 },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum ProtocolError {
+    #[error("message of {0} bytes exceeds {MAX_MESSAGE_BYTES}")]
+    Oversized(usize),
+    #[error("empty message")]
+    Empty,
+    #[error("protocol version {0}, expected {PROTOCOL_VERSION}")]
+    Version(u8),
+    #[error("message does not decode: {0}")]
+    Malformed(String),
+    #[error("{0} exceeds its limit")]
+    OverLimit(&'static str),
+}
+
+impl ProtocolError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProtocolError::Oversized(_) => "oversized",
+            ProtocolError::Empty => "empty",
+            ProtocolError::Version(_) => "version",
+            ProtocolError::Malformed(_) => "malformed",
+            ProtocolError::OverLimit(_) => "over_limit",
+        }
+    }
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![PROTOCOL_VERSION];
+        out.extend(postcard::to_allocvec(self).expect("messages always serialize"));
+        out
+    }
+
+    /// Decodes and checks limits. Never panics on any input.
+    pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(ProtocolError::Oversized(bytes.len()));
+        }
+        let (&version, body) = bytes.split_first().ok_or(ProtocolError::Empty)?;
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version(version));
+        }
+        let msg: Message = postcard::from_bytes(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        match &msg {
+            Message::Heads { heads } if heads.len() > MAX_HEADS_ENTRIES => Err(ProtocolError::OverLimit("heads entries")),
+            Message::Changes { changes, .. } if changes.len() > MAX_CHANGES_PER_MESSAGE => {
+                Err(ProtocolError::OverLimit("changes per message"))
+            }
+            _ => Ok(msg),
+        }
+    }
+}
+
+/// Where a node's stored changes are read from (the redb store in a node, memory in the simulator).
+pub trait ChangeLog {
+    /// Up to `limit` changes of `device` from `from_seq` on, in order.
+    fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, String>;
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output<P> {
+    /// Send `bytes` to one peer (a directed, reliable message).
+    Send { to: P, bytes: Vec<u8> },
+    /// Publish `bytes` to every peer of the market.
+    Broadcast { bytes: Vec<u8> },
+    /// Verify and apply these changes through the ledger, then call [`Sync::applied`].
+    Apply { from: P, changes: Vec<SignedChange> },
+    /// Drop the connection to this peer.
+    Disconnect { peer: P, reason: String },
+    /// A peer asks for stock rights: the driver consults [`rebalance`] and may record a transfer.
+    RightsWanted { from: P, sku: String, qty: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Heads are sent to a peer at least this often; they double as the heartbeat.
+    pub heartbeat_ms: u64,
+    /// A peer heard nothing from for this long is disconnected: TCP alone hides a partition for
+    /// many seconds (measured here: 12–16 s), the heartbeat makes silence meaningful.
+    pub liveness_timeout_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self { heartbeat_ms: 1_000, liveness_timeout_ms: 4_000 }
+    }
+}
+
+/// One connected peer, as this node sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerSession {
+    pub connected_at_ms: u64,
+    pub last_heard_ms: u64,
+    pub last_sent_ms: u64,
+    /// The peer's heads as of its last heads message.
+    #[serde(skip)]
+    pub their_heads: Heads,
+    /// Sent a heads message to pull, and no changes came back yet.
+    pub pulling: bool,
+    /// The peer's last changes message said it had more to send.
+    pub more_available: bool,
+    /// Bytes sent and not yet reported delivered (or failed) by the transport.
+    pub in_flight_bytes: usize,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub changes_in: u64,
+    pub changes_out: u64,
+}
+
+/// Counters the driver exports as metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SyncStats {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub protocol_errors: BTreeMap<&'static str, u64>,
+    pub liveness_disconnects: u64,
+    pub peers_refused: u64,
+    pub serving_paused: u64,
+}
+
+pub struct Sync<P> {
+    config: SyncConfig,
+    peers: BTreeMap<P, PeerSession>,
+    stats: SyncStats,
+}
+
+fn heads_message(heads: &Heads) -> Vec<u8> {
+    Message::Heads { heads: heads.iter().map(|(d, n)| (*d, *n)).collect() }.encode()
+}
+
+impl<P: Ord + Clone + Debug> Sync<P> {
+    pub fn new(config: SyncConfig) -> Self {
+        Self { config, peers: BTreeMap::new(), stats: SyncStats::default() }
+    }
+
+    pub fn peers(&self) -> &BTreeMap<P, PeerSession> {
+        &self.peers
+    }
+
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// How many entries `peer` lacks compared with `mine`, as of its last heads.
+    pub fn behind(&self, peer: &P, mine: &Heads) -> Option<u64> {
+        let s = self.peers.get(peer)?;
+        Some(mine.iter().map(|(d, n)| n.saturating_sub(s.their_heads.get(d).copied().unwrap_or(0))).sum())
+    }
+
+    /// A connection to an authenticated peer of this market opened: start catch-up both ways.
+    pub fn connected(&mut self, peer: P, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
+        if self.peers.contains_key(&peer) {
+            return vec![]; // a second connection to the same peer (simultaneous dials): one session
+        }
+        if self.peers.len() >= MAX_PEERS {
+            self.stats.peers_refused += 1;
+            return vec![Output::Disconnect { peer, reason: format!("more than {MAX_PEERS} peers") }];
+        }
+        self.peers.insert(peer.clone(), PeerSession { connected_at_ms: now_ms, last_heard_ms: now_ms, ..Default::default() });
+        let mut out = Vec::new();
+        self.send(&mut out, &peer, heads_message(mine), now_ms);
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.pulling = true;
+        }
+        out
+    }
+
+    pub fn disconnected(&mut self, peer: &P) {
+        self.peers.remove(peer);
+    }
+
+    fn send(&mut self, out: &mut Vec<Output<P>>, to: &P, bytes: Vec<u8>, now_ms: u64) {
+        if let Some(s) = self.peers.get_mut(to) {
+            s.last_sent_ms = now_ms;
+            s.messages_out += 1;
+            s.bytes_out += bytes.len() as u64;
+            s.in_flight_bytes += bytes.len();
+        }
+        self.stats.messages_out += 1;
+        self.stats.bytes_out += bytes.len() as u64;
+        out.push(Output::Send { to: to.clone(), bytes });
+    }
+
+    /// The transport reports `bytes` sent to `peer` delivered, or failed: no longer in flight.
+    pub fn acked(&mut self, peer: &P, bytes: usize) {
+        if let Some(s) = self.peers.get_mut(peer) {
+            s.in_flight_bytes = s.in_flight_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// Handles one message from `from`. A malformed or oversized message drops the peer.
+    pub fn receive(&mut self, from: P, bytes: &[u8], now_ms: u64, mine: &Heads, log: &impl ChangeLog) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        self.stats.messages_in += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        let msg = match Message::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                *self.stats.protocol_errors.entry(e.label()).or_default() += 1;
+                tracing::warn!(peer = ?from, error = %e, "protocol error; dropping peer");
+                self.peers.remove(&from);
+                out.push(Output::Disconnect { peer: from, reason: e.to_string() });
+                return out;
+            }
+        };
+        let Some(session) = self.peers.get_mut(&from) else {
+            // Not (or no longer) a session: broadcasts can still arrive from a peer being set up.
+            if let Message::Changes { changes, .. } = msg {
+                self.stats.changes_received += changes.len() as u64;
+                out.push(Output::Apply { from, changes });
+            }
+            return out;
+        };
+        session.last_heard_ms = now_ms;
+        session.messages_in += 1;
+        session.bytes_in += bytes.len() as u64;
+        match msg {
+            Message::Heads { heads } => {
+                session.their_heads = heads.into_iter().collect();
+                let they_have_more = session
+                    .their_heads
+                    .iter()
+                    .any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
+                let pull = they_have_more && !session.pulling;
+                self.serve(&mut out, &from, now_ms, mine, log);
+                if pull {
+                    self.send(&mut out, &from, heads_message(mine), now_ms);
+                    if let Some(s) = self.peers.get_mut(&from) {
+                        s.pulling = true;
+                    }
+                }
+            }
+            Message::Changes { changes, more } => {
+                session.changes_in += changes.len() as u64;
+                // The reply to a pull arrived; if the peer has more, `applied` pulls the next batch
+                // with heads that include this one.
+                session.pulling = false;
+                session.more_available = more;
+                self.stats.changes_received += changes.len() as u64;
+                out.push(Output::Apply { from, changes });
+            }
+            Message::RightsWanted { sku, qty } => out.push(Output::RightsWanted { from, sku, qty }),
+        }
+        out
+    }
+
+    /// Sends `to` what it lacks according to its last heads, within the message limits.
+    fn serve(&mut self, out: &mut Vec<Output<P>>, to: &P, now_ms: u64, mine: &Heads, log: &impl ChangeLog) {
+        let Some(session) = self.peers.get(to) else { return };
+        if session.in_flight_bytes >= MAX_IN_FLIGHT_BYTES_PER_PEER {
+            self.stats.serving_paused += 1;
+            return;
+        }
+        let mut changes = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        'devices: for (device, &my_next) in mine {
+            let their_next = session.their_heads.get(device).copied().unwrap_or(0);
+            let mut from = their_next;
+            while from < my_next {
+                let room = MAX_CHANGES_PER_MESSAGE - changes.len();
+                if room == 0 {
+                    more = true;
+                    break 'devices;
+                }
+                let batch = match log.changes_since(device, from, room.min((my_next - from) as usize)) {
+                    Ok(b) if !b.is_empty() => b,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read changes to serve a peer");
+                        break 'devices;
+                    }
+                };
+                for c in batch {
+                    let size = c.encoded_len() + 8;
+                    if bytes + size > MAX_CHANGE_BYTES_PER_MESSAGE {
+                        more = true;
+                        break 'devices;
+                    }
+                    bytes += size;
+                    from = c.seq + 1;
+                    changes.push(c);
+                }
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let n = changes.len() as u64;
+        if let Some(s) = self.peers.get_mut(to) {
+            s.changes_out += n;
+            // Optimistically assume delivery, so the next heartbeat does not resend the same changes.
+            for c in &changes {
+                let h = s.their_heads.entry(c.device).or_default();
+                *h = (*h).max(c.seq + 1);
+            }
+        }
+        self.stats.changes_sent += n;
+        self.send(out, to, Message::Changes { changes, more }.encode(), now_ms);
+    }
+
+    /// The driver applied what `from` sent. Pull again if changes are still missing (a gap left
+    /// changes pending, or the peer said it had more).
+    pub fn applied(&mut self, from: &P, still_pending: usize, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        let Some(s) = self.peers.get(from) else { return out };
+        let they_have_more = s.more_available || s.their_heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
+        if (still_pending > 0 || they_have_more) && !s.pulling {
+            self.send(&mut out, from, heads_message(mine), now_ms);
+            if let Some(s) = self.peers.get_mut(from) {
+                s.pulling = true;
+            }
+        }
+        out
+    }
+
+    /// New local changes: broadcast them at once, in bounded messages.
+    pub fn local_changes(&mut self, changes: Vec<SignedChange>) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        for chunk in changes.chunks(MAX_CHANGES_PER_MESSAGE) {
+            let bytes = Message::Changes { changes: chunk.to_vec(), more: false }.encode();
+            self.stats.messages_out += 1;
+            self.stats.bytes_out += bytes.len() as u64;
+            self.stats.changes_sent += chunk.len() as u64;
+            out.push(Output::Broadcast { bytes });
+        }
+        out
+    }
+
+    /// Asks every connected peer for stock rights.
+    pub fn want_rights(&mut self, sku: &str, qty: u64, now_ms: u64) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        let bytes = Message::RightsWanted { sku: sku.to_string(), qty }.encode();
+        let peers: Vec<P> = self.peers.keys().cloned().collect();
+        for p in peers {
+            self.send(&mut out, &p, bytes.clone(), now_ms);
+        }
+        out
+    }
+
+    /// Time passes: heartbeat heads to peers not written to lately; drop peers silent too long.
+    pub fn tick(&mut self, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        let silent: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| now_ms.saturating_sub(s.last_heard_ms) > self.config.liveness_timeout_ms)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in silent {
+            self.peers.remove(&p);
+            self.stats.liveness_disconnects += 1;
+            out.push(Output::Disconnect { peer: p, reason: "silent past the liveness timeout".into() });
+        }
+        let due: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| now_ms.saturating_sub(s.last_sent_ms) >= self.config.heartbeat_ms)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in due {
+            self.send(&mut out, &p, heads_message(mine), now_ms);
+            if let Some(s) = self.peers.get_mut(&p) {
+                // A heartbeat is also a pull; a lost reply must not block the next one.
+                s.pulling = true;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// A [`ChangeLog`] in memory: for tests and the simulator.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryLog {
+    changes: BTreeMap<DeviceId, Vec<SignedChange>>,
+}
+
+impl MemoryLog {
+    /// Records a change this node holds. Changes of one device must be added in seq order.
+    pub fn add(&mut self, change: SignedChange) {
+        let journal = self.changes.entry(change.device).or_default();
+        if change.seq == journal.len() as u64 {
+            journal.push(change);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ChangeLog for MemoryLog {
+    fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, String> {
+        Ok(self
+            .changes
+            .get(device)
+            .map(|j| j.iter().skip(from_seq as usize).take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+}

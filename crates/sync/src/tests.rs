@@ -1,0 +1,253 @@
+//! Specifications of the sync protocol, driven by a tiny in-memory network.
+
+use super::*;
+use stallmesh_ledger::testkit::{product, sell, TestMarket};
+use stallmesh_ledger::{Ledger, LocalOp};
+
+struct Node {
+    ledger: Ledger,
+    log: MemoryLog,
+    sync: Sync<usize>,
+}
+
+impl Node {
+    fn heads(&self) -> Heads {
+        self.ledger.heads()
+    }
+    fn record(&mut self, op: LocalOp, t: u64) -> SignedChange {
+        let e = self.ledger.record(op, t).unwrap();
+        self.log.add(e.change.clone());
+        e.change
+    }
+}
+
+/// Nodes on a network where every message is delivered, in order, unless `drop` says otherwise.
+struct Net {
+    nodes: Vec<Node>,
+    now: u64,
+    /// Bytes carried per receiving node.
+    bytes_to: Vec<usize>,
+    changes_to: Vec<usize>,
+}
+
+impl Net {
+    fn new(market: &TestMarket, n: usize) -> Net {
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                let (ledger, e0) = market.device(i as u16, "Test Stall");
+                let mut log = MemoryLog::default();
+                log.add(e0.change);
+                Node { ledger, log, sync: Sync::new(SyncConfig::default()) }
+            })
+            .collect();
+        // Every device knows every enrolment before the day (as after a first meeting).
+        let all: Vec<SignedChange> = nodes.iter().map(|n| n.log.changes_since(&n.ledger.device(), 0, 1).unwrap()[0].clone()).collect();
+        for node in nodes.iter_mut() {
+            for e in node.ledger.apply_remote(all.clone()).applied {
+                node.log.add(e.change);
+            }
+        }
+        Net { nodes, now: 0, bytes_to: vec![0; n], changes_to: vec![0; n] }
+    }
+
+    /// Carries out outputs of node `at` until the network is quiet.
+    fn run(&mut self, at: usize, outputs: Vec<Output<usize>>) {
+        let mut queue: std::collections::VecDeque<(usize, Output<usize>)> = outputs.into_iter().map(|o| (at, o)).collect();
+        while let Some((src, o)) = queue.pop_front() {
+            match o {
+                Output::Send { to, bytes } => {
+                    self.nodes[src].sync.acked(&to, bytes.len());
+                    self.bytes_to[to] += bytes.len();
+                    let n = &mut self.nodes[to];
+                    let heads = n.heads();
+                    for o in n.sync.receive(src, &bytes, self.now, &heads, &n.log) {
+                        queue.push_back((to, o));
+                    }
+                }
+                Output::Broadcast { bytes } => {
+                    for to in 0..self.nodes.len() {
+                        if to != src && self.nodes[src].sync.peers().contains_key(&to) {
+                            self.bytes_to[to] += bytes.len();
+                            let n = &mut self.nodes[to];
+                            let heads = n.heads();
+                            for o in n.sync.receive(src, &bytes, self.now, &heads, &n.log) {
+                                queue.push_back((to, o));
+                            }
+                        }
+                    }
+                }
+                Output::Apply { from, changes } => {
+                    self.changes_to[src] += changes.len();
+                    let n = &mut self.nodes[src];
+                    let report = n.ledger.apply_remote(changes);
+                    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+                    for e in report.applied {
+                        n.log.add(e.change);
+                    }
+                    let heads = n.heads();
+                    for o in n.sync.applied(&from, report.pending, self.now, &heads) {
+                        queue.push_back((src, o));
+                    }
+                }
+                Output::Disconnect { peer, .. } => {
+                    self.nodes[src].sync.disconnected(&peer);
+                    self.nodes[peer].sync.disconnected(&src);
+                }
+                Output::RightsWanted { .. } => {}
+            }
+        }
+    }
+
+    fn connect(&mut self, a: usize, b: usize) {
+        let ha = self.nodes[a].heads();
+        let oa = self.nodes[a].sync.connected(b, self.now, &ha);
+        let hb = self.nodes[b].heads();
+        let ob = self.nodes[b].sync.connected(a, self.now, &hb);
+        self.run(a, oa);
+        self.run(b, ob);
+    }
+
+    fn local(&mut self, at: usize, op: LocalOp) {
+        self.now += 1;
+        let c = self.nodes[at].record(op, self.now);
+        let out = self.nodes[at].sync.local_changes(vec![c]);
+        self.run(at, out);
+    }
+}
+
+fn stock_up(net: &mut Net, at: usize) {
+    net.local(at, LocalOp::UpsertProduct(product("honey", 850)));
+    net.local(at, LocalOp::Restock { sku: "honey".into(), qty: 1_000_000 });
+}
+
+#[test]
+fn a_new_peer_catches_up_with_about_the_bytes_of_the_changes_it_lacks() {
+    let market = TestMarket::new(1);
+    let mut net = Net::new(&market, 2);
+    stock_up(&mut net, 0);
+    for _ in 0..4_500 {
+        net.now += 1;
+        let t = net.now;
+        net.nodes[0].record(sell("honey", 1), t); // made while node 1 was away: not broadcast
+    }
+    let missing: usize = net.nodes[0]
+        .log
+        .changes_since(&net.nodes[0].ledger.device(), 0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|c| c.encoded_len())
+        .sum();
+    net.bytes_to = vec![0, 0];
+    net.connect(0, 1);
+    assert_eq!(net.nodes[1].ledger.state(), net.nodes[0].ledger.state());
+    let ratio = net.bytes_to[1] as f64 / missing as f64;
+    assert!(ratio < 1.05, "received {} bytes for {missing} bytes of changes ({ratio:.3}x)", net.bytes_to[1]);
+    assert_eq!(net.changes_to[1], 4_503 - 1, "each missing change sent once (its enrolment it had)");
+    assert!(net.nodes[0].sync.stats().messages_out >= 3, "4,500 changes take several bounded messages");
+}
+
+#[test]
+fn local_changes_reach_connected_peers_at_once() {
+    let market = TestMarket::new(2);
+    let mut net = Net::new(&market, 3);
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.connect(1, 2);
+    stock_up(&mut net, 0);
+    net.local(0, sell("honey", 2));
+    for n in &net.nodes[1..] {
+        assert_eq!(n.ledger.state().sales.len(), 1);
+        assert_eq!(n.ledger.state(), net.nodes[0].ledger.state());
+    }
+}
+
+#[test]
+fn a_missed_broadcast_is_pulled_when_the_next_one_reveals_the_gap() {
+    let market = TestMarket::new(3);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    stock_up(&mut net, 0);
+    // This sale's broadcast is lost.
+    net.now += 1;
+    let t = net.now;
+    net.nodes[0].record(sell("honey", 1), t);
+    // The next one arrives with a gap before it: node 1 holds it pending and pulls.
+    net.local(0, sell("honey", 1));
+    assert_eq!(net.nodes[1].ledger.pending_len(), 0);
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 2);
+}
+
+#[test]
+fn heartbeats_repair_what_broadcast_lost_and_silent_peers_are_dropped() {
+    let market = TestMarket::new(4);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    stock_up(&mut net, 0);
+    net.now += 1;
+    let t = net.now;
+    net.nodes[0].record(sell("honey", 1), t); // lost broadcast, and nothing follows it
+    net.now += 1_000;
+    let outputs: Vec<_> = (0..2)
+        .map(|at| {
+            let h = net.nodes[at].heads();
+            net.nodes[at].sync.tick(net.now, &h)
+        })
+        .collect();
+    for (at, out) in outputs.into_iter().enumerate() {
+        assert!(out.iter().any(|o| matches!(o, Output::Send { .. })), "heartbeat due at {at}");
+        net.run(at, out);
+    }
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 1);
+
+    // Node 1 falls silent (partition): node 0 drops it after the liveness timeout.
+    net.now += SyncConfig::default().liveness_timeout_ms + 1;
+    let h = net.nodes[0].heads();
+    let out = net.nodes[0].sync.tick(net.now, &h);
+    assert!(out.iter().any(|o| matches!(o, Output::Disconnect { peer: 1, .. })));
+    assert_eq!(net.nodes[0].sync.stats().liveness_disconnects, 1);
+}
+
+#[test]
+fn malformed_oversized_or_foreign_messages_drop_the_peer_and_are_counted() {
+    let market = TestMarket::new(5);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    let n = &mut net.nodes[1];
+    let heads = n.heads();
+    let good = Message::Heads { heads: vec![] }.encode();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![], "empty"),
+        (vec![9, 0, 0], "version"),
+        (good[..good.len() - 1].to_vec(), "malformed"),
+        (vec![PROTOCOL_VERSION, 0xff, 0xff, 0xff], "malformed"),
+        (vec![0u8; MAX_MESSAGE_BYTES + 1], "oversized"),
+    ];
+    for (bytes, label) in cases {
+        n.sync.connected(0, 0, &heads);
+        let out = n.sync.receive(0, &bytes, 0, &heads, &n.log);
+        assert!(matches!(out.as_slice(), [Output::Disconnect { peer: 0, .. }]), "{label}: {out:?}");
+        assert!(n.sync.peers().is_empty());
+    }
+    let errors = &n.sync.stats().protocol_errors;
+    assert_eq!((errors["empty"], errors["version"], errors["malformed"], errors["oversized"]), (1, 1, 2, 1));
+    // Too many heads entries: over a limit, rejected without building them.
+    let too_many = Message::Heads { heads: (0..=MAX_HEADS_ENTRIES as u32).map(|i| {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        (DeviceId(id), 1)
+    }).collect() }.encode();
+    assert!(matches!(Message::decode(&too_many), Err(ProtocolError::OverLimit(_))));
+}
+
+#[test]
+fn rights_wanted_reaches_the_driver() {
+    let market = TestMarket::new(6);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    let out = net.nodes[0].sync.want_rights("honey", 3, 5);
+    let Output::Send { to: 1, bytes } = &out[0] else { panic!("{out:?}") };
+    let n = &mut net.nodes[1];
+    let heads = n.heads();
+    let got = n.sync.receive(0, bytes, 5, &heads, &n.log);
+    assert_eq!(got, vec![Output::RightsWanted { from: 0, sku: "honey".into(), qty: 3 }]);
+}
