@@ -70,7 +70,7 @@ fn admin(cmd: Command) -> Result<(), String> {
             let expires = now_ms().saturating_add(valid_days.saturating_mul(24 * 3_600_000));
             let certificate = market_key.enrol(key.device_id(), &stall, role, expires);
             let device = key.device_id();
-            files::write_device(&out, &DeviceCredentials { key, certificate, market: info }).map_err(|e| e.to_string())?;
+            files::write_device(&out, &DeviceCredentials { key, certificate, market: info, mesh_psk: market_key.mesh_psk() }).map_err(|e| e.to_string())?;
             println!("device {device} enrolled for stall {stall:?}");
             println!("start it with: stallmesh up --credentials {}", out.display());
         }

@@ -272,7 +272,7 @@ fn create_demo_credentials(config: &Config, device_dir: &std::path::Path) -> Res
     // Demo credentials last ten years: a demo must not stop working on a Saturday.
     let expires = now_ms() + 10 * 365 * 24 * 3_600_000;
     let certificate = market_key.enrol(key.device_id(), "Demo Stall", Role::Organiser, expires);
-    let creds = DeviceCredentials { key, certificate, market };
+    let creds = DeviceCredentials { key, certificate, market, mesh_psk: market_key.mesh_psk() };
     files::write_device(device_dir, &creds)?;
     files::load_device(device_dir).map_err(Into::into)
 }

@@ -27,7 +27,7 @@ pub fn enrol(dir: &Path, name: &str, stall: &str) -> (PathBuf, MarketKey) {
     let key = DeviceKey::generate().unwrap();
     let certificate = market.enrol(key.device_id(), stall, Role::Seller, u64::MAX);
     let out = dir.join(name);
-    files::write_device(&out, &DeviceCredentials { key, certificate, market: info }).unwrap();
+    files::write_device(&out, &DeviceCredentials { key, certificate, market: info, mesh_psk: market.mesh_psk() }).unwrap();
     (out, market)
 }
 

@@ -13,6 +13,7 @@ pub const MARKET_KEY_FILE: &str = "market.key";
 pub const MARKET_INFO_FILE: &str = "market.json";
 pub const DEVICE_KEY_FILE: &str = "device.key";
 pub const CERTIFICATE_FILE: &str = "certificate.json";
+pub const MESH_PSK_FILE: &str = "mesh.psk";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -42,6 +43,8 @@ pub struct DeviceCredentials {
     pub key: DeviceKey,
     pub certificate: Certificate,
     pub market: MarketInfo,
+    /// The market's mesh pre-shared key (see [`MarketKey::mesh_psk`]).
+    pub mesh_psk: [u8; 32],
 }
 
 fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<(), FileError> {
@@ -125,6 +128,7 @@ pub fn load_market_info(dir: &Path) -> Result<MarketInfo, FileError> {
 pub fn write_device(dir: &Path, creds: &DeviceCredentials) -> Result<(), FileError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     write_secret(&dir.join(DEVICE_KEY_FILE), &creds.key.secret())?;
+    write_secret(&dir.join(MESH_PSK_FILE), &creds.mesh_psk)?;
     write_json(&dir.join(CERTIFICATE_FILE), &creds.certificate)?;
     write_json(&dir.join(MARKET_INFO_FILE), &creds.market)
 }
@@ -134,6 +138,7 @@ pub fn load_device(dir: &Path) -> Result<DeviceCredentials, FileError> {
     let cert_path = dir.join(CERTIFICATE_FILE);
     let certificate: Certificate = read_json(&cert_path, "enrolment certificate")?;
     let market = load_market_info(dir)?;
+    let mesh_psk = read_secret(&dir.join(MESH_PSK_FILE))?;
     if certificate.device != key.device_id() {
         return Err(FileError::Invalid {
             path: cert_path,
@@ -141,7 +146,7 @@ pub fn load_device(dir: &Path) -> Result<DeviceCredentials, FileError> {
             detail: "issued for another device key".into(),
         });
     }
-    Ok(DeviceCredentials { key, certificate, market })
+    Ok(DeviceCredentials { key, certificate, market, mesh_psk })
 }
 
 pub fn write_revocation(path: &Path, rev: &Revocation) -> Result<(), FileError> {
@@ -164,7 +169,7 @@ mod tests {
         assert!(matches!(init_market(&dir.join("market"), "again"), Err(FileError::Exists { .. })));
         let device = DeviceKey::generate().unwrap();
         let cert = market.enrol(device.device_id(), "Honey", crate::Role::Seller, u64::MAX);
-        write_device(&dir.join("dev"), &DeviceCredentials { key: device, certificate: cert.clone(), market: info.clone() })
+        write_device(&dir.join("dev"), &DeviceCredentials { key: device, certificate: cert.clone(), market: info.clone(), mesh_psk: market.mesh_psk() })
             .unwrap();
         let loaded = load_device(&dir.join("dev")).unwrap();
         assert_eq!(loaded.certificate, cert);
@@ -172,7 +177,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            for p in [dir.join("market").join(MARKET_KEY_FILE), dir.join("dev").join(DEVICE_KEY_FILE)] {
+            for p in [dir.join("market").join(MARKET_KEY_FILE), dir.join("dev").join(DEVICE_KEY_FILE), dir.join("dev").join(MESH_PSK_FILE)] {
                 assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{p:?}");
             }
         }

@@ -19,6 +19,7 @@ use std::fmt;
 const CERT_DOMAIN: &[u8] = b"stallmesh/enrolment/v1\0";
 const REVOCATION_DOMAIN: &[u8] = b"stallmesh/revocation/v1\0";
 const CHANGE_DOMAIN: &[u8] = b"stallmesh/change/v1\0";
+const MESH_PSK_DOMAIN: &[u8] = b"stallmesh/mesh-psk/v1\0";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum IdentityError {
@@ -164,6 +165,15 @@ impl MarketKey {
     }
     pub fn market_id(&self) -> MarketId {
         self.public().market_id()
+    }
+
+    /// The market's network pre-shared key, derived from its secret: only devices the organiser
+    /// enrolled receive it, so no one else can even complete a transport handshake.
+    pub fn mesh_psk(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(MESH_PSK_DOMAIN);
+        h.update(self.0.to_bytes());
+        h.finalize().into()
     }
 
     pub fn enrol(&self, device: DeviceId, stall: &str, role: Role, expires_at_ms: u64) -> Certificate {
