@@ -15,6 +15,20 @@ pub struct Config {
     /// Empty means: `<data_dir>/device`, or demo mode if that does not exist.
     pub credentials_dir: PathBuf,
     pub log_format: LogFormat,
+    pub mesh: MeshSettings,
+}
+
+/// The `[mesh]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSettings {
+    pub enabled: bool,
+    pub listen: Vec<String>,
+    pub bootstrap: Vec<String>,
+    pub mdns: bool,
+    pub min_keep: u64,
+    pub low_watermark: u64,
+    pub refill: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -40,6 +54,19 @@ struct Layer {
     http_addr: Option<String>,
     credentials_dir: Option<PathBuf>,
     log_format: Option<String>,
+    mesh: Option<MeshLayer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeshLayer {
+    enabled: Option<bool>,
+    listen: Option<Vec<String>>,
+    bootstrap: Option<Vec<String>>,
+    mdns: Option<bool>,
+    min_keep: Option<u64>,
+    low_watermark: Option<u64>,
+    refill: Option<u64>,
 }
 
 impl Config {
@@ -57,6 +84,37 @@ impl Config {
             merged.http_addr = layer.http_addr.or(merged.http_addr);
             merged.credentials_dir = layer.credentials_dir.or(merged.credentials_dir);
             merged.log_format = layer.log_format.or(merged.log_format);
+            if let Some(m) = layer.mesh {
+                let cur = merged.mesh.get_or_insert_with(MeshLayer::default);
+                cur.enabled = m.enabled.or(cur.enabled);
+                cur.listen = m.listen.or(cur.listen.take());
+                cur.bootstrap = m.bootstrap.or(cur.bootstrap.take());
+                cur.mdns = m.mdns.or(cur.mdns);
+                cur.min_keep = m.min_keep.or(cur.min_keep);
+                cur.low_watermark = m.low_watermark.or(cur.low_watermark);
+                cur.refill = m.refill.or(cur.refill);
+            }
+        }
+        let list = |v: String| -> Vec<String> { v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect() };
+        let mesh = merged.mesh.get_or_insert_with(MeshLayer::default);
+        if let Some(v) = env("STALLMESH_MESH_LISTEN") {
+            mesh.listen = Some(list(v));
+        }
+        if let Some(v) = env("STALLMESH_MESH_BOOTSTRAP") {
+            mesh.bootstrap = Some(list(v));
+        }
+        let flag = |key: &str, v: String| -> Result<bool, ConfigError> {
+            match v.as_str() {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                other => Err(ConfigError::Invalid { origin: key.into(), detail: format!("{other:?} is not true or false") }),
+            }
+        };
+        if let Some(v) = env("STALLMESH_MESH_ENABLED") {
+            mesh.enabled = Some(flag("STALLMESH_MESH_ENABLED", v)?);
+        }
+        if let Some(v) = env("STALLMESH_MESH_MDNS") {
+            mesh.mdns = Some(flag("STALLMESH_MESH_MDNS", v)?);
         }
         if let Some(v) = env("STALLMESH_DATA_DIR") {
             merged.data_dir = Some(v.into());
@@ -72,7 +130,21 @@ impl Config {
         }
         let invalid = |key: &str, detail: String| ConfigError::Invalid { origin: key.to_string(), detail };
         let http_addr = merged.http_addr.unwrap_or_default();
+        let m = merged.mesh.take().unwrap_or_default();
+        let mesh = MeshSettings {
+            enabled: m.enabled.unwrap_or(true),
+            listen: m.listen.unwrap_or_default(),
+            bootstrap: m.bootstrap.unwrap_or_default(),
+            mdns: m.mdns.unwrap_or(true),
+            min_keep: m.min_keep.unwrap_or(1),
+            low_watermark: m.low_watermark.unwrap_or(1),
+            refill: m.refill.unwrap_or(5),
+        };
+        for addr in mesh.listen.iter().chain(&mesh.bootstrap) {
+            addr.parse::<libp2p::Multiaddr>().map_err(|e| invalid("mesh", format!("{addr:?} is not a multiaddr: {e}")))?;
+        }
         Ok(Config {
+            mesh,
             data_dir: merged.data_dir.unwrap_or_default(),
             http_addr: http_addr.parse().map_err(|e| invalid("http_addr", format!("{http_addr:?}: {e}")))?,
             credentials_dir: merged.credentials_dir.unwrap_or_default(),
@@ -98,13 +170,18 @@ mod tests {
         let c = Config::load(None, |_| None).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:7878");
         assert_eq!(c.data_dir, PathBuf::from("stallmesh-data"));
+        assert!(c.mesh.enabled && c.mesh.mdns);
+        assert_eq!(c.mesh.listen, vec!["/ip4/0.0.0.0/tcp/0".to_string()]);
 
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(&f, "http_addr = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+        std::fs::write(&f, "http_addr = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\n[mesh]\nmdns = false\n").unwrap();
         let c = Config::load(Some(&f), |k| (k == "STALLMESH_DATA_DIR").then(|| "/tmp/y".to_string())).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:9000");
         assert_eq!(c.data_dir, PathBuf::from("/tmp/y"));
+        assert!(!c.mesh.mdns && c.mesh.enabled, "a file sets one mesh key, the rest stay default");
+        let err = Config::load(None, |k| (k == "STALLMESH_MESH_BOOTSTRAP").then(|| "not-an-addr".to_string())).unwrap_err();
+        assert!(err.to_string().contains("multiaddr"), "{err}");
 
         std::fs::write(&f, "htp_addr = \"x\"\n").unwrap();
         let err = Config::load(Some(&f), |_| None).unwrap_err().to_string();

@@ -122,6 +122,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/v1/sales", post(create_sale).get(list_sales))
         .route("/api/v1/stock", get(stock))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/mesh", get(mesh))
         .route("/api/v1/revocations", post(revoke))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -311,6 +312,14 @@ async fn status(State(node): State<Node>) -> Json<Value> {
             "heads": heads,
         })
     }))
+}
+
+/// Peers, their state and how far behind each is; the node's own mesh identity.
+async fn mesh(State(node): State<Node>) -> ApiResult<Json<Value>> {
+    match node.mesh_status() {
+        Some(status) => Ok(Json(json!(status))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "mesh_disabled", "this node runs without a mesh")),
+    }
 }
 
 async fn revoke(State(node): State<Node>, body: Result<Json<Revocation>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod runtime;
 
@@ -31,14 +32,46 @@ pub async fn start(
         .await
         .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+    if config.mesh.enabled {
+        start_mesh(&node, config)?;
+    } else {
+        tracing::info!("mesh disabled by configuration: this node syncs with no one");
+    }
     let app = http::router(node.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
     Ok(Running { node, addr, server })
 }
 
+fn start_mesh(node: &Node, config: &Config) -> Result<(), StartError> {
+    let parse = |a: &String| a.parse::<libp2p::Multiaddr>().map_err(|e| StartError::Mesh(mesh::MeshError::Transport(format!("{a}: {e}"))));
+    let mesh_config = mesh::MeshConfig {
+        listen: config.mesh.listen.iter().map(parse).collect::<Result<_, _>>()?,
+        bootstrap: config.mesh.bootstrap.iter().map(parse).collect::<Result<_, _>>()?,
+        mdns: config.mesh.mdns,
+        rebalance: stallmesh_sync::rebalance::RebalancePolicy {
+            min_keep: config.mesh.min_keep,
+            low_watermark: config.mesh.low_watermark,
+            refill: config.mesh.refill,
+        },
+    };
+    let (secret, psk) = node.mesh_secrets();
+    let certificate = node.read(|l| l.certificate().clone());
+    let (mesh, commands) = mesh::start(node.clone(), mesh_config, secret, psk, certificate)?;
+    let _ = node.mesh.set(runtime::MeshLink {
+        commands,
+        status: mesh.status.clone(),
+        low_watermark: config.mesh.low_watermark,
+        refill: config.mesh.refill,
+    });
+    tracing::info!(peer_id = %mesh.status.lock().expect("status lock").peer_id, mdns = config.mesh.mdns, "mesh started");
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Mesh(#[from] mesh::MeshError),
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error("cannot listen on {addr}: {source}")]

@@ -13,6 +13,11 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Origin {
     pub origin: &'static str,
 }
@@ -27,6 +32,14 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     pub journal_entries: Gauge,
     pub pending_changes: Gauge,
+    pub mesh_peers: Gauge,
+    pub sync_messages: Family<Direction, Counter>,
+    pub sync_bytes: Family<Direction, Counter>,
+    pub protocol_errors: Family<Reason, Counter>,
+    pub peers_refused: Family<Reason, Counter>,
+    pub liveness_disconnects: Counter,
+    pub mesh_queue_full: Counter,
+    pub sync_lag_ms: Histogram,
 }
 
 impl Metrics {
@@ -42,6 +55,15 @@ impl Metrics {
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             journal_entries: Gauge::default(),
             pending_changes: Gauge::default(),
+            mesh_peers: Gauge::default(),
+            sync_messages: Family::default(),
+            sync_bytes: Family::default(),
+            protocol_errors: Family::default(),
+            peers_refused: Family::default(),
+            liveness_disconnects: Counter::default(),
+            mesh_queue_full: Counter::default(),
+            // 1 ms .. ~65 s: from a sale on one tablet to its arrival here.
+            sync_lag_ms: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales recorded by this device", m.sales.clone());
@@ -56,6 +78,14 @@ impl Metrics {
         registry.register("store_commit_seconds", "Durable redb commit latency", m.store_commit_seconds.clone());
         registry.register("journal_entries", "Journal entries held in the store", m.journal_entries.clone());
         registry.register("pending_changes", "Remote changes waiting for a predecessor", m.pending_changes.clone());
+        registry.register("mesh_peers", "Peers with a verified enrolment, connected now", m.mesh_peers.clone());
+        registry.register("sync_messages", "Sync protocol messages, by direction", m.sync_messages.clone());
+        registry.register("sync_bytes", "Sync protocol bytes, by direction", m.sync_bytes.clone());
+        registry.register("protocol_errors", "Malformed or oversized messages from peers (the peer is dropped)", m.protocol_errors.clone());
+        registry.register("peers_refused", "Peers or messages refused: bad enrolment, revoked, unverified", m.peers_refused.clone());
+        registry.register("liveness_disconnects", "Peers dropped after falling silent", m.liveness_disconnects.clone());
+        registry.register("mesh_queue_full", "Broadcasts not queued because the mesh queue was full (heartbeat catch-up delivers them)", m.mesh_queue_full.clone());
+        registry.register("sync_lag_ms", "Time from a sale being recorded elsewhere to its arrival here, ms", m.sync_lag_ms.clone());
         Metrics { registry, ..m }
     }
 

@@ -12,7 +12,8 @@ use stallmesh_identity::{Role, SignedChange};
 use stallmesh_ledger::{ApplyReport, Entry, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product, RestoreError};
 use stallmesh_store::{Owner, Store, StoreError};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::mesh::{MeshCommand, MeshStatus};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ struct Inner {
     ledger: Ledger,
     store: Store,
     failed: Option<String>,
+    /// For the mesh: the device secret (its libp2p identity) and the market's network key.
+    mesh_secrets: ([u8; 32], [u8; 32]),
 }
 
 /// Facts about this node that never change while it runs.
@@ -55,11 +58,20 @@ pub struct NodeInfo {
     pub store_path: PathBuf,
 }
 
+/// The node's link to its mesh task, once the mesh runs.
+pub struct MeshLink {
+    pub commands: tokio::sync::mpsc::Sender<MeshCommand>,
+    pub status: Arc<Mutex<MeshStatus>>,
+    pub low_watermark: u64,
+    pub refill: u64,
+}
+
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Mutex<Inner>>,
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
+    pub mesh: Arc<OnceLock<MeshLink>>,
 }
 
 const DEMO_MARKET_DIR: &str = "demo-market";
@@ -109,7 +121,8 @@ impl Node {
             files::load_device(&device_dir)? // reports the missing file by name
         };
         demo |= config.data_dir.join(DEMO_MARKET_DIR).exists() && device_dir == config.data_dir.join(DEVICE_DIR);
-        let DeviceCredentials { key, certificate, market } = creds;
+        let DeviceCredentials { key, certificate, market, mesh_psk } = creds;
+        let mesh_secrets = (key.secret(), mesh_psk);
         let info = NodeInfo {
             market_name: market.name.clone(),
             market_id: market.market_id.to_hex(),
@@ -134,9 +147,10 @@ impl Node {
             "ledger restored"
         );
         let node = Node {
-            inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None })),
+            inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None, mesh_secrets })),
             metrics: Arc::new(Metrics::new()),
             info: Arc::new(info),
+            mesh: Arc::new(OnceLock::new()),
         };
         node.metrics.journal_entries.set(restored as i64);
         let fresh = restored == 0;
@@ -201,11 +215,20 @@ impl Node {
         };
         let result = self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e]));
         match &result {
-            Ok(_) => {
+            Ok(entries) => {
                 self.metrics.changes_applied.get_or_create(&Origin { origin: "local" }).inc();
                 if kind == "sale" {
                     self.metrics.sales.inc();
                 }
+                self.to_mesh(MeshCommand::Broadcast(entries.iter().map(|e| e.change.clone()).collect()));
+                self.ask_for_rights_if_low(entries);
+            }
+            Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, .. })) => {
+                if *held_elsewhere_total > 0 {
+                    let refill = self.mesh.get().map_or(0, |m| m.refill);
+                    self.to_mesh(MeshCommand::WantRights { sku: sku.clone(), qty: requested - held_here + refill });
+                }
+                self.metrics.refused_operations.get_or_create(&Reason { reason: format!("{kind}_insufficient_stock_rights") }).inc();
             }
             Err(e) => {
                 let reason = match e {
@@ -219,6 +242,44 @@ impl Node {
             }
         }
         result.map(|mut v| v.pop().expect("one entry per operation"))
+    }
+
+    /// Hands a command to the mesh task, if one runs. A full queue is counted, never waited on:
+    /// the heartbeat's catch-up carries whatever a dropped broadcast would have.
+    fn to_mesh(&self, command: MeshCommand) {
+        if let Some(link) = self.mesh.get() {
+            if link.commands.try_send(command).is_err() {
+                self.metrics.mesh_queue_full.inc();
+            }
+        }
+    }
+
+    /// After a sale, ask peers for more stock rights when this device runs low on a SKU.
+    fn ask_for_rights_if_low(&self, entries: &[Entry]) {
+        let Some(link) = self.mesh.get() else { return };
+        for e in entries {
+            if let stallmesh_ledger::EventBody::Sold { lines, .. } = &e.event.body {
+                for l in lines {
+                    let (here, elsewhere) = self.read(|led| {
+                        let s = led.state().stock(&l.sku);
+                        let here = s.per_device.get(&led.device()).copied().unwrap_or(0);
+                        (here, s.total - here)
+                    });
+                    if here <= link.low_watermark && elsewhere > 0 {
+                        self.to_mesh(MeshCommand::WantRights { sku: l.sku.clone(), qty: link.refill });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Device secret and mesh pre-shared key, for starting the mesh. Never logged.
+    pub(crate) fn mesh_secrets(&self) -> ([u8; 32], [u8; 32]) {
+        self.lock().mesh_secrets
+    }
+
+    pub fn mesh_status(&self) -> Option<MeshStatus> {
+        self.mesh.get().map(|m| m.status.lock().expect("mesh status lock").clone())
     }
 
     pub fn sell(&self, lines: Vec<LineRequest>, client_ref: Option<String>) -> Result<Entry, NodeError> {

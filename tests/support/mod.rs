@@ -33,12 +33,13 @@ pub fn enrol(dir: &Path, name: &str, stall: &str) -> (PathBuf, MarketKey) {
 
 impl TestNode {
     pub fn start(data_dir: &Path, creds_dir: &Path) -> Result<TestNode, stallmesh_node::StartError> {
-        let config = Config {
-            data_dir: data_dir.to_path_buf(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            credentials_dir: creds_dir.to_path_buf(),
-            log_format: LogFormat::Text,
-        };
+        let mut config = Config::load(None, |_| None).unwrap();
+        config.data_dir = data_dir.to_path_buf();
+        config.http_addr = "127.0.0.1:0".parse().unwrap();
+        config.credentials_dir = creds_dir.to_path_buf();
+        config.log_format = LogFormat::Text;
+        // These tests exercise one node's API; the mesh has tests of its own (tests/mesh.rs).
+        config.mesh.enabled = false;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let running = runtime.block_on(stallmesh_node::start(&config, async {

@@ -202,6 +202,12 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         Some(mine.iter().map(|(d, n)| n.saturating_sub(s.their_heads.get(d).copied().unwrap_or(0))).sum())
     }
 
+    /// How many entries `peer` holds that `mine` lacks, as of its last heads.
+    pub fn ahead(&self, peer: &P, mine: &Heads) -> Option<u64> {
+        let s = self.peers.get(peer)?;
+        Some(s.their_heads.iter().map(|(d, n)| n.saturating_sub(mine.get(d).copied().unwrap_or(0))).sum())
+    }
+
     /// A connection to an authenticated peer of this market opened: start catch-up both ways.
     pub fn connected(&mut self, peer: P, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
         if self.peers.contains_key(&peer) {

@@ -1,0 +1,583 @@
+//! The libp2p driver around the sans-IO sync core: how a tablet finds its market and stays in it.
+//!
+//! Transport: TCP → pre-shared-key private network (derived from the market secret, so devices of
+//! other markets and strangers cannot complete a handshake) → noise (authenticates the device key:
+//! the libp2p identity *is* the device's ed25519 key) → yamux. No QUIC: pnet cannot cover it.
+//!
+//! What libp2p does not do by itself, and this driver adds (see `../shared/notes` measurements):
+//! dial on mDNS discovery, redial known peers every second, drop silent peers (the sync core's
+//! heartbeat and liveness), and catch-up on every (re)connection (the sync core's heads exchange).
+//! A peer takes part only after its enrolment certificate for this market has been verified.
+
+use crate::metrics::{Direction, Reason};
+use crate::runtime::{now_ms, Node};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identity, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, Transport};
+use serde::Serialize;
+use stallmesh_identity::{Certificate, DeviceId, SignedChange};
+use stallmesh_ledger::{EventBody, LocalOp};
+use stallmesh_sync::rebalance::RebalancePolicy;
+use stallmesh_sync::{ChangeLog, Heads, Output, Sync as SyncCore, SyncConfig, MAX_MESSAGE_BYTES};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Commands from the node to its mesh task. Bounded: a full queue is counted, and the heartbeat's
+/// catch-up delivers what a dropped broadcast would have carried.
+pub const MESH_COMMAND_QUEUE: usize = 1_024;
+/// How often the driver ticks the sync core (heartbeats, liveness) and redials known peers.
+const TICK_MS: u64 = 250;
+const REDIAL_MS: u64 = 1_000;
+/// A dial (TCP connect + pnet + noise + yamux) that takes longer has failed: during a partition a
+/// SYN is never answered, and a pending dial blocks the next redial.
+const DIAL_TIMEOUT_MS: u64 = 2_000;
+/// Do not ask the same peers for the same SKU more often than this.
+const RIGHTS_REQUEST_INTERVAL_MS: u64 = 2_000;
+/// Sales counted as "recent" by the rebalancing policy.
+const RECENT_SALES_WINDOW_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub rebalance: RebalancePolicy,
+}
+
+#[derive(Debug)]
+pub enum MeshCommand {
+    Broadcast(Vec<SignedChange>),
+    WantRights { sku: String, qty: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("mesh transport: {0}")]
+    Transport(String),
+    #[error("cannot listen on {addr}: {detail}")]
+    Listen { addr: Multiaddr, detail: String },
+}
+
+/// What `GET /api/v1/mesh` shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshStatus {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    pub refused: BTreeMap<String, String>,
+    pub stats: stallmesh_sync::SyncStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub device: String,
+    pub stall: String,
+    pub state: &'static str,
+    pub connected_for_ms: u64,
+    pub last_heard_ms_ago: u64,
+    /// Journal entries this node holds that the peer did not, as of the peer's last heads.
+    pub behind: u64,
+    /// Journal entries the peer holds that this node does not (yet).
+    pub ahead: u64,
+    pub session: stallmesh_sync::PeerSession,
+}
+
+/// Length-prefixed raw bytes over request-response; responses are empty acknowledgements.
+#[derive(Clone, Default)]
+pub struct BytesCodec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes over the limit")));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> std::io::Result<()> {
+    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+impl request_response::Codec for BytesCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>> {
+        read_frame(io).await
+    }
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>> {
+        read_frame(io).await
+    }
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> std::io::Result<()> {
+        write_frame(io, &req).await
+    }
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> std::io::Result<()> {
+        write_frame(io, &res).await
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    mdns: libp2p::swarm::behaviour::toggle::Toggle<mdns::tokio::Behaviour>,
+    /// First exchange on a connection: each side proves its enrolment.
+    hello: request_response::Behaviour<BytesCodec>,
+    /// The sync core's directed messages.
+    sync: request_response::Behaviour<BytesCodec>,
+}
+
+/// The device's libp2p identity: its own ed25519 key, so the peer id names the device.
+pub fn keypair(secret: [u8; 32]) -> identity::Keypair {
+    let mut s = secret;
+    identity::Keypair::ed25519_from_bytes(&mut s).expect("32 bytes is a valid ed25519 secret")
+}
+
+/// The device behind a peer id (peer ids of ed25519 keys embed the key).
+pub fn device_of(peer: &PeerId) -> Option<DeviceId> {
+    let key = identity::PublicKey::try_decode_protobuf(peer.as_ref().digest()).ok()?;
+    Some(DeviceId(key.try_into_ed25519().ok()?.to_bytes()))
+}
+
+struct StoreLog(Node);
+
+impl ChangeLog for StoreLog {
+    fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, String> {
+        self.0.changes_since(device, from_seq, limit).map_err(|e| e.to_string())
+    }
+}
+
+pub struct Mesh {
+    pub status: Arc<Mutex<MeshStatus>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: bool) -> Result<Swarm<Behaviour>, MeshError> {
+    let err = |e: &dyn std::fmt::Display| MeshError::Transport(e.to_string());
+    let psk = PreSharedKey::new(psk);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair(secret))
+        .with_tokio()
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let noise = noise::Config::new(key)?;
+            Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .timeout(Duration::from_millis(DIAL_TIMEOUT_MS)))
+        })
+        .map_err(|e| err(&e))?
+        .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_secs(1))
+                .max_transmit_size(MAX_MESSAGE_BYTES)
+                // The same change relayed along two paths is one message.
+                .message_id_fn(|m: &gossipsub::Message| {
+                    use sha2::Digest;
+                    gossipsub::MessageId::from(sha2::Sha256::digest(&m.data).to_vec())
+                })
+                .build()?;
+            let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let mdns = if mdns_on {
+                // Measured here: 5 s queries and a 60 s TTL let a healed or restarted peer be
+                // rediscovered quickly (library defaults: 5 min and 6 min).
+                let cfg = mdns::Config { ttl: Duration::from_secs(60), query_interval: Duration::from_secs(5), ..Default::default() };
+                Some(mdns::tokio::Behaviour::new(cfg, key.public().to_peer_id())?)
+            } else {
+                None
+            };
+            let rr_config = request_response::Config::default().with_request_timeout(Duration::from_secs(10));
+            Ok(Behaviour {
+                gossipsub,
+                mdns: mdns.into(),
+                hello: request_response::Behaviour::new([(StreamProtocol::new("/stallmesh/hello/1"), ProtocolSupport::Full)], rr_config.clone()),
+                sync: request_response::Behaviour::new([(StreamProtocol::new("/stallmesh/sync/1"), ProtocolSupport::Full)], rr_config),
+            })
+        })
+        .map_err(|e| err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.behaviour_mut().gossipsub.subscribe(topic).map_err(|e| err(&e))?;
+    Ok(swarm)
+}
+
+/// Starts the mesh for `node`; returns the channel the node sends broadcasts on.
+pub fn start(
+    node: Node,
+    config: MeshConfig,
+    secret: [u8; 32],
+    psk: [u8; 32],
+    certificate: Certificate,
+) -> Result<(Mesh, mpsc::Sender<MeshCommand>), MeshError> {
+    let topic = IdentTopic::new(format!("stallmesh/{}/changes", node.info.market_id));
+    let mut swarm = build_swarm(secret, psk, &topic, config.mdns)?;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| MeshError::Listen { addr: addr.clone(), detail: e.to_string() })?;
+    }
+    let (tx, rx) = mpsc::channel(MESH_COMMAND_QUEUE);
+    let status = Arc::new(Mutex::new(MeshStatus { peer_id: swarm.local_peer_id().to_string(), ..Default::default() }));
+    let hello = postcard::to_allocvec(&certificate).expect("certificates serialize");
+    let driver = Driver {
+        node,
+        swarm,
+        topic,
+        sync: SyncCore::new(SyncConfig::default()),
+        config,
+        hello,
+        verified: BTreeMap::new(),
+        refused: BTreeMap::new(),
+        known: BTreeMap::new(),
+        in_flight: HashMap::new(),
+        rights_asked: HashMap::new(),
+        status: status.clone(),
+        last_stats: Default::default(),
+    };
+    let task = tokio::spawn(driver.run(rx));
+    Ok((Mesh { status, task }, tx))
+}
+
+struct Driver {
+    node: Node,
+    swarm: Swarm<Behaviour>,
+    topic: IdentTopic,
+    sync: SyncCore<PeerId>,
+    config: MeshConfig,
+    hello: Vec<u8>,
+    /// Peers whose enrolment was verified: only these take part in sync.
+    verified: BTreeMap<PeerId, Certificate>,
+    /// Peers refused (bad enrolment, revoked): never redialled.
+    refused: BTreeMap<PeerId, String>,
+    /// Addresses learnt from mDNS or connections, for redial.
+    known: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
+    in_flight: HashMap<request_response::OutboundRequestId, (PeerId, usize)>,
+    rights_asked: HashMap<String, u64>,
+    status: Arc<Mutex<MeshStatus>>,
+    last_stats: stallmesh_sync::SyncStats,
+}
+
+impl Driver {
+    fn heads(&self) -> Heads {
+        self.node.read(|l| l.heads())
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<MeshCommand>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_redial = 0;
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_event(event),
+                command = commands.recv() => match command {
+                    Some(MeshCommand::Broadcast(changes)) => {
+                        let out = self.sync.local_changes(changes);
+                        self.execute(out);
+                    }
+                    Some(MeshCommand::WantRights { sku, qty }) => self.want_rights(sku, qty),
+                    None => break, // the node is gone
+                },
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    let heads = self.heads();
+                    let out = self.sync.tick(now, &heads);
+                    self.execute(out);
+                    self.cut_revoked();
+                    if now.saturating_sub(last_redial) >= REDIAL_MS {
+                        last_redial = now;
+                        self.redial();
+                    }
+                    self.publish_status(now, &heads);
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "mesh listening");
+                self.status.lock().expect("status lock").listen_addrs.push(address.to_string());
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if self.refused.contains_key(&peer) {
+                        continue;
+                    }
+                    self.known.entry(peer).or_default().insert(addr.clone());
+                    self.dial(peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(_))) => {}
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if endpoint.is_dialer() {
+                    self.known.entry(peer_id).or_default().insert(endpoint.get_remote_address().clone());
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(peer = %peer_id, "connected; proving enrolment");
+                    self.swarm.behaviour_mut().hello.send_request(&peer_id, self.hello.clone());
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
+                self.verified.remove(&peer_id);
+                self.sync.disconnected(&peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Hello(request_response::Event::Message { peer, message, .. })) => {
+                if let request_response::Message::Request { request, channel, .. } = message {
+                    let _ = self.swarm.behaviour_mut().hello.send_response(channel, vec![]);
+                    self.on_hello(peer, &request);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. })) => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, vec![]);
+                    if self.verified.contains_key(&peer) {
+                        let heads = self.heads();
+                        let log = StoreLog(self.node.clone());
+                        let out = self.sync.receive(peer, &request, now_ms(), &heads, &log);
+                        self.execute(out);
+                    } else {
+                        self.count_refused("unverified_message");
+                    }
+                }
+                request_response::Message::Response { request_id, .. } => self.acked(request_id),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure { request_id, error, peer, .. })) => {
+                tracing::debug!(%peer, %error, "sync message not delivered");
+                self.acked(request_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message, .. })) => {
+                if self.verified.contains_key(&propagation_source) {
+                    let heads = self.heads();
+                    let log = StoreLog(self.node.clone());
+                    let out = self.sync.receive(propagation_source, &message.data, now_ms(), &heads, &log);
+                    self.execute(out);
+                } else {
+                    self.count_refused("unverified_message");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn acked(&mut self, id: request_response::OutboundRequestId) {
+        if let Some((peer, len)) = self.in_flight.remove(&id) {
+            self.sync.acked(&peer, len);
+        }
+    }
+
+    fn count_refused(&self, reason: &str) {
+        self.node.metrics.peers_refused.get_or_create(&Reason { reason: reason.to_string() }).inc();
+    }
+
+    /// Verifies a peer's enrolment; only then does sync with it start.
+    fn on_hello(&mut self, peer: PeerId, bytes: &[u8]) {
+        let now = now_ms();
+        let verdict = (|| {
+            let cert: Certificate = postcard::from_bytes(bytes).map_err(|_| "malformed certificate".to_string())?;
+            let device = device_of(&peer).ok_or("peer id is not an ed25519 device key")?;
+            if cert.device != device {
+                return Err("certificate names another device".to_string());
+            }
+            cert.verify(&self.node.read(|l| l.market().market_key), now).map_err(|e| e.to_string())?;
+            if self.node.read(|l| l.state().devices.get(&device).is_some_and(|d| d.revoked_at_ms.is_some())) {
+                return Err("device was revoked".to_string());
+            }
+            Ok(cert)
+        })();
+        match verdict {
+            Ok(cert) => {
+                if self.verified.insert(peer, cert).is_none() {
+                    tracing::info!(%peer, "peer enrolment verified; syncing");
+                    let heads = self.heads();
+                    let out = self.sync.connected(peer, now, &heads);
+                    self.execute(out);
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(%peer, %reason, "refusing peer");
+                self.count_refused(if reason.contains("revoked") { "revoked" } else { "bad_enrolment" });
+                self.refused.insert(peer, reason);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn cut_revoked(&mut self) {
+        let revoked: Vec<PeerId> = self
+            .verified
+            .keys()
+            .filter(|p| {
+                device_of(p).is_some_and(|d| self.node.read(|l| l.state().devices.get(&d).is_some_and(|r| r.revoked_at_ms.is_some())))
+            })
+            .copied()
+            .collect();
+        for peer in revoked {
+            tracing::warn!(%peer, "peer revoked; disconnecting");
+            self.verified.remove(&peer);
+            self.sync.disconnected(&peer);
+            self.refused.insert(peer, "device was revoked".into());
+            self.count_refused("revoked");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn dial(&mut self, peer: PeerId) {
+        if peer == *self.swarm.local_peer_id() || self.refused.contains_key(&peer) || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let addrs: Vec<Multiaddr> = self.known.get(&peer).map(|a| a.iter().cloned().collect()).unwrap_or_default();
+        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).addresses(addrs).build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "dial not started");
+        }
+    }
+
+    fn redial(&mut self) {
+        let peers: Vec<PeerId> = self.known.keys().copied().collect();
+        for p in peers {
+            self.dial(p);
+        }
+        let known_addrs: BTreeSet<Multiaddr> = self.known.values().flatten().cloned().collect();
+        for addr in self.config.bootstrap.clone() {
+            if !known_addrs.contains(&addr) {
+                let _ = self.swarm.dial(DialOpts::unknown_peer_id().address(addr).build());
+            }
+        }
+    }
+
+    /// Carries out the sync core's outputs (and those that follow from them).
+    fn execute(&mut self, outputs: Vec<Output<PeerId>>) {
+        let mut queue: VecDeque<Output<PeerId>> = outputs.into();
+        while let Some(o) = queue.pop_front() {
+            match o {
+                Output::Send { to, bytes } => {
+                    let len = bytes.len();
+                    let id = self.swarm.behaviour_mut().sync.send_request(&to, bytes);
+                    self.in_flight.insert(id, (to, len));
+                }
+                Output::Broadcast { bytes } => {
+                    if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+                        // No peers yet is normal for a lone tablet: catch-up carries it later.
+                        tracing::debug!(error = %e, "broadcast not published");
+                    }
+                }
+                Output::Apply { from, changes } => {
+                    let node = self.node.clone();
+                    match tokio::task::block_in_place(|| node.ingest(changes)) {
+                        Ok(report) => {
+                            if !report.applied.is_empty() {
+                                self.node.metrics.sync_lag_ms.observe(lag_ms(&report.applied));
+                            }
+                            let heads = self.heads();
+                            queue.extend(self.sync.applied(&from, report.pending, now_ms(), &heads));
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot apply changes from a peer"),
+                    }
+                }
+                Output::Disconnect { peer, reason } => {
+                    tracing::info!(%peer, %reason, "dropping peer");
+                    self.verified.remove(&peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+                Output::RightsWanted { from, sku, qty } => self.give_rights(from, sku, qty),
+            }
+        }
+    }
+
+    fn want_rights(&mut self, sku: String, qty: u64) {
+        let now = now_ms();
+        if self.rights_asked.get(&sku).is_some_and(|t| now.saturating_sub(*t) < RIGHTS_REQUEST_INTERVAL_MS) {
+            return;
+        }
+        self.rights_asked.insert(sku.clone(), now);
+        let out = self.sync.want_rights(&sku, qty, now);
+        self.execute(out);
+    }
+
+    /// A peer ran short: give what the policy allows, as a transfer made by this device.
+    fn give_rights(&mut self, from: PeerId, sku: String, qty: u64) {
+        let Some(to) = device_of(&from) else { return };
+        let now = now_ms();
+        let give = self.node.read(|l| {
+            let state = l.state();
+            let held = state.rights_of(&sku, &l.device());
+            let recent = |d: &DeviceId| -> u64 {
+                state.sales.values().filter(|s| s.device == *d && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count() as u64
+            };
+            self.config.rebalance.give(held, qty, recent(&l.device()), recent(&to))
+        });
+        if give == 0 {
+            return;
+        }
+        let node = self.node.clone();
+        let result = tokio::task::block_in_place(|| node.execute(LocalOp::Transfer { sku: sku.clone(), qty: give, to }));
+        match result {
+            Ok(_) => tracing::info!(%sku, qty = give, to = %to, "gave stock rights to a peer that ran short"),
+            Err(e) => tracing::warn!(%sku, error = %e, "could not give stock rights"),
+        }
+    }
+
+    fn publish_status(&mut self, now: u64, heads: &Heads) {
+        let stats = self.sync.stats().clone();
+        let m = &self.node.metrics;
+        m.sync_bytes.get_or_create(&Direction { direction: "in" }).inc_by(stats.bytes_in - self.last_stats.bytes_in);
+        m.sync_bytes.get_or_create(&Direction { direction: "out" }).inc_by(stats.bytes_out - self.last_stats.bytes_out);
+        m.sync_messages.get_or_create(&Direction { direction: "in" }).inc_by(stats.messages_in - self.last_stats.messages_in);
+        m.sync_messages.get_or_create(&Direction { direction: "out" }).inc_by(stats.messages_out - self.last_stats.messages_out);
+        m.liveness_disconnects.inc_by(stats.liveness_disconnects - self.last_stats.liveness_disconnects);
+        for (label, n) in &stats.protocol_errors {
+            let before = self.last_stats.protocol_errors.get(label).copied().unwrap_or(0);
+            m.protocol_errors.get_or_create(&Reason { reason: label.to_string() }).inc_by(n - before);
+        }
+        m.mesh_peers.set(self.verified.len() as i64);
+        let peers = self
+            .sync
+            .peers()
+            .iter()
+            .map(|(p, s)| PeerStatus {
+                peer_id: p.to_string(),
+                device: device_of(p).map(|d| d.to_hex()).unwrap_or_default(),
+                stall: self.verified.get(p).map(|c| c.stall.clone()).unwrap_or_default(),
+                state: match (self.sync.ahead(p, heads).unwrap_or(0), self.sync.behind(p, heads).unwrap_or(0)) {
+                    (0, 0) => "in_sync",
+                    (0, _) => "peer_catching_up",
+                    _ => "catching_up",
+                },
+                connected_for_ms: now.saturating_sub(s.connected_at_ms),
+                last_heard_ms_ago: now.saturating_sub(s.last_heard_ms),
+                behind: self.sync.behind(p, heads).unwrap_or(0),
+                ahead: self.sync.ahead(p, heads).unwrap_or(0),
+                session: s.clone(),
+            })
+            .collect();
+        let mut status = self.status.lock().expect("status lock");
+        status.peers = peers;
+        status.refused = self.refused.iter().map(|(p, r)| (p.to_string(), r.clone())).collect();
+        status.stats = stats.clone();
+        self.last_stats = stats;
+    }
+}
+
+/// Milliseconds from the newest applied sale's recording to now (author's clock: advisory).
+fn lag_ms(applied: &[stallmesh_ledger::Entry]) -> f64 {
+    let now = now_ms();
+    applied
+        .iter()
+        .filter(|e| matches!(e.event.body, EventBody::Sold { .. }))
+        .map(|e| now.saturating_sub(e.event.time_ms) as f64)
+        .fold(0.0, f64::max)
+}
