@@ -196,7 +196,7 @@ fn whole_day_document(c: &mut Criterion) {
     for n in sizes().into_iter().filter(|n| *n <= 10_000) {
         let mut writer = AutoCommit::new().with_actor(ActorId::from(&[1u8; 32][..]));
         let sales = writer.put_object(ROOT, "sales", ObjType::List).unwrap();
-        let mut add_sale = |doc: &mut AutoCommit, i: usize| {
+        let add_sale = |doc: &mut AutoCommit, i: usize| {
             let len = automerge::ReadDoc::length(doc, &sales);
             let m = doc.insert_object(&sales, len, ObjType::Map).unwrap();
             doc.put(&m, "kind", "sale").unwrap();

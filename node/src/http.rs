@@ -123,6 +123,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/v1/stock", get(stock))
         .route("/api/v1/status", get(status))
         .route("/api/v1/mesh", get(mesh))
+        .route("/api/v1/mesh/arrivals", get(arrivals))
         .route("/api/v1/revocations", post(revoke))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -320,6 +321,11 @@ async fn mesh(State(node): State<Node>) -> ApiResult<Json<Value>> {
         Some(status) => Ok(Json(json!(status))),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "mesh_disabled", "this node runs without a mesh")),
     }
+}
+
+/// When recent sales from other devices arrived here (for replication-lag measurement).
+async fn arrivals(State(node): State<Node>) -> Json<Value> {
+    Json(json!({ "arrivals": node.arrivals() }))
 }
 
 async fn revoke(State(node): State<Node>, body: Result<Json<Revocation>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {

@@ -58,6 +58,17 @@ pub struct NodeInfo {
     pub store_path: PathBuf,
 }
 
+/// Recent arrivals kept for `GET /api/v1/mesh/arrivals` (replication-lag measurements).
+pub const MAX_RECENT_ARRIVALS: usize = 4_096;
+
+/// When a sale recorded elsewhere arrived here.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Arrival {
+    pub sale_id: String,
+    pub recorded_ms: u64,
+    pub arrived_us: u64,
+}
+
 /// The node's link to its mesh task, once the mesh runs.
 pub struct MeshLink {
     pub commands: tokio::sync::mpsc::Sender<MeshCommand>,
@@ -72,6 +83,7 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
     pub mesh: Arc<OnceLock<MeshLink>>,
+    arrivals: Arc<Mutex<std::collections::VecDeque<Arrival>>>,
 }
 
 const DEMO_MARKET_DIR: &str = "demo-market";
@@ -151,6 +163,7 @@ impl Node {
             metrics: Arc::new(Metrics::new()),
             info: Arc::new(info),
             mesh: Arc::new(OnceLock::new()),
+            arrivals: Arc::default(),
         };
         node.metrics.journal_entries.set(restored as i64);
         let fresh = restored == 0;
@@ -278,6 +291,11 @@ impl Node {
         self.lock().mesh_secrets
     }
 
+    /// Sales recorded elsewhere that arrived here most recently (at most `MAX_RECENT_ARRIVALS`).
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.arrivals.lock().expect("arrivals lock").iter().cloned().collect()
+    }
+
     pub fn mesh_status(&self) -> Option<MeshStatus> {
         self.mesh.get().map(|m| m.status.lock().expect("mesh status lock").clone())
     }
@@ -296,6 +314,16 @@ impl Node {
             Ok::<_, NodeError>(applied)
         })?;
         let report = report.expect("set by the closure");
+        let arrived_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        {
+            let mut arrivals = self.arrivals.lock().expect("arrivals lock");
+            for e in report.applied.iter().filter(|e| matches!(e.event.body, stallmesh_ledger::EventBody::Sold { .. })) {
+                if arrivals.len() == MAX_RECENT_ARRIVALS {
+                    arrivals.pop_front();
+                }
+                arrivals.push_back(Arrival { sale_id: stallmesh_ledger::sale_id(e.change.dot()), recorded_ms: e.event.time_ms, arrived_us });
+            }
+        }
         self.metrics.changes_applied.get_or_create(&Origin { origin: "remote" }).inc_by(report.applied.len() as u64);
         self.metrics.duplicate_changes.inc_by(report.duplicates as u64);
         self.metrics.pending_changes.set(report.pending as i64);

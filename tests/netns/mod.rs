@@ -27,6 +27,15 @@ fn sh(args: &[&str]) {
 
 /// Runs `body` inside a fresh network + mount namespace (re-executing this test there).
 pub fn in_netns(test_name: &str, body: impl FnOnce()) {
+    run_isolated(test_name, &["--exact", test_name, "--nocapture", "--test-threads", "1"], body)
+}
+
+/// The same for a benchmark binary (re-executed with `--bench`).
+pub fn in_netns_bench(body: impl FnOnce()) {
+    run_isolated("mesh benchmark", &["--bench"], body)
+}
+
+fn run_isolated(test_name: &str, args: &[&str], body: impl FnOnce()) {
     if std::env::var_os(INNER).is_some() {
         sh(&["mkdir", "-p", "/run/netns"]);
         sh(&["mount", "-t", "tmpfs", "none", "/run/netns"]);
@@ -51,15 +60,19 @@ pub fn in_netns(test_name: &str, body: impl FnOnce()) {
         return;
     };
     let exe = std::env::current_exe().unwrap();
-    let status = Command::new("unshare")
+    let out = Command::new("unshare")
         .args(prefix)
         .args(["--net", "--mount", "--fork", "--kill-child", "--"])
         .arg(exe)
-        .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
+        .args(args)
         .env(INNER, "1")
-        .status()
+        .stdin(Stdio::null())
+        .output()
         .expect("run unshare");
-    assert!(status.success(), "{test_name} failed inside its network namespace ({status})");
+    // Through print!, so the test harness shows the inner run's output only when it matters.
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test_name} failed inside its network namespace ({})", out.status);
 }
 
 fn probe(prefix: &[&str]) -> bool {
