@@ -253,3 +253,26 @@ fn e_a_node_killed_mid_sales_restarts_catches_up_and_loses_no_acknowledged_sale(
         eprintln!("node 3 had {} sales acknowledged before kill -9", acked.len());
     });
 }
+
+#[test]
+fn f_a_device_that_runs_short_is_given_stock_rights_by_a_peer() {
+    in_netns("f_a_device_that_runs_short_is_given_stock_rights_by_a_peer", || {
+        let lan = market(2);
+        wait_full_mesh(&lan, &[1, 2]);
+        let p = json!({ "sku": "EGG", "name": "Eggs", "price_cents": 300, "currency": "EUR", "stall": "Stall" });
+        assert_eq!(lan.post(1, "/api/v1/products", &p).0, 201);
+        assert_eq!(lan.post(1, "/api/v1/restocks", &json!({ "sku": "EGG", "qty": 10 })).0, 201);
+        eventually(CONVERGE, "restock spread", || converged(&lan, &[1, 2]));
+        // Node 2 holds nothing: refused, with what is held where and whether it is reachable.
+        let (status, err) = lan.post(2, "/api/v1/sales", &json!({ "lines": [{ "sku": "EGG", "qty": 2 }] }));
+        assert_eq!(status, 409, "{err}");
+        assert_eq!(err["details"]["held_elsewhere_total"], 10);
+        assert_eq!(err["details"]["held_on_unreachable_devices"], 0, "{err}");
+        // The refusal asked node 1 for rights; node 1 gives what its policy allows.
+        eventually(CONVERGE, "node 1 gives rights", || sell(&lan, 2, "EGG", 2).is_ok());
+        let rows = lan.get(2, "/api/v1/stock")["stock"].clone();
+        let egg = rows.as_array().unwrap().iter().find(|r| r["sku"] == "EGG").unwrap().clone();
+        assert_eq!(egg["total"], 8, "{egg}");
+        assert!(egg["per_device"].as_object().unwrap().values().all(|v| v.as_u64().unwrap() >= 1), "node 1 kept some: {egg}");
+    });
+}

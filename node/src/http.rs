@@ -254,6 +254,23 @@ async fn create_sale(State(node): State<Node>, body: Result<Json<SaleRequest>, J
         }
         // A retried POST with the same client_ref returns the sale already recorded.
         Err(NodeError::Ledger(LedgerError::AlreadyRecorded { sale_id, .. })) => (StatusCode::OK, sale_id),
+        Err(NodeError::Ledger(le @ LedgerError::InsufficientRights { .. })) if node.mesh.get().is_some() => {
+            // Say how much of what is held elsewhere sits on devices this one cannot reach now.
+            let reachable: std::collections::BTreeSet<String> =
+                node.mesh_status().map(|m| m.peers.into_iter().map(|p| p.device).collect()).unwrap_or_default();
+            let unreachable: u64 = match &le {
+                LedgerError::InsufficientRights { held_elsewhere, .. } => {
+                    held_elsewhere.iter().filter(|(d, _)| !reachable.contains(&d.to_hex())).map(|(_, n)| *n).sum()
+                }
+                _ => 0,
+            };
+            let mut err = ApiError::from(NodeError::Ledger(le));
+            if let Some(d) = err.details.as_mut() {
+                d["held_on_unreachable_devices"] = json!(unreachable);
+                d["reachable_devices"] = json!(reachable);
+            }
+            return Err(err);
+        }
         Err(e) => return Err(e.into()),
     };
     let sale = node.read(|l| l.state().sales.get(&id).map(SaleView::from));

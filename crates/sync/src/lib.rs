@@ -35,11 +35,15 @@ pub const MAX_HEADS_ENTRIES: usize = 4_096;
 pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
 /// Most connected peers a node keeps sessions for (a market has tens of devices).
 pub const MAX_PEERS: usize = 256;
+/// Heartbeats carry only the heads that changed; every this many, the full heads, so a peer whose
+/// view drifted (a lost message) is corrected.
+pub const FULL_HEADS_EVERY: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    /// What the sender holds. The receiver answers with what the sender lacks.
-    Heads { heads: Vec<(DeviceId, u64)> },
+    /// What the sender holds. The receiver answers with what the sender lacks. `full: false`: only
+    /// the entries that changed since the sender's previous heads to this peer (merged by max).
+    Heads { heads: Vec<(DeviceId, u64)>, full: bool },
     /// Changes the receiver lacks. `more`: the sender had more than one message holds.
     Changes { changes: Vec<SignedChange>, more: bool },
     /// The sender ran short of stock rights for `sku` and asks for `qty` units.
@@ -90,7 +94,7 @@ impl Message {
         }
         let msg: Message = postcard::from_bytes(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
         match &msg {
-            Message::Heads { heads } if heads.len() > MAX_HEADS_ENTRIES => Err(ProtocolError::OverLimit("heads entries")),
+            Message::Heads { heads, .. } if heads.len() > MAX_HEADS_ENTRIES => Err(ProtocolError::OverLimit("heads entries")),
             Message::Changes { changes, .. } if changes.len() > MAX_CHANGES_PER_MESSAGE => {
                 Err(ProtocolError::OverLimit("changes per message"))
             }
@@ -146,6 +150,10 @@ pub struct PeerSession {
     pub their_heads: Heads,
     /// Sent a heads message to pull, and no changes came back yet.
     pub pulling: bool,
+    /// The heads this node last told the peer (deltas are computed against it).
+    #[serde(skip)]
+    pub told: Heads,
+    pub heads_since_full: u32,
     /// The peer's last changes message said it had more to send.
     pub more_available: bool,
     /// Bytes sent and not yet reported delivered (or failed) by the transport.
@@ -179,9 +187,6 @@ pub struct Sync<P> {
     stats: SyncStats,
 }
 
-fn heads_message(heads: &Heads) -> Vec<u8> {
-    Message::Heads { heads: heads.iter().map(|(d, n)| (*d, *n)).collect() }.encode()
-}
 
 impl<P: Ord + Clone + Debug> Sync<P> {
     pub fn new(config: SyncConfig) -> Self {
@@ -219,15 +224,28 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         }
         self.peers.insert(peer.clone(), PeerSession { connected_at_ms: now_ms, last_heard_ms: now_ms, ..Default::default() });
         let mut out = Vec::new();
-        self.send(&mut out, &peer, heads_message(mine), now_ms);
-        if let Some(s) = self.peers.get_mut(&peer) {
-            s.pulling = true;
-        }
+        self.send_heads(&mut out, &peer, mine, now_ms, true);
         out
     }
 
     pub fn disconnected(&mut self, peer: &P) {
         self.peers.remove(peer);
+    }
+
+    /// Sends `mine` to `to`: in full, or only what changed since the last heads told to it. A heads
+    /// message is also a pull: the peer answers with what this node lacks.
+    fn send_heads(&mut self, out: &mut Vec<Output<P>>, to: &P, mine: &Heads, now_ms: u64, force_full: bool) {
+        let Some(s) = self.peers.get_mut(to) else { return };
+        let full = force_full || s.heads_since_full + 1 >= FULL_HEADS_EVERY;
+        let heads: Vec<(DeviceId, u64)> = if full {
+            mine.iter().map(|(d, n)| (*d, *n)).collect()
+        } else {
+            mine.iter().filter(|(d, n)| s.told.get(d) != Some(n)).map(|(d, n)| (*d, *n)).collect()
+        };
+        s.heads_since_full = if full { 0 } else { s.heads_since_full + 1 };
+        s.told = mine.clone();
+        s.pulling = true;
+        self.send(out, to, Message::Heads { heads, full }.encode(), now_ms);
     }
 
     fn send(&mut self, out: &mut Vec<Output<P>>, to: &P, bytes: Vec<u8>, now_ms: u64) {
@@ -276,8 +294,15 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         session.messages_in += 1;
         session.bytes_in += bytes.len() as u64;
         match msg {
-            Message::Heads { heads } => {
-                session.their_heads = heads.into_iter().collect();
+            Message::Heads { heads, full } => {
+                if full {
+                    session.their_heads = heads.into_iter().collect();
+                } else {
+                    for (d, n) in heads {
+                        let h = session.their_heads.entry(d).or_default();
+                        *h = (*h).max(n);
+                    }
+                }
                 let they_have_more = session
                     .their_heads
                     .iter()
@@ -285,10 +310,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 let pull = they_have_more && !session.pulling;
                 self.serve(&mut out, &from, now_ms, mine, log);
                 if pull {
-                    self.send(&mut out, &from, heads_message(mine), now_ms);
-                    if let Some(s) = self.peers.get_mut(&from) {
-                        s.pulling = true;
-                    }
+                    self.send_heads(&mut out, &from, mine, now_ms, false);
                 }
             }
             Message::Changes { changes, more } => {
@@ -367,10 +389,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         let Some(s) = self.peers.get(from) else { return out };
         let they_have_more = s.more_available || s.their_heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
         if (still_pending > 0 || they_have_more) && !s.pulling {
-            self.send(&mut out, from, heads_message(mine), now_ms);
-            if let Some(s) = self.peers.get_mut(from) {
-                s.pulling = true;
-            }
+            self.send_heads(&mut out, from, mine, now_ms, false);
         }
         out
     }
@@ -420,11 +439,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             .map(|(p, _)| p.clone())
             .collect();
         for p in due {
-            self.send(&mut out, &p, heads_message(mine), now_ms);
-            if let Some(s) = self.peers.get_mut(&p) {
-                // A heartbeat is also a pull; a lost reply must not block the next one.
-                s.pulling = true;
-            }
+            // A heartbeat is also a pull; a lost reply must not block the next one.
+            self.send_heads(&mut out, &p, mine, now_ms, false);
         }
         out
     }

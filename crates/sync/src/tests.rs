@@ -214,7 +214,7 @@ fn malformed_oversized_or_foreign_messages_drop_the_peer_and_are_counted() {
     net.connect(0, 1);
     let n = &mut net.nodes[1];
     let heads = n.heads();
-    let good = Message::Heads { heads: vec![] }.encode();
+    let good = Message::Heads { heads: vec![], full: true }.encode();
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vec![], "empty"),
         (vec![9, 0, 0], "version"),
@@ -231,7 +231,7 @@ fn malformed_oversized_or_foreign_messages_drop_the_peer_and_are_counted() {
     let errors = &n.sync.stats().protocol_errors;
     assert_eq!((errors["empty"], errors["version"], errors["malformed"], errors["oversized"]), (1, 1, 2, 1));
     // Too many heads entries: over a limit, rejected without building them.
-    let too_many = Message::Heads { heads: (0..=MAX_HEADS_ENTRIES as u32).map(|i| {
+    let too_many = Message::Heads { full: true, heads: (0..=MAX_HEADS_ENTRIES as u32).map(|i| {
         let mut id = [0u8; 32];
         id[..4].copy_from_slice(&i.to_le_bytes());
         (DeviceId(id), 1)
@@ -250,4 +250,32 @@ fn rights_wanted_reaches_the_driver() {
     let heads = n.heads();
     let got = n.sync.receive(0, bytes, 5, &heads, &n.log);
     assert_eq!(got, vec![Output::RightsWanted { from: 0, sku: "honey".into(), qty: 3 }]);
+}
+
+#[test]
+fn heartbeats_carry_only_the_heads_that_changed() {
+    let market = TestMarket::new(7);
+    let mut net = Net::new(&market, 3);
+    net.connect(0, 1);
+    net.connect(0, 2);
+    stock_up(&mut net, 0);
+    let sizes: Vec<usize> = (1..=3)
+        .map(|_| {
+            net.now += 1_000;
+            let h = net.nodes[1].heads();
+            let out = net.nodes[1].sync.tick(net.now, &h);
+            let Output::Send { bytes, .. } = &out[0] else { panic!("{out:?}") };
+            let len = bytes.len();
+            net.run(1, out);
+            for at in [0, 2] {
+                let h = net.nodes[at].heads();
+                let out = net.nodes[at].sync.tick(net.now, &h);
+                net.run(at, out);
+            }
+            len
+        })
+        .collect();
+    // The first heartbeat tells node 0 about the new entries; the next ones have nothing new.
+    assert!(sizes[1] < sizes[0] && sizes[2] == sizes[1], "{sizes:?}");
+    assert!(sizes[1] < 16, "an idle heartbeat is a few bytes: {sizes:?}");
 }

@@ -1,0 +1,61 @@
+//! The market simulator: a whole market day from a seed, in virtual time, running the real ledger
+//! and sync code (the same `stallmesh-ledger` and `stallmesh-sync` state machines the node drives),
+//! with faults and invariant checks. See `simulations/README.md` for the scenario format.
+
+pub mod report;
+pub mod scenario;
+pub mod world;
+
+pub use report::Report;
+pub use scenario::Scenario;
+pub use world::{Options, RunResult, Violation};
+
+/// Runs one scenario with one seed.
+pub fn run(scenario: &Scenario, opts: Options) -> RunResult {
+    let mut r = world::World::new(scenario.clone(), opts).run();
+    r.report.digest = r.digest.clone();
+    r
+}
+
+/// Where two runs of the same scenario and seed first differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    pub event: u64,
+    pub first: String,
+    pub second: String,
+}
+
+/// Runs the scenario twice with the same seed; `None` if both traces are identical.
+pub fn check_determinism(scenario: &Scenario, seed: u64) -> (String, Option<Divergence>) {
+    let opts = Options { seed, keep_event_hashes: true, ..Default::default() };
+    let a = run(scenario, opts.clone());
+    let b = run(scenario, opts);
+    if a.digest == b.digest && a.event_hashes == b.event_hashes {
+        return (a.digest, None);
+    }
+    let i = a.event_hashes.iter().zip(&b.event_hashes).position(|(x, y)| x != y).unwrap_or(a.event_hashes.len().min(b.event_hashes.len()));
+    let capture = |s| run(scenario, Options { seed, capture_event: Some(i as u64 + 1), ..Default::default() }).captured.unwrap_or_else(|| s);
+    let first = capture("(no event)".to_string());
+    let second = capture("(no event)".to_string());
+    (a.digest, Some(Divergence { event: i as u64, first, second }))
+}
+
+/// Runs seeds `seeds` on `jobs` threads; returns each seed's result summary, in seed order.
+pub fn sweep(scenario: &Scenario, seeds: std::ops::Range<u64>, jobs: usize) -> Vec<(u64, Report, Vec<Violation>)> {
+    let seeds: Vec<u64> = seeds.collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&seed) = seeds.get(i) else { break };
+                let r = run(scenario, Options { seed, ..Default::default() });
+                results.lock().expect("results lock").push((seed, r.report, r.violations));
+            });
+        }
+    });
+    let mut out = results.into_inner().expect("results lock");
+    out.sort_by_key(|(seed, _, _)| *seed);
+    out
+}

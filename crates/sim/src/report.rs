@@ -1,0 +1,109 @@
+//! The run's report: a summary table, a JSON file and an SVG with plots.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HourStats {
+    pub sales: u64,
+    pub bytes: u64,
+    pub lag_ms_sum: f64,
+    pub lag_count: u64,
+    pub lag_ms_max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub devices: u32,
+    pub simulated_hours: f64,
+    pub events: u64,
+    pub sales: u64,
+    pub refused: BTreeMap<String, u64>,
+    pub customers_lost: u64,
+    /// Time from a sale's acknowledgement until every device holds it.
+    pub convergence_ms_p50: f64,
+    pub convergence_ms_p99: f64,
+    pub convergence_ms_max: f64,
+    pub sales_not_converged_by_end: u64,
+    pub converged_after_faults_stopped_ms: Option<f64>,
+    pub messages: u64,
+    pub bytes: u64,
+    pub messages_per_sale: f64,
+    pub bytes_per_sale: f64,
+    pub storage_bytes_per_device_mean: f64,
+    pub storage_bytes_per_device_max: u64,
+    pub faults_fired: BTreeMap<String, u64>,
+    pub wall_ms: f64,
+    pub protocol_ms: f64,
+    pub engine_ms: f64,
+    pub per_hour: Vec<HourStats>,
+    pub digest: String,
+}
+
+impl Report {
+    /// The summary table for a terminal.
+    pub fn table(&self) -> String {
+        let refused: u64 = self.refused.values().sum();
+        let mut t = String::new();
+        let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<34} {v}\n"));
+        row("scenario / seed", format!("{} / {}", self.scenario, self.seed));
+        row("devices, simulated hours", format!("{}, {}", self.devices, self.simulated_hours));
+        row("events", self.events.to_string());
+        row("sales acknowledged", self.sales.to_string());
+        row("sales refused", format!("{refused} {:?}", self.refused));
+        row("customers lost (stall down)", self.customers_lost.to_string());
+        row("convergence p50 / p99 / max", format!("{:.1} / {:.1} / {:.1} ms", self.convergence_ms_p50, self.convergence_ms_p99, self.convergence_ms_max));
+        row(
+            "converged after faults stopped",
+            self.converged_after_faults_stopped_ms.map_or("NOT within the bound".into(), |ms| format!("{ms:.0} ms")),
+        );
+        row("messages / bytes per sale", format!("{:.1} / {:.0} B", self.messages_per_sale, self.bytes_per_sale));
+        row("storage per device mean / max", format!("{:.1} / {:.1} KB", self.storage_bytes_per_device_mean / 1e3, self.storage_bytes_per_device_max as f64 / 1e3));
+        row("faults fired", format!("{:?}", self.faults_fired));
+        row(
+            "wall time (engine / protocol)",
+            format!("{:.0} ms ({:.0} / {:.0} ms)", self.wall_ms, self.engine_ms, self.protocol_ms),
+        );
+        row("trace digest", self.digest.clone());
+        t
+    }
+
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self).expect("report serializes"))
+    }
+
+    /// Three plots over the day: sales per hour, replication lag, bytes on the network.
+    pub fn write_svg(&self, path: &Path) -> Result<(), String> {
+        use plotters::prelude::*;
+        let root = SVGBackend::new(path, (900, 900)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let areas = root.split_evenly((3, 1));
+        let hours = self.per_hour.len().max(1) as u32;
+        let series: [(&str, Vec<f64>); 3] = [
+            ("sales per hour", self.per_hour.iter().map(|h| h.sales as f64).collect()),
+            (
+                "replication lag, mean ms (sales acked that hour)",
+                self.per_hour.iter().map(|h| if h.lag_count > 0 { h.lag_ms_sum / h.lag_count as f64 } else { 0.0 }).collect(),
+            ),
+            ("network bytes per hour (KB)", self.per_hour.iter().map(|h| h.bytes as f64 / 1e3).collect()),
+        ];
+        for (area, (title, values)) in areas.iter().zip(series.iter()) {
+            let max = values.iter().copied().fold(1.0, f64::max) * 1.1;
+            let mut chart = ChartBuilder::on(area)
+                .caption(format!("{} — {}", self.scenario, title), ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0u32..hours, 0f64..max)
+                .map_err(|e| e.to_string())?;
+            chart.configure_mesh().x_desc("hour of the day").draw().map_err(|e| e.to_string())?;
+            chart
+                .draw_series(LineSeries::new(values.iter().enumerate().map(|(i, v)| (i as u32, *v)), &BLUE))
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())
+    }
+}

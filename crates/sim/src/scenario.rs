@@ -1,0 +1,223 @@
+//! Scenario files: what market to simulate, its customers, network and faults. Every key is
+//! documented here; the shipped scenarios in `simulations/` use them.
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: {detail}")]
+    Invalid { path: String, detail: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// Simulated length of the market day, hours.
+    pub duration_h: f64,
+    /// After the day, faults stop (partitions heal, crashed devices restart) and every replica must
+    /// hold the same state within this many simulated seconds.
+    #[serde(default = "default_liveness")]
+    pub liveness_bound_s: f64,
+    pub market: MarketSpec,
+    pub customers: CustomerSpec,
+    #[serde(default)]
+    pub network: NetworkSpec,
+    #[serde(default)]
+    pub clock: ClockSpec,
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// Faults at fixed times.
+    #[serde(default)]
+    pub faults: Vec<FaultSpec>,
+    /// Faults drawn at random (rates per device per hour).
+    #[serde(default)]
+    pub random_faults: RandomFaults,
+}
+
+fn default_liveness() -> f64 {
+    60.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketSpec {
+    pub stalls: u32,
+    pub devices_per_stall: u32,
+    pub products_per_stall: u32,
+    /// Units of each product restocked at the start (by the stall's first device, then shared out).
+    pub initial_stock: u64,
+    /// Devices with a cloud uplink (4G): a fraction of all devices, from the first.
+    #[serde(default = "one")]
+    pub uplink_fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerSpec {
+    /// Mean customer arrivals per hour at each stall (Poisson).
+    pub arrivals_per_stall_per_hour: f64,
+    /// Multiplier of the arrival rate for each hour of the day (repeats if shorter than the day).
+    #[serde(default)]
+    pub hourly_profile: Vec<f64>,
+    /// Lines in a basket: uniform in 1..=basket_max.
+    #[serde(default = "three")]
+    pub basket_max: u32,
+}
+
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSpec {
+    /// One-way latency: base plus an exponential tail with this mean, milliseconds.
+    pub latency_ms: f64,
+    pub latency_tail_ms: f64,
+    /// Probability that a directed message is lost; on an ordered stream a loss resets the stream
+    /// (both ends see a disconnect and redial), as a TCP connection reset does.
+    pub loss: f64,
+    /// Probability that a broadcast is delivered twice (gossip relays along two paths).
+    pub duplicate: f64,
+    /// Broadcasts are not ordered with a stream: extra random delay up to this, milliseconds.
+    pub reorder_ms: f64,
+    /// Link bandwidth, kilobits per second (serialization delay).
+    pub bandwidth_kbps: f64,
+    /// Peers each device keeps connections to (the stall's own devices plus random others);
+    /// 0 = every device (full mesh).
+    pub peers_per_device: u32,
+    pub heartbeat_ms: u64,
+    pub liveness_timeout_ms: u64,
+    /// Delay before a lost connection is redialled.
+    pub redial_ms: u64,
+    /// Latency of the cloud uplink, milliseconds.
+    pub uplink_latency_ms: f64,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        Self {
+            latency_ms: 1.0,
+            latency_tail_ms: 1.0,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder_ms: 0.0,
+            bandwidth_kbps: 50_000.0,
+            peers_per_device: 0,
+            heartbeat_ms: 1_000,
+            liveness_timeout_ms: 4_000,
+            redial_ms: 1_000,
+            uplink_latency_ms: 60.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockSpec {
+    /// Each device's clock starts off by a uniform offset in ±max_offset_ms.
+    pub max_offset_ms: f64,
+    /// ... and drifts by a uniform rate in ±max_drift_ppm.
+    pub max_drift_ppm: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSpec {
+    /// Changes received from peers become durable after this group-commit delay; a crash that
+    /// loses unsynced data drops those still waiting. Local sales are acknowledged only after
+    /// their own commit, so a crash never loses an acknowledged sale.
+    pub remote_commit_delay_ms: u64,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self { remote_commit_delay_ms: 50 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum FaultSpec {
+    /// Split the Wi-Fi: `groups` lists device numbers per side; devices not listed join side 0.
+    Partition { at_s: f64, duration_s: f64, groups: Vec<Vec<u32>> },
+    /// One-way: messages from `from` devices to `to` devices are lost.
+    Asymmetric { at_s: f64, duration_s: f64, from: Vec<u32>, to: Vec<u32> },
+    /// Cut one device off the Wi-Fi.
+    Isolate { at_s: f64, duration_s: f64, device: u32 },
+    /// Every cloud uplink is down.
+    UplinkOutage { at_s: f64, duration_s: f64 },
+    /// The device crashes and restarts after `down_s`; with `lose_unsynced`, changes not yet
+    /// durable are lost.
+    Crash { at_s: f64, down_s: f64, device: u32, #[serde(default)] lose_unsynced: bool },
+    /// The device's clock jumps by `jump_ms` (negative: backwards).
+    ClockJump { at_s: f64, device: u32, jump_ms: i64 },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RandomFaults {
+    pub crashes_per_device_per_hour: f64,
+    pub crash_down_s: f64,
+    pub crash_loses_unsynced: bool,
+    pub isolations_per_device_per_hour: f64,
+    pub isolation_s: f64,
+    pub clock_jumps_per_device_per_hour: f64,
+    pub clock_jump_max_ms: f64,
+}
+
+impl Scenario {
+    pub fn load(path: &std::path::Path) -> Result<Scenario, ScenarioError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io { path: p.clone(), source })?;
+        Scenario::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Invalid { path: origin.into(), detail: e.to_string() })?;
+        s.validate().map_err(|detail| ScenarioError::Invalid { path: origin.into(), detail })?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let devices = self.devices();
+        if self.market.stalls == 0 || self.market.devices_per_stall == 0 || self.market.products_per_stall == 0 {
+            return Err("market needs at least one stall, device and product".into());
+        }
+        if devices > MAX_DEVICES {
+            return Err(format!("{devices} devices; the simulator handles at most {MAX_DEVICES}"));
+        }
+        if !(self.duration_h > 0.0 && self.duration_h <= 48.0) {
+            return Err("duration_h must be in (0, 48]".into());
+        }
+        for p in [self.network.loss, self.network.duplicate, self.market.uplink_fraction] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err("probabilities and fractions must be within [0, 1]".into());
+            }
+        }
+        let check_device = |d: u32| if d < devices { Ok(()) } else { Err(format!("fault names device {d}; there are {devices}")) };
+        for f in &self.faults {
+            match f {
+                FaultSpec::Partition { groups, .. } => groups.iter().flatten().try_for_each(|d| check_device(*d))?,
+                FaultSpec::Asymmetric { from, to, .. } => from.iter().chain(to).try_for_each(|d| check_device(*d))?,
+                FaultSpec::Isolate { device, .. } | FaultSpec::Crash { device, .. } | FaultSpec::ClockJump { device, .. } => check_device(*device)?,
+                FaultSpec::UplinkOutage { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn devices(&self) -> u32 {
+        self.market.stalls * self.market.devices_per_stall
+    }
+}
+
+/// Devices in one simulation: keeps a mistyped scenario from exhausting memory.
+pub const MAX_DEVICES: u32 = 2_000;

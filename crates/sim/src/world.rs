@@ -1,0 +1,1140 @@
+//! The simulated market: devices running the real ledger and sync core, a network of ordered
+//! streams with latency, loss and partitions, customers, faults, and a discrete-event loop in
+//! virtual time. No wall clock, no threads, no hash-ordered iteration: a scenario and a seed fully
+//! determine the run.
+
+use crate::report::{HourStats, Report};
+use crate::scenario::{FaultSpec, Scenario};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp};
+use sha2::{Digest, Sha256};
+use stallmesh_identity::{Certificate, DeviceId, DeviceKey, MarketKey, Role};
+use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
+use stallmesh_sync::rebalance::RebalancePolicy;
+use stallmesh_sync::{Heads, MemoryLog, Output, Sync as SyncCore, SyncConfig};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Trace lines kept per device for the timeline printed with a violation.
+const TIMELINE_LINES: usize = 40;
+/// Events processed before the run gives up (a runaway scenario, not a market day).
+pub const MAX_EVENTS: u64 = 2_000_000_000;
+
+const US_PER_MS: u64 = 1_000;
+const US_PER_S: u64 = 1_000_000;
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub seed: u64,
+    /// Keep a hash of every trace line (for --check-determinism).
+    pub keep_event_hashes: bool,
+    /// Capture the trace line of this event index (to print where two runs diverge).
+    pub capture_event: Option<u64>,
+    /// Write every trace line to this file.
+    pub trace_file: Option<std::path::PathBuf>,
+    /// The deliberately broken build: this device may spend stock rights it does not hold.
+    pub broken_device: Option<u32>,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub detail: String,
+    pub device: Option<u32>,
+    /// The device's last trace lines before the check.
+    pub timeline: Vec<String>,
+}
+
+pub struct RunResult {
+    pub report: Report,
+    pub violations: Vec<Violation>,
+    pub digest: String,
+    pub event_hashes: Vec<u64>,
+    pub captured: Option<String>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Arrival { stall: u32 },
+    Tick { dev: u32 },
+    Deliver { from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool },
+    Dial { a: u32, b: u32 },
+    Commit { dev: u32 },
+    FaultStart(usize),
+    FaultEnd(usize),
+    Restart { dev: u32 },
+    EndOfDay,
+    LivenessCheck,
+}
+
+struct Item {
+    t: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.seq) == (o.t, o.seq)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.t, self.seq).cmp(&(o.t, o.seq))
+    }
+}
+
+struct Device {
+    id: DeviceId,
+    stall: u32,
+    is_cloud: bool,
+    key_secret: [u8; 32],
+    cert: Certificate,
+    ledger: Ledger,
+    sync: SyncCore<u32>,
+    log: MemoryLog,
+    durable: Vec<Entry>,
+    unsynced: Vec<Entry>,
+    commit_scheduled: bool,
+    up: bool,
+    uplink: bool,
+    rng: ChaCha8Rng,
+    clock_offset_us: i64,
+    drift_ppm: f64,
+    timeline: VecDeque<String>,
+    storage_bytes: u64,
+    /// Bit i: acknowledged sale number i has reached this device (ever).
+    held: Vec<u64>,
+    rights_asked_at: BTreeMap<String, u64>,
+    broken: bool,
+}
+
+struct Conn {
+    epoch: u64,
+    /// Delivery time of the last ordered message, per direction (low→high, high→low).
+    last_deliver: [u64; 2],
+}
+
+struct AckedSale {
+    t_ack: u64,
+    device: u32,
+    holders: u32,
+    converged_at: Option<u64>,
+}
+
+pub struct World {
+    sc: Scenario,
+    opts: Options,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Item>>,
+    devices: Vec<Device>,
+    ctx: MarketContext,
+    faults: Vec<FaultSpec>,
+    active_faults: BTreeSet<usize>,
+    conns: BTreeMap<(u32, u32), Conn>,
+    wanted: BTreeSet<(u32, u32)>,
+    epochs: u64,
+    stall_rngs: Vec<ChaCha8Rng>,
+    products: Vec<Vec<Product>>,
+    acked: Vec<AckedSale>,
+    acked_index: BTreeMap<String, u32>,
+    restocked: BTreeMap<String, u64>,
+    policy: RebalancePolicy,
+    day_over: bool,
+    end_of_day_at: u64,
+    converged_after_heal: Option<u64>,
+    finished: bool,
+    // Accounting.
+    events: u64,
+    hasher: Sha256,
+    event_hashes: Vec<u64>,
+    captured: Option<String>,
+    trace_out: Option<std::io::BufWriter<std::fs::File>>,
+    messages: u64,
+    bytes: u64,
+    refused: BTreeMap<String, u64>,
+    customers_lost: u64,
+    faults_fired: BTreeMap<String, u64>,
+    hours: Vec<HourStats>,
+    protocol_time: Duration,
+}
+
+fn mix(seed: u64, stream: &str, n: u64) -> u64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(stream.as_bytes());
+    h.update(n.to_le_bytes());
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+fn fnv(line: &str) -> u64 {
+    line.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+fn pair(a: u32, b: u32) -> (u32, u32) {
+    (a.min(b), a.max(b))
+}
+
+impl World {
+    pub fn new(sc: Scenario, opts: Options) -> World {
+        let seed = opts.seed;
+        let n = sc.devices();
+        // Identities depend on the scenario's shape only, so a seed changes behaviour, not keys.
+        let market_key = MarketKey::from_secret(mix(0, "market", 0).to_le_bytes().repeat(4).try_into().expect("32 bytes"));
+        let ctx = MarketContext::new(market_key.public());
+        let uplinks = (sc.market.uplink_fraction * n as f64).round() as u32;
+        let mut devices = Vec::with_capacity(n as usize + 1);
+        for d in 0..=n {
+            let is_cloud = d == n;
+            let secret: [u8; 32] = mix(0, "device", d as u64).to_le_bytes().repeat(4).try_into().expect("32 bytes");
+            let key = DeviceKey::from_secret(secret);
+            let stall = if is_cloud { u32::MAX } else { d / sc.market.devices_per_stall };
+            let stall_name = if is_cloud { "cloud".to_string() } else { format!("Stall {stall}") };
+            let cert = market_key.enrol(key.device_id(), &stall_name, Role::Organiser, u64::MAX);
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, "device-rng", d as u64));
+            let clock_offset_us = (rng.gen_range(-1.0..=1.0) * sc.clock.max_offset_ms * 1000.0) as i64;
+            let drift_ppm = rng.gen_range(-1.0..=1.0) * sc.clock.max_drift_ppm;
+            let mut ledger = Ledger::new(ctx.clone(), key, cert.clone());
+            ledger.allow_overspend_for_tests = opts.broken_device == Some(d);
+            devices.push(Device {
+                id: DeviceId(ledger.device().0),
+                stall,
+                is_cloud,
+                key_secret: secret,
+                cert,
+                ledger,
+                sync: SyncCore::new(SyncConfig { heartbeat_ms: sc.network.heartbeat_ms, liveness_timeout_ms: sc.network.liveness_timeout_ms }),
+                log: MemoryLog::default(),
+                durable: Vec::new(),
+                unsynced: Vec::new(),
+                commit_scheduled: false,
+                up: true,
+                uplink: d < uplinks,
+                rng,
+                clock_offset_us,
+                drift_ppm,
+                timeline: VecDeque::new(),
+                storage_bytes: 0,
+                held: Vec::new(),
+                rights_asked_at: BTreeMap::new(),
+                broken: opts.broken_device == Some(d),
+            });
+        }
+        let stall_rngs = (0..sc.market.stalls).map(|s| ChaCha8Rng::seed_from_u64(mix(seed, "stall", s as u64))).collect();
+        let products = (0..sc.market.stalls)
+            .map(|s| {
+                (0..sc.market.products_per_stall)
+                    .map(|p| Product {
+                        sku: format!("S{s}-P{p}"),
+                        name: format!("Product {p} of stall {s}"),
+                        price_cents: 100 + 50 * p as u64,
+                        currency: "EUR".into(),
+                        stall: format!("Stall {s}"),
+                        tags: vec![],
+                    })
+                    .collect()
+            })
+            .collect();
+        let hours = (0..(sc.duration_h.ceil() as usize + 2)).map(|_| HourStats::default()).collect();
+        let trace_out = opts.trace_file.as_ref().and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new);
+        let mut faults = sc.faults.clone();
+        faults.extend(random_faults(&sc, seed));
+        let mut w = World {
+            policy: RebalancePolicy::default(),
+            sc,
+            opts,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            devices,
+            ctx,
+            faults,
+            active_faults: BTreeSet::new(),
+            conns: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            epochs: 0,
+            stall_rngs,
+            products,
+            acked: Vec::new(),
+            acked_index: BTreeMap::new(),
+            restocked: BTreeMap::new(),
+            day_over: false,
+            end_of_day_at: 0,
+            converged_after_heal: None,
+            finished: false,
+            events: 0,
+            hasher: Sha256::new(),
+            event_hashes: Vec::new(),
+            captured: None,
+            trace_out,
+            messages: 0,
+            bytes: 0,
+            refused: BTreeMap::new(),
+            customers_lost: 0,
+            faults_fired: BTreeMap::new(),
+            hours,
+            protocol_time: Duration::ZERO,
+        };
+        w.setup();
+        w
+    }
+
+    fn n(&self) -> u32 {
+        self.sc.devices()
+    }
+
+    fn cloud(&self) -> u32 {
+        self.n()
+    }
+
+    fn push(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Item { t, seq: self.seq, ev }));
+    }
+
+    /// The device's own clock (offset, drift, jumps), in ms: what its ledger and sync core see.
+    fn dev_now_ms(&self, d: u32) -> u64 {
+        let dev = &self.devices[d as usize];
+        let t = self.now as f64 * (1.0 + dev.drift_ppm / 1e6) + dev.clock_offset_us as f64;
+        (t.max(0.0) / 1000.0) as u64 + 1_800_000_000_000 // a plausible epoch, so times look real
+    }
+
+    fn trace(&mut self, dev: Option<u32>, line: String) {
+        let full = format!("{} {} {}", self.now, dev.map_or("-".to_string(), |d| d.to_string()), line);
+        self.hasher.update(full.as_bytes());
+        self.hasher.update(b"\n");
+        if self.opts.keep_event_hashes {
+            self.event_hashes.push(fnv(&full));
+        }
+        if self.opts.capture_event == Some(self.events) {
+            self.captured = Some(full.clone());
+        }
+        if let Some(out) = self.trace_out.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(out, "{full}");
+        }
+        if let Some(d) = dev {
+            let tl = &mut self.devices[d as usize].timeline;
+            if tl.len() == TIMELINE_LINES {
+                tl.pop_front();
+            }
+            tl.push_back(full);
+        }
+    }
+
+    fn hour(&mut self) -> &mut HourStats {
+        let h = ((self.now / (3600 * US_PER_S)) as usize).min(self.hours.len() - 1);
+        &mut self.hours[h]
+    }
+
+    fn setup(&mut self) {
+        let n = self.n();
+        // Everyone is enrolled and knows the catalogue before the day (a first meeting at setup).
+        let mut shared: Vec<Entry> = Vec::new();
+        for d in 0..=n {
+            let now = self.dev_now_ms(d);
+            let e = self.devices[d as usize].ledger.enrol_self(now).expect("valid certificate").expect("first enrolment");
+            shared.push(e);
+        }
+        for s in 0..self.sc.market.stalls {
+            let first = s * self.sc.market.devices_per_stall;
+            let now = self.dev_now_ms(first);
+            for p in self.products[s as usize].clone() {
+                let e = self.devices[first as usize].ledger.record(LocalOp::UpsertProduct(p), now).expect("valid product");
+                shared.push(e);
+            }
+        }
+        self.exchange_all(&mut shared);
+        // Stock: the stall's first device restocks, then shares it out evenly.
+        let mut more = Vec::new();
+        for s in 0..self.sc.market.stalls {
+            let dps = self.sc.market.devices_per_stall;
+            let first = s * dps;
+            let now = self.dev_now_ms(first);
+            for p in self.products[s as usize].clone() {
+                let qty = self.sc.market.initial_stock;
+                *self.restocked.entry(p.sku.clone()).or_default() += qty;
+                let e = self.devices[first as usize].ledger.record(LocalOp::Restock { sku: p.sku.clone(), qty }, now).expect("restock");
+                more.push(e);
+                for k in 1..dps {
+                    let to = self.devices[(first + k) as usize].id;
+                    let share = qty / dps as u64;
+                    if share > 0 {
+                        let e = self.devices[first as usize].ledger.record(LocalOp::Transfer { sku: p.sku.clone(), qty: share, to }, now).expect("transfer");
+                        more.push(e);
+                    }
+                }
+            }
+        }
+        self.exchange_all(&mut more);
+        shared.extend(more);
+        for d in 0..=n {
+            let dev = &mut self.devices[d as usize];
+            for e in &shared {
+                dev.log.add(e.change.clone());
+            }
+            dev.durable = shared.clone();
+            dev.storage_bytes = dev.durable.iter().map(|e| e.change.encoded_len() as u64).sum();
+        }
+        // Topology: the stall's own devices, plus random others, plus the cloud for uplinked devices.
+        let per = self.sc.network.peers_per_device;
+        for a in 0..n {
+            if per == 0 {
+                for b in (a + 1)..n {
+                    self.wanted.insert((a, b));
+                }
+            } else {
+                let s = self.devices[a as usize].stall;
+                let dps = self.sc.market.devices_per_stall;
+                for b in (s * dps)..((s + 1) * dps) {
+                    if b != a {
+                        self.wanted.insert(pair(a, b));
+                    }
+                }
+                let mut picked = 0;
+                let mut tries = 0;
+                while picked < per && tries < per * 8 {
+                    tries += 1;
+                    let b = self.devices[a as usize].rng.gen_range(0..n);
+                    if b != a && self.wanted.insert(pair(a, b)) {
+                        picked += 1;
+                    }
+                }
+            }
+            if self.devices[a as usize].uplink {
+                self.wanted.insert((a, n));
+            }
+        }
+        let wanted: Vec<(u32, u32)> = self.wanted.iter().copied().collect();
+        for (a, b) in wanted {
+            self.push(0, Ev::Dial { a, b });
+        }
+        for d in 0..=n {
+            let jitter = self.devices[d as usize].rng.gen_range(0..self.sc.network.heartbeat_ms.max(1)) * US_PER_MS;
+            self.push(jitter, Ev::Tick { dev: d });
+        }
+        for s in 0..self.sc.market.stalls {
+            let t = self.next_arrival(s, 0);
+            self.push(t, Ev::Arrival { stall: s });
+        }
+        for i in 0..self.faults.len() {
+            let at = fault_at(&self.faults[i]);
+            self.push((at * US_PER_S as f64) as u64, Ev::FaultStart(i));
+        }
+        let end = (self.sc.duration_h * 3600.0 * US_PER_S as f64) as u64;
+        self.push(end, Ev::EndOfDay);
+    }
+
+    /// Delivers `entries` to every device directly (setup only: before the day starts).
+    fn exchange_all(&mut self, entries: &mut Vec<Entry>) {
+        let changes: Vec<_> = entries.iter().map(|e| e.change.clone()).collect();
+        for d in 0..=self.n() {
+            let dev = &mut self.devices[d as usize];
+            let r = dev.ledger.apply_remote(changes.clone());
+            assert!(r.rejected.is_empty(), "setup changes rejected: {:?}", r.rejected);
+        }
+    }
+
+    fn next_arrival(&mut self, stall: u32, now: u64) -> u64 {
+        let hour = (now / (3600 * US_PER_S)) as usize;
+        let profile = &self.sc.customers.hourly_profile;
+        let factor = if profile.is_empty() { 1.0 } else { profile[hour % profile.len()] };
+        let rate_per_us = (self.sc.customers.arrivals_per_stall_per_hour * factor).max(1e-9) / (3600.0 * US_PER_S as f64);
+        let gap = Exp::new(rate_per_us).expect("positive rate").sample(&mut self.stall_rngs[stall as usize]);
+        now + gap.min(24.0 * 3600.0 * US_PER_S as f64) as u64 + 1
+    }
+
+    /// Runs the day and the liveness phase; checks the invariants.
+    pub fn run(mut self) -> RunResult {
+        let started = Instant::now();
+        let bar = self.opts.progress.then(|| {
+            let b = indicatif::ProgressBar::new((self.sc.duration_h * 3600.0) as u64);
+            b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} simulated s ({per_sec}, eta {eta})").expect("template"));
+            b.set_message(self.sc.name.clone());
+            b
+        });
+        while let Some(Reverse(item)) = self.queue.pop() {
+            self.now = item.t;
+            self.events += 1;
+            if self.events > MAX_EVENTS {
+                break;
+            }
+            if let Some(b) = &bar {
+                if self.events % 4096 == 0 {
+                    b.set_position(self.now / US_PER_S);
+                }
+            }
+            self.handle(item.ev);
+            if self.finished {
+                break;
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let wall = started.elapsed();
+        let violations = self.check();
+        let report = self.report(wall);
+        if let Some(out) = self.trace_out.as_mut() {
+            use std::io::Write;
+            let _ = out.flush();
+        }
+        RunResult {
+            report,
+            violations,
+            digest: hex::encode(self.hasher.clone().finalize()),
+            event_hashes: std::mem::take(&mut self.event_hashes),
+            captured: self.captured.take(),
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Arrival { stall } => self.on_arrival(stall),
+            Ev::Tick { dev } => {
+                if self.devices[dev as usize].up {
+                    let now = self.dev_now_ms(dev);
+                    let out = self.protocol(|w| {
+                        let d = &mut w.devices[dev as usize];
+                        let heads = d.ledger.heads();
+                        d.sync.tick(now, &heads)
+                    });
+                    self.execute(dev, out);
+                }
+                let next = self.now + self.sc.network.heartbeat_ms * US_PER_MS / 2;
+                self.push(next, Ev::Tick { dev });
+            }
+            Ev::Deliver { from, to, epoch, bytes, ordered } => self.on_deliver(from, to, epoch, bytes, ordered),
+            Ev::Dial { a, b } => self.on_dial(a, b),
+            Ev::Commit { dev } => {
+                let d = &mut self.devices[dev as usize];
+                d.commit_scheduled = false;
+                let entries = std::mem::take(&mut d.unsynced);
+                d.storage_bytes += entries.iter().map(|e| e.change.encoded_len() as u64).sum::<u64>();
+                d.durable.extend(entries);
+            }
+            Ev::FaultStart(i) => self.fault_start(i),
+            Ev::FaultEnd(i) => self.fault_end(i),
+            Ev::Restart { dev } => self.restart(dev),
+            Ev::EndOfDay => self.end_of_day(),
+            Ev::LivenessCheck => self.liveness_check(),
+        }
+    }
+
+    /// Runs protocol code (ledger, sync core) and accounts its CPU time.
+    fn protocol<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let t = Instant::now();
+        let r = f(self);
+        self.protocol_time += t.elapsed();
+        r
+    }
+
+    fn on_arrival(&mut self, stall: u32) {
+        if self.day_over {
+            return;
+        }
+        let next = self.next_arrival(stall, self.now);
+        self.push(next, Ev::Arrival { stall });
+        let dps = self.sc.market.devices_per_stall;
+        let up: Vec<u32> = (stall * dps..(stall + 1) * dps).filter(|d| self.devices[*d as usize].up).collect();
+        if up.is_empty() {
+            self.customers_lost += 1;
+            self.trace(None, format!("customer stall={stall} lost: no device up"));
+            return;
+        }
+        let rng = &mut self.stall_rngs[stall as usize];
+        let dev = up[rng.gen_range(0..up.len())];
+        let lines_n = rng.gen_range(1..=self.sc.customers.basket_max.max(1));
+        let catalogue = &self.products[stall as usize];
+        let mut lines: Vec<LineRequest> = Vec::new();
+        for _ in 0..lines_n {
+            let p = &catalogue[rng.gen_range(0..catalogue.len())];
+            let qty = rng.gen_range(1..=2);
+            match lines.iter_mut().find(|l| l.sku == p.sku) {
+                Some(l) => l.qty += qty,
+                None => lines.push(LineRequest { sku: p.sku.clone(), qty }),
+            }
+        }
+        let now = self.dev_now_ms(dev);
+        let result = self.protocol(|w| w.devices[dev as usize].ledger.record(LocalOp::Sell { lines, client_ref: None }, now));
+        match result {
+            Ok(entry) => {
+                let id = sale_id(entry.change.dot());
+                self.trace(Some(dev), format!("sale {id} acked"));
+                let idx = self.acked.len() as u32;
+                self.acked.push(AckedSale { t_ack: self.now, device: dev, holders: 0, converged_at: None });
+                self.acked_index.insert(id, idx);
+                self.hour().sales += 1;
+                self.local_entry(dev, entry);
+            }
+            Err(e) => {
+                let reason = match &e {
+                    LedgerError::InsufficientRights { .. } => "insufficient_stock_rights",
+                    LedgerError::Revoked => "revoked",
+                    LedgerError::UnknownSku(_) => "unknown_sku",
+                    _ => "invalid",
+                };
+                *self.refused.entry(reason.to_string()).or_default() += 1;
+                self.trace(Some(dev), format!("sale refused {reason}"));
+                if let LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, .. } = e {
+                    if held_elsewhere_total > 0 {
+                        self.want_rights(dev, sku, requested - held_here + self.policy.refill);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A change this device made: durable at once (acknowledged after its commit), then broadcast.
+    fn local_entry(&mut self, dev: u32, entry: Entry) {
+        self.note_held(dev, &entry);
+        let d = &mut self.devices[dev as usize];
+        d.log.add(entry.change.clone());
+        d.storage_bytes += entry.change.encoded_len() as u64;
+        let change = entry.change.clone();
+        d.durable.push(entry);
+        let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
+        self.execute(dev, out);
+    }
+
+    fn want_rights(&mut self, dev: u32, sku: String, qty: u64) {
+        let now = self.dev_now_ms(dev);
+        let d = &mut self.devices[dev as usize];
+        if d.rights_asked_at.get(&sku).is_some_and(|t| now.saturating_sub(*t) < 2_000) {
+            return;
+        }
+        d.rights_asked_at.insert(sku.clone(), now);
+        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&sku, qty, now));
+        self.execute(dev, out);
+    }
+
+    fn note_held(&mut self, dev: u32, entry: &Entry) {
+        if !matches!(entry.event.body, EventBody::Sold { .. }) {
+            return;
+        }
+        let Some(&idx) = self.acked_index.get(&sale_id(entry.change.dot())) else { return };
+        let d = &mut self.devices[dev as usize];
+        if d.is_cloud {
+            return;
+        }
+        let (word, bit) = (idx as usize / 64, idx % 64);
+        if d.held.len() <= word {
+            d.held.resize(word + 1, 0);
+        }
+        if d.held[word] & (1 << bit) != 0 {
+            return; // held before a crash lost it: first arrival counts
+        }
+        d.held[word] |= 1 << bit;
+        let n = self.n();
+        let sale = &mut self.acked[idx as usize];
+        sale.holders += 1;
+        if sale.holders == n && sale.converged_at.is_none() {
+            sale.converged_at = Some(self.now);
+            let lag_ms = (self.now - sale.t_ack) as f64 / 1000.0;
+            let h = ((sale.t_ack / (3600 * US_PER_S)) as usize).min(self.hours.len() - 1);
+            self.hours[h].lag_ms_sum += lag_ms;
+            self.hours[h].lag_count += 1;
+            self.hours[h].lag_ms_max = self.hours[h].lag_ms_max.max(lag_ms);
+        }
+    }
+
+    /// Carries out a device's sync outputs (and those that follow).
+    fn execute(&mut self, dev: u32, outputs: Vec<Output<u32>>) {
+        let mut queue: VecDeque<Output<u32>> = outputs.into();
+        while let Some(o) = queue.pop_front() {
+            match o {
+                Output::Send { to, bytes } => self.transmit(dev, to, Rc::new(bytes), true),
+                Output::Broadcast { bytes } => {
+                    let bytes = Rc::new(bytes);
+                    let peers: Vec<u32> = self.devices[dev as usize].sync.peers().keys().copied().collect();
+                    for p in peers {
+                        self.transmit(dev, p, bytes.clone(), false);
+                    }
+                }
+                Output::Apply { from, changes } => {
+                    let report = self.protocol(|w| w.devices[dev as usize].ledger.apply_remote(changes));
+                    for (dot, why) in &report.rejected {
+                        self.trace(Some(dev), format!("rejected {}:{} from {from}: {}", dot.device.short(), dot.seq, why.label()));
+                    }
+                    if !report.applied.is_empty() {
+                        self.trace(Some(dev), format!("applied {} from {from}", report.applied.len()));
+                    }
+                    for e in report.applied {
+                        self.note_held(dev, &e);
+                        let d = &mut self.devices[dev as usize];
+                        d.log.add(e.change.clone());
+                        d.unsynced.push(e);
+                    }
+                    self.schedule_commit(dev);
+                    let now = self.dev_now_ms(dev);
+                    let more = self.protocol(|w| {
+                        let d = &mut w.devices[dev as usize];
+                        let heads = d.ledger.heads();
+                        d.sync.applied(&from, report.pending, now, &heads)
+                    });
+                    queue.extend(more);
+                }
+                Output::Disconnect { peer, reason } => {
+                    self.trace(Some(dev), format!("disconnect {peer}: {reason}"));
+                    self.teardown(dev, peer);
+                }
+                Output::RightsWanted { from, sku, qty } => {
+                    if let Some(entry) = self.give_rights(dev, from, &sku, qty) {
+                        self.trace(Some(dev), format!("gave {sku} to {from}"));
+                        self.local_entry(dev, entry);
+                    }
+                }
+            }
+        }
+    }
+
+    fn give_rights(&mut self, dev: u32, to: u32, sku: &str, qty: u64) -> Option<Entry> {
+        if self.devices[dev as usize].is_cloud || self.devices[to as usize].is_cloud {
+            return None;
+        }
+        let now = self.dev_now_ms(dev);
+        let to_id = self.devices[to as usize].id;
+        let policy = self.policy;
+        self.protocol(|w| {
+            let d = &mut w.devices[dev as usize];
+            let state = d.ledger.state();
+            let me = d.ledger.device();
+            let held = state.rights_of(sku, &me);
+            let count = |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms + 3_600_000 >= now).count() as u64;
+            let give = policy.give(held, qty, count(&me), count(&to_id));
+            (give > 0).then(|| d.ledger.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to: to_id }, now).ok()).flatten()
+        })
+    }
+
+    fn schedule_commit(&mut self, dev: u32) {
+        let delay = self.sc.storage.remote_commit_delay_ms * US_PER_MS;
+        let d = &mut self.devices[dev as usize];
+        if d.unsynced.is_empty() || d.commit_scheduled {
+            return;
+        }
+        d.commit_scheduled = true;
+        let t = self.now + delay;
+        self.push(t, Ev::Commit { dev });
+    }
+
+    /// Whether the network currently drops messages from `from` to `to`.
+    fn blocked(&self, from: u32, to: u32) -> bool {
+        let cloud = self.cloud();
+        self.active_faults.iter().any(|&i| match &self.faults[i] {
+            FaultSpec::Partition { groups, .. } => {
+                if from == cloud || to == cloud {
+                    return false; // the uplink is not the Wi-Fi
+                }
+                let side = |d: u32| groups.iter().position(|g| g.contains(&d)).unwrap_or(0);
+                side(from) != side(to)
+            }
+            FaultSpec::Asymmetric { from: f, to: t, .. } => f.contains(&from) && t.contains(&to),
+            FaultSpec::Isolate { device, .. } => (from == *device || to == *device) && from != cloud && to != cloud,
+            FaultSpec::UplinkOutage { .. } => from == cloud || to == cloud,
+            _ => false,
+        })
+    }
+
+    fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, ordered: bool) {
+        let key = pair(from, to);
+        let Some(conn) = self.conns.get(&key) else { return };
+        let epoch = conn.epoch;
+        self.messages += 1;
+        self.bytes += bytes.len() as u64;
+        self.hour().bytes += bytes.len() as u64;
+        if self.blocked(from, to) {
+            return; // the cable is cut: the bytes sit in a buffer that never drains
+        }
+        let net = self.sc.network.clone();
+        let is_uplink = from == self.cloud() || to == self.cloud();
+        let rng = &mut self.devices[from as usize].rng;
+        if rng.gen_bool(net.loss) {
+            if ordered {
+                self.trace(Some(from), format!("stream to {to} reset"));
+                self.teardown(from, to);
+            }
+            return;
+        }
+        let base = if is_uplink { net.uplink_latency_ms } else { net.latency_ms };
+        let tail = if net.latency_tail_ms > 0.0 { Exp::new(1.0 / net.latency_tail_ms).expect("positive").sample(rng) } else { 0.0 };
+        let serialize_ms = bytes.len() as f64 * 8.0 / net.bandwidth_kbps.max(1.0);
+        let mut delay_us = ((base + tail + serialize_ms) * 1000.0) as u64 + 1;
+        let duplicate = !ordered && rng.gen_bool(net.duplicate);
+        if !ordered && net.reorder_ms > 0.0 {
+            delay_us += (rng.gen_range(0.0..net.reorder_ms) * 1000.0) as u64;
+        }
+        let mut at = self.now + delay_us;
+        if ordered {
+            let dir = (from > to) as usize;
+            let conn = self.conns.get_mut(&key).expect("checked above");
+            at = at.max(conn.last_deliver[dir]);
+            conn.last_deliver[dir] = at;
+        }
+        self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), ordered });
+        if duplicate {
+            self.push(at + delay_us, Ev::Deliver { from, to, epoch, bytes, ordered });
+        }
+    }
+
+    fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool) {
+        match self.conns.get(&pair(from, to)) {
+            Some(c) if c.epoch == epoch => {}
+            _ => return, // the stream was reset since: its bytes are gone
+        }
+        if !self.devices[to as usize].up {
+            return;
+        }
+        if ordered {
+            self.devices[from as usize].sync.acked(&to, bytes.len());
+        }
+        let now = self.dev_now_ms(to);
+        let out = self.protocol(|w| {
+            let d = &mut w.devices[to as usize];
+            let heads: Heads = d.ledger.heads();
+            d.sync.receive(from, &bytes, now, &heads, &d.log)
+        });
+        self.execute(to, out);
+    }
+
+    fn on_dial(&mut self, a: u32, b: u32) {
+        let key = pair(a, b);
+        if !self.wanted.contains(&key) || self.conns.contains_key(&key) || self.day_finished() {
+            return;
+        }
+        let (da, db) = (&self.devices[a as usize], &self.devices[b as usize]);
+        if !da.up || !db.up || self.blocked(a, b) || self.blocked(b, a) {
+            let t = self.now + self.sc.network.redial_ms * US_PER_MS;
+            if da.up || db.up {
+                self.push(t, Ev::Dial { a, b });
+            }
+            return;
+        }
+        self.epochs += 1;
+        self.conns.insert(key, Conn { epoch: self.epochs, last_deliver: [0, 0] });
+        self.trace(Some(a), format!("connected {b}"));
+        for (x, y) in [(a, b), (b, a)] {
+            let now = self.dev_now_ms(x);
+            let out = self.protocol(|w| {
+                let d = &mut w.devices[x as usize];
+                let heads = d.ledger.heads();
+                d.sync.connected(y, now, &heads)
+            });
+            self.execute(x, out);
+        }
+    }
+
+    fn day_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn teardown(&mut self, a: u32, b: u32) {
+        if self.conns.remove(&pair(a, b)).is_some() {
+            self.devices[a as usize].sync.disconnected(&b);
+            self.devices[b as usize].sync.disconnected(&a);
+            let t = self.now + self.sc.network.redial_ms * US_PER_MS;
+            self.push(t, Ev::Dial { a: a.min(b), b: a.max(b) });
+        }
+    }
+
+    fn fault_start(&mut self, i: usize) {
+        if self.day_over {
+            return;
+        }
+        let f = self.faults[i].clone();
+        let kind = fault_kind(&f);
+        *self.faults_fired.entry(kind.to_string()).or_default() += 1;
+        self.trace(None, format!("fault start {kind} {f:?}"));
+        match f {
+            FaultSpec::Crash { device, down_s, lose_unsynced, .. } => {
+                self.crash(device, lose_unsynced);
+                let t = self.now + (down_s * US_PER_S as f64) as u64;
+                self.push(t, Ev::Restart { dev: device });
+            }
+            FaultSpec::ClockJump { device, jump_ms, .. } => {
+                self.devices[device as usize].clock_offset_us += jump_ms * 1000;
+            }
+            FaultSpec::Partition { duration_s, .. }
+            | FaultSpec::Asymmetric { duration_s, .. }
+            | FaultSpec::Isolate { duration_s, .. }
+            | FaultSpec::UplinkOutage { duration_s, .. } => {
+                self.active_faults.insert(i);
+                let t = self.now + (duration_s * US_PER_S as f64) as u64;
+                self.push(t, Ev::FaultEnd(i));
+            }
+        }
+    }
+
+    fn fault_end(&mut self, i: usize) {
+        if self.active_faults.remove(&i) {
+            self.trace(None, format!("fault end {}", fault_kind(&self.faults[i])));
+        }
+    }
+
+    fn crash(&mut self, dev: u32, lose_unsynced: bool) {
+        let d = &mut self.devices[dev as usize];
+        if !d.up {
+            return;
+        }
+        d.up = false;
+        if lose_unsynced {
+            d.unsynced.clear();
+        } else {
+            let entries = std::mem::take(&mut d.unsynced);
+            d.storage_bytes += entries.iter().map(|e| e.change.encoded_len() as u64).sum::<u64>();
+            d.durable.extend(entries);
+        }
+        let peers: Vec<(u32, u32)> = self.conns.keys().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
+        for (a, b) in peers {
+            self.teardown(a, b);
+        }
+        self.trace(Some(dev), format!("crash lose_unsynced={lose_unsynced}"));
+    }
+
+    fn restart(&mut self, dev: u32) {
+        let d = &mut self.devices[dev as usize];
+        if d.up {
+            return;
+        }
+        let key = DeviceKey::from_secret(d.key_secret);
+        let restored = self.protocol(|w| {
+            let d = &w.devices[dev as usize];
+            Ledger::restore(w.ctx.clone(), key, d.cert.clone(), d.durable.iter().cloned())
+        });
+        let d = &mut self.devices[dev as usize];
+        match restored {
+            Ok(mut ledger) => {
+                ledger.allow_overspend_for_tests = d.broken;
+                d.ledger = ledger;
+            }
+            Err(e) => {
+                self.trace(Some(dev), format!("restore failed: {e}"));
+                return;
+            }
+        }
+        let d = &mut self.devices[dev as usize];
+        d.log = MemoryLog::default();
+        for e in &d.durable {
+            d.log.add(e.change.clone());
+        }
+        d.sync = SyncCore::new(SyncConfig { heartbeat_ms: self.sc.network.heartbeat_ms, liveness_timeout_ms: self.sc.network.liveness_timeout_ms });
+        d.up = true;
+        self.trace(Some(dev), "restart".into());
+        let pairs: Vec<(u32, u32)> = self.wanted.iter().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
+        for (a, b) in pairs {
+            self.push(self.now, Ev::Dial { a, b });
+        }
+    }
+
+    fn end_of_day(&mut self) {
+        self.day_over = true;
+        self.end_of_day_at = self.now;
+        self.trace(None, "end of day: faults stop, liveness phase".into());
+        self.active_faults.clear();
+        for d in 0..self.n() {
+            if !self.devices[d as usize].up {
+                self.restart(d);
+            }
+        }
+        let wanted: Vec<(u32, u32)> = self.wanted.iter().copied().collect();
+        for (a, b) in wanted {
+            self.push(self.now, Ev::Dial { a, b });
+        }
+        self.push(self.now + US_PER_S / 4, Ev::LivenessCheck);
+    }
+
+    fn liveness_check(&mut self) {
+        let bound = (self.sc.liveness_bound_s * US_PER_S as f64) as u64;
+        if self.replicas_agree() {
+            self.converged_after_heal = Some(self.now - self.end_of_day_at);
+            self.finished = true;
+            return;
+        }
+        if self.now - self.end_of_day_at > bound {
+            self.finished = true;
+            return;
+        }
+        self.push(self.now + US_PER_S / 4, Ev::LivenessCheck);
+    }
+
+    /// Cheap agreement test: every replica (and the cloud) holds the same journal heads, nothing pending.
+    fn replicas_agree(&self) -> bool {
+        let first = self.devices[0].ledger.heads();
+        self.devices.iter().all(|d| d.up && d.ledger.pending_len() == 0 && d.ledger.heads() == first)
+    }
+
+    fn check(&mut self) -> Vec<Violation> {
+        let mut v = Vec::new();
+        let timeline = |w: &World, d: u32| w.devices[d as usize].timeline.iter().cloned().collect::<Vec<_>>();
+        if self.converged_after_heal.is_none() {
+            let lagging = (0..=self.n()).find(|d| self.devices[*d as usize].ledger.heads() != self.devices[0].ledger.heads());
+            v.push(Violation {
+                invariant: "replicas_identical_within_liveness_bound",
+                detail: format!("replicas did not agree within {} s after the faults stopped", self.sc.liveness_bound_s),
+                device: lagging,
+                timeline: lagging.map(|d| timeline(self, d)).unwrap_or_default(),
+            });
+        }
+        let reference = self.devices[0].ledger.state().clone();
+        for (d, dev) in self.devices.iter().enumerate() {
+            let s = dev.ledger.state();
+            if s.products != reference.products || s.rights != reference.rights || s.sales != reference.sales {
+                v.push(Violation {
+                    invariant: "replicas_identical",
+                    detail: format!("device {d} differs from device 0"),
+                    device: Some(d as u32),
+                    timeline: timeline(self, d as u32),
+                });
+                break;
+            }
+        }
+        for (id, &idx) in &self.acked_index {
+            for (d, dev) in self.devices.iter().enumerate() {
+                if !dev.ledger.state().sales.contains_key(id) {
+                    let seller = self.acked[idx as usize].device;
+                    v.push(Violation {
+                        invariant: "no_acknowledged_sale_lost",
+                        detail: format!("sale {id}, acknowledged by device {seller}, is missing on device {d}"),
+                        device: Some(seller),
+                        timeline: timeline(self, seller),
+                    });
+                    break;
+                }
+            }
+            if v.len() > 5 {
+                break;
+            }
+        }
+        if reference.sales.len() != self.acked.len() {
+            v.push(Violation {
+                invariant: "no_sale_duplicated_or_invented",
+                detail: format!("{} sales in the state, {} acknowledged", reference.sales.len(), self.acked.len()),
+                device: None,
+                timeline: vec![],
+            });
+        }
+        let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
+        for s in reference.sales.values() {
+            for l in &s.lines {
+                *sold.entry(&l.sku).or_default() += l.qty;
+            }
+        }
+        for (sku, restocked) in &self.restocked {
+            let held = reference.stock(sku).total;
+            let s = sold.get(sku.as_str()).copied().unwrap_or(0);
+            if held + s != *restocked {
+                let broken = self.opts.broken_device;
+                v.push(Violation {
+                    invariant: "no_negative_stock",
+                    detail: format!("{sku}: {restocked} restocked, {s} sold, {held} still held: stock was oversold"),
+                    device: broken,
+                    timeline: broken.map(|d| timeline(self, d)).unwrap_or_default(),
+                });
+                break;
+            }
+        }
+        v
+    }
+
+    fn report(&self, wall: Duration) -> Report {
+        let mut lags: Vec<f64> = self.acked.iter().filter_map(|s| s.converged_at.map(|t| (t - s.t_ack) as f64 / 1000.0)).collect();
+        lags.sort_by(f64::total_cmp);
+        let pct = |p: f64| if lags.is_empty() { 0.0 } else { lags[((lags.len() - 1) as f64 * p).round() as usize] };
+        let storage: Vec<u64> = self.devices.iter().filter(|d| !d.is_cloud).map(|d| d.storage_bytes).collect();
+        let sales = self.acked.len() as u64;
+        let hours_run = ((self.end_of_day_at.max(1) as f64 / (3600.0 * US_PER_S as f64)).ceil() as usize).max(1);
+        Report {
+            scenario: self.sc.name.clone(),
+            seed: self.opts.seed,
+            devices: self.n(),
+            simulated_hours: self.sc.duration_h,
+            events: self.events,
+            sales,
+            refused: self.refused.clone(),
+            customers_lost: self.customers_lost,
+            convergence_ms_p50: pct(0.5),
+            convergence_ms_p99: pct(0.99),
+            convergence_ms_max: lags.last().copied().unwrap_or(0.0),
+            sales_not_converged_by_end: self.acked.iter().filter(|s| s.converged_at.is_none()).count() as u64,
+            converged_after_faults_stopped_ms: self.converged_after_heal.map(|t| t as f64 / 1000.0),
+            messages: self.messages,
+            bytes: self.bytes,
+            messages_per_sale: if sales > 0 { self.messages as f64 / sales as f64 } else { 0.0 },
+            bytes_per_sale: if sales > 0 { self.bytes as f64 / sales as f64 } else { 0.0 },
+            storage_bytes_per_device_mean: storage.iter().sum::<u64>() as f64 / storage.len().max(1) as f64,
+            storage_bytes_per_device_max: storage.iter().copied().max().unwrap_or(0),
+            faults_fired: self.faults_fired.clone(),
+            wall_ms: wall.as_secs_f64() * 1000.0,
+            protocol_ms: self.protocol_time.as_secs_f64() * 1000.0,
+            engine_ms: (wall.saturating_sub(self.protocol_time)).as_secs_f64() * 1000.0,
+            per_hour: self.hours[..hours_run.min(self.hours.len())].to_vec(),
+            digest: String::new(),
+        }
+    }
+}
+
+fn fault_at(f: &FaultSpec) -> f64 {
+    match f {
+        FaultSpec::Partition { at_s, .. }
+        | FaultSpec::Asymmetric { at_s, .. }
+        | FaultSpec::Isolate { at_s, .. }
+        | FaultSpec::UplinkOutage { at_s, .. }
+        | FaultSpec::Crash { at_s, .. }
+        | FaultSpec::ClockJump { at_s, .. } => *at_s,
+    }
+}
+
+pub fn fault_kind(f: &FaultSpec) -> &'static str {
+    match f {
+        FaultSpec::Partition { .. } => "partition",
+        FaultSpec::Asymmetric { .. } => "asymmetric",
+        FaultSpec::Isolate { .. } => "isolate",
+        FaultSpec::UplinkOutage { .. } => "uplink_outage",
+        FaultSpec::Crash { .. } => "crash",
+        FaultSpec::ClockJump { .. } => "clock_jump",
+    }
+}
+
+/// Random faults for the whole day, drawn up front from their own stream per device.
+fn random_faults(sc: &Scenario, seed: u64) -> Vec<FaultSpec> {
+    let rf = &sc.random_faults;
+    let day_s = sc.duration_h * 3600.0;
+    let mut out = Vec::new();
+    for d in 0..sc.devices() {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, "faults", d as u64));
+        let mut draw = |rate_per_h: f64, out: &mut Vec<FaultSpec>, make: &mut dyn FnMut(f64, &mut ChaCha8Rng) -> FaultSpec| {
+            if rate_per_h <= 0.0 {
+                return;
+            }
+            let exp = Exp::new(rate_per_h / 3600.0).expect("positive rate");
+            let mut t = exp.sample(&mut rng);
+            while t < day_s {
+                out.push(make(t, &mut rng));
+                t += exp.sample(&mut rng);
+            }
+        };
+        draw(rf.crashes_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Crash {
+            at_s: t,
+            down_s: rf.crash_down_s.max(1.0),
+            device: d,
+            lose_unsynced: rf.crash_loses_unsynced,
+        });
+        draw(rf.isolations_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Isolate { at_s: t, duration_s: rf.isolation_s.max(1.0), device: d });
+        draw(rf.clock_jumps_per_device_per_hour, &mut out, &mut |t, r| FaultSpec::ClockJump {
+            at_s: t,
+            device: d,
+            jump_ms: (r.gen_range(-1.0..=1.0) * rf.clock_jump_max_ms) as i64,
+        });
+    }
+    out
+}
