@@ -69,6 +69,8 @@ pub enum Command {
         #[command(flatten)]
         node: NodeAddr,
     },
+    /// Simulate a market day from a scenario file, deterministically, and check the invariants.
+    Sim(SimArgs),
     /// Hand a revocation (from `stallmesh device revoke`) to a running node, which spreads it.
     Revoke {
         /// Revocation file.
@@ -141,6 +143,37 @@ pub struct UpArgs {
     /// Overrides `credentials_dir` (written by `stallmesh device enroll`).
     #[arg(long)]
     pub credentials: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// Scenario file (TOML; see simulations/README.md).
+    pub scenario: PathBuf,
+    /// The seed: the same scenario and seed give the same run, event for event.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// A sweep over seeds A..B (B excluded), e.g. 1..50; lists the failing seeds.
+    #[arg(long, value_name = "A..B")]
+    pub seeds: Option<String>,
+    /// Threads for a sweep.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    pub jobs: usize,
+    /// Directory for report.json and report.svg.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run twice and report the first event where the traces differ.
+    #[arg(long)]
+    pub check_determinism: bool,
+    /// Write every trace line to this file.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Test only: let DEVICE spend stock rights it does not hold (a deliberately broken build),
+    /// to see the checker catch it.
+    #[arg(long, hide = true, value_name = "DEVICE")]
+    pub broken_allow_overspend: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -293,7 +326,7 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let r = Client::new(&node.url).post("/api/v1/revocations", &json!(rev))?;
             println!("revoked {}", r["revoked"].as_str().unwrap_or("?"));
         }
-        Command::Market(_) | Command::Device(_) | Command::Up(_) => unreachable!("not a client verb"),
+        Command::Market(_) | Command::Device(_) | Command::Up(_) | Command::Sim(_) => unreachable!("not a client verb"),
     }
     Ok(())
 }

@@ -320,7 +320,7 @@ async fn stock(State(node): State<Node>) -> Json<Value> {
 async fn status(State(node): State<Node>) -> Json<Value> {
     let info = node.info.clone();
     Json(node.read(|l| {
-        let heads: BTreeMap<String, u64> = l.heads().into_iter().map(|(d, n)| (d.to_hex(), n)).collect();
+        let heads: BTreeMap<String, u64> = l.heads_ref().iter().map(|(d, n)| (d.to_hex(), *n)).collect();
         json!({
             "node": *info,
             "devices": l.state().devices.len(),

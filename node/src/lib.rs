@@ -6,6 +6,7 @@ pub mod http;
 pub mod mesh;
 pub mod metrics;
 pub mod runtime;
+pub mod sim_cli;
 
 pub use config::Config;
 pub use runtime::{Node, NodeError};

@@ -90,6 +90,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => up(args),
+        Command::Sim(args) => {
+            return match stallmesh_node::sim_cli::run_sim(args) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         cmd @ (Command::Market(_) | Command::Device(_)) => admin(cmd),
         cmd => run_client(cmd).map_err(|e| match e {
             ClientError::Api { details: Some(ref d), .. } => format!("{e}\n{}", serde_json::to_string_pretty(&d).unwrap_or_default()),

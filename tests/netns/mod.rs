@@ -111,6 +111,23 @@ impl Drop for NodeProc {
     }
 }
 
+impl Drop for Lan {
+    /// Stops the nodes and removes the hosts and bridges, so another LAN can be built in the same
+    /// namespace (the benchmark builds several).
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut() {
+            n.take();
+        }
+        for k in 1..self.nodes.len() {
+            let _ = Command::new("ip").args(["netns", "del", &ns(k)]).status();
+            let _ = Command::new("ip").args(["link", "del", &format!("mgmt{k}")]).stderr(Stdio::null()).status();
+        }
+        for br in ["br0", "br1"] {
+            let _ = Command::new("ip").args(["link", "del", br]).status();
+        }
+    }
+}
+
 pub fn ns(k: usize) -> String {
     format!("sm{k}")
 }

@@ -55,6 +55,42 @@ pub const MAX_TAGS: usize = 16;
 pub const MAX_TAG_LEN: usize = 32;
 pub const MAX_CLIENT_REF_LEN: usize = 64;
 
+/// For each device, the journal entries a replica holds (= the next seq it expects), with their
+/// total kept alongside: heads only grow, so an unchanged total means unchanged heads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heads {
+    map: BTreeMap<DeviceId, u64>,
+    total: u64,
+}
+
+impl Heads {
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn set(&mut self, device: DeviceId, next: u64) {
+        let old = self.map.insert(device, next).unwrap_or(0);
+        self.total = self.total - old + next;
+    }
+}
+
+impl std::ops::Deref for Heads {
+    type Target = BTreeMap<DeviceId, u64>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl FromIterator<(DeviceId, u64)> for Heads {
+    fn from_iter<I: IntoIterator<Item = (DeviceId, u64)>>(iter: I) -> Self {
+        let mut h = Heads::default();
+        for (d, n) in iter {
+            h.set(d, n);
+        }
+        h
+    }
+}
+
 /// A signed change and the event it carries: what the driver persists, and what peers receive.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
@@ -258,6 +294,8 @@ pub struct Ledger {
     certificate: Certificate,
     journals: BTreeMap<DeviceId, Journal>,
     pending: BTreeMap<Dot, SignedChange>,
+    /// Journal entries held per device (= `journals[d].next_seq`), kept alongside for cheap reads.
+    heads: Heads,
     state: State,
     lamport: u64,
     /// Transfers to this device applied since its last change: its next change depends on them.
@@ -279,6 +317,7 @@ impl Ledger {
             certificate,
             journals: BTreeMap::new(),
             pending: BTreeMap::new(),
+            heads: Heads::default(),
             state: State::default(),
             lamport: 0,
             unreferenced_transfers_in: Vec::new(),
@@ -307,6 +346,7 @@ impl Ledger {
                 return Err(RestoreError::Fold { dot, error });
             }
             journal.advance(entry.change.change);
+            ledger.advanced(dot.device);
             ledger.after_fold(dot, &entry.event);
         }
         Ok(ledger)
@@ -332,8 +372,18 @@ impl Ledger {
     }
 
     /// For each device, how many journal entries this replica holds (= the next seq it expects).
-    pub fn heads(&self) -> BTreeMap<DeviceId, u64> {
-        self.journals.iter().map(|(d, j)| (*d, j.next_seq)).collect()
+    pub fn heads(&self) -> Heads {
+        self.heads.clone()
+    }
+
+    /// [`Ledger::heads`] without a copy, for hot paths (every sync message consults it).
+    pub fn heads_ref(&self) -> &Heads {
+        &self.heads
+    }
+
+    fn advanced(&mut self, device: DeviceId) {
+        let next = self.journals.get(&device).map_or(0, |j| j.next_seq);
+        self.heads.set(device, next);
     }
 
     /// Writes this device's enrolment as journal entry 0 if it has none yet.
@@ -506,6 +556,7 @@ impl Ledger {
             self.state.check(dot, &event).expect("locally validated event folds");
         }
         self.journals.get_mut(&me).expect("created above").advance(bytes);
+        self.advanced(me);
         self.after_fold(dot, &event);
         Ok(Entry { change: signed, event })
     }
@@ -685,6 +736,7 @@ impl Ledger {
         match event {
             Ok(event) => {
                 journal.advance(c.change.clone());
+                self.advanced(dot.device);
                 self.after_fold(dot, &event);
                 Ok(Entry { change: c, event })
             }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, MarketKey, Role};
 use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
 use stallmesh_sync::rebalance::RebalancePolicy;
-use stallmesh_sync::{Heads, MemoryLog, Output, Sync as SyncCore, SyncConfig};
+use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::rc::Rc;
@@ -117,6 +117,8 @@ struct Device {
     held: Vec<u64>,
     rights_asked_at: BTreeMap<String, u64>,
     broken: bool,
+    /// Broadcasts already seen (gossipsub's duplicate cache), by content hash.
+    seen: BTreeSet<u64>,
 }
 
 struct Conn {
@@ -182,6 +184,10 @@ fn fnv(line: &str) -> u64 {
     line.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+fn fnv_bytes(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
 fn pair(a: u32, b: u32) -> (u32, u32) {
     (a.min(b), a.max(b))
 }
@@ -229,6 +235,7 @@ impl World {
                 held: Vec::new(),
                 rights_asked_at: BTreeMap::new(),
                 broken: opts.broken_device == Some(d),
+                seen: BTreeSet::new(),
             });
         }
         let stall_rngs = (0..sc.market.stalls).map(|s| ChaCha8Rng::seed_from_u64(mix(seed, "stall", s as u64))).collect();
@@ -340,47 +347,48 @@ impl World {
 
     fn setup(&mut self) {
         let n = self.n();
-        // Everyone is enrolled and knows the catalogue before the day (a first meeting at setup).
+        let restore = |w: &World, d: u32, entries: &[Entry]| -> Ledger {
+            let dev = &w.devices[d as usize];
+            let mut l = Ledger::restore(w.ctx.clone(), DeviceKey::from_secret(dev.key_secret), dev.cert.clone(), entries.iter().cloned())
+                .expect("setup entries restore");
+            l.allow_overspend_for_tests = dev.broken;
+            l
+        };
+        // Everyone enrols (a first meeting before the day).
         let mut shared: Vec<Entry> = Vec::new();
         for d in 0..=n {
             let now = self.dev_now_ms(d);
             let e = self.devices[d as usize].ledger.enrol_self(now).expect("valid certificate").expect("first enrolment");
             shared.push(e);
         }
+        let enrolments = shared.clone();
+        // Each stall's first device adds its catalogue and stock, and shares the stock out evenly.
+        let dps = self.sc.market.devices_per_stall;
         for s in 0..self.sc.market.stalls {
-            let first = s * self.sc.market.devices_per_stall;
-            let now = self.dev_now_ms(first);
-            for p in self.products[s as usize].clone() {
-                let e = self.devices[first as usize].ledger.record(LocalOp::UpsertProduct(p), now).expect("valid product");
-                shared.push(e);
-            }
-        }
-        self.exchange_all(&mut shared);
-        // Stock: the stall's first device restocks, then shares it out evenly.
-        let mut more = Vec::new();
-        for s in 0..self.sc.market.stalls {
-            let dps = self.sc.market.devices_per_stall;
             let first = s * dps;
+            let mut ledger = restore(self, first, &enrolments);
             let now = self.dev_now_ms(first);
             for p in self.products[s as usize].clone() {
+                let sku = p.sku.clone();
+                shared.push(ledger.record(LocalOp::UpsertProduct(p), now).expect("valid product"));
                 let qty = self.sc.market.initial_stock;
-                *self.restocked.entry(p.sku.clone()).or_default() += qty;
-                let e = self.devices[first as usize].ledger.record(LocalOp::Restock { sku: p.sku.clone(), qty }, now).expect("restock");
-                more.push(e);
+                *self.restocked.entry(sku.clone()).or_default() += qty;
+                shared.push(ledger.record(LocalOp::Restock { sku: sku.clone(), qty }, now).expect("restock"));
+                let share = qty / dps as u64;
                 for k in 1..dps {
-                    let to = self.devices[(first + k) as usize].id;
-                    let share = qty / dps as u64;
                     if share > 0 {
-                        let e = self.devices[first as usize].ledger.record(LocalOp::Transfer { sku: p.sku.clone(), qty: share, to }, now).expect("transfer");
-                        more.push(e);
+                        let to = self.devices[(first + k) as usize].id;
+                        shared.push(ledger.record(LocalOp::Transfer { sku: sku.clone(), qty: share, to }, now).expect("transfer"));
                     }
                 }
             }
         }
-        self.exchange_all(&mut more);
-        shared.extend(more);
+        // Every device starts the day holding all of it: restored as from its store (the entries
+        // were made by the simulation's own ledgers, and checked when the authors recorded them).
         for d in 0..=n {
+            let ledger = restore(self, d, &shared);
             let dev = &mut self.devices[d as usize];
+            dev.ledger = ledger;
             for e in &shared {
                 dev.log.add(e.change.clone());
             }
@@ -434,16 +442,6 @@ impl World {
         }
         let end = (self.sc.duration_h * 3600.0 * US_PER_S as f64) as u64;
         self.push(end, Ev::EndOfDay);
-    }
-
-    /// Delivers `entries` to every device directly (setup only: before the day starts).
-    fn exchange_all(&mut self, entries: &mut Vec<Entry>) {
-        let changes: Vec<_> = entries.iter().map(|e| e.change.clone()).collect();
-        for d in 0..=self.n() {
-            let dev = &mut self.devices[d as usize];
-            let r = dev.ledger.apply_remote(changes.clone());
-            assert!(r.rejected.is_empty(), "setup changes rejected: {:?}", r.rejected);
-        }
     }
 
     fn next_arrival(&mut self, stall: u32, now: u64) -> u64 {
@@ -507,12 +505,11 @@ impl World {
                     let now = self.dev_now_ms(dev);
                     let out = self.protocol(|w| {
                         let d = &mut w.devices[dev as usize];
-                        let heads = d.ledger.heads();
-                        d.sync.tick(now, &heads)
+                        d.sync.tick(now, d.ledger.heads_ref())
                     });
                     self.execute(dev, out);
                 }
-                let next = self.now + self.sc.network.heartbeat_ms * US_PER_MS / 2;
+                let next = self.now + self.sc.network.heartbeat_ms * US_PER_MS;
                 self.push(next, Ev::Tick { dev });
             }
             Ev::Deliver { from, to, epoch, bytes, ordered } => self.on_deliver(from, to, epoch, bytes, ordered),
@@ -605,6 +602,11 @@ impl World {
         let change = entry.change.clone();
         d.durable.push(entry);
         let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
+        for o in &out {
+            if let Output::Broadcast { bytes } = o {
+                self.devices[dev as usize].seen.insert(fnv_bytes(bytes));
+            }
+        }
         self.execute(dev, out);
     }
 
@@ -680,8 +682,7 @@ impl World {
                     let now = self.dev_now_ms(dev);
                     let more = self.protocol(|w| {
                         let d = &mut w.devices[dev as usize];
-                        let heads = d.ledger.heads();
-                        d.sync.applied(&from, report.pending, now, &heads)
+                        d.sync.applied(&from, report.pending, now, d.ledger.heads_ref())
                     });
                     queue.extend(more);
                 }
@@ -801,9 +802,18 @@ impl World {
         let now = self.dev_now_ms(to);
         let out = self.protocol(|w| {
             let d = &mut w.devices[to as usize];
-            let heads: Heads = d.ledger.heads();
-            d.sync.receive(from, &bytes, now, &heads, &d.log)
+            d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &d.log)
         });
+        // Gossipsub forwards a broadcast it sees for the first time to its own mesh peers.
+        if !ordered {
+            let h = fnv_bytes(&bytes);
+            if self.devices[to as usize].seen.insert(h) {
+                let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
+                for p in peers {
+                    self.transmit(to, p, bytes.clone(), false);
+                }
+            }
+        }
         self.execute(to, out);
     }
 
@@ -827,8 +837,7 @@ impl World {
             let now = self.dev_now_ms(x);
             let out = self.protocol(|w| {
                 let d = &mut w.devices[x as usize];
-                let heads = d.ledger.heads();
-                d.sync.connected(y, now, &heads)
+                d.sync.connected(y, now, d.ledger.heads_ref())
             });
             self.execute(x, out);
         }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 /// What a node holds: device → number of journal entries (= next seq expected).
-pub type Heads = BTreeMap<DeviceId, u64>;
+pub use stallmesh_ledger::Heads;
 
 /// First byte of every message; a peer speaking another version is disconnected, not guessed at.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -37,7 +37,7 @@ pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
 pub const MAX_PEERS: usize = 256;
 /// Heartbeats carry only the heads that changed; every this many, the full heads, so a peer whose
 /// view drifted (a lost message) is corrected.
-pub const FULL_HEADS_EVERY: u32 = 10;
+pub const FULL_HEADS_EVERY: u32 = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -147,13 +147,19 @@ pub struct PeerSession {
     pub last_sent_ms: u64,
     /// The peer's heads as of its last heads message.
     #[serde(skip)]
-    pub their_heads: Heads,
+    pub their_heads: BTreeMap<DeviceId, u64>,
     /// Sent a heads message to pull, and no changes came back yet.
     pub pulling: bool,
     /// The heads this node last told the peer (deltas are computed against it).
     #[serde(skip)]
-    pub told: Heads,
+    pub told: BTreeMap<DeviceId, u64>,
+    #[serde(skip)]
+    pub told_total: u64,
     pub heads_since_full: u32,
+    /// Sum of this node's heads when it last served the peer, and whether the peer's heads changed
+    /// since: an idle heartbeat needs no walk over every device.
+    #[serde(skip)]
+    pub served_total: Option<u64>,
     /// The peer's last changes message said it had more to send.
     pub more_available: bool,
     /// Bytes sent and not yet reported delivered (or failed) by the transport.
@@ -237,13 +243,33 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     fn send_heads(&mut self, out: &mut Vec<Output<P>>, to: &P, mine: &Heads, now_ms: u64, force_full: bool) {
         let Some(s) = self.peers.get_mut(to) else { return };
         let full = force_full || s.heads_since_full + 1 >= FULL_HEADS_EVERY;
+        let mine_total = mine.total();
         let heads: Vec<(DeviceId, u64)> = if full {
             mine.iter().map(|(d, n)| (*d, *n)).collect()
+        } else if s.told_total == mine_total {
+            Vec::new() // heads only grow: the same sum means nothing changed since the last heads
         } else {
-            mine.iter().filter(|(d, n)| s.told.get(d) != Some(n)).map(|(d, n)| (*d, *n)).collect()
+            // Both maps are sorted by device: one merge pass, no lookups.
+            let mut told = s.told.iter().peekable();
+            let mut delta = Vec::new();
+            for (d, n) in mine.iter() {
+                while told.peek().is_some_and(|(t, _)| *t < d) {
+                    told.next();
+                }
+                match told.peek() {
+                    Some((t, tn)) if *t == d && *tn == n => {}
+                    _ => delta.push((*d, *n)),
+                }
+            }
+            delta
         };
+        s.told_total = mine_total;
         s.heads_since_full = if full { 0 } else { s.heads_since_full + 1 };
-        s.told = mine.clone();
+        if full {
+            s.told = (**mine).clone();
+        } else {
+            s.told.extend(heads.iter().copied());
+        }
         s.pulling = true;
         self.send(out, to, Message::Heads { heads, full }.encode(), now_ms);
     }
@@ -295,6 +321,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         session.bytes_in += bytes.len() as u64;
         match msg {
             Message::Heads { heads, full } => {
+                let mine_total = mine.total();
+                let unchanged = !full && heads.is_empty() && session.served_total == Some(mine_total);
                 if full {
                     session.their_heads = heads.into_iter().collect();
                 } else {
@@ -303,11 +331,12 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                         *h = (*h).max(n);
                     }
                 }
-                let they_have_more = session
-                    .their_heads
-                    .iter()
-                    .any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
+                if unchanged {
+                    return out; // an idle heartbeat: nothing new on either side since the last one
+                }
+                let they_have_more = session.their_heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                 let pull = they_have_more && !session.pulling;
+                session.served_total = Some(mine_total);
                 self.serve(&mut out, &from, now_ms, mine, log);
                 if pull {
                     self.send_heads(&mut out, &from, mine, now_ms, false);
@@ -337,7 +366,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         let mut changes = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
-        'devices: for (device, &my_next) in mine {
+        'devices: for (device, &my_next) in mine.iter() {
             let their_next = session.their_heads.get(device).copied().unwrap_or(0);
             let mut from = their_next;
             while from < my_next {
@@ -387,8 +416,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     pub fn applied(&mut self, from: &P, still_pending: usize, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
         let mut out = Vec::new();
         let Some(s) = self.peers.get(from) else { return out };
-        let they_have_more = s.more_available || s.their_heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
-        if (still_pending > 0 || they_have_more) && !s.pulling {
+        // (A peer known to hold more is served on our next heads anyway; no scan over every device here.)
+        if (still_pending > 0 || s.more_available) && !s.pulling {
             self.send_heads(&mut out, from, mine, now_ms, false);
         }
         out
