@@ -1,0 +1,185 @@
+//! The simulator's own specification: determinism, every fault kind firing, and the checker
+//! catching a broken build.
+
+use stallmesh_sim::scenario::FaultSpec;
+use stallmesh_sim::{check_determinism, run, sweep, Options, Scenario};
+
+fn shipped(name: &str) -> Scenario {
+    Scenario::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulations").join(name)).unwrap()
+}
+
+/// A small market for quick runs: 3 stalls x 2 devices, 30 simulated minutes.
+fn small(faults: &str) -> Scenario {
+    Scenario::parse(
+        &format!(
+            r#"
+name = "small"
+duration_h = 0.5
+liveness_bound_s = 30
+[market]
+stalls = 3
+devices_per_stall = 2
+products_per_stall = 4
+initial_stock = 6
+uplink_fraction = 0.5
+[customers]
+arrivals_per_stall_per_hour = 60
+[network]
+latency_ms = 2.0
+loss = 0.002
+duplicate = 0.01
+reorder_ms = 10.0
+{faults}
+"#
+        ),
+        "small",
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_same_scenario_and_seed_give_the_same_trace_and_another_seed_does_not() {
+    let sc = shipped("partition-heal.toml");
+    let (digest, divergence) = check_determinism(&sc, 7);
+    assert_eq!(divergence, None);
+    let other = run(&sc, Options { seed: 8, ..Default::default() });
+    assert_ne!(other.digest, digest, "the seed must matter");
+}
+
+#[test]
+fn adding_a_device_does_not_change_the_other_devices_random_draws() {
+    // Random streams are keyed by stall and device number: stall 0's customers arrive at the same
+    // virtual times, at the same tablets, whether the market has 3 stalls or 4.
+    let dir = tempfile::tempdir().unwrap();
+    let attempts = |stalls: u32| -> Vec<String> {
+        let mut sc = small("");
+        sc.market.stalls = stalls;
+        let path = dir.path().join(format!("trace-{stalls}"));
+        let r = run(&sc, Options { seed: 3, trace_file: Some(path.clone()), ..Default::default() });
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let mut f = l.split(' ');
+                let (_, dev, what) = (f.next(), f.next(), f.next());
+                matches!(dev, Some("0") | Some("1")) && what == Some("sale")
+            })
+            .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let three = attempts(3);
+    assert!(three.len() > 10);
+    assert_eq!(three, attempts(4));
+}
+
+#[test]
+fn every_fault_kind_fires_and_the_invariants_still_hold() {
+    let faults = r#"
+[[faults]]
+kind = "partition"
+at_s = 300
+duration_s = 120
+groups = [[0, 1, 2], [3, 4, 5]]
+[[faults]]
+kind = "asymmetric"
+at_s = 500
+duration_s = 60
+from = [0]
+to = [5]
+[[faults]]
+kind = "isolate"
+at_s = 700
+duration_s = 60
+device = 2
+[[faults]]
+kind = "uplink_outage"
+at_s = 800
+duration_s = 300
+[[faults]]
+kind = "crash"
+at_s = 900
+down_s = 30
+device = 1
+lose_unsynced = true
+[[faults]]
+kind = "crash"
+at_s = 1000
+down_s = 30
+device = 4
+lose_unsynced = false
+[[faults]]
+kind = "clock_jump"
+at_s = 1100
+device = 3
+jump_ms = -60000
+"#;
+    let sc = small(faults);
+    let r = run(&sc, Options { seed: 11, ..Default::default() });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    for kind in ["partition", "asymmetric", "isolate", "uplink_outage", "crash", "clock_jump"] {
+        assert!(r.report.faults_fired.get(kind).is_some_and(|n| *n > 0), "{kind} did not fire: {:?}", r.report.faults_fired);
+    }
+    assert_eq!(r.report.faults_fired["crash"], 2);
+    assert!(r.report.converged_after_faults_stopped_ms.is_some());
+    assert!(r.report.sales > 10, "{}", r.report.table());
+}
+
+#[test]
+fn a_partition_strands_stock_and_the_refusals_say_so() {
+    let sc = small(
+        r#"
+[[faults]]
+kind = "partition"
+at_s = 60
+duration_s = 1500
+groups = [[0, 2, 4], [1, 3, 5]]
+"#,
+    );
+    let r = run(&sc, Options { seed: 5, ..Default::default() });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    assert!(r.report.refused.get("insufficient_stock_rights").is_some_and(|n| *n > 0), "{}", r.report.table());
+    assert!(matches!(sc.faults[0], FaultSpec::Partition { .. }));
+}
+
+#[test]
+fn random_faults_are_drawn_from_the_seed() {
+    let sc = shipped("crash-storm.toml");
+    let a = run(&sc, Options { seed: 2, ..Default::default() });
+    assert!(a.violations.is_empty(), "{:#?}", a.violations);
+    assert!(a.report.faults_fired["crash"] > 5, "{:?}", a.report.faults_fired);
+    assert!(a.report.faults_fired.contains_key("clock_jump"));
+}
+
+#[test]
+fn the_checker_catches_a_device_that_spends_rights_it_does_not_hold() {
+    let sc = small("");
+    let r = run(&sc, Options { seed: 1, broken_device: Some(0), ..Default::default() });
+    let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
+    assert!(names.contains(&"no_acknowledged_sale_lost") || names.contains(&"no_negative_stock"), "{names:?}");
+    let v = r.violations.iter().find(|v| v.device == Some(0)).expect("the broken device is named");
+    assert!(!v.timeline.is_empty(), "the device's timeline is attached");
+}
+
+#[test]
+fn a_seed_sweep_runs_on_all_jobs_and_reports_every_seed() {
+    let sc = small("");
+    let results = sweep(&sc, 1..5, 2);
+    assert_eq!(results.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    for (seed, report, violations) in &results {
+        assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
+        assert_eq!(report.seed, *seed);
+    }
+}
+
+#[test]
+fn every_shipped_scenario_parses() {
+    for entry in std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulations")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let err = Scenario::parse("name = 1", "bad.toml").unwrap_err().to_string();
+    assert!(err.contains("bad.toml"), "{err}");
+}
