@@ -49,7 +49,10 @@ fn up(args: stallmesh_node::cli::UpArgs) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let running = stallmesh_node::start(&config, shutdown_signal()).await.map_err(|e| e.to_string())?;
-        running.server.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+        let served = running.server.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string());
+        // Changes received from peers are committed without waiting for the disk: flush them now.
+        running.node.flush().map_err(|e| e.to_string())?;
+        served
     })
 }
 

@@ -295,6 +295,10 @@ impl Driver {
                     let out = self.sync.tick(now, &heads);
                     self.execute(out);
                     self.cut_revoked();
+                    let node = self.node.clone();
+                    if let Err(e) = tokio::task::block_in_place(|| node.flush()) {
+                        tracing::error!(error = %e, "cannot make received changes durable");
+                    }
                     if now.saturating_sub(last_redial) >= REDIAL_MS {
                         last_redial = now;
                         self.redial();

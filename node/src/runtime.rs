@@ -201,13 +201,22 @@ impl Node {
     where
         NodeError: From<T>,
     {
+        self.with_write_as(true, f)
+    }
+
+    /// As [`Node::with_write`]; `durable: false` for changes from peers (see `Store::append_relaxed`).
+    fn with_write_as<T>(&self, durable: bool, f: impl FnOnce(&mut Ledger) -> Result<Vec<Entry>, T>) -> Result<Vec<Entry>, NodeError>
+    where
+        NodeError: From<T>,
+    {
         let mut inner = self.lock();
         if let Some(why) = &inner.failed {
             return Err(NodeError::Failed(why.clone()));
         }
         let entries = f(&mut inner.ledger)?;
         let started = Instant::now();
-        if let Err(e) = inner.store.append(&entries) {
+        let result = if durable { inner.store.append(&entries) } else { inner.store.append_relaxed(&entries) };
+        if let Err(e) = result {
             tracing::error!(error = %e, "store commit failed; refusing further writes until restart");
             inner.failed = Some(e.to_string());
             return Err(e.into());
@@ -307,7 +316,8 @@ impl Node {
     /// Verifies and applies changes from a peer; persists what was applied.
     pub fn ingest(&self, changes: Vec<SignedChange>) -> Result<ApplyReport, NodeError> {
         let mut report = None;
-        self.with_write(|l| {
+        // Nobody was promised these: commit without waiting for the disk (flushed within a tick).
+        self.with_write_as(false, |l| {
             let r = l.apply_remote(changes);
             let applied = r.applied.clone();
             report = Some(r);
@@ -331,6 +341,20 @@ impl Node {
             self.metrics.verification_failures.get_or_create(&Reason { reason: why.label().to_string() }).inc();
         }
         Ok(report)
+    }
+
+    /// Makes changes received from peers durable (the mesh calls this every tick).
+    pub fn flush(&self) -> Result<(), NodeError> {
+        let mut inner = self.lock();
+        if inner.failed.is_some() {
+            return Ok(());
+        }
+        if let Err(e) = inner.store.flush() {
+            tracing::error!(error = %e, "store flush failed; refusing further writes until restart");
+            inner.failed = Some(e.to_string());
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Reads the ledger under the lock.

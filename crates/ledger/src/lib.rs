@@ -29,7 +29,7 @@ pub use state::{sale_id, DeviceRecord, FoldError, ProductRecord, Sale, SalesSumm
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ReadDoc, ROOT};
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Entries per journal document. Small enough that applying one change costs well under a
 /// millisecond; large enough that a day of a busy device spans only a few hundred documents.
@@ -588,41 +588,76 @@ impl Ledger {
     /// or causal dependencies are missing wait (bounded) until those arrive.
     pub fn apply_remote(&mut self, changes: impl IntoIterator<Item = SignedChange>) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let mut touched = BTreeSet::new();
+        let mut run = Vec::new();
         for change in changes {
-            let dot = change.dot();
-            match self.precheck(&change) {
-                Err(r) => self.reject(&mut report, dot, r),
-                Ok(Readiness::Duplicate) => {
-                    report.duplicates += 1;
-                    self.stats.duplicates += 1;
-                }
-                Ok(Readiness::Wait) => {
-                    if self.pending.contains_key(&dot) {
-                        report.duplicates += 1;
-                        self.stats.duplicates += 1;
-                    } else if !self.state.devices.contains_key(&dot.device)
-                        && self.pending.range(Dot { device: dot.device, seq: 0 }..=Dot { device: dot.device, seq: u64::MAX }).count()
-                            >= MAX_PENDING_PER_UNENROLLED
-                    {
-                        self.reject(&mut report, dot, Rejection::Unenrolled);
-                    } else if self.pending.len() >= MAX_PENDING_CHANGES {
-                        self.reject(&mut report, dot, Rejection::PendingFull);
-                    } else {
-                        self.pending.insert(dot, change);
-                        touched.insert(dot.device);
-                    }
-                }
-                Ok(Readiness::Ready) => match self.apply_one(change) {
-                    Ok(entry) => report.applied.push(entry),
-                    Err(r) => self.reject(&mut report, dot, r),
-                },
-            }
+            self.feed(change, &mut run, &mut report);
         }
+        self.flush_run(&mut run, &mut report);
         self.drain_pending(&mut report);
         report.pending = self.pending.len();
         self.stats.applied_remote += report.applied.len() as u64;
         report
+    }
+
+    /// Routes one change: extends the current run of consecutive ready changes of one device (applied
+    /// to automerge in one call), or waits, or is rejected or ignored.
+    fn feed(&mut self, change: SignedChange, run: &mut Vec<SignedChange>, report: &mut ApplyReport) {
+        let dot = change.dot();
+        if let Some(last) = run.last() {
+            let continues = last.device == dot.device
+                && last.seq != 0 // the device's enrolment is applied on its own, before anything it signed
+                && dot.seq == last.seq + 1
+                && Journal::segment_index(dot.seq) != 0
+                && run.len() < SEGMENT_CHANGES as usize;
+            if continues && matches!(self.precheck_at(&change, dot.seq), Ok(Readiness::Ready)) {
+                run.push(change);
+                return;
+            }
+            self.flush_run(run, report);
+        }
+        match self.precheck(&change) {
+            Err(r) => self.reject(report, dot, r),
+            Ok(Readiness::Duplicate) => {
+                report.duplicates += 1;
+                self.stats.duplicates += 1;
+            }
+            Ok(Readiness::Wait) => self.hold(change, report),
+            Ok(Readiness::Ready) => run.push(change),
+        }
+    }
+
+    /// Keeps a change until its predecessor or causal dependencies arrive (bounded).
+    fn hold(&mut self, change: SignedChange, report: &mut ApplyReport) {
+        let dot = change.dot();
+        if self.pending.contains_key(&dot) {
+            report.duplicates += 1;
+            self.stats.duplicates += 1;
+        } else if !self.state.devices.contains_key(&dot.device)
+            && self.pending.range(Dot { device: dot.device, seq: 0 }..=Dot { device: dot.device, seq: u64::MAX }).count()
+                >= MAX_PENDING_PER_UNENROLLED
+        {
+            self.reject(report, dot, Rejection::Unenrolled);
+        } else if self.pending.len() >= MAX_PENDING_CHANGES {
+            self.reject(report, dot, Rejection::PendingFull);
+        } else {
+            self.pending.insert(dot, change);
+        }
+    }
+
+    fn flush_run(&mut self, run: &mut Vec<SignedChange>, report: &mut ApplyReport) {
+        if run.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(run);
+        let (applied, failure) = self.apply_run(changes);
+        report.applied.extend(applied);
+        if let Some((dot, why, rest)) = failure {
+            self.reject(report, dot, why);
+            // Later changes of the same device cannot apply before a good change at `dot`: wait.
+            for c in rest {
+                self.hold(c, report);
+            }
+        }
     }
 
     fn reject(&mut self, report: &mut ApplyReport, dot: Dot, r: Rejection) {
@@ -639,32 +674,18 @@ impl Ledger {
                 .keys()
                 .filter(|dot| {
                     let next = self.journals.get(&dot.device).map_or(0, |j| j.next_seq);
-                    dot.seq <= next
+                    dot.seq <= next || self.pending.contains_key(&Dot { device: dot.device, seq: dot.seq.wrapping_sub(1) })
                 })
                 .copied()
                 .collect();
-            let mut progress = false;
+            let before = (self.pending.len(), report.applied.len());
+            let mut run = Vec::new();
             for dot in ready {
                 let Some(change) = self.pending.remove(&dot) else { continue };
-                match self.precheck(&change) {
-                    Ok(Readiness::Ready) => {
-                        match self.apply_one(change) {
-                            Ok(entry) => report.applied.push(entry),
-                            Err(r) => self.reject(report, dot, r),
-                        }
-                        progress = true;
-                    }
-                    Ok(Readiness::Duplicate) => progress = true,
-                    Ok(Readiness::Wait) => {
-                        self.pending.insert(dot, change);
-                    }
-                    Err(r) => {
-                        self.reject(report, dot, r);
-                        progress = true;
-                    }
-                }
+                self.feed(change, &mut run, report);
             }
-            if !progress {
+            self.flush_run(&mut run, report);
+            if (self.pending.len(), report.applied.len()) == before {
                 break;
             }
         }
@@ -672,6 +693,12 @@ impl Ledger {
 
     /// Cheap checks that need no automerge work: market, size, signature, position, dependencies.
     fn precheck(&self, c: &SignedChange) -> Result<Readiness, Rejection> {
+        let next = self.journals.get(&c.device).map_or(0, |j| j.next_seq);
+        self.precheck_at(c, next)
+    }
+
+    /// [`Ledger::precheck`] as if the device's journal held `next` entries (for runs not yet applied).
+    fn precheck_at(&self, c: &SignedChange, next: u64) -> Result<Readiness, Rejection> {
         if c.market != self.ctx.market {
             return Err(Rejection::WrongMarket);
         }
@@ -681,7 +708,6 @@ impl Ledger {
         if c.causal.len() > MAX_CAUSAL_DOTS {
             return Err(Rejection::Oversized(c.causal.len()));
         }
-        let next = self.journals.get(&c.device).map_or(0, |j| j.next_seq);
         if c.seq < next {
             return Ok(Readiness::Duplicate);
         }
@@ -701,51 +727,102 @@ impl Ledger {
         Ok(if deps_met { Readiness::Ready } else { Readiness::Wait })
     }
 
-    /// Applies one ready change: automerge checks, event decoding, enrolment and rights checks.
-    fn apply_one(&mut self, c: SignedChange) -> Result<Entry, Rejection> {
-        let dot = c.dot();
-        let am = Change::from_bytes(c.change.clone()).map_err(|e| Rejection::Malformed(e.to_string()))?;
-        if am.actor_id().to_bytes() != c.device.0 {
-            return Err(Rejection::WrongActor);
-        }
-        let index = Journal::segment_index(dot.seq);
-        if am.seq() != index as u64 + 1 {
-            return Err(Rejection::BrokenChain(format!("automerge seq {} at journal position {}", am.seq(), dot.seq)));
-        }
-        let journal = self.journals.entry(dot.device).or_default();
-        let seg = journal.doc(&dot.device).map_err(Rejection::Malformed)?;
-        let heads: Vec<ChangeHash> = seg.doc.get_heads();
-        if am.deps() != heads.as_slice() {
-            return Err(Rejection::BrokenChain("does not follow the journal's last change".into()));
-        }
-        let hash = am.hash();
-        seg.doc.apply_changes([am]).map_err(|e| Rejection::Malformed(e.to_string()))?;
-        let decoded = if seg.doc.get_heads() != [hash] {
-            Err(Rejection::BrokenChain("change was not applied".into()))
-        } else {
-            seg.events = events_list(&seg.doc);
-            match &seg.events {
-                Some(list) if seg.doc.length(list) == index + 1 => {
-                    event::read_event(&seg.doc, list, index).map_err(|e| Rejection::Malformed(e.to_string()))
+    /// Applies a run of consecutive ready changes of one device within one journal segment: one
+    /// automerge call for the run (much cheaper than one per change), then each event is decoded,
+    /// checked and folded in order. Returns the applied entries and, on the first failure, the
+    /// failing change's position, why, and the changes after it.
+    #[allow(clippy::type_complexity)]
+    fn apply_run(&mut self, run: Vec<SignedChange>) -> (Vec<Entry>, Option<(Dot, Rejection, Vec<SignedChange>)>) {
+        let device = run[0].device;
+        let first_index = Journal::segment_index(run[0].seq);
+        // Decode and check every change before touching the document.
+        let mut ams = Vec::with_capacity(run.len());
+        let mut bad: Option<(usize, Rejection)> = None;
+        {
+            let journal = self.journals.entry(device).or_default();
+            let mut expected_deps: Vec<ChangeHash> = match journal.doc(&device) {
+                Ok(seg) => seg.doc.get_heads(),
+                Err(e) => return (vec![], Some((run[0].dot(), Rejection::Malformed(e), run.into_iter().skip(1).collect()))),
+            };
+            for (i, c) in run.iter().enumerate() {
+                let am = match Change::from_bytes(c.change.clone()) {
+                    Ok(am) => am,
+                    Err(e) => {
+                        bad = Some((i, Rejection::Malformed(e.to_string())));
+                        break;
+                    }
+                };
+                if am.actor_id().to_bytes() != c.device.0 {
+                    bad = Some((i, Rejection::WrongActor));
+                    break;
                 }
-                _ => Err(Rejection::Malformed("change must append exactly one journal event".into())),
-            }
-        };
-        let event = decoded.and_then(|event| self.check_remote(dot, &event).map(|_| event));
-        let journal = self.journals.get_mut(&dot.device).expect("created above");
-        match event {
-            Ok(event) => {
-                journal.advance(c.change.clone());
-                self.advanced(dot.device);
-                self.after_fold(dot, &event);
-                Ok(Entry { change: c, event })
-            }
-            Err(r) => {
-                // The document already took the change: drop it, to be rebuilt from good changes.
-                journal.doc = None;
-                Err(r)
+                if am.seq() != (first_index + i) as u64 + 1 {
+                    bad = Some((i, Rejection::BrokenChain(format!("automerge seq {} at journal position {}", am.seq(), c.seq))));
+                    break;
+                }
+                if am.deps() != expected_deps.as_slice() {
+                    bad = Some((i, Rejection::BrokenChain("does not follow the journal's last change".into())));
+                    break;
+                }
+                expected_deps = vec![am.hash()];
+                ams.push(am);
             }
         }
+        let good = ams.len();
+        let mut run = run;
+        let mut rest = run.split_off(good);
+        let mut failure = bad.map(|(_, why)| {
+            let failed = rest.remove(0);
+            (failed.dot(), why, std::mem::take(&mut rest))
+        });
+        if good == 0 {
+            return (vec![], failure);
+        }
+        let last_hash = ams.last().expect("good > 0").hash();
+        let journal = self.journals.get_mut(&device).expect("created above");
+        let seg = journal.doc.as_mut().expect("built above");
+        let applied_ok = seg.doc.apply_changes(ams).is_ok() && seg.doc.get_heads() == [last_hash];
+        if !applied_ok {
+            journal.doc = None;
+            let mut later: Vec<SignedChange> = run.drain(1..).collect();
+            later.extend(failure.map(|(_, _, r)| r).unwrap_or_default());
+            return (vec![], Some((run[0].dot(), Rejection::BrokenChain("changes were not applied".into()), later)));
+        }
+        seg.events = events_list(&seg.doc);
+        let events: Vec<Result<Event, Rejection>> = (0..good)
+            .map(|i| match &seg.events {
+                Some(list) if seg.doc.length(list) == first_index + good => {
+                    event::read_event(&seg.doc, list, first_index + i).map_err(|e| Rejection::Malformed(e.to_string()))
+                }
+                _ => Err(Rejection::Malformed("each change must append exactly one journal event".into())),
+            })
+            .collect();
+        let mut applied = Vec::with_capacity(good);
+        let mut changes = run.into_iter();
+        for event in events {
+            let c = changes.next().expect("one change per event");
+            let dot = c.dot();
+            match event.and_then(|e| self.check_remote(dot, &e).map(|_| e)) {
+                Ok(event) => {
+                    self.journals.get_mut(&device).expect("exists").advance(c.change.clone());
+                    self.advanced(device);
+                    self.after_fold(dot, &event);
+                    applied.push(Entry { change: c, event });
+                }
+                Err(why) => {
+                    // The document took changes that are not in the journal: rebuild it from the
+                    // good ones when next needed.
+                    self.journals.get_mut(&device).expect("exists").doc = None;
+                    let mut later: Vec<SignedChange> = changes.collect();
+                    if let Some((_, _, bad_rest)) = failure.take() {
+                        // What followed the undecodable change waits as well.
+                        later.extend(bad_rest);
+                    }
+                    return (applied, Some((dot, why, later)));
+                }
+            }
+        }
+        (applied, failure)
     }
 
     fn check_remote(&self, dot: Dot, event: &Event) -> Result<(), Rejection> {

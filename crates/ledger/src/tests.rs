@@ -222,3 +222,31 @@ fn invalid_local_input_is_refused_with_the_field_named() {
         Err(LedgerError::Invalid { field: "lines", .. })
     ));
 }
+
+#[test]
+fn a_bad_change_in_the_middle_of_a_batch_stops_the_batch_there() {
+    let m = TestMarket::new(12);
+    let (mut a, mut ea) = stocked(&m, 1, "rye", 100);
+    for t in 0..5 {
+        ea.push(a.record(sell("rye", 1), 10 + t).unwrap());
+    }
+    // Entry 5 is replaced by one a signs over another device's automerge change (wrong actor).
+    let (mut other, _) = m.device(9, "Test Stall");
+    let bytes = a_change_of(&mut other);
+    let mut changes = changes(&ea);
+    changes[5] = m.device_key(1).sign_change(m.ctx.market, 5, vec![], bytes);
+    let (mut b, _) = m.device(2, "Test Stall");
+    let r = b.apply_remote(changes);
+    assert_eq!(r.applied.len(), 5, "entries 0..5 applied in one run");
+    assert_eq!(r.rejected, vec![(ea[5].change.dot(), Rejection::WrongActor)]);
+    assert_eq!(r.pending, 2, "what follows the bad change waits for a good one");
+    // The good change arrives: everything applies.
+    let r = b.apply_remote([ea[5].change.clone()]);
+    assert_eq!((r.applied.len(), r.pending), (3, 0));
+    assert_same_business_state(&a, &b);
+}
+
+/// The automerge bytes of some change made by `l` (another device).
+fn a_change_of(l: &mut Ledger) -> Vec<u8> {
+    l.record(LocalOp::UpsertProduct(product("other", 5)), 2).unwrap().change.change
+}

@@ -58,6 +58,8 @@ pub struct Store {
     db: Database,
     path: PathBuf,
     next_position: u64,
+    /// Relaxed commits made since the last durable one.
+    unflushed: bool,
 }
 
 fn frame(entry: &Entry) -> Vec<u8> {
@@ -96,7 +98,7 @@ impl Store {
             redb::DatabaseError::Storage(e) => StoreError::Corrupt { path: p.clone(), detail: e.to_string() },
             source => StoreError::Open { path: p.clone(), source },
         })?;
-        let mut store = Self { db, path: p, next_position: 0 };
+        let mut store = Self { db, path: p, next_position: 0, unflushed: false };
         store.init(owner)?;
         Ok(store)
     }
@@ -155,12 +157,38 @@ impl Store {
         self.next_position == 0
     }
 
-    /// Durably appends `entries` in one transaction; returns after the commit is on disk.
+    /// Durably appends `entries` in one transaction; returns after the commit is on disk (and with
+    /// it every relaxed commit before it).
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
-        if entries.is_empty() {
+        self.append_with(entries, true)
+    }
+
+    /// Appends without waiting for the disk: for changes received from peers, which nobody was
+    /// promised and which sync fetches again if a crash loses them. The next durable commit (a local
+    /// sale, or [`Store::flush`]) makes them durable too, in order, so the store stays a causal prefix.
+    pub fn append_relaxed(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        self.append_with(entries, false)
+    }
+
+    /// Makes every relaxed commit durable.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.unflushed {
             return Ok(());
         }
         let tx = self.db.begin_write().map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        self.unflushed = false;
+        Ok(())
+    }
+
+    fn append_with(&mut self, entries: &[Entry], durable: bool) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(self.err())?;
+        if !durable {
+            tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
+        }
         let mut position = self.next_position;
         {
             let mut journal = tx.open_table(JOURNAL).map_err(self.err())?;
@@ -173,6 +201,7 @@ impl Store {
         }
         tx.commit().map_err(self.err())?;
         self.next_position = position;
+        self.unflushed = !durable;
         Ok(())
     }
 
@@ -250,6 +279,23 @@ mod tests {
         assert_eq!(s.load().unwrap(), entries);
         let since = s.changes_since(&owner.device, 5, 3).unwrap();
         assert_eq!(since.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5, 6, 7]);
+    }
+
+    #[test]
+    fn relaxed_appends_become_durable_with_the_next_flush_or_durable_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (_, entries, owner) = day(6);
+        {
+            let mut s = Store::open(&path, owner).unwrap();
+            s.append(&entries[..3]).unwrap();
+            s.append_relaxed(&entries[3..6]).unwrap();
+            assert_eq!(s.load().unwrap().len(), 6, "visible at once");
+            s.flush().unwrap();
+            s.append_relaxed(&entries[6..8]).unwrap();
+            s.append(&entries[8..]).unwrap();
+        }
+        assert_eq!(Store::open(&path, owner).unwrap().load().unwrap(), entries);
     }
 
     #[test]
