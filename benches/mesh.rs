@@ -27,12 +27,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn start_market(n: usize) -> Lan {
-    let mut lan = Lan::new(n);
-    lan.market("A");
-    for k in 1..=n {
-        let creds = lan.enrol(k, "A");
-        lan.start(k, &creds);
-    }
+    let lan = Lan::with_market(n);
     for k in 1..=n {
         eventually(Duration::from_secs(60), "full mesh", || lan.peers(k) >= n - 1);
     }

@@ -10,15 +10,8 @@ use std::time::Duration;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// A market "A" with `n` enrolled tablets, all started with no addresses of each other.
 fn market(n: usize) -> Lan {
-    let mut lan = Lan::new(n);
-    lan.market("A");
-    for k in 1..=n {
-        let creds = lan.enrol(k, "A");
-        lan.start(k, &creds);
-    }
-    lan
+    Lan::with_market(n)
 }
 
 fn device(lan: &Lan, k: usize) -> String {

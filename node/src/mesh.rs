@@ -40,6 +40,11 @@ const REDIAL_MS: u64 = 1_000;
 const DIAL_TIMEOUT_MS: u64 = 2_000;
 /// Do not ask the same peers for the same SKU more often than this.
 const RIGHTS_REQUEST_INTERVAL_MS: u64 = 2_000;
+/// Peers remembered for redial (and refused peers remembered not to redial): a market has tens;
+/// the bound keeps a stranger announcing many peer ids over mDNS from growing memory.
+const MAX_KNOWN_PEERS: usize = 1_024;
+/// Addresses remembered per peer (a tablet has one or two interfaces).
+const MAX_ADDRS_PER_PEER: usize = 8;
 /// Sales counted as "recent" by the rebalancing policy.
 const RECENT_SALES_WINDOW_MS: u64 = 3_600_000;
 
@@ -320,14 +325,24 @@ impl Driver {
                     if self.refused.contains_key(&peer) {
                         continue;
                     }
-                    self.known.entry(peer).or_default().insert(addr.clone());
+                    if !self.known.contains_key(&peer) && self.known.len() >= MAX_KNOWN_PEERS {
+                        self.count_refused("known_peers_full");
+                        continue;
+                    }
+                    let addrs = self.known.entry(peer).or_default();
+                    if addrs.len() < MAX_ADDRS_PER_PEER {
+                        addrs.insert(addr.clone());
+                    }
                     self.dial(peer);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(_))) => {}
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
-                if endpoint.is_dialer() {
-                    self.known.entry(peer_id).or_default().insert(endpoint.get_remote_address().clone());
+                if endpoint.is_dialer() && (self.known.contains_key(&peer_id) || self.known.len() < MAX_KNOWN_PEERS) {
+                    let addrs = self.known.entry(peer_id).or_default();
+                    if addrs.len() < MAX_ADDRS_PER_PEER {
+                        addrs.insert(endpoint.get_remote_address().clone());
+                    }
                 }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, "connected; proving enrolment");
@@ -414,7 +429,10 @@ impl Driver {
             Err(reason) => {
                 tracing::warn!(%peer, %reason, "refusing peer");
                 self.count_refused(if reason.contains("revoked") { "revoked" } else { "bad_enrolment" });
-                self.refused.insert(peer, reason);
+                if self.refused.len() < MAX_KNOWN_PEERS {
+                    self.refused.insert(peer, reason);
+                }
+                self.known.remove(&peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
         }

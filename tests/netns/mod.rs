@@ -156,6 +156,17 @@ impl Lan {
         Lan { dir: tempfile::tempdir().unwrap(), nodes: (0..=n).map(|_| None).collect() }
     }
 
+    /// A market "A" with `n` enrolled tablets, all started with no addresses of each other.
+    pub fn with_market(n: usize) -> Lan {
+        let mut lan = Lan::new(n);
+        lan.market("A");
+        for k in 1..=n {
+            let creds = lan.enrol(k, "A");
+            lan.start(k, &creds);
+        }
+        lan
+    }
+
     /// `stallmesh market init` for a market named `market` in this LAN's directory.
     pub fn market(&self, market: &str) {
         let out = Command::new(binary())

@@ -37,6 +37,9 @@ pub const SEGMENT_CHANGES: u64 = 256;
 /// Changes held while waiting for a gap or a causal dependency to be filled. Beyond this, a change
 /// is rejected (`PendingFull`) and must be re-sent by sync; bounded so a peer cannot exhaust memory.
 pub const MAX_PENDING_CHANGES: usize = 10_000;
+/// Journal documents kept in memory per replica (least recently used are dropped and rebuilt from
+/// their raw changes on demand): bounds memory in a market of hundreds of devices.
+pub const MAX_OPEN_SEGMENT_DOCS: usize = 128;
 /// Changes held for a device whose enrolment has not arrived: a stranger cannot fill the buffer.
 pub const MAX_PENDING_PER_UNENROLLED: usize = SEGMENT_CHANGES as usize;
 /// Largest automerge change accepted. A 100-line sale encodes to ~3 KB.
@@ -300,6 +303,8 @@ pub struct Ledger {
     lamport: u64,
     /// Transfers to this device applied since its last change: its next change depends on them.
     unreferenced_transfers_in: Vec<Dot>,
+    /// Devices whose journal document is in memory, least recently used first.
+    open_docs: std::collections::VecDeque<DeviceId>,
     stats: LedgerStats,
     /// Test-only fault injection for the simulator's checker: let this device spend rights it does
     /// not hold. Never set in a node.
@@ -321,6 +326,7 @@ impl Ledger {
             state: State::default(),
             lamport: 0,
             unreferenced_transfers_in: Vec::new(),
+            open_docs: std::collections::VecDeque::new(),
             stats: LedgerStats::default(),
             allow_overspend_for_tests: false,
         }
@@ -379,6 +385,37 @@ impl Ledger {
     /// [`Ledger::heads`] without a copy, for hot paths (every sync message consults it).
     pub fn heads_ref(&self) -> &Heads {
         &self.heads
+    }
+
+    /// Marks `device`'s journal document as used; drops the least recently used beyond the bound
+    /// (never this device's own, which every local operation writes to).
+    fn touch_doc(&mut self, device: DeviceId) {
+        if let Some(i) = self.open_docs.iter().position(|d| *d == device) {
+            self.open_docs.remove(i);
+        }
+        self.open_docs.push_back(device);
+        while self.open_docs.len() > MAX_OPEN_SEGMENT_DOCS {
+            let Some(old) = self.open_docs.pop_front() else { break };
+            if old == self.me {
+                self.open_docs.push_back(old);
+                if self.open_docs.len() == 1 {
+                    break;
+                }
+                continue;
+            }
+            if let Some(j) = self.journals.get_mut(&old) {
+                j.doc = None;
+            }
+        }
+    }
+
+    /// Drops every journal document from memory (they are rebuilt on demand).
+    #[cfg(test)]
+    fn drop_docs(&mut self) {
+        for j in self.journals.values_mut() {
+            j.doc = None;
+        }
+        self.open_docs.clear();
     }
 
     fn advanced(&mut self, device: DeviceId) {
@@ -557,6 +594,7 @@ impl Ledger {
         }
         self.journals.get_mut(&me).expect("created above").advance(bytes);
         self.advanced(me);
+        self.touch_doc(me);
         self.after_fold(dot, &event);
         Ok(Entry { change: signed, event })
     }
@@ -768,6 +806,7 @@ impl Ledger {
                 ams.push(am);
             }
         }
+        self.touch_doc(device);
         let good = ams.len();
         let mut run = run;
         let mut rest = run.split_off(good);

@@ -250,3 +250,20 @@ fn a_bad_change_in_the_middle_of_a_batch_stops_the_batch_there() {
 fn a_change_of(l: &mut Ledger) -> Vec<u8> {
     l.record(LocalOp::UpsertProduct(product("other", 5)), 2).unwrap().change.change
 }
+
+#[test]
+fn journal_documents_dropped_from_memory_are_rebuilt_and_the_journal_continues() {
+    let m = TestMarket::new(13);
+    let (mut a, mut ea) = stocked(&m, 1, "oat", 100);
+    let (mut b, _) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    // Both replicas forget every document (as the LRU bound does in a large market).
+    a.drop_docs();
+    b.drop_docs();
+    for t in 0..3 {
+        ea.push(a.record(sell("oat", 1), 20 + t).unwrap());
+    }
+    let r = b.apply_remote(changes(&ea[3..]));
+    assert_eq!((r.applied.len(), r.rejected.len()), (3, 0));
+    assert_same_business_state(&a, &b);
+}

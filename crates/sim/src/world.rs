@@ -104,9 +104,9 @@ struct Device {
     cert: Certificate,
     ledger: Ledger,
     sync: SyncCore<u32>,
-    log: MemoryLog,
-    durable: Vec<Entry>,
-    unsynced: Vec<Entry>,
+    /// The store: shared `Rc`s into the world's entries (each entry is stored once in memory).
+    durable: Vec<Rc<Entry>>,
+    unsynced: Vec<Rc<Entry>>,
     commit_scheduled: bool,
     up: bool,
     uplink: bool,
@@ -151,6 +151,10 @@ pub struct World {
     epochs: u64,
     stall_rngs: Vec<ChaCha8Rng>,
     products: Vec<Vec<Product>>,
+    /// Every change made in the market, by device and seq: what a tablet holds is the prefix its
+    /// heads name, so each tablet's change log is a view of this one (see `HeldLog`).
+    all_changes: MemoryLog,
+    entries: BTreeMap<stallmesh_identity::Dot, Rc<Entry>>,
     acked: Vec<AckedSale>,
     acked_index: BTreeMap<String, u32>,
     restocked: BTreeMap<String, u64>,
@@ -185,6 +189,20 @@ fn mix(seed: u64, stream: &str, n: u64) -> u64 {
 
 fn fnv(line: &str) -> u64 {
     line.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// A tablet's change log: the market's changes, up to what this tablet holds (its heads).
+struct HeldLog<'a> {
+    all: &'a MemoryLog,
+    heads: &'a stallmesh_ledger::Heads,
+}
+
+impl stallmesh_sync::ChangeLog for HeldLog<'_> {
+    fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<stallmesh_identity::SignedChange>, String> {
+        let held = self.heads.get(device).copied().unwrap_or(0);
+        let limit = limit.min(held.saturating_sub(from_seq) as usize);
+        self.all.changes_since(device, from_seq, limit)
+    }
 }
 
 fn fnv_bytes(bytes: &[u8]) -> u64 {
@@ -224,7 +242,6 @@ impl World {
                 cert,
                 ledger,
                 sync: SyncCore::new(SyncConfig { heartbeat_ms: sc.network.heartbeat_ms, liveness_timeout_ms: sc.network.liveness_timeout_ms }),
-                log: MemoryLog::default(),
                 durable: Vec::new(),
                 unsynced: Vec::new(),
                 commit_scheduled: false,
@@ -276,6 +293,8 @@ impl World {
             epochs: 0,
             stall_rngs,
             products,
+            all_changes: MemoryLog::default(),
+            entries: BTreeMap::new(),
             acked: Vec::new(),
             acked_index: BTreeMap::new(),
             restocked: BTreeMap::new(),
@@ -299,6 +318,18 @@ impl World {
         };
         w.setup();
         w
+    }
+
+    /// The one shared copy of an entry (every tablet that holds it points here).
+    fn intern(&mut self, entry: Entry) -> Rc<Entry> {
+        let dot = entry.change.dot();
+        if let Some(e) = self.entries.get(&dot) {
+            return e.clone();
+        }
+        self.all_changes.add(entry.change.clone());
+        let e = Rc::new(entry);
+        self.entries.insert(dot, e.clone());
+        e
     }
 
     fn n(&self) -> u32 {
@@ -389,15 +420,14 @@ impl World {
         }
         // Every device starts the day holding all of it: restored as from its store (the entries
         // were made by the simulation's own ledgers, and checked when the authors recorded them).
+        let shared_rc: Vec<Rc<Entry>> = shared.iter().map(|e| self.intern(e.clone())).collect();
+        let setup_bytes: u64 = shared.iter().map(|e| e.change.encoded_len() as u64).sum();
         for d in 0..=n {
             let ledger = restore(self, d, &shared);
             let dev = &mut self.devices[d as usize];
             dev.ledger = ledger;
-            for e in &shared {
-                dev.log.add(e.change.clone());
-            }
-            dev.durable = shared.clone();
-            dev.storage_bytes = dev.durable.iter().map(|e| e.change.encoded_len() as u64).sum();
+            dev.durable = shared_rc.clone();
+            dev.storage_bytes = setup_bytes;
         }
         // Topology: the stall's own devices, plus random others, plus the cloud for uplinked devices.
         let per = self.sc.network.peers_per_device;
@@ -606,10 +636,10 @@ impl World {
     /// A change this device made: durable at once (acknowledged after its commit), then broadcast.
     fn local_entry(&mut self, dev: u32, entry: Entry) {
         self.note_held(dev, &entry);
-        let d = &mut self.devices[dev as usize];
-        d.log.add(entry.change.clone());
-        d.storage_bytes += entry.change.encoded_len() as u64;
         let change = entry.change.clone();
+        let entry = self.intern(entry);
+        let d = &mut self.devices[dev as usize];
+        d.storage_bytes += entry.change.encoded_len() as u64;
         d.durable.push(entry);
         let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
         for o in &out {
@@ -684,9 +714,8 @@ impl World {
                     }
                     for e in report.applied {
                         self.note_held(dev, &e);
-                        let d = &mut self.devices[dev as usize];
-                        d.log.add(e.change.clone());
-                        d.unsynced.push(e);
+                        let e = self.intern(e);
+                        self.devices[dev as usize].unsynced.push(e);
                     }
                     self.schedule_commit(dev);
                     let now = self.dev_now_ms(dev);
@@ -812,7 +841,8 @@ impl World {
         let now = self.dev_now_ms(to);
         let out = self.protocol(|w| {
             let d = &mut w.devices[to as usize];
-            d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &d.log)
+            let held = HeldLog { all: &w.all_changes, heads: d.ledger.heads_ref() };
+            d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &held)
         });
         // Gossipsub forwards a broadcast it sees for the first time to its own mesh peers.
         if !ordered {
@@ -928,7 +958,7 @@ impl World {
         let key = DeviceKey::from_secret(d.key_secret);
         let restored = self.protocol(|w| {
             let d = &w.devices[dev as usize];
-            Ledger::restore(w.ctx.clone(), key, d.cert.clone(), d.durable.iter().cloned())
+            Ledger::restore(w.ctx.clone(), key, d.cert.clone(), d.durable.iter().map(|e| (**e).clone()))
         });
         let d = &mut self.devices[dev as usize];
         match restored {
@@ -942,10 +972,6 @@ impl World {
             }
         }
         let d = &mut self.devices[dev as usize];
-        d.log = MemoryLog::default();
-        for e in &d.durable {
-            d.log.add(e.change.clone());
-        }
         d.sync = SyncCore::new(SyncConfig { heartbeat_ms: self.sc.network.heartbeat_ms, liveness_timeout_ms: self.sc.network.liveness_timeout_ms });
         d.up = true;
         self.trace(Some(dev), "restart".into());
