@@ -354,11 +354,13 @@ impl Driver {
                 self.verified.remove(&peer_id);
                 self.sync.disconnected(&peer_id);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Hello(request_response::Event::Message { peer, message, .. })) => {
-                if let request_response::Message::Request { request, channel, .. } = message {
-                    let _ = self.swarm.behaviour_mut().hello.send_response(channel, vec![]);
-                    self.on_hello(peer, &request);
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Hello(request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            })) => {
+                let _ = self.swarm.behaviour_mut().hello.send_response(channel, vec![]);
+                self.on_hello(peer, &request);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. })) => match message {
                 request_response::Message::Request { request, channel, .. } => {

@@ -25,7 +25,7 @@ pub enum NodeError {
     #[error(transparent)]
     Credentials(#[from] FileError),
     #[error("{path}: cannot restore the ledger from the store: {source}")]
-    Restore { path: PathBuf, source: RestoreError },
+    Restore { path: PathBuf, source: Box<RestoreError> },
     #[error("{0}: cannot create the data directory: {1}")]
     DataDir(PathBuf, std::io::Error),
     #[error("internal error: {0}")]
@@ -151,7 +151,7 @@ impl Node {
         let restored = entries.len();
         let ctx = MarketContext::new(market.public_key);
         let ledger = Ledger::restore(ctx, key, certificate, entries)
-            .map_err(|source| NodeError::Restore { path: config.store_path(), source })?;
+            .map_err(|source| NodeError::Restore { path: config.store_path(), source: Box::new(source) })?;
         tracing::info!(
             entries = restored,
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -196,7 +196,7 @@ impl State {
             s.units += sale.lines.iter().map(|l| l.qty).sum::<u64>();
         }
         let total: u64 = s.revenue_cents.values().sum();
-        s.average_order_cents = if s.sales > 0 { total / s.sales } else { 0 };
+        s.average_order_cents = total.checked_div(s.sales).unwrap_or(0);
         s
     }
 }

@@ -54,7 +54,7 @@ fn transferred_rights_can_be_spent_and_peers_apply_the_transfer_first() {
     let m = TestMarket::new(3);
     let (mut a, mut ea) = stocked(&m, 1, "cheese", 4);
     let (mut b, eb0) = m.device(2, "Test Stall");
-    a.apply_remote(changes(&[eb0.clone()]));
+    a.apply_remote(changes(std::slice::from_ref(&eb0)));
     b.apply_remote(changes(&ea));
     ea.push(a.record(LocalOp::Transfer { sku: "cheese".into(), qty: 3, to: b.device() }, 3).unwrap());
     b.apply_remote(changes(&ea));

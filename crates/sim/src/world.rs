@@ -503,7 +503,7 @@ impl World {
                 break;
             }
             if let Some(b) = &bar {
-                if self.events % 4096 == 0 {
+                if self.events.is_multiple_of(4096) {
                     b.set_position(self.now / US_PER_S);
                 }
             }
@@ -568,7 +568,7 @@ impl World {
     /// scaled (this only feeds the report; it never affects the simulation).
     fn protocol<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         self.protocol_calls += 1;
-        if self.protocol_calls % PROTOCOL_TIMING_SAMPLE != 0 {
+        if !self.protocol_calls.is_multiple_of(PROTOCOL_TIMING_SAMPLE) {
             return f(self);
         }
         let t = Instant::now();

@@ -25,13 +25,13 @@ pub const MAX_CHANGES_PER_READ: usize = 10_000;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: cannot open store: {source}")]
-    Open { path: PathBuf, source: redb::DatabaseError },
+    Open { path: PathBuf, source: Box<redb::DatabaseError> },
     #[error("{path}: store is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("{path}: store belongs to {found}, this node is {expected}")]
     WrongOwner { path: PathBuf, expected: String, found: String },
     #[error("{path}: {source}")]
-    Db { path: PathBuf, source: redb::Error },
+    Db { path: PathBuf, source: Box<redb::Error> },
 }
 
 /// Whose data a store file holds.
@@ -96,7 +96,7 @@ impl Store {
         }
         .map_err(|source| match source {
             redb::DatabaseError::Storage(e) => StoreError::Corrupt { path: p.clone(), detail: e.to_string() },
-            source => StoreError::Open { path: p.clone(), source },
+            source => StoreError::Open { path: p.clone(), source: Box::new(source) },
         })?;
         let mut store = Self { db, path: p, next_position: 0, unflushed: false };
         store.init(owner)?;
@@ -106,7 +106,7 @@ impl Store {
     fn err<E: Into<redb::Error>>(&self) -> impl FnOnce(E) -> StoreError + '_ {
         move |e| match e.into() {
             redb::Error::Corrupted(detail) => StoreError::Corrupt { path: self.path.clone(), detail },
-            source => StoreError::Db { path: self.path.clone(), source },
+            source => StoreError::Db { path: self.path.clone(), source: Box::new(source) },
         }
     }
 
@@ -329,7 +329,7 @@ mod tests {
         // Truncated to half.
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         let result = Store::open(&path, owner).and_then(|s| s.load());
-        let err = result.err().expect("truncated file refused").to_string();
+        let err = result.expect_err("truncated file refused").to_string();
         assert!(err.contains(&name), "{err}");
 
         // A flipped byte inside the entries: every run flips each position in turn until one is
