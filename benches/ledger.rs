@@ -218,10 +218,12 @@ fn whole_day_document(c: &mut Criterion) {
         let mut next = n;
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter_custom(|iters| {
-                let fresh: Vec<_> = (0..iters).map(|_| {
-                    next += 1;
-                    add_sale(&mut writer, next)
-                }).collect();
+                let fresh: Vec<_> = (0..iters)
+                    .map(|_| {
+                        next += 1;
+                        add_sale(&mut writer, next)
+                    })
+                    .collect();
                 let start = Instant::now();
                 for ch in fresh {
                     reader.apply_changes([ch]).unwrap();

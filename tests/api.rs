@@ -69,8 +69,20 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         ("POST", "/api/v1/transfers", r#"{"sku": "HNY-500", "qty": 1, "to_device": "zz"}"#, 422, "invalid_body"),
         ("POST", "/api/v1/transfers", &unknown_device, 422, "unknown_device"),
         ("POST", "/api/v1/products", &existing, 409, "product_exists"),
-        ("POST", "/api/v1/products", r#"{"sku": "bad sku", "name": "x", "price_cents": 1, "currency": "EUR", "stall": "Honey"}"#, 422, "invalid_input"),
-        ("POST", "/api/v1/products", r#"{"sku": "CHS", "name": "Cheese", "price_cents": 1, "currency": "EUR", "stall": "Cheese"}"#, 403, "other_stall"),
+        (
+            "POST",
+            "/api/v1/products",
+            r#"{"sku": "bad sku", "name": "x", "price_cents": 1, "currency": "EUR", "stall": "Honey"}"#,
+            422,
+            "invalid_input",
+        ),
+        (
+            "POST",
+            "/api/v1/products",
+            r#"{"sku": "CHS", "name": "Cheese", "price_cents": 1, "currency": "EUR", "stall": "Cheese"}"#,
+            403,
+            "other_stall",
+        ),
         ("PUT", "/api/v1/products/NOPE", r#"{"name": "x", "price_cents": 1, "currency": "EUR", "stall": "Honey"}"#, 404, "unknown_sku"),
         ("POST", "/api/v1/revocations", r#"{"market": "00", "device": "00", "revoked_at_ms": 1, "signature": "00"}"#, 422, "invalid_body"),
         ("GET", "/api/v1/nothing-here", "", 404, "not_found"),
@@ -118,7 +130,9 @@ fn products_can_be_listed_and_updated() {
     let (status, p) = node.call(
         "PUT",
         "/api/v1/products/HNY-500",
-        Some(r#"{"name": "Organic honey 500g jar", "price_cents": 900, "currency": "EUR", "stall": "Honey", "tags": ["honey", "organic"]}"#),
+        Some(
+            r#"{"name": "Organic honey 500g jar", "price_cents": 900, "currency": "EUR", "stall": "Honey", "tags": ["honey", "organic"]}"#,
+        ),
     );
     assert_eq!(status, 200, "{p}");
     assert_eq!(p["price_cents"], 900);

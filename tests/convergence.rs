@@ -13,12 +13,34 @@ const SKUS: [&str; 3] = ["honey", "jam", "bread"];
 
 #[derive(Debug, Clone)]
 enum Step {
-    Restock { at: usize, sku: usize, qty: u64 },
-    Sell { at: usize, lines: Vec<(usize, u64)> },
-    Transfer { at: usize, sku: usize, qty: u64, to: usize },
-    Price { at: usize, sku: usize, price_cents: u64 },
+    Restock {
+        at: usize,
+        sku: usize,
+        qty: u64,
+    },
+    Sell {
+        at: usize,
+        lines: Vec<(usize, u64)>,
+    },
+    Transfer {
+        at: usize,
+        sku: usize,
+        qty: u64,
+        to: usize,
+    },
+    Price {
+        at: usize,
+        sku: usize,
+        price_cents: u64,
+    },
     /// Deliver a random subset of what `from` holds and `to` lacks, in a random order, possibly twice.
-    Deliver { from: usize, to: usize, keep_mask: u64, order_seed: u64, duplicate: bool },
+    Deliver {
+        from: usize,
+        to: usize,
+        keep_mask: u64,
+        order_seed: u64,
+        duplicate: bool,
+    },
 }
 
 fn step(n: usize) -> impl Strategy<Value = Step> {
@@ -29,10 +51,20 @@ fn step(n: usize) -> impl Strategy<Value = Step> {
         (0..n, 0..SKUS.len(), 1..8u64, 0..n).prop_map(|(at, sku, qty, to)| Step::Transfer { at, sku, qty, to }),
         (0..n, 0..SKUS.len(), 1..8u64, 0..n).prop_map(|(at, sku, qty, to)| Step::Transfer { at, sku, qty, to }),
         (0..n, 0..SKUS.len(), 100..900u64).prop_map(|(at, sku, price_cents)| Step::Price { at, sku, price_cents }),
-        (0..n, 0..n, any::<u64>(), any::<u64>(), any::<bool>())
-            .prop_map(|(from, to, keep_mask, order_seed, duplicate)| Step::Deliver { from, to, keep_mask, order_seed, duplicate }),
-        (0..n, 0..n, any::<u64>(), any::<u64>(), any::<bool>())
-            .prop_map(|(from, to, keep_mask, order_seed, duplicate)| Step::Deliver { from, to, keep_mask, order_seed, duplicate }),
+        (0..n, 0..n, any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(from, to, keep_mask, order_seed, duplicate)| Step::Deliver {
+            from,
+            to,
+            keep_mask,
+            order_seed,
+            duplicate
+        }),
+        (0..n, 0..n, any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(from, to, keep_mask, order_seed, duplicate)| Step::Deliver {
+            from,
+            to,
+            keep_mask,
+            order_seed,
+            duplicate
+        }),
     ]
 }
 
@@ -199,7 +231,9 @@ fn clamp(s: Step, n: usize) -> Step {
         Step::Sell { at, lines } => Step::Sell { at: at % n, lines },
         Step::Transfer { at, sku, qty, to } => Step::Transfer { at: at % n, sku, qty, to: to % n },
         Step::Price { at, sku, price_cents } => Step::Price { at: at % n, sku, price_cents },
-        Step::Deliver { from, to, keep_mask, order_seed, duplicate } => Step::Deliver { from: from % n, to: to % n, keep_mask, order_seed, duplicate },
+        Step::Deliver { from, to, keep_mask, order_seed, duplicate } => {
+            Step::Deliver { from: from % n, to: to % n, keep_mask, order_seed, duplicate }
+        }
     }
 }
 

@@ -52,9 +52,19 @@ fn stock_up(lan: &Lan, ks: &[usize], sku: &str, qty: u64, share: u64) {
     for &k in &ks[1..] {
         let to = device(lan, k);
         // Node 1 can only give to devices whose enrolment it has received.
-        eventually(CONVERGE, "enrolments spread", || lan.post(1, "/api/v1/transfers", &json!({ "sku": sku, "qty": share, "to_device": to })).0 == 201);
+        eventually(CONVERGE, "enrolments spread", || {
+            lan.post(1, "/api/v1/transfers", &json!({ "sku": sku, "qty": share, "to_device": to })).0 == 201
+        });
     }
-    eventually(CONVERGE, "stock spread", || ks.iter().all(|k| stock(lan, *k).as_array().is_some_and(|s| s.iter().any(|r| r["sku"] == sku && r["this_device"].as_u64() == Some(if *k == 1 { qty - share * (ks.len() as u64 - 1) } else { share })))));
+    eventually(CONVERGE, "stock spread", || {
+        ks.iter().all(|k| {
+            stock(lan, *k).as_array().is_some_and(|s| {
+                s.iter().any(|r| {
+                    r["sku"] == sku && r["this_device"].as_u64() == Some(if *k == 1 { qty - share * (ks.len() as u64 - 1) } else { share })
+                })
+            })
+        })
+    });
 }
 
 fn sell(lan: &Lan, k: usize, sku: &str, qty: u64) -> Result<String, Value> {
@@ -217,7 +227,10 @@ fn e_a_node_killed_mid_sales_restarts_catches_up_and_loses_no_acknowledged_sale(
         let seller = std::thread::spawn(move || {
             let mut acked = Vec::new();
             for _ in 0..2_000 {
-                match ureq::post(&format!("{url3}/api/v1/sales")).timeout(Duration::from_secs(2)).send_json(json!({ "lines": [{ "sku": "BRD", "qty": 1 }] })) {
+                match ureq::post(&format!("{url3}/api/v1/sales"))
+                    .timeout(Duration::from_secs(2))
+                    .send_json(json!({ "lines": [{ "sku": "BRD", "qty": 1 }] }))
+                {
                     Ok(r) if r.status() == 201 => acked.push(r.into_json::<Value>().unwrap()["id"].as_str().unwrap().to_string()),
                     _ => break,
                 }

@@ -274,9 +274,19 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
         Command::Sell { lines, client_ref, node } => {
             let lines = lines.iter().map(|l| parse_line(l)).collect::<Result<Vec<_>, _>>()?;
             let sale = Client::new(&node.url).post("/api/v1/sales", &json!({ "lines": lines, "client_ref": client_ref }))?;
-            println!("sale {}  total {} {}", sale["id"].as_str().unwrap_or("?"), euros(sale["total_cents"].as_u64().unwrap_or(0)), sale["currency"].as_str().unwrap_or(""));
+            println!(
+                "sale {}  total {} {}",
+                sale["id"].as_str().unwrap_or("?"),
+                euros(sale["total_cents"].as_u64().unwrap_or(0)),
+                sale["currency"].as_str().unwrap_or("")
+            );
             for l in sale["lines"].as_array().into_iter().flatten() {
-                println!("  {:>4} x {:<12} @ {}", l["qty"], l["sku"].as_str().unwrap_or("?"), euros(l["price_cents"].as_u64().unwrap_or(0)));
+                println!(
+                    "  {:>4} x {:<12} @ {}",
+                    l["qty"],
+                    l["sku"].as_str().unwrap_or("?"),
+                    euros(l["price_cents"].as_u64().unwrap_or(0))
+                );
             }
         }
         Command::Restock { sku, qty, node } => {
@@ -291,10 +301,18 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let client = Client::new(&p.node.url);
             let body = json!({ "sku": p.sku, "name": p.name, "price_cents": p.price_cents, "currency": p.currency, "stall": p.stall, "tags": p.tags });
             let r = match client.post("/api/v1/products", &body) {
-                Err(ClientError::Api { code, .. }) if code == "product_exists" => client.put(&format!("/api/v1/products/{}", p.sku), &body)?,
+                Err(ClientError::Api { code, .. }) if code == "product_exists" => {
+                    client.put(&format!("/api/v1/products/{}", p.sku), &body)?
+                }
                 other => other?,
             };
-            println!("product {} = {} at {} {}", r["sku"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?"), euros(r["price_cents"].as_u64().unwrap_or(0)), r["currency"].as_str().unwrap_or(""));
+            println!(
+                "product {} = {} at {} {}",
+                r["sku"].as_str().unwrap_or("?"),
+                r["name"].as_str().unwrap_or("?"),
+                euros(r["price_cents"].as_u64().unwrap_or(0)),
+                r["currency"].as_str().unwrap_or("")
+            );
         }
         Command::Stock { node } => {
             let r = Client::new(&node.url).get("/api/v1/stock")?;
@@ -314,7 +332,12 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let s = &r["summary"];
             println!("{} sales, {} units, average order {}", s["sales"], s["units"], euros(s["average_order_cents"].as_u64().unwrap_or(0)));
             for sale in r["sales"].as_array().into_iter().flatten() {
-                println!("  {:<24} {:>9} {}", sale["id"].as_str().unwrap_or("?"), euros(sale["total_cents"].as_u64().unwrap_or(0)), sale["currency"].as_str().unwrap_or(""));
+                println!(
+                    "  {:<24} {:>9} {}",
+                    sale["id"].as_str().unwrap_or("?"),
+                    euros(sale["total_cents"].as_u64().unwrap_or(0)),
+                    sale["currency"].as_str().unwrap_or("")
+                );
             }
         }
         Command::Status { node } => {

@@ -111,9 +111,8 @@ async fn blocking<T: Send + 'static>(node: &Node, f: impl FnOnce(Node) -> Result
 }
 
 pub fn router(node: Node) -> Router {
-    let changes = Router::new()
-        .route("/api/v1/changes", post(push_changes).get(get_changes))
-        .layer(DefaultBodyLimit::max(MAX_CHANGES_BODY_BYTES));
+    let changes =
+        Router::new().route("/api/v1/changes", post(push_changes).get(get_changes)).layer(DefaultBodyLimit::max(MAX_CHANGES_BODY_BYTES));
     Router::new()
         .route("/api/v1/products", post(create_product).get(list_products))
         .route("/api/v1/products/{sku}", put(update_product))
@@ -165,7 +164,11 @@ fn product_json(node: &Node, sku: &str) -> Value {
 async fn create_product(State(node): State<Node>, body: Result<Json<Product>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
     let Json(product) = body?;
     if node.read(|l| l.state().products.contains_key(&product.sku)) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "product_exists", format!("SKU {:?} exists; use PUT /api/v1/products/{{sku}}", product.sku)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "product_exists",
+            format!("SKU {:?} exists; use PUT /api/v1/products/{{sku}}", product.sku),
+        ));
     }
     let sku = product.sku.clone();
     blocking(&node, move |n| n.execute(LocalOp::UpsertProduct(product))).await?;
@@ -197,7 +200,8 @@ async fn update_product(
     if !node.read(|l| l.state().products.contains_key(&sku)) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown SKU {sku:?}")));
     }
-    let product = Product { sku: sku.clone(), name: u.name, price_cents: u.price_cents, currency: u.currency, stall: u.stall, tags: u.tags };
+    let product =
+        Product { sku: sku.clone(), name: u.name, price_cents: u.price_cents, currency: u.currency, stall: u.stall, tags: u.tags };
     blocking(&node, move |n| n.execute(LocalOp::UpsertProduct(product))).await?;
     Ok(Json(product_json(&node, &sku)))
 }
@@ -354,8 +358,9 @@ async fn revoke(State(node): State<Node>, body: Result<Json<Revocation>, JsonRej
 
 /// Pushes a postcard-encoded `Vec<SignedChange>` from a peer or a tool; every change is verified.
 async fn push_changes(State(node): State<Node>, body: Bytes) -> ApiResult<Json<Value>> {
-    let changes: Vec<SignedChange> = postcard::from_bytes(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_changes", format!("body is not a postcard Vec<SignedChange>: {e}")))?;
+    let changes: Vec<SignedChange> = postcard::from_bytes(&body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_changes", format!("body is not a postcard Vec<SignedChange>: {e}"))
+    })?;
     if changes.len() > MAX_CHANGES_PER_REQUEST {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -21,17 +21,12 @@ pub struct Running {
 }
 
 /// Opens the node and serves its HTTP API until `shutdown` resolves.
-pub async fn start(
-    config: &Config,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Running, StartError> {
+pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<Running, StartError> {
     let cfg = config.clone();
-    let node = tokio::task::spawn_blocking(move || Node::open(&cfg))
-        .await
-        .map_err(|e| StartError::Node(NodeError::Internal(e.to_string())))??;
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+    let node =
+        tokio::task::spawn_blocking(move || Node::open(&cfg)).await.map_err(|e| StartError::Node(NodeError::Internal(e.to_string())))??;
+    let listener =
+        tokio::net::TcpListener::bind(config.http_addr).await.map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
     if config.mesh.enabled {
         start_mesh(&node, config)?;

@@ -1,7 +1,7 @@
 use clap::Parser;
 use stallmesh_identity::files::{self, DeviceCredentials};
 use stallmesh_identity::{DeviceId, DeviceKey, Role};
-use stallmesh_node::cli::{run_client, ClientError, Cli, Command, DeviceCmd, MarketCmd, RoleArg};
+use stallmesh_node::cli::{run_client, Cli, ClientError, Command, DeviceCmd, MarketCmd, RoleArg};
 use stallmesh_node::config::{Config, LogFormat};
 use stallmesh_node::runtime::now_ms;
 use std::process::ExitCode;
@@ -73,7 +73,8 @@ fn admin(cmd: Command) -> Result<(), String> {
             let expires = now_ms().saturating_add(valid_days.saturating_mul(24 * 3_600_000));
             let certificate = market_key.enrol(key.device_id(), &stall, role, expires);
             let device = key.device_id();
-            files::write_device(&out, &DeviceCredentials { key, certificate, market: info, mesh_psk: market_key.mesh_psk() }).map_err(|e| e.to_string())?;
+            files::write_device(&out, &DeviceCredentials { key, certificate, market: info, mesh_psk: market_key.mesh_psk() })
+                .map_err(|e| e.to_string())?;
             println!("device {device} enrolled for stall {stall:?}");
             println!("start it with: stallmesh up --credentials {}", out.display());
         }

@@ -128,10 +128,20 @@ impl request_response::Codec for BytesCodec {
     async fn read_response<T: futures::AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>> {
         read_frame(io).await
     }
-    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> std::io::Result<()> {
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()> {
         write_frame(io, &req).await
     }
-    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> std::io::Result<()> {
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()> {
         write_frame(io, &res).await
     }
 }
@@ -209,7 +219,10 @@ fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: boo
             Ok(Behaviour {
                 gossipsub,
                 mdns: mdns.into(),
-                hello: request_response::Behaviour::new([(StreamProtocol::new("/stallmesh/hello/1"), ProtocolSupport::Full)], rr_config.clone()),
+                hello: request_response::Behaviour::new(
+                    [(StreamProtocol::new("/stallmesh/hello/1"), ProtocolSupport::Full)],
+                    rr_config.clone(),
+                ),
                 sync: request_response::Behaviour::new([(StreamProtocol::new("/stallmesh/sync/1"), ProtocolSupport::Full)], rr_config),
             })
         })

@@ -84,7 +84,11 @@ impl Metrics {
         registry.register("protocol_errors", "Malformed or oversized messages from peers (the peer is dropped)", m.protocol_errors.clone());
         registry.register("peers_refused", "Peers or messages refused: bad enrolment, revoked, unverified", m.peers_refused.clone());
         registry.register("liveness_disconnects", "Peers dropped after falling silent", m.liveness_disconnects.clone());
-        registry.register("mesh_queue_full", "Broadcasts not queued because the mesh queue was full (heartbeat catch-up delivers them)", m.mesh_queue_full.clone());
+        registry.register(
+            "mesh_queue_full",
+            "Broadcasts not queued because the mesh queue was full (heartbeat catch-up delivers them)",
+            m.mesh_queue_full.clone(),
+        );
         registry.register("sync_lag_ms", "Time from a sale being recorded elsewhere to its arrival here, ms", m.sync_lag_ms.clone());
         Metrics { registry, ..m }
     }

@@ -6,13 +6,13 @@
 //! rebuilds memory from what is on disk, so nothing unacknowledged is ever reported as done.
 
 use crate::config::Config;
+use crate::mesh::{MeshCommand, MeshStatus};
 use crate::metrics::{Metrics, Origin, Reason};
 use stallmesh_identity::files::{self, DeviceCredentials, FileError};
 use stallmesh_identity::{Role, SignedChange};
 use stallmesh_ledger::{ApplyReport, Entry, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product, RestoreError};
 use stallmesh_store::{Owner, Store, StoreError};
 use std::path::PathBuf;
-use crate::mesh::{MeshCommand, MeshStatus};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -118,11 +118,8 @@ impl Node {
     /// Opens the node described by `config`: credentials (or demo mode), store, ledger.
     pub fn open(config: &Config) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| NodeError::DataDir(config.data_dir.clone(), e))?;
-        let device_dir = if config.credentials_dir.as_os_str().is_empty() {
-            config.data_dir.join(DEVICE_DIR)
-        } else {
-            config.credentials_dir.clone()
-        };
+        let device_dir =
+            if config.credentials_dir.as_os_str().is_empty() { config.data_dir.join(DEVICE_DIR) } else { config.credentials_dir.clone() };
         let mut demo = false;
         let creds = if device_dir.join(files::DEVICE_KEY_FILE).exists() {
             files::load_device(&device_dir)?
@@ -331,7 +328,11 @@ impl Node {
                 if arrivals.len() == MAX_RECENT_ARRIVALS {
                     arrivals.pop_front();
                 }
-                arrivals.push_back(Arrival { sale_id: stallmesh_ledger::sale_id(e.change.dot()), recorded_ms: e.event.time_ms, arrived_us });
+                arrivals.push_back(Arrival {
+                    sale_id: stallmesh_ledger::sale_id(e.change.dot()),
+                    recorded_ms: e.event.time_ms,
+                    arrived_us,
+                });
             }
         }
         self.metrics.changes_applied.get_or_create(&Origin { origin: "remote" }).inc_by(report.applied.len() as u64);
@@ -363,7 +364,12 @@ impl Node {
     }
 
     /// Changes of `device` from `from_seq`, from the store, for a peer or the cloud.
-    pub fn changes_since(&self, device: &stallmesh_identity::DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, NodeError> {
+    pub fn changes_since(
+        &self,
+        device: &stallmesh_identity::DeviceId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<SignedChange>, NodeError> {
         Ok(self.lock().store.changes_since(device, from_seq, limit)?)
     }
 

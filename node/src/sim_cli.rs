@@ -43,7 +43,8 @@ pub fn run_sim(args: SimArgs) -> Result<u8, String> {
     }
     if let Some(range) = &args.seeds {
         let (a, b) = range.split_once("..").ok_or("--seeds wants A..B")?;
-        let (a, b): (u64, u64) = (a.parse().map_err(|_| "--seeds: A is not a number")?, b.parse().map_err(|_| "--seeds: B is not a number")?);
+        let (a, b): (u64, u64) =
+            (a.parse().map_err(|_| "--seeds: A is not a number")?, b.parse().map_err(|_| "--seeds: B is not a number")?);
         let results = sweep(&scenario, a..b, args.jobs);
         let failing: Vec<u64> = results.iter().filter(|(_, _, v)| !v.is_empty()).map(|(s, _, _)| *s).collect();
         println!("{:>6} {:>8} {:>8} {:>12} {:>12}  result", "seed", "sales", "refused", "conv p99 ms", "wall ms");

@@ -20,7 +20,9 @@ fn a_run_prints_the_report_and_writes_json_and_svg() {
     let out_dir = dir.path().join("report");
     let (code, out) = sim(&[&scenario("partition-heal.toml"), "--seed", "3", "--out", out_dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    for field in ["sales acknowledged", "convergence p50 / p99 / max", "bytes per sale", "engine / protocol", "trace digest", "all invariants held"] {
+    for field in
+        ["sales acknowledged", "convergence p50 / p99 / max", "bytes per sale", "engine / protocol", "trace digest", "all invariants held"]
+    {
         assert!(out.contains(field), "missing {field:?} in\n{out}");
     }
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();

@@ -78,7 +78,15 @@ fn run_isolated(test_name: &str, args: &[&str], body: impl FnOnce()) {
 fn probe(prefix: &[&str]) -> bool {
     Command::new("unshare")
         .args(prefix)
-        .args(["--net", "--mount", "--fork", "--", "sh", "-c", "mkdir -p /run/netns && mount -t tmpfs none /run/netns && ip link add probe0 type bridge"])
+        .args([
+            "--net",
+            "--mount",
+            "--fork",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /run/netns && mount -t tmpfs none /run/netns && ip link add probe0 type bridge",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -116,11 +116,7 @@ impl TestNode {
 
     pub fn metric(&self, line_prefix: &str) -> f64 {
         let text = ureq::get(&format!("{}/metrics", self.base)).call().unwrap().into_string().unwrap();
-        text.lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
     }
 }
 

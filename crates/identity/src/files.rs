@@ -81,21 +81,14 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), FileError> {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path, what: &'static str) -> Result<T, FileError> {
     let text = fs::read_to_string(path).map_err(io(path))?;
-    serde_json::from_str(&text).map_err(|e| FileError::Invalid {
-        path: path.to_path_buf(),
-        what,
-        detail: e.to_string(),
-    })
+    serde_json::from_str(&text).map_err(|e| FileError::Invalid { path: path.to_path_buf(), what, detail: e.to_string() })
 }
 
 /// Creates a new market in `dir`: a fresh key (0600) and its public info.
 pub fn init_market(dir: &Path, name: &str) -> Result<(MarketKey, MarketInfo), FileError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let key = MarketKey::generate().map_err(|e| FileError::Invalid {
-        path: dir.to_path_buf(),
-        what: "random source",
-        detail: e.to_string(),
-    })?;
+    let key =
+        MarketKey::generate().map_err(|e| FileError::Invalid { path: dir.to_path_buf(), what: "random source", detail: e.to_string() })?;
     let info = MarketInfo { name: name.to_string(), market_id: key.market_id(), public_key: key.public() };
     write_secret(&dir.join(MARKET_KEY_FILE), &key.secret())?;
     write_json(&dir.join(MARKET_INFO_FILE), &info)?;
@@ -140,11 +133,7 @@ pub fn load_device(dir: &Path) -> Result<DeviceCredentials, FileError> {
     let market = load_market_info(dir)?;
     let mesh_psk = read_secret(&dir.join(MESH_PSK_FILE))?;
     if certificate.device != key.device_id() {
-        return Err(FileError::Invalid {
-            path: cert_path,
-            what: "enrolment certificate",
-            detail: "issued for another device key".into(),
-        });
+        return Err(FileError::Invalid { path: cert_path, what: "enrolment certificate", detail: "issued for another device key".into() });
     }
     Ok(DeviceCredentials { key, certificate, market, mesh_psk })
 }
@@ -169,15 +158,19 @@ mod tests {
         assert!(matches!(init_market(&dir.join("market"), "again"), Err(FileError::Exists { .. })));
         let device = DeviceKey::generate().unwrap();
         let cert = market.enrol(device.device_id(), "Honey", crate::Role::Seller, u64::MAX);
-        write_device(&dir.join("dev"), &DeviceCredentials { key: device, certificate: cert.clone(), market: info.clone(), mesh_psk: market.mesh_psk() })
-            .unwrap();
+        write_device(
+            &dir.join("dev"),
+            &DeviceCredentials { key: device, certificate: cert.clone(), market: info.clone(), mesh_psk: market.mesh_psk() },
+        )
+        .unwrap();
         let loaded = load_device(&dir.join("dev")).unwrap();
         assert_eq!(loaded.certificate, cert);
         assert_eq!(loaded.market, info);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            for p in [dir.join("market").join(MARKET_KEY_FILE), dir.join("dev").join(DEVICE_KEY_FILE), dir.join("dev").join(MESH_PSK_FILE)] {
+            for p in [dir.join("market").join(MARKET_KEY_FILE), dir.join("dev").join(DEVICE_KEY_FILE), dir.join("dev").join(MESH_PSK_FILE)]
+            {
                 assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{p:?}");
             }
         }

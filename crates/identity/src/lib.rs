@@ -190,12 +190,7 @@ impl MarketKey {
     }
 
     pub fn revoke(&self, device: DeviceId, revoked_at_ms: u64) -> Revocation {
-        let mut rev = Revocation {
-            market: self.market_id(),
-            device,
-            revoked_at_ms,
-            signature: SignatureBytes([0; 64]),
-        };
+        let mut rev = Revocation { market: self.market_id(), device, revoked_at_ms, signature: SignatureBytes([0; 64]) };
         rev.signature = SignatureBytes(self.0.sign(&rev.signed_bytes()).to_bytes());
         rev
     }
@@ -226,21 +221,8 @@ impl DeviceKey {
     }
 
     /// Signs one journal entry. `causal` lists changes of other devices this one depends on.
-    pub fn sign_change(
-        &self,
-        market: MarketId,
-        seq: u64,
-        causal: Vec<Dot>,
-        change: Vec<u8>,
-    ) -> SignedChange {
-        let mut signed = SignedChange {
-            market,
-            device: self.device_id(),
-            seq,
-            causal,
-            change,
-            signature: SignatureBytes([0; 64]),
-        };
+    pub fn sign_change(&self, market: MarketId, seq: u64, causal: Vec<Dot>, change: Vec<u8>) -> SignedChange {
+        let mut signed = SignedChange { market, device: self.device_id(), seq, causal, change, signature: SignatureBytes([0; 64]) };
         signed.signature = SignatureBytes(self.0.sign(&signed.signed_bytes()).to_bytes());
         signed
     }

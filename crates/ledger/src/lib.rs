@@ -139,7 +139,9 @@ pub enum LedgerError {
     UnknownDevice(DeviceId),
     #[error("invalid {field}: {problem}")]
     Invalid { field: &'static str, problem: String },
-    #[error("not enough stock rights for {sku}: asked {requested}, this device holds {held_here}, other devices hold {held_elsewhere_total}")]
+    #[error(
+        "not enough stock rights for {sku}: asked {requested}, this device holds {held_here}, other devices hold {held_elsewhere_total}"
+    )]
     InsufficientRights { sku: String, requested: u64, held_here: u64, held_elsewhere_total: u64, held_elsewhere: BTreeMap<DeviceId, u64> },
     #[error("sale mixes currencies {0} and {1}")]
     MixedCurrency(String, String),
@@ -478,7 +480,10 @@ impl Ledger {
                     return Err(LedgerError::Invalid { field: "currency", problem: "must be an ISO 4217 code like EUR".into() });
                 }
                 if p.tags.len() > MAX_TAGS || p.tags.iter().any(|t| t.is_empty() || t.len() > MAX_TAG_LEN) {
-                    return Err(LedgerError::Invalid { field: "tags", problem: format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes") });
+                    return Err(LedgerError::Invalid {
+                        field: "tags",
+                        problem: format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes"),
+                    });
                 }
                 if self.certificate.role == stallmesh_identity::Role::Seller && p.stall != self.certificate.stall {
                     return Err(LedgerError::OtherStall { own: self.certificate.stall.clone(), other: p.stall });
@@ -551,13 +556,7 @@ impl Ledger {
         if requested <= held_here {
             return Ok(());
         }
-        let held_elsewhere: BTreeMap<DeviceId, u64> = self
-            .state
-            .stock(sku)
-            .per_device
-            .into_iter()
-            .filter(|(d, _)| *d != self.me)
-            .collect();
+        let held_elsewhere: BTreeMap<DeviceId, u64> = self.state.stock(sku).per_device.into_iter().filter(|(d, _)| *d != self.me).collect();
         Err(LedgerError::InsufficientRights {
             sku: sku.to_string(),
             requested,
@@ -869,9 +868,7 @@ impl Ledger {
             if certificate.device != dot.device {
                 return Err(Rejection::BadEnrolment("certificate names another device".into()));
             }
-            certificate
-                .verify(&self.ctx.market_key, event.time_ms)
-                .map_err(|e| Rejection::BadEnrolment(e.to_string()))?;
+            certificate.verify(&self.ctx.market_key, event.time_ms).map_err(|e| Rejection::BadEnrolment(e.to_string()))?;
         } else if dot.seq == 0 {
             return Err(Rejection::Unenrolled);
         }

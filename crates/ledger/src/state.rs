@@ -115,9 +115,7 @@ impl State {
     pub fn fold(&mut self, dot: Dot, event: &Event) {
         match &event.body {
             EventBody::Enrolled { certificate } => {
-                self.devices
-                    .entry(dot.device)
-                    .or_insert_with(|| DeviceRecord { certificate: certificate.clone(), revoked_at_ms: None });
+                self.devices.entry(dot.device).or_insert_with(|| DeviceRecord { certificate: certificate.clone(), revoked_at_ms: None });
             }
             EventBody::ProductUpserted { product, lamport } => {
                 let newer = match self.products.get(&product.sku) {
@@ -125,10 +123,8 @@ impl State {
                     None => true,
                 };
                 if newer {
-                    self.products.insert(
-                        product.sku.clone(),
-                        ProductRecord { product: product.clone(), lamport: *lamport, author: dot.device },
-                    );
+                    self.products
+                        .insert(product.sku.clone(), ProductRecord { product: product.clone(), lamport: *lamport, author: dot.device });
                 }
             }
             EventBody::Restocked { sku, qty } => {

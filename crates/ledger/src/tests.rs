@@ -138,7 +138,6 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
     assert!(b.stats().rejected.values().sum::<u64>() >= 4);
 }
 
-
 #[test]
 fn a_revoked_device_is_cut_off_everywhere_the_revocation_arrives() {
     let m = TestMarket::new(7);
@@ -217,10 +216,7 @@ fn invalid_local_input_is_refused_with_the_field_named() {
     p.sku = "ok".into();
     p.currency = "euro".into();
     assert!(matches!(a.record(LocalOp::UpsertProduct(p), 1), Err(LedgerError::Invalid { field: "currency", .. })));
-    assert!(matches!(
-        a.record(LocalOp::Sell { lines: vec![], client_ref: None }, 1),
-        Err(LedgerError::Invalid { field: "lines", .. })
-    ));
+    assert!(matches!(a.record(LocalOp::Sell { lines: vec![], client_ref: None }, 1), Err(LedgerError::Invalid { field: "lines", .. })));
 }
 
 #[test]

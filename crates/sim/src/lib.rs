@@ -34,7 +34,11 @@ pub fn check_determinism(scenario: &Scenario, seed: u64) -> (String, Option<Dive
         return (a.digest, None);
     }
     let i = a.event_hashes.iter().zip(&b.event_hashes).position(|(x, y)| x != y).unwrap_or(a.event_hashes.len().min(b.event_hashes.len()));
-    let capture = || run(scenario, Options { seed, capture_event: Some(i as u64 + 1), ..Default::default() }).captured.unwrap_or_else(|| "(no event)".to_string());
+    let capture = || {
+        run(scenario, Options { seed, capture_event: Some(i as u64 + 1), ..Default::default() })
+            .captured
+            .unwrap_or_else(|| "(no event)".to_string())
+    };
     let first = capture();
     let second = capture();
     (a.digest, Some(Divergence { event: i as u64, first, second }))

@@ -55,18 +55,21 @@ impl Report {
         row("sales acknowledged", self.sales.to_string());
         row("sales refused", format!("{refused} {:?}", self.refused));
         row("customers lost (stall down)", self.customers_lost.to_string());
-        row("convergence p50 / p99 / max", format!("{:.1} / {:.1} / {:.1} ms", self.convergence_ms_p50, self.convergence_ms_p99, self.convergence_ms_max));
+        row(
+            "convergence p50 / p99 / max",
+            format!("{:.1} / {:.1} / {:.1} ms", self.convergence_ms_p50, self.convergence_ms_p99, self.convergence_ms_max),
+        );
         row(
             "converged after faults stopped",
             self.converged_after_faults_stopped_ms.map_or("NOT within the bound".into(), |ms| format!("{ms:.0} ms")),
         );
         row("messages / bytes per sale", format!("{:.1} / {:.0} B", self.messages_per_sale, self.bytes_per_sale));
-        row("storage per device mean / max", format!("{:.1} / {:.1} KB", self.storage_bytes_per_device_mean / 1e3, self.storage_bytes_per_device_max as f64 / 1e3));
-        row("faults fired", format!("{:?}", self.faults_fired));
         row(
-            "wall time (engine / protocol)",
-            format!("{:.0} ms ({:.0} / {:.0} ms)", self.wall_ms, self.engine_ms, self.protocol_ms),
+            "storage per device mean / max",
+            format!("{:.1} / {:.1} KB", self.storage_bytes_per_device_mean / 1e3, self.storage_bytes_per_device_max as f64 / 1e3),
         );
+        row("faults fired", format!("{:?}", self.faults_fired));
+        row("wall time (engine / protocol)", format!("{:.0} ms ({:.0} / {:.0} ms)", self.wall_ms, self.engine_ms, self.protocol_ms));
         row("trace digest", self.digest.clone());
         t
     }
@@ -100,9 +103,7 @@ impl Report {
                 .build_cartesian_2d(0u32..hours, 0f64..max)
                 .map_err(|e| e.to_string())?;
             chart.configure_mesh().x_desc("hour of the day").draw().map_err(|e| e.to_string())?;
-            chart
-                .draw_series(LineSeries::new(values.iter().enumerate().map(|(i, v)| (i as u32, *v)), &BLUE))
-                .map_err(|e| e.to_string())?;
+            chart.draw_series(LineSeries::new(values.iter().enumerate().map(|(i, v)| (i as u32, *v)), &BLUE)).map_err(|e| e.to_string())?;
         }
         root.present().map_err(|e| e.to_string())
     }

@@ -156,7 +156,13 @@ pub enum FaultSpec {
     UplinkOutage { at_s: f64, duration_s: f64 },
     /// The device crashes and restarts after `down_s`; with `lose_unsynced`, changes not yet
     /// durable are lost.
-    Crash { at_s: f64, down_s: f64, device: u32, #[serde(default)] lose_unsynced: bool },
+    Crash {
+        at_s: f64,
+        down_s: f64,
+        device: u32,
+        #[serde(default)]
+        lose_unsynced: bool,
+    },
     /// The device's clock jumps by `jump_ms` (negative: backwards).
     ClockJump { at_s: f64, device: u32, jump_ms: i64 },
 }
@@ -207,7 +213,9 @@ impl Scenario {
             match f {
                 FaultSpec::Partition { groups, .. } => groups.iter().flatten().try_for_each(|d| check_device(*d))?,
                 FaultSpec::Asymmetric { from, to, .. } => from.iter().chain(to).try_for_each(|d| check_device(*d))?,
-                FaultSpec::Isolate { device, .. } | FaultSpec::Crash { device, .. } | FaultSpec::ClockJump { device, .. } => check_device(*device)?,
+                FaultSpec::Isolate { device, .. } | FaultSpec::Crash { device, .. } | FaultSpec::ClockJump { device, .. } => {
+                    check_device(*device)?
+                }
                 FaultSpec::UplinkOutage { .. } => {}
             }
         }

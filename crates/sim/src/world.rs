@@ -241,7 +241,10 @@ impl World {
                 key_secret: secret,
                 cert,
                 ledger,
-                sync: SyncCore::new(SyncConfig { heartbeat_ms: sc.network.heartbeat_ms, liveness_timeout_ms: sc.network.liveness_timeout_ms }),
+                sync: SyncCore::new(SyncConfig {
+                    heartbeat_ms: sc.network.heartbeat_ms,
+                    liveness_timeout_ms: sc.network.liveness_timeout_ms,
+                }),
                 durable: Vec::new(),
                 unsynced: Vec::new(),
                 commit_scheduled: false,
@@ -492,7 +495,10 @@ impl World {
         let started = Instant::now();
         let bar = self.opts.progress.then(|| {
             let b = indicatif::ProgressBar::new((self.sc.duration_h * 3600.0) as u64);
-            b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} simulated s ({per_sec}, eta {eta})").expect("template"));
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} simulated s ({per_sec}, eta {eta})")
+                    .expect("template"),
+            );
             b.set_message(self.sc.name.clone());
             b
         });
@@ -972,7 +978,10 @@ impl World {
             }
         }
         let d = &mut self.devices[dev as usize];
-        d.sync = SyncCore::new(SyncConfig { heartbeat_ms: self.sc.network.heartbeat_ms, liveness_timeout_ms: self.sc.network.liveness_timeout_ms });
+        d.sync = SyncCore::new(SyncConfig {
+            heartbeat_ms: self.sc.network.heartbeat_ms,
+            liveness_timeout_ms: self.sc.network.liveness_timeout_ms,
+        });
         d.up = true;
         self.trace(Some(dev), "restart".into());
         let pairs: Vec<(u32, u32)> = self.wanted.iter().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
@@ -1174,7 +1183,11 @@ fn random_faults(sc: &Scenario, seed: u64) -> Vec<FaultSpec> {
             device: d,
             lose_unsynced: rf.crash_loses_unsynced,
         });
-        draw(rf.isolations_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Isolate { at_s: t, duration_s: rf.isolation_s.max(1.0), device: d });
+        draw(rf.isolations_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Isolate {
+            at_s: t,
+            duration_s: rf.isolation_s.max(1.0),
+            device: d,
+        });
         draw(rf.clock_jumps_per_device_per_hour, &mut out, &mut |t, r| FaultSpec::ClockJump {
             at_s: t,
             device: d,

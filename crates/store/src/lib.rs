@@ -88,9 +88,7 @@ impl Store {
     pub fn open(path: &Path, owner: Owner) -> Result<Self, StoreError> {
         let p = path.to_path_buf();
         let db = match std::fs::metadata(path) {
-            Ok(m) if m.len() == 0 => {
-                return Err(StoreError::Corrupt { path: p, detail: "file is empty (truncated?)".into() })
-            }
+            Ok(m) if m.len() == 0 => return Err(StoreError::Corrupt { path: p, detail: "file is empty (truncated?)".into() }),
             Ok(_) => Database::open(path),
             Err(_) => Database::create(path),
         }
@@ -187,7 +185,8 @@ impl Store {
         }
         let mut tx = self.db.begin_write().map_err(self.err())?;
         if !durable {
-            tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
+            tx.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
         }
         let mut position = self.next_position;
         {
@@ -235,10 +234,8 @@ impl Store {
                 path: self.path.clone(),
                 detail: format!("index points at missing journal entry {position}"),
             })?;
-            let entry = unframe(bytes.value()).map_err(|detail| StoreError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("journal entry {position}: {detail}"),
-            })?;
+            let entry = unframe(bytes.value())
+                .map_err(|detail| StoreError::Corrupt { path: self.path.clone(), detail: format!("journal entry {position}: {detail}") })?;
             out.push(entry.change);
         }
         Ok(out)

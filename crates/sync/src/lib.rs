@@ -193,7 +193,6 @@ pub struct Sync<P> {
     stats: SyncStats,
 }
 
-
 impl<P: Ord + Clone + Debug> Sync<P> {
     pub fn new(config: SyncConfig) -> Self {
         Self { config, peers: BTreeMap::new(), stats: SyncStats::default() }
@@ -504,10 +503,6 @@ impl MemoryLog {
 
 impl ChangeLog for MemoryLog {
     fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, String> {
-        Ok(self
-            .changes
-            .get(device)
-            .map(|j| j.iter().skip(from_seq as usize).take(limit).cloned().collect())
-            .unwrap_or_default())
+        Ok(self.changes.get(device).map(|j| j.iter().skip(from_seq as usize).take(limit).cloned().collect()).unwrap_or_default())
     }
 }

@@ -130,13 +130,8 @@ fn a_new_peer_catches_up_with_about_the_bytes_of_the_changes_it_lacks() {
         let t = net.now;
         net.nodes[0].record(sell("honey", 1), t); // made while node 1 was away: not broadcast
     }
-    let missing: usize = net.nodes[0]
-        .log
-        .changes_since(&net.nodes[0].ledger.device(), 0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|c| c.encoded_len())
-        .sum();
+    let missing: usize =
+        net.nodes[0].log.changes_since(&net.nodes[0].ledger.device(), 0, usize::MAX).unwrap().iter().map(|c| c.encoded_len()).sum();
     net.bytes_to = vec![0, 0];
     net.connect(0, 1);
     assert_eq!(net.nodes[1].ledger.state(), net.nodes[0].ledger.state());
@@ -231,11 +226,17 @@ fn malformed_oversized_or_foreign_messages_drop_the_peer_and_are_counted() {
     let errors = &n.sync.stats().protocol_errors;
     assert_eq!((errors["empty"], errors["version"], errors["malformed"], errors["oversized"]), (1, 1, 2, 1));
     // Too many heads entries: over a limit, rejected without building them.
-    let too_many = Message::Heads { full: true, heads: (0..=MAX_HEADS_ENTRIES as u32).map(|i| {
-        let mut id = [0u8; 32];
-        id[..4].copy_from_slice(&i.to_le_bytes());
-        (DeviceId(id), 1)
-    }).collect() }.encode();
+    let too_many = Message::Heads {
+        full: true,
+        heads: (0..=MAX_HEADS_ENTRIES as u32)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&i.to_le_bytes());
+                (DeviceId(id), 1)
+            })
+            .collect(),
+    }
+    .encode();
     assert!(matches!(Message::decode(&too_many), Err(ProtocolError::OverLimit(_))));
 }
 
