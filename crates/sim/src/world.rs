@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// Trace lines kept per device for the timeline printed with a violation.
 const TIMELINE_LINES: usize = 40;
+/// Gossipsub's duplicate cache time (its default): a copy arriving later reaches the application.
+const GOSSIP_DUPLICATE_CACHE_US: u64 = 60 * US_PER_S;
 /// One protocol call in this many is timed for the engine/protocol split of the report.
 const PROTOCOL_TIMING_SAMPLE: u64 = 16;
 /// Events processed before the run gives up (a runaway scenario, not a market day).
@@ -119,8 +121,8 @@ struct Device {
     held: Vec<u64>,
     rights_asked_at: BTreeMap<String, u64>,
     broken: bool,
-    /// Broadcasts already seen (gossipsub's duplicate cache), by content hash.
-    seen: BTreeSet<u64>,
+    /// Broadcasts already seen (gossipsub's duplicate cache): content hash → first seen (virtual µs).
+    seen: BTreeMap<u64, u64>,
 }
 
 struct Conn {
@@ -258,7 +260,7 @@ impl World {
                 held: Vec::new(),
                 rights_asked_at: BTreeMap::new(),
                 broken: opts.broken_device == Some(d),
-                seen: BTreeSet::new(),
+                seen: BTreeMap::new(),
             });
         }
         let stall_rngs = (0..sc.market.stalls).map(|s| ChaCha8Rng::seed_from_u64(mix(seed, "stall", s as u64))).collect();
@@ -650,7 +652,8 @@ impl World {
         let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
         for o in &out {
             if let Output::Broadcast { bytes } = o {
-                self.devices[dev as usize].seen.insert(fnv_bytes(bytes));
+                let t = self.now;
+                self.devices[dev as usize].seen.insert(fnv_bytes(bytes), t);
             }
         }
         self.execute(dev, out);
@@ -844,22 +847,27 @@ impl World {
         if ordered {
             self.devices[from as usize].sync.acked(&to, bytes.len());
         }
+        // Gossipsub hands the application a broadcast once (its duplicate cache, by message id,
+        // remembers for a minute) and forwards it to its own mesh peers.
+        if !ordered {
+            let h = fnv_bytes(&bytes);
+            let t = self.now;
+            let seen = &mut self.devices[to as usize].seen;
+            if seen.get(&h).is_some_and(|first| t.saturating_sub(*first) < GOSSIP_DUPLICATE_CACHE_US) {
+                return;
+            }
+            seen.insert(h, t);
+            let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
+            for p in peers {
+                self.transmit(to, p, bytes.clone(), false);
+            }
+        }
         let now = self.dev_now_ms(to);
         let out = self.protocol(|w| {
             let d = &mut w.devices[to as usize];
             let held = HeldLog { all: &w.all_changes, heads: d.ledger.heads_ref() };
             d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &held)
         });
-        // Gossipsub forwards a broadcast it sees for the first time to its own mesh peers.
-        if !ordered {
-            let h = fnv_bytes(&bytes);
-            if self.devices[to as usize].seen.insert(h) {
-                let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
-                for p in peers {
-                    self.transmit(to, p, bytes.clone(), false);
-                }
-            }
-        }
         self.execute(to, out);
     }
 

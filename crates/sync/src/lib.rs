@@ -78,9 +78,7 @@ impl ProtocolError {
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![PROTOCOL_VERSION];
-        out.extend(postcard::to_allocvec(self).expect("messages always serialize"));
-        out
+        postcard::to_extend(self, vec![PROTOCOL_VERSION]).expect("messages always serialize")
     }
 
     /// Decodes and checks limits. Never panics on any input.
@@ -322,6 +320,9 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             Message::Heads { heads, full } => {
                 let mine_total = mine.total();
                 let unchanged = !full && heads.is_empty() && session.served_total == Some(mine_total);
+                // Only the entries in this message can show something new the peer holds: earlier
+                // ones were looked at when they arrived.
+                let they_have_more = heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                 if full {
                     session.their_heads = heads.into_iter().collect();
                 } else {
@@ -333,7 +334,6 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 if unchanged {
                     return out; // an idle heartbeat: nothing new on either side since the last one
                 }
-                let they_have_more = session.their_heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                 let pull = they_have_more && !session.pulling;
                 session.served_total = Some(mine_total);
                 self.serve(&mut out, &from, now_ms, mine, log);
@@ -365,8 +365,16 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         let mut changes = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
+        // Both maps are sorted by device: walk them together instead of a lookup per device.
+        let mut theirs = session.their_heads.iter().peekable();
         'devices: for (device, &my_next) in mine.iter() {
-            let their_next = session.their_heads.get(device).copied().unwrap_or(0);
+            while theirs.peek().is_some_and(|(d, _)| *d < device) {
+                theirs.next();
+            }
+            let their_next = match theirs.peek() {
+                Some((d, n)) if *d == device => **n,
+                _ => 0,
+            };
             let mut from = their_next;
             while from < my_next {
                 let room = MAX_CHANGES_PER_MESSAGE - changes.len();
@@ -449,12 +457,12 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     /// Time passes: heartbeat heads to peers not written to lately; drop peers silent too long.
     pub fn tick(&mut self, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
         let mut out = Vec::new();
-        let silent: Vec<P> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| now_ms.saturating_sub(s.last_heard_ms) > self.config.liveness_timeout_ms)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let timeout = self.config.liveness_timeout_ms;
+        let silent: Vec<P> = if !self.peers.values().any(|s| now_ms.saturating_sub(s.last_heard_ms) > timeout) {
+            Vec::new()
+        } else {
+            self.peers.iter().filter(|(_, s)| now_ms.saturating_sub(s.last_heard_ms) > timeout).map(|(p, _)| p.clone()).collect()
+        };
         for p in silent {
             self.peers.remove(&p);
             self.stats.liveness_disconnects += 1;
