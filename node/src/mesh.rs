@@ -264,7 +264,8 @@ pub fn start(
         status: status.clone(),
         last_stats: Default::default(),
     };
-    let task = tokio::spawn(driver.run(rx));
+    let span = tracing::info_span!("mesh", peer_id = %status.lock().expect("status lock").peer_id);
+    let task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
     Ok((Mesh { status, task }, tx))
 }
 

@@ -232,6 +232,7 @@ impl Node {
             LocalOp::UpsertProduct(_) => "product",
             LocalOp::Revoke(_) => "revocation",
         };
+        let _span = tracing::debug_span!("local_op", kind).entered();
         let result = self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e]));
         match &result {
             Ok(entries) => {
@@ -312,6 +313,7 @@ impl Node {
 
     /// Verifies and applies changes from a peer; persists what was applied.
     pub fn ingest(&self, changes: Vec<SignedChange>) -> Result<ApplyReport, NodeError> {
+        let _span = tracing::debug_span!("ingest", changes = changes.len()).entered();
         let mut report = None;
         // Nobody was promised these: commit without waiting for the disk (flushed within a tick).
         self.with_write_as(false, |l| {
