@@ -282,3 +282,72 @@ fn f_a_device_that_runs_short_is_given_stock_rights_by_a_peer() {
         assert!(egg["per_device"].as_object().unwrap().values().all(|v| v.as_u64().unwrap() >= 1), "node 1 kept some: {egg}");
     });
 }
+
+/// Two tablets where multicast does not work (loopback): one is given the other's address.
+/// Also: a revoked tablet is cut off and not let back in.
+#[test]
+fn g_bootstrap_addresses_work_where_mdns_cannot_and_a_revoked_device_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = netns::binary();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["market", "init", "--dir", "market"]);
+    run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", "t1"]);
+    run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", "t2"]);
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (mesh1, http1, http2) = (free(), free(), free());
+    let start = |creds: &str, http: u16, env: Vec<(&str, String)>| {
+        let log = std::fs::File::create(dir.path().join(format!("{creds}.log"))).unwrap();
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["up", "--credentials", creds, "--data-dir", &format!("{creds}-data"), "--http-addr", &format!("127.0.0.1:{http}")])
+            .current_dir(dir.path())
+            .env("STALLMESH_MESH_MDNS", "false")
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let url = format!("http://127.0.0.1:{http}");
+        eventually(Duration::from_secs(20), "node up", || ureq::get(&format!("{url}/healthz")).call().is_ok());
+        (KillOnDrop(child), url)
+    };
+    let (_n1, u1) = start("t1", http1, vec![("STALLMESH_MESH_LISTEN", format!("/ip4/127.0.0.1/tcp/{mesh1}"))]);
+    let (_n2, u2) = start(
+        "t2",
+        http2,
+        vec![
+            ("STALLMESH_MESH_LISTEN", "/ip4/127.0.0.1/tcp/0".to_string()),
+            ("STALLMESH_MESH_BOOTSTRAP", format!("/ip4/127.0.0.1/tcp/{mesh1}")),
+        ],
+    );
+    let peers = |u: &str| netns::get(u, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len);
+    eventually(CONVERGE, "bootstrap connects the two", || peers(&u1) == 1 && peers(&u2) == 1);
+    let p = json!({ "sku": "TEA", "name": "Tea", "price_cents": 300, "currency": "EUR", "stall": "Stall" });
+    assert_eq!(netns::post(&u1, "/api/v1/products", &p).0, 201);
+    eventually(CONVERGE, "the product reaches tablet 2", || {
+        netns::get(&u2, "/api/v1/products")["products"].as_array().is_some_and(|a| a.len() == 1)
+    });
+
+    // The organiser revokes tablet 2; tablet 1 learns it and cuts it off for good.
+    let device2 = netns::get(&u2, "/api/v1/status")["node"]["device"].as_str().unwrap().to_string();
+    run(&["device", "revoke", "--market", "market", "--device", &device2, "--out", "revoked.json"]);
+    let rev: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("revoked.json")).unwrap()).unwrap();
+    assert_eq!(netns::post(&u1, "/api/v1/revocations", &rev).0, 201);
+    eventually(CONVERGE, "tablet 1 cuts tablet 2", || peers(&u1) == 0);
+    let mesh = netns::get(&u1, "/api/v1/mesh");
+    assert!(mesh["refused"].as_object().is_some_and(|r| r.values().any(|v| v.as_str().is_some_and(|s| s.contains("revoked")))), "{mesh}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(peers(&u1), 0, "a revoked device is not let back in by the redial");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -358,6 +358,11 @@ impl Driver {
                         addrs.insert(endpoint.get_remote_address().clone());
                     }
                 }
+                if self.refused.contains_key(&peer_id) {
+                    // Refused before (bad enrolment, revoked): no second hello.
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, "connected; proving enrolment");
                     self.swarm.behaviour_mut().hello.send_request(&peer_id, self.hello.clone());
