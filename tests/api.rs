@@ -166,8 +166,10 @@ fn changes_pushed_from_a_peer_are_verified_before_they_are_applied() {
     let bytes = node.get_bytes(&format!("/api/v1/changes?device={device1}&from=3"));
     changes = postcard::from_bytes(&bytes).unwrap();
     let mut forged = changes.clone();
-    let n = forged[0].change.len();
-    forged[0].change[n - 1] ^= 0xff;
+    let mut bytes = forged[0].change.to_vec();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    forged[0].change = bytes.into();
     let (_, report) = peer.post_bytes("/api/v1/changes", &postcard::to_allocvec(&forged).unwrap());
     assert_eq!(report["rejected"][0]["reason"], "bad_signature", "{report}");
     let encoded = postcard::to_allocvec(&changes).unwrap();

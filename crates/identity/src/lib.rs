@@ -222,7 +222,8 @@ impl DeviceKey {
 
     /// Signs one journal entry. `causal` lists changes of other devices this one depends on.
     pub fn sign_change(&self, market: MarketId, seq: u64, causal: Vec<Dot>, change: Vec<u8>) -> SignedChange {
-        let mut signed = SignedChange { market, device: self.device_id(), seq, causal, change, signature: SignatureBytes([0; 64]) };
+        let mut signed =
+            SignedChange { market, device: self.device_id(), seq, causal, change: change.into(), signature: SignatureBytes([0; 64]) };
         signed.signature = SignatureBytes(self.0.sign(&signed.signed_bytes()).to_bytes());
         signed
     }
@@ -329,8 +330,8 @@ pub struct SignedChange {
     /// Changes of other devices that must be applied before this one (transfers of stock rights this
     /// change may spend).
     pub causal: Vec<Dot>,
-    /// automerge change bytes; the change's actor must be `device`.
-    pub change: Vec<u8>,
+    /// automerge change bytes; the change's actor must be `device`. Shared, not copied, on clone.
+    pub change: bytes::Bytes,
     pub signature: SignatureBytes,
 }
 
@@ -395,7 +396,9 @@ mod tests {
         t.seq = 4;
         assert_eq!(t.verify_signature(), Err(IdentityError::BadSignature));
         let mut t = signed.clone();
-        t.change[0] = 9;
+        let mut bytes = t.change.to_vec();
+        bytes[0] = 9;
+        t.change = bytes.into();
         assert_eq!(t.verify_signature(), Err(IdentityError::BadSignature));
         let mut t = signed.clone();
         t.causal.push(Dot { device: device.device_id(), seq: 1 });

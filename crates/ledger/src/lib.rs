@@ -238,7 +238,7 @@ struct SegmentDoc {
 struct Journal {
     next_seq: u64,
     /// Raw changes of the current segment, so its document can be rebuilt on demand.
-    segment_changes: Vec<Vec<u8>>,
+    segment_changes: Vec<bytes::Bytes>,
     doc: Option<SegmentDoc>,
 }
 
@@ -254,7 +254,7 @@ impl Journal {
             let changes = self
                 .segment_changes
                 .iter()
-                .map(|b| Change::from_bytes(b.clone()).map_err(|e| e.to_string()))
+                .map(|b| Change::from_bytes(b.to_vec()).map_err(|e| e.to_string()))
                 .collect::<Result<Vec<_>, _>>()?;
             doc.apply_changes(changes).map_err(|e| e.to_string())?;
             let events = events_list(&doc);
@@ -263,7 +263,7 @@ impl Journal {
         Ok(self.doc.as_mut().expect("just built"))
     }
 
-    fn advance(&mut self, change_bytes: Vec<u8>) {
+    fn advance(&mut self, change_bytes: bytes::Bytes) {
         if Self::segment_index(self.next_seq) == 0 {
             self.segment_changes.clear();
         }
@@ -585,13 +585,13 @@ impl Ledger {
         let change = seg.doc.get_last_local_change().ok_or_else(|| am_err("no change committed".into()))?;
         let bytes = change.raw_bytes().to_vec();
         let causal = std::mem::take(&mut self.unreferenced_transfers_in);
-        let signed = self.key.sign_change(self.ctx.market, seq, causal, bytes.clone());
+        let signed = self.key.sign_change(self.ctx.market, seq, causal, bytes);
         let dot = signed.dot();
         if !self.allow_overspend_for_tests {
             // Validation above guarantees this; a failure is a bug in the core, not bad input.
             self.state.check(dot, &event).expect("locally validated event folds");
         }
-        self.journals.get_mut(&me).expect("created above").advance(bytes);
+        self.journals.get_mut(&me).expect("created above").advance(signed.change.clone());
         self.advanced(me);
         self.touch_doc(me);
         self.after_fold(dot, &event);
@@ -782,7 +782,7 @@ impl Ledger {
                 Err(e) => return (vec![], Some((run[0].dot(), Rejection::Malformed(e), run.into_iter().skip(1).collect()))),
             };
             for (i, c) in run.iter().enumerate() {
-                let am = match Change::from_bytes(c.change.clone()) {
+                let am = match Change::from_bytes(c.change.to_vec()) {
                     Ok(am) => am,
                     Err(e) => {
                         bad = Some((i, Rejection::Malformed(e.to_string())));

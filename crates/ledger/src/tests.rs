@@ -101,8 +101,10 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
 
     // Forged: a byte of the sale flipped after signing.
     let mut forged = a.record(sell("eggs", 1), 9).unwrap().change;
-    let last = forged.change.len() - 1;
-    forged.change[last] ^= 1;
+    let mut bytes = forged.change.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    forged.change = bytes.into();
     let r = b.apply_remote([forged]);
     assert_eq!(r.rejected[0].1, Rejection::BadSignature);
 
@@ -128,7 +130,7 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
     b.apply_remote([ec0.change.clone()]);
     let stolen = a.record(sell("eggs", 1), 10).unwrap().change;
     let c_key = m.device_key(3);
-    let resigned = c_key.sign_change(m.ctx.market, 1, vec![], stolen.change.clone());
+    let resigned = c_key.sign_change(m.ctx.market, 1, vec![], stolen.change.to_vec());
     let r = b.apply_remote([resigned]);
     assert_eq!(r.rejected[0].1, Rejection::WrongActor);
 
@@ -244,7 +246,7 @@ fn a_bad_change_in_the_middle_of_a_batch_stops_the_batch_there() {
 
 /// The automerge bytes of some change made by `l` (another device).
 fn a_change_of(l: &mut Ledger) -> Vec<u8> {
-    l.record(LocalOp::UpsertProduct(product("other", 5)), 2).unwrap().change.change
+    l.record(LocalOp::UpsertProduct(product("other", 5)), 2).unwrap().change.change.to_vec()
 }
 
 #[test]
