@@ -118,18 +118,15 @@ impl Node {
     /// Opens the node described by `config`: credentials (or demo mode), store, ledger.
     pub fn open(config: &Config) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| NodeError::DataDir(config.data_dir.clone(), e))?;
-        let device_dir =
-            if config.credentials_dir.as_os_str().is_empty() { config.data_dir.join(DEVICE_DIR) } else { config.credentials_dir.clone() };
-        let mut demo = false;
-        let creds = if device_dir.join(files::DEVICE_KEY_FILE).exists() {
-            files::load_device(&device_dir)?
-        } else if config.credentials_dir.as_os_str().is_empty() {
-            demo = true;
-            create_demo_credentials(config, &device_dir)?
+        let default_dir = config.credentials_dir.as_os_str().is_empty();
+        let device_dir = if default_dir { config.data_dir.join(DEVICE_DIR) } else { config.credentials_dir.clone() };
+        let creds = if device_dir.join(files::DEVICE_KEY_FILE).exists() || !default_dir {
+            files::load_device(&device_dir)? // a missing file is reported by name
         } else {
-            files::load_device(&device_dir)? // reports the missing file by name
+            create_demo_credentials(config, &device_dir)?
         };
-        demo |= config.data_dir.join(DEMO_MARKET_DIR).exists() && device_dir == config.data_dir.join(DEVICE_DIR);
+        // Demo mode: the node made (now or on an earlier start) its own throw-away market.
+        let demo = default_dir && config.data_dir.join(DEMO_MARKET_DIR).exists();
         let DeviceCredentials { key, certificate, market, mesh_psk } = creds;
         let mesh_secrets = (key.secret(), mesh_psk);
         let info = NodeInfo {
@@ -252,7 +249,6 @@ impl Node {
             }
             Err(e) => {
                 let reason = match e {
-                    NodeError::Ledger(LedgerError::InsufficientRights { .. }) => "insufficient_stock_rights",
                     NodeError::Ledger(LedgerError::UnknownSku(_)) => "unknown_sku",
                     NodeError::Ledger(LedgerError::AlreadyRecorded { .. }) => "already_recorded",
                     NodeError::Ledger(_) => "invalid",

@@ -873,7 +873,7 @@ impl World {
 
     fn on_dial(&mut self, a: u32, b: u32) {
         let key = pair(a, b);
-        if !self.wanted.contains(&key) || self.conns.contains_key(&key) || self.day_finished() {
+        if !self.wanted.contains(&key) || self.conns.contains_key(&key) || self.finished {
             return;
         }
         let (da, db) = (&self.devices[a as usize], &self.devices[b as usize]);
@@ -895,10 +895,6 @@ impl World {
             });
             self.execute(x, out);
         }
-    }
-
-    fn day_finished(&self) -> bool {
-        self.finished
     }
 
     fn teardown(&mut self, a: u32, b: u32) {
