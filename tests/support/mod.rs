@@ -7,6 +7,12 @@ use stallmesh_identity::{DeviceKey, MarketKey, Role};
 use stallmesh_node::config::{Config, LogFormat};
 use std::path::{Path, PathBuf};
 
+/// A client that never reuses a connection: the server closes a connection after refusing a body it
+/// did not read (413, 415), and a pooled reuse of it would fail with a broken pipe, not a status.
+pub fn fresh_agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().max_idle_connections(0).build()
+}
+
 pub struct TestNode {
     pub base: String,
     pub data_dir: PathBuf,
@@ -74,7 +80,7 @@ impl TestNode {
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let req = ureq::request(method, &format!("{}{path}", self.base));
+        let req = fresh_agent().request(method, &format!("{}{path}", self.base));
         let result = match body {
             Some(b) => req.set("content-type", "application/json").send_string(b),
             None => req.call(),
