@@ -314,6 +314,7 @@ impl Driver {
                     let out = self.sync.tick(now, &heads);
                     self.execute(out);
                     self.cut_revoked();
+                    self.cut_refused();
                     let node = self.node.clone();
                     if let Err(e) = tokio::task::block_in_place(|| node.flush()) {
                         tracing::error!(error = %e, "cannot make received changes durable");
@@ -357,11 +358,6 @@ impl Driver {
                     if addrs.len() < MAX_ADDRS_PER_PEER {
                         addrs.insert(endpoint.get_remote_address().clone());
                     }
-                }
-                if self.refused.contains_key(&peer_id) {
-                    // Refused before (bad enrolment, revoked): no second hello.
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
-                    return;
                 }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, "connected; proving enrolment");
@@ -454,7 +450,8 @@ impl Driver {
                     self.refused.insert(peer, reason);
                 }
                 self.known.remove(&peer);
-                let _ = self.swarm.disconnect_peer_id(peer);
+                // Disconnected on the next tick, not now: our own hello must still reach the peer, so
+                // that it can judge us too (refusals are visible on both sides).
             }
         }
     }
@@ -474,6 +471,14 @@ impl Driver {
             self.sync.disconnected(&peer);
             self.refused.insert(peer, "device was revoked".into());
             self.count_refused("revoked");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Drops connections to refused peers (they never get a sync session in the meantime).
+    fn cut_refused(&mut self) {
+        let connected: Vec<PeerId> = self.refused.keys().filter(|p| self.swarm.is_connected(p)).copied().collect();
+        for peer in connected {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
