@@ -16,6 +16,18 @@ pub struct Config {
     pub credentials_dir: PathBuf,
     pub log_format: LogFormat,
     pub mesh: MeshSettings,
+    pub inference: InferenceSettings,
+}
+
+/// The `[inference]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSettings {
+    pub enabled: bool,
+    pub models_dir: PathBuf,
+    pub workers: usize,
+    pub queue_len: usize,
+    pub treatment_percent: u8,
 }
 
 /// The `[mesh]` table.
@@ -55,6 +67,17 @@ struct Layer {
     credentials_dir: Option<PathBuf>,
     log_format: Option<String>,
     mesh: Option<MeshLayer>,
+    inference: Option<InferenceLayer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferenceLayer {
+    enabled: Option<bool>,
+    models_dir: Option<PathBuf>,
+    workers: Option<usize>,
+    queue_len: Option<usize>,
+    treatment_percent: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +117,14 @@ impl Config {
                 cur.low_watermark = m.low_watermark.or(cur.low_watermark);
                 cur.refill = m.refill.or(cur.refill);
             }
+            if let Some(i) = layer.inference {
+                let cur = merged.inference.get_or_insert_with(InferenceLayer::default);
+                cur.enabled = i.enabled.or(cur.enabled);
+                cur.models_dir = i.models_dir.or(cur.models_dir.take());
+                cur.workers = i.workers.or(cur.workers);
+                cur.queue_len = i.queue_len.or(cur.queue_len);
+                cur.treatment_percent = i.treatment_percent.or(cur.treatment_percent);
+            }
         }
         let list = |v: String| -> Vec<String> { v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect() };
         let mesh = merged.mesh.get_or_insert_with(MeshLayer::default);
@@ -115,6 +146,20 @@ impl Config {
         }
         if let Some(v) = env("STALLMESH_MESH_MDNS") {
             mesh.mdns = Some(flag("STALLMESH_MESH_MDNS", v)?);
+        }
+        let inference = merged.inference.get_or_insert_with(InferenceLayer::default);
+        if let Some(v) = env("STALLMESH_INFERENCE_ENABLED") {
+            inference.enabled = Some(flag("STALLMESH_INFERENCE_ENABLED", v)?);
+        }
+        if let Some(v) = env("STALLMESH_INFERENCE_MODELS_DIR") {
+            inference.models_dir = Some(v.into());
+        }
+        if let Some(v) = env("STALLMESH_INFERENCE_TREATMENT_PERCENT") {
+            let pct = v.parse::<u8>().ok().filter(|p| *p <= 100);
+            inference.treatment_percent = Some(pct.ok_or_else(|| ConfigError::Invalid {
+                origin: "STALLMESH_INFERENCE_TREATMENT_PERCENT".into(),
+                detail: format!("{v:?} is not a percentage 0..=100"),
+            })?);
         }
         if let Some(v) = env("STALLMESH_DATA_DIR") {
             merged.data_dir = Some(v.into());
@@ -140,11 +185,29 @@ impl Config {
             low_watermark: m.low_watermark.unwrap_or(1),
             refill: m.refill.unwrap_or(5),
         };
+        let i = merged.inference.take().unwrap_or_default();
+        let inference = InferenceSettings {
+            enabled: i.enabled.unwrap_or(true),
+            models_dir: i.models_dir.unwrap_or_else(|| PathBuf::from("models")),
+            workers: i.workers.unwrap_or(1),
+            queue_len: i.queue_len.unwrap_or(32),
+            treatment_percent: i.treatment_percent.unwrap_or(50),
+        };
+        if inference.treatment_percent > 100 {
+            return Err(invalid("inference.treatment_percent", format!("{} is not a percentage 0..=100", inference.treatment_percent)));
+        }
+        if inference.workers == 0 || inference.workers > stallmesh_inference::pool::MAX_WORKERS || inference.queue_len == 0 {
+            return Err(invalid(
+                "inference",
+                format!("workers must be 1..={} and queue_len at least 1", stallmesh_inference::pool::MAX_WORKERS),
+            ));
+        }
         for addr in mesh.listen.iter().chain(&mesh.bootstrap) {
             addr.parse::<libp2p::Multiaddr>().map_err(|e| invalid("mesh", format!("{addr:?} is not a multiaddr: {e}")))?;
         }
         Ok(Config {
             mesh,
+            inference,
             data_dir: merged.data_dir.unwrap_or_default(),
             http_addr: http_addr.parse().map_err(|e| invalid("http_addr", format!("{http_addr:?}: {e}")))?,
             credentials_dir: merged.credentials_dir.unwrap_or_default(),
@@ -158,6 +221,22 @@ impl Config {
 
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("stallmesh.redb")
+    }
+
+    pub fn embeddings_path(&self) -> PathBuf {
+        self.data_dir.join("embeddings.redb")
+    }
+
+    /// Where the models are: `models_dir` as given if it exists; a relative one is also looked for
+    /// next to the executable and in the source checkout the binary was built from (`cargo run`).
+    pub fn resolved_models_dir(&self) -> PathBuf {
+        let dir = &self.inference.models_dir;
+        if dir.is_absolute() || dir.exists() {
+            return dir.clone();
+        }
+        let beside_exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.join(dir)));
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+        beside_exe.into_iter().chain([checkout]).find(|p| p.exists()).unwrap_or_else(|| dir.clone())
     }
 }
 

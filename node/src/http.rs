@@ -11,7 +11,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stallmesh_identity::{DeviceId, Revocation, SignedChange};
-use stallmesh_ledger::{sale_id, EventBody, LedgerError, LineRequest, LocalOp, Product, Sale};
+use stallmesh_inference::search::MAX_RESULTS;
+use stallmesh_inference::{ImageError, InferenceError, MAX_IMAGE_BYTES};
+use stallmesh_ledger::{sale_id, EventBody, LedgerError, LineRequest, LocalOp, Product, RecommendationShown, Sale};
 use std::collections::BTreeMap;
 
 /// Largest JSON request body: a 100-line sale is ~5 KB.
@@ -116,6 +118,9 @@ pub fn router(node: Node) -> Router {
     Router::new()
         .route("/api/v1/products", post(create_product).get(list_products))
         .route("/api/v1/products/{sku}", put(update_product))
+        .route("/api/v1/search", get(search))
+        .route("/api/v1/recommendations", get(recommendations))
+        .route("/api/v1/recommendations/lift", get(recommendation_lift))
         .route("/api/v1/restocks", post(restock))
         .route("/api/v1/transfers", post(transfer))
         .route("/api/v1/sales", post(create_sale).get(list_sales))
@@ -128,6 +133,12 @@ pub fn router(node: Node) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .merge(changes)
+        .merge(
+            Router::new()
+                .route("/api/v1/search/image", post(search_image))
+                .route("/api/v1/products/{sku}/photo", put(attach_photo).get(get_photo))
+                .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES)),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(node)
 }
@@ -141,6 +152,8 @@ struct SaleView {
     currency: String,
     time_ms: u64,
     client_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recommendation: Option<RecommendationShown>,
 }
 
 impl From<&Sale> for SaleView {
@@ -153,6 +166,7 @@ impl From<&Sale> for SaleView {
             currency: s.currency.clone(),
             time_ms: s.time_ms,
             client_ref: s.client_ref.clone(),
+            recommendation: s.recommendation.clone(),
         }
     }
 }
@@ -247,11 +261,14 @@ struct SaleRequest {
     lines: Vec<LineRequest>,
     #[serde(default)]
     client_ref: Option<String>,
+    /// The `record` from `GET /api/v1/recommendations`, when recommendations were requested for this basket.
+    #[serde(default)]
+    recommendation: Option<RecommendationShown>,
 }
 
 async fn create_sale(State(node): State<Node>, body: Result<Json<SaleRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
     let Json(req) = body?;
-    let (status, id) = match run_blocking(&node, move |n| n.sell(req.lines, req.client_ref)).await {
+    let (status, id) = match run_blocking(&node, move |n| n.sell(req.lines, req.client_ref, req.recommendation)).await {
         Ok(entry) => {
             debug_assert!(matches!(entry.event.body, EventBody::Sold { .. }));
             (StatusCode::CREATED, sale_id(entry.change.dot()))
@@ -401,12 +418,268 @@ async fn get_changes(State(node): State<Node>, Query(q): Query<ChangesQuery>) ->
 }
 
 async fn healthz(State(node): State<Node>) -> (StatusCode, Json<Value>) {
+    let inference = node.inference.get().map(|i| {
+        let index = i.index();
+        json!({
+            "state": i.readiness(),
+            "models": i.statuses(),
+            "index": { "products": index.len(), "embedded": index.embedded(), "with_photo": index.with_photo() },
+        })
+    });
     match node.failed() {
-        None => (StatusCode::OK, Json(json!({ "status": "ok", "device": node.info.device, "demo": node.info.demo }))),
+        None => {
+            (StatusCode::OK, Json(json!({ "status": "ok", "device": node.info.device, "demo": node.info.demo, "inference": inference })))
+        }
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "reason": why }))),
     }
 }
 
 async fn metrics(State(node): State<Node>) -> impl IntoResponse {
+    if let Some(pool) = node.inference.get().and_then(|i| i.pool().cloned()) {
+        let st = pool.stats();
+        node.metrics.inference_queued.set(st.queued as i64);
+        node.metrics.inference_completed.inner().store(st.completed, std::sync::atomic::Ordering::Relaxed);
+        node.metrics.inference_rejected.inner().store(st.rejected_queue_full, std::sync::atomic::Ordering::Relaxed);
+    }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.encode())
+}
+
+impl From<InferenceError> for ApiError {
+    fn from(e: InferenceError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            InferenceError::QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "inference_busy"),
+            InferenceError::ModelUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
+            InferenceError::PoolClosed => (StatusCode::SERVICE_UNAVAILABLE, "inference_unavailable"),
+            InferenceError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            InferenceError::Image(ImageError::Empty) => (StatusCode::BAD_REQUEST, "empty_image"),
+            InferenceError::Image(ImageError::TooLarge(_)) => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
+            InferenceError::Image(ImageError::UnsupportedFormat) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format"),
+            InferenceError::Image(ImageError::TooManyPixels { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_many_pixels"),
+            InferenceError::Image(ImageError::Corrupt(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image"),
+            InferenceError::Run(_) => (StatusCode::INTERNAL_SERVER_ERROR, "inference_failed"),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+fn inference_of(node: &Node) -> ApiResult<std::sync::Arc<crate::inference::Inference>> {
+    node.inference
+        .get()
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "inference_unavailable", "inference is starting"))
+}
+
+/// An image body, or the same JSON error as every other endpoint when it is too large.
+fn image_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", format!("image larger than {MAX_IMAGE_BYTES} bytes"))
+        } else {
+            ApiError::new(r.status(), "bad_request", r.body_text())
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+    k: Option<usize>,
+}
+
+fn result_count(k: Option<usize>, default: usize) -> ApiResult<usize> {
+    match k.unwrap_or(default) {
+        0 => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", "k must be at least 1")),
+        k => Ok(k.min(MAX_RESULTS)),
+    }
+}
+
+/// Hybrid product search: `GET /api/v1/search?q=raw+honey&k=10`.
+async fn search(State(node): State<Node>, Query(q): Query<SearchQuery>) -> ApiResult<Json<Value>> {
+    let started = std::time::Instant::now();
+    let query = q.q.unwrap_or_default().trim().to_string();
+    if query.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "missing_query", "give the search words as ?q="));
+    }
+    if query.len() > crate::inference::MAX_QUERY_BYTES {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "query_too_long",
+            format!("query is {} bytes; at most {}", query.len(), crate::inference::MAX_QUERY_BYTES),
+        ));
+    }
+    let k = result_count(q.k, 10)?;
+    let inference = inference_of(&node)?;
+    let vector = match inference.pool() {
+        Some(pool) if inference.has_text_model() => Some(pool.embed_text(query.clone()).await.map_err(|e| {
+            node.metrics.search_requests.get_or_create(&crate::metrics::Outcome { outcome: "refused" }).inc();
+            ApiError::from(e)
+        })?),
+        _ => None,
+    };
+    let mode = if vector.is_some() { "hybrid" } else { "lexical" };
+    let inf = inference.clone();
+    let q2 = query.clone();
+    let hits = tokio::task::spawn_blocking(move || inf.search(&q2, vector.as_deref(), k))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    node.metrics.search_requests.get_or_create(&crate::metrics::Outcome { outcome: mode }).inc();
+    node.metrics.search_seconds.observe(started.elapsed().as_secs_f64());
+    Ok(Json(json!({
+        "query": query,
+        "mode": mode,
+        "inference": inference.readiness(),
+        "hits": hits,
+        "took_us": started.elapsed().as_micros() as u64,
+    })))
+}
+
+/// Visual search: the body is a JPEG or PNG photo; `?k=` results.
+async fn search_image(
+    State(node): State<Node>,
+    Query(q): Query<SearchQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let started = std::time::Instant::now();
+    let body = image_body(body)?;
+    let k = result_count(q.k, 5)?;
+    let inference = inference_of(&node)?;
+    let pool = inference.pool().cloned().ok_or(InferenceError::ModelUnavailable("image"))?;
+    let vector = pool.embed_image(body.to_vec()).await?;
+    let hits = inference.index().search_image(&vector, k);
+    node.metrics.search_requests.get_or_create(&crate::metrics::Outcome { outcome: "image" }).inc();
+    Ok(Json(json!({ "hits": hits, "took_us": started.elapsed().as_micros() as u64 })))
+}
+
+/// Longest side of the photo kept in the journal: enough for the 224-pixel model and a POS thumbnail.
+const PHOTO_SIDE: u32 = 256;
+
+/// Shrinks a photo to a small JPEG for the journal (every device stores and embeds it itself).
+fn journal_photo(bytes: &[u8]) -> Result<Vec<u8>, InferenceError> {
+    let img = stallmesh_inference::decode_image(bytes)?;
+    let small = if img.width().max(img.height()) > PHOTO_SIDE {
+        let scale = f64::from(PHOTO_SIDE) / f64::from(img.width().max(img.height()));
+        let (w, h) = ((f64::from(img.width()) * scale).round().max(1.0) as u32, (f64::from(img.height()) * scale).round().max(1.0) as u32);
+        image::imageops::thumbnail(&img, w, h)
+    } else {
+        img
+    };
+    for quality in [85u8, 70, 50, 30] {
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+            .encode_image(&small)
+            .map_err(|e| InferenceError::Run(format!("jpeg encoding: {e}")))?;
+        if out.len() <= stallmesh_ledger::MAX_PHOTO_BYTES {
+            return Ok(out);
+        }
+    }
+    Err(InferenceError::InvalidInput("photo does not compress below the journal's photo limit".into()))
+}
+
+/// Attaches a product photo (JPEG or PNG). It is shrunk, recorded in this device's journal and
+/// replicated; every device embeds it for visual search.
+async fn attach_photo(
+    State(node): State<Node>,
+    Path(sku): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let body = image_body(body)?;
+    if !node.read(|l| l.state().products.contains_key(&sku)) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown SKU {sku:?}")));
+    }
+    let jpeg = tokio::task::spawn_blocking(move || journal_photo(&body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let bytes = jpeg.len();
+    let s = sku.clone();
+    let entry = blocking(&node, move |n| n.execute(LocalOp::AttachPhoto { sku: s, jpeg })).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "sku": sku, "photo_bytes": bytes, "seq": entry.change.seq }))))
+}
+
+async fn get_photo(State(node): State<Node>, Path(sku): Path<String>) -> ApiResult<Response> {
+    match node.read(|l| l.state().photos.get(&sku).map(|p| p.jpeg.clone())) {
+        Some(jpeg) => Ok(([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no_photo", format!("no photo for SKU {sku:?}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct RecommendationQuery {
+    basket: Option<String>,
+    k: Option<usize>,
+    /// The customer's checkout session; decides the experiment arm (default: the basket itself).
+    session: Option<String>,
+}
+
+/// "Bought together": `GET /api/v1/recommendations?basket=SKU1,SKU2&k=5&session=...`.
+async fn recommendations(State(node): State<Node>, Query(q): Query<RecommendationQuery>) -> ApiResult<Json<Value>> {
+    let started = std::time::Instant::now();
+    let basket: Vec<String> = q.basket.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+    if basket.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "missing_basket", "give the basket's SKUs as ?basket=SKU1,SKU2"));
+    }
+    if basket.len() > stallmesh_inference::recommend::MAX_BASKET {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "basket_too_large",
+            format!("{} SKUs; at most {}", basket.len(), stallmesh_inference::recommend::MAX_BASKET),
+        ));
+    }
+    if let Some(unknown) = node.read(|l| basket.iter().find(|s| !l.state().products.contains_key(*s)).cloned()) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_sku", format!("unknown SKU {unknown:?}")));
+    }
+    let k = result_count(q.k, 5)?.min(stallmesh_ledger::MAX_RECOMMENDED);
+    let session = q.session.unwrap_or_else(|| basket.join(","));
+    if session.len() > 128 {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", "session must be at most 128 bytes"));
+    }
+    let inference = inference_of(&node)?;
+    let arm = inference.arm(&node.info.device, &session);
+    let (inf, n, b) = (inference.clone(), node.clone(), basket.clone());
+    let recs = tokio::task::spawn_blocking(move || inf.recommend(&n, &b, k))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    node.metrics.recommend_seconds.observe(started.elapsed().as_secs_f64());
+    let record = RecommendationShown { arm: arm.to_string(), skus: recs.iter().map(|r| r.sku.clone()).collect() };
+    let shown: Vec<_> = if arm == "treatment" { recs } else { Vec::new() };
+    Ok(Json(json!({
+        "basket": basket,
+        "arm": arm,
+        "recommendations": shown,
+        // Send this back as the sale's `recommendation`, so conversion can be compared between arms.
+        "record": record,
+        "took_us": started.elapsed().as_micros() as u64,
+    })))
+}
+
+/// Conversion by experiment arm over the market's replicated sales: a sale converts when it holds a
+/// product that was recommended (treatment) or would have been (control) for its basket.
+async fn recommendation_lift(State(node): State<Node>) -> Json<Value> {
+    Json(node.read(|l| {
+        let mut arms: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for sale in l.state().sales.values() {
+            let Some(rec) = &sale.recommendation else { continue };
+            let arm = if rec.arm == "treatment" { "treatment" } else { "control" };
+            let e = arms.entry(arm).or_default();
+            e.0 += 1;
+            if sale.lines.iter().any(|line| rec.skus.contains(&line.sku)) {
+                e.1 += 1;
+            }
+        }
+        let rate = |arm: &str| arms.get(arm).filter(|(n, _)| *n > 0).map(|(n, c)| *c as f64 / *n as f64);
+        let lift = match (rate("treatment"), rate("control")) {
+            (Some(t), Some(c)) if c > 0.0 => Some(t / c - 1.0),
+            _ => None,
+        };
+        let arm_json = |arm: &str| {
+            let (sales, converted) = arms.get(arm).copied().unwrap_or_default();
+            json!({ "sales": sales, "converted": converted, "conversion_rate": rate(arm) })
+        };
+        json!({
+            "treatment": arm_json("treatment"),
+            "control": arm_json("control"),
+            "lift": lift,
+            "treatment_percent_here": node.inference.get().map(|i| i.treatment_percent),
+        })
+    }))
 }

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod inference;
 pub mod mesh;
 pub mod metrics;
 pub mod runtime;
@@ -33,6 +34,7 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
     } else {
         tracing::info!("mesh disabled by configuration: this node syncs with no one");
     }
+    let _ = node.inference.set(inference::start(&node, config));
     let app = http::router(node.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");

@@ -22,6 +22,11 @@ pub struct Origin {
     pub origin: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub sales: Counter,
@@ -40,6 +45,12 @@ pub struct Metrics {
     pub liveness_disconnects: Counter,
     pub mesh_queue_full: Counter,
     pub sync_lag_ms: Histogram,
+    pub search_requests: Family<Outcome, Counter>,
+    pub search_seconds: Histogram,
+    pub recommend_seconds: Histogram,
+    pub inference_queued: Gauge,
+    pub inference_completed: Counter,
+    pub inference_rejected: Counter,
 }
 
 impl Metrics {
@@ -64,6 +75,13 @@ impl Metrics {
             mesh_queue_full: Counter::default(),
             // 1 ms .. ~65 s: from a sale on one tablet to its arrival here.
             sync_lag_ms: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
+            search_requests: Family::default(),
+            // 0.1 ms .. ~1.6 s.
+            search_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            recommend_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            inference_queued: Gauge::default(),
+            inference_completed: Counter::default(),
+            inference_rejected: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales recorded by this device", m.sales.clone());
@@ -90,6 +108,20 @@ impl Metrics {
             m.mesh_queue_full.clone(),
         );
         registry.register("sync_lag_ms", "Time from a sale being recorded elsewhere to its arrival here, ms", m.sync_lag_ms.clone());
+        registry.register("search_requests", "Search requests, by mode (hybrid, lexical, image) or refused", m.search_requests.clone());
+        registry.register("search_seconds", "Text search latency, query embedding included", m.search_seconds.clone());
+        registry.register("recommend_seconds", "Recommendation latency", m.recommend_seconds.clone());
+        registry.register("inference_queued", "Inference jobs waiting for a worker", m.inference_queued.clone());
+        registry.register(
+            "inference_completed",
+            "Inference jobs run (queries, product and photo embeddings)",
+            m.inference_completed.clone(),
+        );
+        registry.register(
+            "inference_rejected",
+            "Inference requests refused because the queue was full (the caller got 503 inference_busy)",
+            m.inference_rejected.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -83,6 +83,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
     pub mesh: Arc<OnceLock<MeshLink>>,
+    /// Search and recommendations, once `start` has set them up.
+    pub inference: Arc<OnceLock<Arc<crate::inference::Inference>>>,
     arrivals: Arc<Mutex<std::collections::VecDeque<Arrival>>>,
 }
 
@@ -157,6 +159,7 @@ impl Node {
             metrics: Arc::new(Metrics::new()),
             info: Arc::new(info),
             mesh: Arc::new(OnceLock::new()),
+            inference: Arc::new(OnceLock::new()),
             arrivals: Arc::default(),
         };
         node.metrics.journal_entries.set(restored as i64);
@@ -227,6 +230,7 @@ impl Node {
             LocalOp::Restock { .. } => "restock",
             LocalOp::Transfer { .. } => "transfer",
             LocalOp::UpsertProduct(_) => "product",
+            LocalOp::AttachPhoto { .. } => "photo",
             LocalOp::Revoke(_) => "revocation",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
@@ -303,8 +307,13 @@ impl Node {
         self.mesh.get().map(|m| m.status.lock().expect("mesh status lock").clone())
     }
 
-    pub fn sell(&self, lines: Vec<LineRequest>, client_ref: Option<String>) -> Result<Entry, NodeError> {
-        self.execute(LocalOp::Sell { lines, client_ref })
+    pub fn sell(
+        &self,
+        lines: Vec<LineRequest>,
+        client_ref: Option<String>,
+        recommendation: Option<stallmesh_ledger::RecommendationShown>,
+    ) -> Result<Entry, NodeError> {
+        self.execute(LocalOp::Sell { lines, client_ref, recommendation })
     }
 
     /// Verifies and applies changes from a peer; persists what was applied.

@@ -24,6 +24,11 @@ pub struct TestNode {
 
 /// Creates a market in `dir/market` and enrols a device whose credentials go to `dir/<name>`.
 pub fn enrol(dir: &Path, name: &str, stall: &str) -> (PathBuf, MarketKey) {
+    enrol_as(dir, name, stall, Role::Seller)
+}
+
+/// As [`enrol`], with a chosen role (an organiser may edit every stall's catalogue).
+pub fn enrol_as(dir: &Path, name: &str, stall: &str, role: Role) -> (PathBuf, MarketKey) {
     let market_dir = dir.join("market");
     let (market, info) = if market_dir.join(files::MARKET_KEY_FILE).exists() {
         files::load_market(&market_dir).unwrap()
@@ -31,7 +36,7 @@ pub fn enrol(dir: &Path, name: &str, stall: &str) -> (PathBuf, MarketKey) {
         files::init_market(&market_dir, "Test Market").unwrap()
     };
     let key = DeviceKey::generate().unwrap();
-    let certificate = market.enrol(key.device_id(), stall, Role::Seller, u64::MAX);
+    let certificate = market.enrol(key.device_id(), stall, role, u64::MAX);
     let out = dir.join(name);
     files::write_device(&out, &DeviceCredentials { key, certificate, market: info, mesh_psk: market.mesh_psk() }).unwrap();
     (out, market)
@@ -39,6 +44,11 @@ pub fn enrol(dir: &Path, name: &str, stall: &str) -> (PathBuf, MarketKey) {
 
 impl TestNode {
     pub fn start(data_dir: &Path, creds_dir: &Path) -> Result<TestNode, stallmesh_node::StartError> {
+        Self::start_with(data_dir, creds_dir, |_| {})
+    }
+
+    /// As [`TestNode::start`], after `tweak` has changed the configuration.
+    pub fn start_with(data_dir: &Path, creds_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Result<TestNode, stallmesh_node::StartError> {
         let mut config = Config::load(None, |_| None).unwrap();
         config.data_dir = data_dir.to_path_buf();
         config.http_addr = "127.0.0.1:0".parse().unwrap();
@@ -46,6 +56,7 @@ impl TestNode {
         config.log_format = LogFormat::Text;
         // These tests exercise one node's API; the mesh has tests of its own (tests/mesh.rs).
         config.mesh.enabled = false;
+        tweak(&mut config);
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let running = runtime.block_on(stallmesh_node::start(&config, async {
@@ -112,6 +123,22 @@ impl TestNode {
         };
         let status = resp.status();
         (status, resp.into_json().unwrap_or(Value::Null))
+    }
+
+    /// Sends raw bytes on a fresh connection. A server that refuses a body before reading it may reset
+    /// the connection while the client still writes: that is retried, up to five times.
+    pub fn send_bytes(&self, method: &str, path: &str, content_type: &str, bytes: &[u8]) -> (u16, Value) {
+        for _ in 0..5 {
+            let result = fresh_agent().request(method, &format!("{}{path}", self.base)).set("content-type", content_type).send_bytes(bytes);
+            let resp = match result {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(ureq::Error::Transport(_)) => continue,
+            };
+            let status = resp.status();
+            return (status, resp.into_json().unwrap_or(Value::Null));
+        }
+        panic!("{method} {path}: the connection failed five times");
     }
 
     pub fn get_bytes(&self, path: &str) -> Vec<u8> {

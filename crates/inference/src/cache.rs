@@ -41,7 +41,8 @@ impl EmbeddingCache {
             Err(e) if path.exists() => {
                 let aside = path.with_extension("redb.corrupt");
                 tracing::warn!(path = %path.display(), error = %e.detail, moved_to = %aside.display(), "embedding cache unreadable; starting a fresh one");
-                std::fs::rename(path, &aside).map_err(|r| CacheError { path: path.into(), detail: format!("{}; and cannot move it aside: {r}", e.detail) })?;
+                std::fs::rename(path, &aside)
+                    .map_err(|r| CacheError { path: path.into(), detail: format!("{}; and cannot move it aside: {r}", e.detail) })?;
                 Self::open_inner(path)
             }
             Err(e) => Err(e),

@@ -72,10 +72,8 @@ impl TextEmbedder {
             .map_err(|e| model_err(&entry.tokenizer.file, e))?;
         let file = entry.model.file.as_str();
         let load = || -> TractResult<Plan> {
-            let model = tract_onnx::onnx()
-                .with_ignore_output_shapes(true)
-                .with_ignore_value_info(true)
-                .model_for_read(&mut &model_bytes[..])?;
+            let model =
+                tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true).model_for_read(&mut &model_bytes[..])?;
             let s = model.sym("S");
             let model = model
                 .with_input_fact(0, i64::fact(dims!(1, s)).into())?
@@ -251,10 +249,6 @@ impl Models {
             error: Some(reason.to_string()),
             load_ms: None,
         };
-        Models {
-            text: None,
-            image: None,
-            status: vec![off("text", &manifest.text.model.file), off("image", &manifest.image.model.file)],
-        }
+        Models { text: None, image: None, status: vec![off("text", &manifest.text.model.file), off("image", &manifest.image.model.file)] }
     }
 }

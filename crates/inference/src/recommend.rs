@@ -63,6 +63,10 @@ impl CoPurchase {
         true
     }
 
+    pub fn has_counted(&self, sale_id: &str) -> bool {
+        self.seen.contains(sale_id)
+    }
+
     pub fn sales_counted(&self) -> usize {
         self.seen.len()
     }

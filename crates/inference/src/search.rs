@@ -227,9 +227,11 @@ impl SearchIndex {
         let semantic_on = query_vector.is_some_and(|q| q.len() == self.text_dim);
         let exact_sku = self.by_sku_lower.get(&query.trim().to_lowercase()).copied();
         let exact_name: &[u32] = self.by_name_lower.get(&normalise(query)).map(Vec::as_slice).unwrap_or(&[]);
-        let mut scored: Vec<(f32, u32, Option<f32>, f32, Option<&'static str>)> = Vec::new();
-        for i in 0..self.items.len() {
-            let lex = if max_lexical > 0.0 { lexical[i] / max_lexical } else { 0.0 };
+        // (score, item, semantic, lexical, exact)
+        type Scored = (f32, u32, Option<f32>, f32, Option<&'static str>);
+        let mut scored: Vec<Scored> = Vec::new();
+        for (i, raw_lexical) in lexical.iter().enumerate() {
+            let lex = if max_lexical > 0.0 { raw_lexical / max_lexical } else { 0.0 };
             let sem = match (semantic_on, query_vector, self.text_vector_at(i)) {
                 (true, Some(q), Some(v)) => Some(dot(q, v)),
                 _ => None,

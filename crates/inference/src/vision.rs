@@ -45,7 +45,12 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
         .map_err(|e| ImageError::Corrupt(e.to_string()))?
         .into_dimensions()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    if width == 0 || height == 0 || width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+    if width == 0
+        || height == 0
+        || width > MAX_IMAGE_SIDE
+        || height > MAX_IMAGE_SIDE
+        || u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS
+    {
         return Err(ImageError::TooManyPixels { width, height });
     }
     let mut reader = reader;

@@ -38,9 +38,15 @@ fn text_embeddings_put_related_products_closer_than_unrelated_ones() {
 fn an_augmented_photo_is_closest_to_its_original() {
     let image = models().image.as_ref().expect("image model");
     let photo = |f: &str| image.embed(&std::fs::read(models_dir().join("images").join(f)).unwrap()).unwrap();
-    let (coffee, coffee_aug, chelsea, chelsea_aug) = (photo("coffee.png"), photo("coffee_aug.jpg"), photo("chelsea.png"), photo("chelsea_aug.jpg"));
+    let (coffee, coffee_aug, chelsea, chelsea_aug) =
+        (photo("coffee.png"), photo("coffee_aug.jpg"), photo("chelsea.png"), photo("chelsea_aug.jpg"));
     assert_eq!(coffee.len(), 1280);
-    assert!(dot(&coffee, &coffee_aug) > dot(&coffee, &chelsea_aug) + 0.3, "{} vs {}", dot(&coffee, &coffee_aug), dot(&coffee, &chelsea_aug));
+    assert!(
+        dot(&coffee, &coffee_aug) > dot(&coffee, &chelsea_aug) + 0.3,
+        "{} vs {}",
+        dot(&coffee, &coffee_aug),
+        dot(&coffee, &chelsea_aug)
+    );
     assert!(dot(&chelsea, &chelsea_aug) > dot(&chelsea, &coffee_aug) + 0.3);
 }
 

@@ -28,6 +28,15 @@ pub struct SaleLine {
     pub price_cents: u64,
 }
 
+/// Which recommendations the customer was offered before this sale (or, in the control arm, would have
+/// been offered), so conversion lift can be measured from the replicated sales.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecommendationShown {
+    /// `"treatment"` (shown) or `"control"` (held back, recorded for comparison).
+    pub arm: String,
+    pub skus: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
     /// Always entry 0 of a journal: the market's certificate for its author.
@@ -39,7 +48,16 @@ pub enum EventBody {
     /// Moves stock rights from the author to `to`.
     Transferred { sku: String, qty: u64, to: DeviceId },
     /// Spends the author's stock rights.
-    Sold { lines: Vec<SaleLine>, total_cents: u64, currency: String, client_ref: Option<String> },
+    Sold {
+        lines: Vec<SaleLine>,
+        total_cents: u64,
+        currency: String,
+        client_ref: Option<String>,
+        #[serde(default)]
+        recommendation: Option<RecommendationShown>,
+    },
+    /// A product photo (a small JPEG), last writer wins per SKU with the catalogue's lamport clock.
+    PhotoAttached { sku: String, jpeg: Vec<u8>, lamport: u64 },
     /// The market's revocation of a device, recorded by whichever device learnt of it.
     Revoked { revocation: Revocation },
 }
@@ -97,7 +115,7 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             tx.put(&map, "qty", *qty)?;
             tx.put(&map, "to", to.0.to_vec())?;
         }
-        EventBody::Sold { lines, total_cents, currency, client_ref } => {
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
             tx.put(&map, "kind", "sale")?;
             let list = tx.put_object(&map, "lines", ObjType::List)?;
             for (i, line) in lines.iter().enumerate() {
@@ -111,6 +129,19 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             if let Some(r) = client_ref {
                 tx.put(&map, "client_ref", r.as_str())?;
             }
+            if let Some(rec) = recommendation {
+                tx.put(&map, "rec_arm", rec.arm.as_str())?;
+                let skus = tx.put_object(&map, "rec_skus", ObjType::List)?;
+                for (i, sku) in rec.skus.iter().enumerate() {
+                    tx.insert(&skus, i, sku.as_str())?;
+                }
+            }
+        }
+        EventBody::PhotoAttached { sku, jpeg, lamport } => {
+            tx.put(&map, "kind", "photo")?;
+            tx.put(&map, "sku", sku.as_str())?;
+            tx.put(&map, "jpeg", jpeg.clone())?;
+            tx.put(&map, "lamport", *lamport)?;
         }
         EventBody::Revoked { revocation } => {
             tx.put(&map, "kind", "revoked")?;
@@ -156,6 +187,20 @@ fn get_obj(doc: &Automerge, obj: &ObjId, key: &'static str, ty: ObjType) -> Resu
     }
 }
 
+fn get_str_list(doc: &Automerge, list: &ObjId, field: &'static str) -> Result<Vec<String>, DecodeError> {
+    let mut out = Vec::new();
+    for i in 0..doc.length(list) {
+        match doc.get(list, i) {
+            Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+                ScalarValue::Str(s) => out.push(s.to_string()),
+                _ => return Err(missing(field)),
+            },
+            _ => return Err(missing(field)),
+        }
+    }
+    Ok(out)
+}
+
 fn decode_postcard<T: for<'de> Deserialize<'de>>(bytes: &[u8], field: &'static str) -> Result<T, DecodeError> {
     postcard::from_bytes(bytes).map_err(|e| DecodeError { field, problem: e.to_string() })
 }
@@ -171,17 +216,7 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
     let body = match kind.as_str() {
         "enrolled" => EventBody::Enrolled { certificate: decode_postcard(&get_bytes(doc, &map, "certificate")?, "certificate")? },
         "product" => {
-            let tags_obj = get_obj(doc, &map, "tags", ObjType::List)?;
-            let mut tags = Vec::new();
-            for i in 0..doc.length(&tags_obj) {
-                match doc.get(&tags_obj, i) {
-                    Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
-                        ScalarValue::Str(s) => tags.push(s.to_string()),
-                        _ => return Err(missing("tags")),
-                    },
-                    _ => return Err(missing("tags")),
-                }
-            }
+            let tags = get_str_list(doc, &get_obj(doc, &map, "tags", ObjType::List)?, "tags")?;
             EventBody::ProductUpserted {
                 product: Product {
                     sku: get_str(doc, &map, "sku")?,
@@ -219,13 +254,28 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
                 None => None,
                 Some(_) => return Err(missing("client_ref")),
             };
+            // Absent in sales recorded without a recommendation (and in journals older than the field).
+            let recommendation = match scalar(doc, &map, "rec_arm") {
+                None => None,
+                Some(ScalarValue::Str(arm)) => Some(RecommendationShown {
+                    arm: arm.to_string(),
+                    skus: get_str_list(doc, &get_obj(doc, &map, "rec_skus", ObjType::List)?, "rec_skus")?,
+                }),
+                Some(_) => return Err(missing("rec_arm")),
+            };
             EventBody::Sold {
                 lines,
                 total_cents: get_u64(doc, &map, "total_cents")?,
                 currency: get_str(doc, &map, "currency")?,
                 client_ref,
+                recommendation,
             }
         }
+        "photo" => EventBody::PhotoAttached {
+            sku: get_str(doc, &map, "sku")?,
+            jpeg: get_bytes(doc, &map, "jpeg")?,
+            lamport: get_u64(doc, &map, "lamport")?,
+        },
         "revoked" => EventBody::Revoked { revocation: decode_postcard(&get_bytes(doc, &map, "revocation")?, "revocation")? },
         other => return Err(DecodeError { field: "kind", problem: format!("unknown kind {other:?}") }),
     };

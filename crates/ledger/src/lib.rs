@@ -23,8 +23,8 @@ pub mod event;
 pub mod state;
 pub mod testkit;
 
-pub use event::{DecodeError, Event, EventBody, Product, SaleLine};
-pub use state::{sale_id, DeviceRecord, FoldError, ProductRecord, Sale, SalesSummary, State, StockView};
+pub use event::{DecodeError, Event, EventBody, Product, RecommendationShown, SaleLine};
+pub use state::{sale_id, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ReadDoc, ROOT};
@@ -57,6 +57,11 @@ pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_TAGS: usize = 16;
 pub const MAX_TAG_LEN: usize = 32;
 pub const MAX_CLIENT_REF_LEN: usize = 64;
+/// Largest product photo in the journal: it must fit in one change ([`MAX_CHANGE_BYTES`]) with room
+/// for the signature and ids. Nodes shrink photos to a 256-pixel JPEG (10–30 KB) before recording.
+pub const MAX_PHOTO_BYTES: usize = 48 * 1024;
+/// Most recommended SKUs recorded on one sale.
+pub const MAX_RECOMMENDED: usize = 20;
 
 /// For each device, the journal entries a replica holds (= the next seq it expects), with their
 /// total kept alongside: heads only grow, so an unchanged total means unchanged heads.
@@ -118,9 +123,25 @@ impl MarketContext {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalOp {
     UpsertProduct(Product),
-    Restock { sku: String, qty: u64 },
-    Transfer { sku: String, qty: u64, to: DeviceId },
-    Sell { lines: Vec<LineRequest>, client_ref: Option<String> },
+    Restock {
+        sku: String,
+        qty: u64,
+    },
+    Transfer {
+        sku: String,
+        qty: u64,
+        to: DeviceId,
+    },
+    Sell {
+        lines: Vec<LineRequest>,
+        client_ref: Option<String>,
+        recommendation: Option<RecommendationShown>,
+    },
+    /// Attaches (or replaces) a product's photo: a JPEG of at most [`MAX_PHOTO_BYTES`].
+    AttachPhoto {
+        sku: String,
+        jpeg: Vec<u8>,
+    },
     Revoke(Revocation),
 }
 
@@ -509,7 +530,34 @@ impl Ledger {
                 self.check_rights(&sku, q)?;
                 EventBody::Transferred { sku, qty: q, to }
             }
-            LocalOp::Sell { lines, client_ref } => {
+            LocalOp::AttachPhoto { sku, jpeg } => {
+                let p = known(&sku)?;
+                if jpeg.is_empty() || jpeg.len() > MAX_PHOTO_BYTES {
+                    return Err(LedgerError::Invalid { field: "photo", problem: format!("must be 1..={MAX_PHOTO_BYTES} bytes") });
+                }
+                if !jpeg.starts_with(&[0xFF, 0xD8, 0xFF]) {
+                    return Err(LedgerError::Invalid { field: "photo", problem: "must be a JPEG".into() });
+                }
+                if self.certificate.role == stallmesh_identity::Role::Seller && p.product.stall != self.certificate.stall {
+                    return Err(LedgerError::OtherStall { own: self.certificate.stall.clone(), other: p.product.stall.clone() });
+                }
+                EventBody::PhotoAttached { sku, jpeg, lamport: self.lamport + 1 }
+            }
+            LocalOp::Sell { lines, client_ref, recommendation } => {
+                if let Some(rec) = &recommendation {
+                    if rec.arm != "treatment" && rec.arm != "control" {
+                        return Err(LedgerError::Invalid {
+                            field: "recommendation.arm",
+                            problem: "must be \"treatment\" or \"control\"".into(),
+                        });
+                    }
+                    if rec.skus.len() > MAX_RECOMMENDED || rec.skus.iter().any(|s| s.is_empty() || s.len() > MAX_SKU_LEN) {
+                        return Err(LedgerError::Invalid {
+                            field: "recommendation.skus",
+                            problem: format!("at most {MAX_RECOMMENDED} SKUs of 1..={MAX_SKU_LEN} bytes"),
+                        });
+                    }
+                }
                 if lines.is_empty() || lines.len() > MAX_SALE_LINES {
                     return Err(LedgerError::Invalid { field: "lines", problem: format!("must hold 1..={MAX_SALE_LINES} lines") });
                 }
@@ -542,7 +590,13 @@ impl Ledger {
                         self.check_rights(sku, q)?;
                     }
                 }
-                EventBody::Sold { lines: out, total_cents: total, currency: currency.unwrap_or("EUR").to_string(), client_ref }
+                EventBody::Sold {
+                    lines: out,
+                    total_cents: total,
+                    currency: currency.unwrap_or("EUR").to_string(),
+                    client_ref,
+                    recommendation,
+                }
             }
             LocalOp::Revoke(revocation) => {
                 revocation.verify(&self.ctx.market_key).map_err(LedgerError::BadRevocation)?;
@@ -615,7 +669,9 @@ impl Ledger {
             self.unreferenced_transfers_in.clear();
         }
         match &event.body {
-            EventBody::ProductUpserted { lamport, .. } => self.lamport = self.lamport.max(*lamport),
+            EventBody::ProductUpserted { lamport, .. } | EventBody::PhotoAttached { lamport, .. } => {
+                self.lamport = self.lamport.max(*lamport)
+            }
             EventBody::Transferred { to, .. } if *to == self.me => self.unreferenced_transfers_in.push(dot),
             _ => {}
         }

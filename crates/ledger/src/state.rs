@@ -4,7 +4,7 @@
 //! their journal position, products are last-writer-wins on (lamport, author). So replicas that
 //! hold the same set of changes have identical state.
 
-use crate::event::{Event, EventBody, Product, SaleLine};
+use crate::event::{Event, EventBody, Product, RecommendationShown, SaleLine};
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, Dot};
 use std::collections::BTreeMap;
@@ -38,6 +38,17 @@ pub struct Sale {
     pub currency: String,
     pub time_ms: u64,
     pub client_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recommendation: Option<RecommendationShown>,
+}
+
+/// A product's current photo: last writer wins on (lamport, author), like the product itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PhotoRecord {
+    #[serde(skip)]
+    pub jpeg: Vec<u8>,
+    pub lamport: u64,
+    pub author: DeviceId,
 }
 
 /// Why an event cannot be folded into the state. For a remote change this is a protocol violation.
@@ -58,6 +69,9 @@ pub struct State {
     /// sku → device → units that device may sell. Never negative (u64, checked on every spend).
     pub rights: BTreeMap<String, BTreeMap<DeviceId, u64>>,
     pub sales: BTreeMap<String, Sale>,
+    pub photos: BTreeMap<String, PhotoRecord>,
+    /// Product and photo events folded so far: tells a derived index (search) when to rebuild.
+    pub catalogue_changes: u64,
     pub restocks: u64,
     pub transfers: u64,
 }
@@ -81,6 +95,8 @@ impl State {
             EventBody::Enrolled { .. } => Ok(()),
             _ if dot.seq == 0 => Err(FoldError::Invalid("journal entry 0 must be the enrolment".into())),
             EventBody::ProductUpserted { .. } | EventBody::Revoked { .. } => Ok(()),
+            EventBody::PhotoAttached { jpeg, .. } if jpeg.is_empty() => Err(FoldError::Invalid("empty photo".into())),
+            EventBody::PhotoAttached { .. } => Ok(()),
             EventBody::Restocked { qty, .. } if *qty == 0 => Err(FoldError::Invalid("restock of 0 units".into())),
             EventBody::Restocked { .. } => Ok(()),
             EventBody::Transferred { qty, .. } if *qty == 0 => Err(FoldError::Invalid("transfer of 0 units".into())),
@@ -118,6 +134,7 @@ impl State {
                 self.devices.entry(dot.device).or_insert_with(|| DeviceRecord { certificate: certificate.clone(), revoked_at_ms: None });
             }
             EventBody::ProductUpserted { product, lamport } => {
+                self.catalogue_changes += 1;
                 let newer = match self.products.get(&product.sku) {
                     Some(cur) => (*lamport, dot.device) > (cur.lamport, cur.author),
                     None => true,
@@ -136,7 +153,7 @@ impl State {
                 *self.rights.entry(sku.clone()).or_default().entry(*to).or_default() += qty;
                 self.transfers += 1;
             }
-            EventBody::Sold { lines, total_cents, currency, client_ref } => {
+            EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
                 for l in lines {
                     self.spend(&l.sku, &dot.device, l.qty);
                 }
@@ -152,9 +169,17 @@ impl State {
                         currency: currency.clone(),
                         time_ms: event.time_ms,
                         client_ref: client_ref.clone(),
+                        recommendation: recommendation.clone(),
                     },
                 );
                 assert!(previous.is_none(), "a journal position is folded at most once");
+            }
+            EventBody::PhotoAttached { sku, jpeg, lamport } => {
+                self.catalogue_changes += 1;
+                let newer = self.photos.get(sku).is_none_or(|cur| (*lamport, dot.device) > (cur.lamport, cur.author));
+                if newer {
+                    self.photos.insert(sku.clone(), PhotoRecord { jpeg: jpeg.clone(), lamport: *lamport, author: dot.device });
+                }
             }
             EventBody::Revoked { revocation } => {
                 if let Some(d) = self.devices.get_mut(&revocation.device) {

@@ -198,7 +198,11 @@ fn a_remote_overspend_is_rejected_as_a_protocol_violation() {
 fn client_ref_makes_a_retried_sale_idempotent() {
     let m = TestMarket::new(10);
     let (mut a, _) = stocked(&m, 1, "tea", 5);
-    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "tea".into(), qty: 1 }], client_ref: Some("till-7-0001".into()) };
+    let op = LocalOp::Sell {
+        lines: vec![LineRequest { sku: "tea".into(), qty: 1 }],
+        client_ref: Some("till-7-0001".into()),
+        recommendation: None,
+    };
     let first = a.record(op.clone(), 1).unwrap();
     match a.record(op, 2) {
         Err(LedgerError::AlreadyRecorded { sale_id: id, .. }) => assert_eq!(id, sale_id(first.change.dot())),
@@ -218,7 +222,10 @@ fn invalid_local_input_is_refused_with_the_field_named() {
     p.sku = "ok".into();
     p.currency = "euro".into();
     assert!(matches!(a.record(LocalOp::UpsertProduct(p), 1), Err(LedgerError::Invalid { field: "currency", .. })));
-    assert!(matches!(a.record(LocalOp::Sell { lines: vec![], client_ref: None }, 1), Err(LedgerError::Invalid { field: "lines", .. })));
+    assert!(matches!(
+        a.record(LocalOp::Sell { lines: vec![], client_ref: None, recommendation: None }, 1),
+        Err(LedgerError::Invalid { field: "lines", .. })
+    ));
 }
 
 #[test]

@@ -612,7 +612,8 @@ impl World {
             }
         }
         let now = self.dev_now_ms(dev);
-        let result = self.protocol(|w| w.devices[dev as usize].ledger.record(LocalOp::Sell { lines, client_ref: None }, now));
+        let result =
+            self.protocol(|w| w.devices[dev as usize].ledger.record(LocalOp::Sell { lines, client_ref: None, recommendation: None }, now));
         match result {
             Ok(entry) => {
                 let id = sale_id(entry.change.dot());

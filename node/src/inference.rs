@@ -1,0 +1,330 @@
+//! The node's inference service: keeps a search index and co-purchase counts in step with the
+//! replicated catalogue and sales, and answers search and recommendation requests.
+//!
+//! Models load in the background after the node starts; until then (or if a model is missing) search
+//! is lexical and says so. Embeddings are computed on the inference pool in small batches, so a
+//! catalogue import never holds up a customer's query for long, and cached in redb.
+
+use crate::runtime::Node;
+use serde::Serialize;
+use stallmesh_inference::cache::{cache_key, EmbeddingCache};
+use stallmesh_inference::recommend::{CoPurchase, Recommendation};
+use stallmesh_inference::search::{CatalogueItem, Hit, SearchIndex};
+use stallmesh_inference::{Embedding, InferenceError, InferencePool, ModelStatus, Models};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+/// How often the index is brought up to date with the ledger.
+pub const REFRESH_INTERVAL_MS: u64 = 250;
+/// Products embedded per pool job: ~35 ms of work, so a query queued behind a catalogue import waits
+/// for at most one batch.
+pub const EMBED_BATCH: usize = 10;
+/// Longest search query accepted.
+pub const MAX_QUERY_BYTES: usize = 256;
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    Off,
+    Loading,
+    Ready,
+}
+
+/// Derived state kept next to the ledger; rebuilt from it, never persisted except the embedding cache.
+pub struct Inference {
+    pool: OnceLock<Arc<InferencePool>>,
+    statuses: RwLock<Vec<ModelStatus>>,
+    readiness: RwLock<Readiness>,
+    index: RwLock<Arc<SearchIndex>>,
+    co_purchase: RwLock<CoPurchase>,
+    cache: Option<EmbeddingCache>,
+    /// sku → (cache key, embedding) of what is in the index now.
+    text_vectors: Mutex<HashMap<String, ([u8; 32], Embedding)>>,
+    photo_vectors: Mutex<HashMap<String, ([u8; 32], Embedding)>>,
+    catalogue_seen: Mutex<Option<u64>>,
+    pub treatment_percent: u8,
+}
+
+impl Inference {
+    pub fn new(cache_path: PathBuf, treatment_percent: u8) -> Inference {
+        let cache = match EmbeddingCache::open(&cache_path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "embedding cache unavailable; embeddings are recomputed at every start");
+                None
+            }
+        };
+        Inference {
+            pool: OnceLock::new(),
+            statuses: RwLock::new(Vec::new()),
+            readiness: RwLock::new(Readiness::Loading),
+            index: RwLock::new(Arc::new(SearchIndex::default())),
+            co_purchase: RwLock::new(CoPurchase::default()),
+            cache,
+            text_vectors: Mutex::default(),
+            photo_vectors: Mutex::default(),
+            catalogue_seen: Mutex::new(None),
+            treatment_percent,
+        }
+    }
+
+    /// Installs the loaded models (or none) and starts the pool.
+    pub fn set_models(&self, models: Models, workers: usize, queue_len: usize, enabled: bool) {
+        *self.statuses.write().expect("statuses lock") = models.status.clone();
+        let pool = Arc::new(InferencePool::new(Arc::new(models), workers, queue_len));
+        let _ = self.pool.set(pool);
+        *self.readiness.write().expect("readiness lock") = if enabled { Readiness::Ready } else { Readiness::Off };
+        // Force a rebuild with the models now present.
+        *self.catalogue_seen.lock().expect("catalogue lock") = None;
+    }
+
+    pub fn pool(&self) -> Option<&Arc<InferencePool>> {
+        self.pool.get()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        *self.readiness.read().expect("readiness lock")
+    }
+
+    pub fn statuses(&self) -> Vec<ModelStatus> {
+        self.statuses.read().expect("statuses lock").clone()
+    }
+
+    pub fn index(&self) -> Arc<SearchIndex> {
+        self.index.read().expect("index lock").clone()
+    }
+
+    pub fn has_text_model(&self) -> bool {
+        self.pool().is_some_and(|p| p.models().text.is_some())
+    }
+
+    pub fn has_image_model(&self) -> bool {
+        self.pool().is_some_and(|p| p.models().image.is_some())
+    }
+
+    /// Brings the co-purchase counts and the search index up to date with the ledger.
+    pub async fn refresh(&self, node: &Node) {
+        self.refresh_sales(node);
+        let version = node.read(|l| l.state().catalogue_changes);
+        if *self.catalogue_seen.lock().expect("catalogue lock") == Some(version) {
+            return;
+        }
+        let started = Instant::now();
+        let (items, photos) = node.read(|l| {
+            let s = l.state();
+            let items: Vec<CatalogueItem> = s
+                .products
+                .values()
+                .map(|p| CatalogueItem {
+                    sku: p.product.sku.clone(),
+                    name: p.product.name.clone(),
+                    tags: p.product.tags.clone(),
+                    stall: p.product.stall.clone(),
+                })
+                .collect();
+            let photos: Vec<(String, Vec<u8>)> = s.photos.iter().map(|(sku, p)| (sku.clone(), p.jpeg.clone())).collect();
+            (items, photos)
+        });
+        // Index what is known at once (lexical works immediately), then embed what is missing.
+        self.rebuild(&items);
+        let complete = self.embed_missing(&items, &photos).await;
+        self.rebuild(&items);
+        if complete {
+            *self.catalogue_seen.lock().expect("catalogue lock") = Some(version);
+        }
+        let index = self.index();
+        tracing::info!(
+            products = index.len(),
+            embedded = index.embedded(),
+            with_photo = index.with_photo(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "search index rebuilt"
+        );
+    }
+
+    fn refresh_sales(&self, node: &Node) {
+        let counted = self.co_purchase.read().expect("co-purchase lock").sales_counted();
+        if node.read(|l| l.state().sales.len()) == counted {
+            return;
+        }
+        // Sales only grow. Copy out the new ones, then count them without holding the ledger lock
+        // (`recommend` takes the two locks in the other order).
+        let fresh: Vec<(String, Vec<String>)> = {
+            let co = self.co_purchase.read().expect("co-purchase lock");
+            node.read(|l| {
+                l.state()
+                    .sales
+                    .iter()
+                    .filter(|(id, _)| !co.has_counted(id))
+                    .map(|(id, sale)| (id.clone(), sale.lines.iter().map(|line| line.sku.clone()).collect()))
+                    .collect()
+            })
+        };
+        let mut co = self.co_purchase.write().expect("co-purchase lock");
+        for (id, skus) in &fresh {
+            co.observe(id, skus.iter().map(String::as_str));
+        }
+    }
+
+    fn rebuild(&self, items: &[CatalogueItem]) {
+        let text: HashMap<String, Embedding> =
+            self.text_vectors.lock().expect("vectors lock").iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
+        let photos: HashMap<String, Embedding> =
+            self.photo_vectors.lock().expect("vectors lock").iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
+        let dim = self.pool().and_then(|p| p.models().text.as_ref().map(|t| t.dim())).unwrap_or(0);
+        let index = SearchIndex::build(items.to_vec(), dim, &text, &photos);
+        *self.index.write().expect("index lock") = Arc::new(index);
+    }
+
+    /// Embeds products and photos whose content changed, from the cache where possible. Returns
+    /// false if some could not be embedded now (the pool was busy), so the next refresh retries.
+    async fn embed_missing(&self, items: &[CatalogueItem], photos: &[(String, Vec<u8>)]) -> bool {
+        let Some(pool) = self.pool().cloned() else { return false };
+        let mut complete = true;
+        if let Some(text) = pool.models().text.as_ref() {
+            let model_id = text.model_id();
+            let wanted: Vec<(String, [u8; 32], String)> = items
+                .iter()
+                .map(|it| {
+                    let t = it.embedding_text();
+                    (it.sku.clone(), cache_key(&model_id, t.as_bytes()), t)
+                })
+                .collect();
+            complete &= self.fill(&pool, &self.text_vectors, wanted, |m, t: &String| m.text.as_ref().map(|e| e.embed(t))).await;
+        }
+        if let Some(image) = pool.models().image.as_ref() {
+            let model_id = image.model_id();
+            let wanted: Vec<(String, [u8; 32], Vec<u8>)> =
+                photos.iter().map(|(sku, jpeg)| (sku.clone(), cache_key(&model_id, jpeg), jpeg.clone())).collect();
+            complete &= self.fill(&pool, &self.photo_vectors, wanted, |m, j: &Vec<u8>| m.image.as_ref().map(|e| e.embed(j))).await;
+        }
+        complete
+    }
+
+    async fn fill<C: Send + Sync + 'static>(
+        &self,
+        pool: &Arc<InferencePool>,
+        vectors: &Mutex<HashMap<String, ([u8; 32], Embedding)>>,
+        wanted: Vec<(String, [u8; 32], C)>,
+        embed: fn(&Models, &C) -> Option<Result<Embedding, InferenceError>>,
+    ) -> bool {
+        let mut missing = Vec::new();
+        {
+            let mut have = vectors.lock().expect("vectors lock");
+            let keep: std::collections::HashSet<&String> = wanted.iter().map(|w| &w.0).collect();
+            have.retain(|sku, _| keep.contains(sku));
+            for (sku, key, content) in wanted {
+                if have.get(&sku).is_some_and(|(k, _)| *k == key) {
+                    continue;
+                }
+                match self.cache.as_ref().map(|c| c.get(&key)) {
+                    Some(Ok(Some(v))) => {
+                        have.insert(sku, (key, v));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "embedding cache read failed");
+                        missing.push((sku, key, content));
+                    }
+                    _ => missing.push((sku, key, content)),
+                }
+            }
+        }
+        let mut complete = true;
+        let mut remaining = missing.into_iter().peekable();
+        while remaining.peek().is_some() {
+            let batch: Vec<(String, [u8; 32], C)> = remaining.by_ref().take(EMBED_BATCH).collect();
+            let result = pool
+                .run(move |m| {
+                    Ok(batch
+                        .into_iter()
+                        .map(|(sku, key, content)| {
+                            let r = embed(m, &content).unwrap_or(Err(InferenceError::ModelUnavailable("embedding")));
+                            (sku, key, r)
+                        })
+                        .collect::<Vec<_>>())
+                })
+                .await;
+            match result {
+                Ok(done) => {
+                    let mut fresh = Vec::new();
+                    let mut have = vectors.lock().expect("vectors lock");
+                    for (sku, key, r) in done {
+                        match r {
+                            Ok(v) => {
+                                fresh.push((key, v.clone()));
+                                have.insert(sku, (key, v));
+                            }
+                            // A photo that cannot be decoded stays without an embedding; it is not retried.
+                            Err(e) => tracing::warn!(sku, error = %e, "cannot embed; product stays lexical-only"),
+                        }
+                    }
+                    drop(have);
+                    if let Some(Err(e)) = self.cache.as_ref().map(|c| c.put_many(&fresh)) {
+                        tracing::warn!(error = %e, "embedding cache write failed");
+                    }
+                }
+                Err(InferenceError::QueueFull(_)) => {
+                    // Customers' queries come first; the rest is embedded on a later refresh.
+                    complete = false;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "embedding batch failed");
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        complete
+    }
+
+    /// Which arm of the recommendation experiment a customer session is in: a stable hash, so the
+    /// same session always sees the same arm on this device.
+    pub fn arm(&self, device: &str, session: &str) -> &'static str {
+        use sha2::Digest;
+        let h = sha2::Sha256::new().chain_update(device.as_bytes()).chain_update([0]).chain_update(session.as_bytes()).finalize();
+        if u16::from_le_bytes([h[0], h[1]]) % 100 < u16::from(self.treatment_percent) {
+            "treatment"
+        } else {
+            "control"
+        }
+    }
+
+    pub fn recommend(&self, node: &Node, basket: &[String], k: usize) -> Vec<Recommendation> {
+        let index = self.index();
+        let co = self.co_purchase.read().expect("co-purchase lock");
+        node.read(|l| co.recommend(basket, &index, k, |sku| l.state().stock(sku).total > 0))
+    }
+
+    pub fn search(&self, query: &str, vector: Option<&[f32]>, k: usize) -> Vec<Hit> {
+        self.index().search(query, vector, k)
+    }
+}
+
+/// Loads the models off the executor, then keeps the index in step with the ledger until the node stops.
+pub fn start(node: &Node, config: &crate::Config) -> Arc<Inference> {
+    let settings = config.inference.clone();
+    let inference = Arc::new(Inference::new(config.embeddings_path(), settings.treatment_percent));
+    let dir = config.resolved_models_dir();
+    let task = inference.clone();
+    let node = node.clone();
+    tokio::spawn(async move {
+        let models = if settings.enabled {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || Models::load(&d)).await.unwrap_or_else(|e| Models::none(&e.to_string()))
+        } else {
+            Models::none("inference disabled by configuration")
+        };
+        tracing::info!(models_dir = %dir.display(), loaded = ?models.status.iter().filter(|s| s.loaded).map(|s| s.name).collect::<Vec<_>>(), "inference ready");
+        task.set_models(models, settings.workers, settings.queue_len, settings.enabled);
+        let mut tick = tokio::time::interval(Duration::from_millis(REFRESH_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            task.refresh(&node).await;
+        }
+    });
+    inference
+}
