@@ -64,6 +64,24 @@ pub enum Command {
         #[command(flatten)]
         node: NodeAddr,
     },
+    /// Search the catalogue by meaning and by words: `stallmesh search raw honey`.
+    Search {
+        #[arg(required = true)]
+        words: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// What customers bought with these products: `stallmesh recommend BRD-SOUR DAI-BUTTER`.
+    Recommend {
+        #[arg(required = true)]
+        basket: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
     /// Show the node's identity, market and journal heads.
     Status {
         #[command(flatten)]
@@ -338,6 +356,29 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
                     euros(sale["total_cents"].as_u64().unwrap_or(0)),
                     sale["currency"].as_str().unwrap_or("")
                 );
+            }
+        }
+        Command::Search { words, k, node } => {
+            let q: String = words.join(" ");
+            let encoded: String =
+                q.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+            let r = Client::new(&node.url).get(&format!("/api/v1/search?q={encoded}&k={k}"))?;
+            println!("{} search, {} µs", r["mode"].as_str().unwrap_or("?"), r["took_us"]);
+            for h in r["hits"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<14} {:>6.3}  {}",
+                    h["sku"].as_str().unwrap_or("?"),
+                    h["score"].as_f64().unwrap_or(0.0),
+                    h["name"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Recommend { basket, k, node } => {
+            // The CLI is an operator's view: always show what the model would recommend (the record).
+            let r = Client::new(&node.url).get(&format!("/api/v1/recommendations?basket={}&k={k}", basket.join(",")))?;
+            println!("arm {} (the POS page shows recommendations only in the treatment arm)", r["arm"].as_str().unwrap_or("?"));
+            for sku in r["record"]["skus"].as_array().into_iter().flatten() {
+                println!("  {}", sku.as_str().unwrap_or("?"));
             }
         }
         Command::Status { node } => {

@@ -1,7 +1,7 @@
 //! The text and image embedders, loaded once from pinned files.
 
 use crate::manifest::{FileError, Manifest};
-use crate::vision::{decode_image, to_model_input, MODEL_SIDE};
+use crate::vision::{decode_image, model_input, MODEL_SIDE};
 use crate::{l2_normalize, Embedding, InferenceError};
 use serde::Serialize;
 use std::path::Path;
@@ -102,6 +102,11 @@ impl TextEmbedder {
         self.dim
     }
 
+    /// The token ids the model sees for `text` (used to feed another runtime identical input).
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
+        Ok(self.tokenizer.encode(text, true).map_err(|e| InferenceError::InvalidInput(e.to_string()))?.get_ids().to_vec())
+    }
+
     /// The sentence embedding of `text`: mean of the token states under the attention mask, unit length.
     pub fn embed(&self, text: &str) -> Result<Embedding, InferenceError> {
         if text.len() > MAX_TEXT_BYTES {
@@ -175,14 +180,14 @@ impl ImageEmbedder {
         let started = Instant::now();
         let img = decode_image(photo)?;
         let decoded_us = started.elapsed().as_micros() as u64;
-        let v = self.embed_input(to_model_input(&img))?;
+        let v = self.embed_input(model_input(&img))?;
         tracing::debug!(decoded_us, elapsed_us = started.elapsed().as_micros() as u64, "image embedded");
         Ok(v)
     }
 
     /// Embeds an already decoded photo (used by benchmarks to time the model alone).
     pub fn embed_rgb(&self, img: &image::RgbImage) -> Result<Embedding, InferenceError> {
-        self.embed_input(to_model_input(img))
+        self.embed_input(model_input(img))
     }
 
     fn embed_input(&self, input: Vec<f32>) -> Result<Embedding, InferenceError> {

@@ -67,7 +67,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
 }
 
 /// The model input: the whole photo scaled to 224x224 (area-averaged), NCHW, `(x - 127) / 128`.
-pub(crate) fn to_model_input(img: &RgbImage) -> Vec<f32> {
+pub fn model_input(img: &RgbImage) -> Vec<f32> {
     let small = image::imageops::thumbnail(img, MODEL_SIDE, MODEL_SIDE);
     let plane = (MODEL_SIDE * MODEL_SIDE) as usize;
     let mut out = vec![0.0f32; 3 * plane];
@@ -94,7 +94,7 @@ mod tests {
     fn decodes_png_and_builds_a_224_square_nchw_input() {
         let img = decode_image(&png(640, 480)).unwrap();
         assert_eq!(img.dimensions(), (640, 480));
-        let input = to_model_input(&img);
+        let input = model_input(&img);
         assert_eq!(input.len(), 3 * 224 * 224);
         assert!((input[0] - (200.0 - 127.0) / 128.0).abs() < 1e-6, "red plane first");
         assert!((input[224 * 224] - (100.0 - 127.0) / 128.0).abs() < 1e-6, "then green");

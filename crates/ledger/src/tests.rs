@@ -272,3 +272,46 @@ fn journal_documents_dropped_from_memory_are_rebuilt_and_the_journal_continues()
     assert_eq!((r.applied.len(), r.rejected.len()), (3, 0));
     assert_same_business_state(&a, &b);
 }
+
+const JPEG_A: &[u8] = &[0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3];
+const JPEG_B: &[u8] = &[0xFF, 0xD8, 0xFF, 0xE0, 4, 5, 6];
+
+#[test]
+fn product_photos_replicate_and_the_later_one_wins_on_every_replica() {
+    let m = TestMarket::new(9);
+    let (mut a, mut ea) = stocked(&m, 1, "honey", 3);
+    let (mut b, eb0) = m.device(2, "Test Stall");
+    a.apply_remote(changes(std::slice::from_ref(&eb0)));
+    b.apply_remote(changes(&ea));
+    ea.push(a.record(LocalOp::AttachPhoto { sku: "honey".into(), jpeg: JPEG_A.to_vec() }, 5).unwrap());
+    b.apply_remote(changes(&ea));
+    assert_eq!(b.state().photos["honey"].jpeg, JPEG_A);
+    // b replaces it after seeing a's photo: a higher lamport, so it wins wherever it arrives.
+    let eb = b.record(LocalOp::AttachPhoto { sku: "honey".into(), jpeg: JPEG_B.to_vec() }, 6).unwrap();
+    a.apply_remote(changes(&[eb]));
+    assert_eq!(a.state().photos, b.state().photos);
+    assert_eq!(a.state().photos["honey"].jpeg, JPEG_B);
+
+    let mut refuse = |op| matches!(a.record(op, 7), Err(LedgerError::Invalid { field: "photo", .. }) | Err(LedgerError::UnknownSku(_)));
+    assert!(refuse(LocalOp::AttachPhoto { sku: "honey".into(), jpeg: b"GIF89a".to_vec() }), "not a JPEG");
+    assert!(refuse(LocalOp::AttachPhoto { sku: "honey".into(), jpeg: vec![0xFF; MAX_PHOTO_BYTES + 1] }), "too large");
+    assert!(refuse(LocalOp::AttachPhoto { sku: "nope".into(), jpeg: JPEG_A.to_vec() }), "unknown SKU");
+}
+
+#[test]
+fn a_sale_carries_the_recommendations_shown_to_every_replica() {
+    let m = TestMarket::new(10);
+    let (mut a, ea) = stocked(&m, 1, "bread", 3);
+    let (mut b, _) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    let shown = RecommendationShown { arm: "treatment".into(), skus: vec!["butter".into(), "jam".into()] };
+    let op =
+        LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(shown.clone()) };
+    let sale = a.record(op, 9).unwrap();
+    b.apply_remote(changes(&[sale]));
+    let on_b: Vec<_> = b.state().sales.values().map(|s| s.recommendation.clone()).collect();
+    assert_eq!(on_b, vec![Some(shown)]);
+    let bad = RecommendationShown { arm: "maybe".into(), skus: vec![] };
+    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(bad) };
+    assert!(matches!(a.record(op, 10), Err(LedgerError::Invalid { field: "recommendation.arm", .. })));
+}
