@@ -1,6 +1,6 @@
 //! On-device inference costs, on one core (tract runs single-threaded):
 //!
-//! - `text_embedding`: one query of 7 tokens through MiniLM (tokenise, run, mean-pool);
+//! - `text_embedding/N_tokens`: a query of N tokens through MiniLM (tokenise, run, mean-pool);
 //! - `image_embedding/model`: EfficientNet-Lite0 on a decoded photo; `/jpeg`: decode + resize + model;
 //! - `search_index/N`: hybrid scoring over N products for an embedded query; `recommend/N`: bought-
 //!   together over N products and 100k sales;
@@ -123,7 +123,11 @@ fn embeddings(c: &mut Criterion) {
     let m = models();
     let text = m.text.as_ref().unwrap();
     let image = m.image.as_ref().unwrap();
-    c.bench_function("text_embedding/7_tokens", |b| b.iter(|| text.embed("organic raw honey in a glass jar").unwrap()));
+    // A typical POS query, and a longer sentence (token counts include [CLS] and [SEP]).
+    for q in ["raw honey", "organic raw honey in a glass jar"] {
+        let name = format!("text_embedding/{}_tokens", text.token_ids(q).unwrap().len());
+        c.bench_function(&name, |b| b.iter(|| text.embed(q).unwrap()));
+    }
     let decoded = stallmesh_inference::decode_image(&photo("coffee.png")).unwrap();
     c.bench_function("image_embedding/model", |b| b.iter(|| image.embed_rgb(&decoded).unwrap()));
     let jpeg = photo("coffee_aug.jpg");
