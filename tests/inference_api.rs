@@ -69,6 +69,11 @@ fn search_finds_products_by_meaning_and_an_exact_sku_first() {
     assert_eq!(body["mode"], "hybrid");
     assert!(body["hits"].as_array().unwrap().iter().any(|h| h["name"] == "Organic honey 500g jar"), "{body}");
     assert!(skus(&body, "hits")[0].starts_with("HON-"), "{body}");
+    assert_eq!(body["query_embedding_cached"], false);
+    // The same words again (another case, other spacing) skip the model and rank the same.
+    let (_, again) = node.get("/api/v1/search?q=Raw%20%20HONEY&k=5");
+    assert_eq!(again["query_embedding_cached"], true);
+    assert_eq!(skus(&again, "hits"), skus(&body, "hits"));
 
     // Words the catalogue never uses: only the model can connect them.
     let (_, body) = node.get("/api/v1/search?q=shrimp");

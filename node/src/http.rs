@@ -510,17 +510,16 @@ async fn search(State(node): State<Node>, Query(q): Query<SearchQuery>) -> ApiRe
     }
     let k = result_count(q.k, 10)?;
     let inference = inference_of(&node)?;
-    let vector = match inference.pool() {
-        Some(pool) if inference.has_text_model() => Some(pool.embed_text(query.clone()).await.map_err(|e| {
-            node.metrics.search_requests.get_or_create(&crate::metrics::Outcome { outcome: "refused" }).inc();
-            ApiError::from(e)
-        })?),
-        _ => None,
-    };
+    let looked_up = inference.query_vector(&query).await.map_err(|e| {
+        node.metrics.search_requests.get_or_create(&crate::metrics::Outcome { outcome: "refused" }).inc();
+        ApiError::from(e)
+    })?;
+    let cached = looked_up.as_ref().is_some_and(|(_, c)| *c);
+    let vector = looked_up.map(|(v, _)| v);
     let mode = if vector.is_some() { "hybrid" } else { "lexical" };
     let inf = inference.clone();
     let q2 = query.clone();
-    let hits = tokio::task::spawn_blocking(move || inf.search(&q2, vector.as_deref(), k))
+    let hits = tokio::task::spawn_blocking(move || inf.search(&q2, vector.as_ref().map(|v| v.as_slice()), k))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     node.metrics.search_requests.get_or_create(&crate::metrics::Outcome { outcome: mode }).inc();
@@ -528,6 +527,7 @@ async fn search(State(node): State<Node>, Query(q): Query<SearchQuery>) -> ApiRe
     Ok(Json(json!({
         "query": query,
         "mode": mode,
+        "query_embedding_cached": cached,
         "inference": inference.readiness(),
         "hits": hits,
         "took_us": started.elapsed().as_micros() as u64,

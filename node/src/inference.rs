@@ -23,6 +23,9 @@ pub const REFRESH_INTERVAL_MS: u64 = 250;
 pub const EMBED_BATCH: usize = 10;
 /// Longest search query accepted.
 pub const MAX_QUERY_BYTES: usize = 256;
+/// Query embeddings remembered: staff search the same few words all day ("honey", "sourdough"), and
+/// a remembered query skips the model (~3–6 ms). 512 × 1.5 KB = 0.8 MB.
+pub const QUERY_CACHE_ENTRIES: usize = 512;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -44,6 +47,8 @@ pub struct Inference {
     text_vectors: Mutex<HashMap<String, ([u8; 32], Embedding)>>,
     photo_vectors: Mutex<HashMap<String, ([u8; 32], Embedding)>>,
     catalogue_seen: Mutex<Option<u64>>,
+    /// Recent query embeddings, oldest first (evicted first).
+    query_cache: Mutex<(HashMap<String, Arc<Embedding>>, std::collections::VecDeque<String>)>,
     pub treatment_percent: u8,
 }
 
@@ -66,6 +71,7 @@ impl Inference {
             text_vectors: Mutex::default(),
             photo_vectors: Mutex::default(),
             catalogue_seen: Mutex::new(None),
+            query_cache: Mutex::default(),
             treatment_percent,
         }
     }
@@ -102,6 +108,29 @@ impl Inference {
 
     pub fn has_image_model(&self) -> bool {
         self.pool().is_some_and(|p| p.models().image.is_some())
+    }
+
+    /// The query's text embedding, from the recent-query cache or the model. `None` without a text
+    /// model; `Ok((vector, cached))` otherwise.
+    pub async fn query_vector(&self, query: &str) -> Result<Option<(Arc<Embedding>, bool)>, InferenceError> {
+        let Some(pool) = self.pool().filter(|p| p.models().text.is_some()) else { return Ok(None) };
+        // Case and spacing do not change the embedding (the tokenizer is uncased).
+        let key = query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        if let Some(v) = self.query_cache.lock().expect("query cache lock").0.get(&key) {
+            return Ok(Some((v.clone(), true)));
+        }
+        let v = Arc::new(pool.embed_text(key.clone()).await?);
+        let mut cache = self.query_cache.lock().expect("query cache lock");
+        let (map, order) = &mut *cache;
+        if map.insert(key.clone(), v.clone()).is_none() {
+            order.push_back(key);
+            while order.len() > QUERY_CACHE_ENTRIES {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+        Ok(Some((v, false)))
     }
 
     /// Brings the co-purchase counts and the search index up to date with the ledger.
