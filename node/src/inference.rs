@@ -27,6 +27,9 @@ pub const MAX_QUERY_BYTES: usize = 256;
 /// a remembered query skips the model (~3–6 ms). 512 × 1.5 KB = 0.8 MB.
 pub const QUERY_CACHE_ENTRIES: usize = 512;
 
+/// Query → embedding, and the queries in insertion order for eviction.
+type QueryCache = (HashMap<String, Arc<Embedding>>, std::collections::VecDeque<String>);
+
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Readiness {
@@ -48,7 +51,7 @@ pub struct Inference {
     photo_vectors: Mutex<HashMap<String, ([u8; 32], Embedding)>>,
     catalogue_seen: Mutex<Option<u64>>,
     /// Recent query embeddings, oldest first (evicted first).
-    query_cache: Mutex<(HashMap<String, Arc<Embedding>>, std::collections::VecDeque<String>)>,
+    query_cache: Mutex<QueryCache>,
     pub treatment_percent: u8,
 }
 
