@@ -46,6 +46,8 @@ pub struct TextEmbedder {
     tokenizer: Tokenizer,
     /// Identifies the model + tokenizer pair, so cached embeddings from another model are never reused.
     model_id: [u8; 32],
+    /// sha256 of the model file alone, as pinned in the manifest.
+    file_sha256: [u8; 32],
     dim: usize,
 }
 
@@ -85,7 +87,8 @@ impl TextEmbedder {
         let mut id = sha2::Sha256::default();
         sha2::Digest::update(&mut id, model_sha);
         sha2::Digest::update(&mut id, tok_sha);
-        let embedder = TextEmbedder { plan, tokenizer, model_id: sha2::Digest::finalize(id).into(), dim: entry.dim };
+        let embedder =
+            TextEmbedder { plan, tokenizer, model_id: sha2::Digest::finalize(id).into(), file_sha256: model_sha, dim: entry.dim };
         // A wrong graph (say, a different model under the pinned name) shows here, not on the first query.
         let probe = embedder.embed("probe").map_err(|e| model_err(file, e))?;
         if probe.len() != entry.dim {
@@ -237,7 +240,7 @@ impl Models {
             s
         };
         let status = vec![
-            status("text", &manifest.text.model.file, text.as_ref().map(|t| t.model_id), text_ms),
+            status("text", &manifest.text.model.file, text.as_ref().map(|t| t.file_sha256), text_ms),
             status("image", &manifest.image.model.file, image.as_ref().map(|i| i.model_id), image_ms),
         ];
         Models { text: text.ok(), image: image.ok(), status }

@@ -16,9 +16,10 @@ fn models() -> &'static Models {
 #[test]
 fn both_pinned_models_load_and_report_their_hashes() {
     let m = models();
-    for s in &m.status {
+    let manifest = stallmesh_inference::Manifest::builtin();
+    for (s, pinned) in m.status.iter().zip([&manifest.text.model.sha256, &manifest.image.model.sha256]) {
         assert!(s.loaded, "{} failed to load: {:?}", s.name, s.error);
-        assert_eq!(s.sha256.as_ref().map(String::len), Some(64));
+        assert_eq!(s.sha256.as_ref(), Some(pinned), "the status shows the file's pinned hash");
     }
 }
 
