@@ -38,23 +38,37 @@ impl EmbeddingCache {
     pub fn open(path: &Path) -> Result<EmbeddingCache, CacheError> {
         match Self::open_inner(path) {
             Ok(c) => Ok(c),
-            Err(e) if path.exists() => {
+            // Only a file that is not a readable redb database is set aside; one that is merely in
+            // use (another node on the same data directory) or unreadable for lack of rights is not.
+            Err((true, e)) if path.exists() => {
                 let aside = path.with_extension("redb.corrupt");
                 tracing::warn!(path = %path.display(), error = %e.detail, moved_to = %aside.display(), "embedding cache unreadable; starting a fresh one");
                 std::fs::rename(path, &aside)
                     .map_err(|r| CacheError { path: path.into(), detail: format!("{}; and cannot move it aside: {r}", e.detail) })?;
-                Self::open_inner(path)
+                Self::open_inner(path).map_err(|(_, e)| e)
             }
-            Err(e) => Err(e),
+            Err((_, e)) => Err(e),
         }
     }
 
-    fn open_inner(path: &Path) -> Result<EmbeddingCache, CacheError> {
+    /// On failure, also says whether the file itself is unreadable (so setting it aside is safe).
+    fn open_inner(path: &Path) -> Result<EmbeddingCache, (bool, CacheError)> {
         let err = |e: &dyn std::fmt::Display| CacheError { path: path.into(), detail: e.to_string() };
-        let db = Database::create(path).map_err(|e| err(&e))?;
-        let tx = db.begin_write().map_err(|e| err(&e))?;
-        tx.open_table(EMBEDDINGS).map_err(|e| err(&e))?;
-        tx.commit().map_err(|e| err(&e))?;
+        let db = Database::create(path).map_err(|e| {
+            let unreadable = match &e {
+                redb::DatabaseError::UpgradeRequired(_) => true,
+                redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
+                redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+                    matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData)
+                }
+                _ => false,
+            };
+            (unreadable, err(&e))
+        })?;
+        let unreadable = |e: &dyn std::fmt::Display| (true, err(e));
+        let tx = db.begin_write().map_err(|e| unreadable(&e))?;
+        tx.open_table(EMBEDDINGS).map_err(|e| unreadable(&e))?;
+        tx.commit().map_err(|e| unreadable(&e))?;
         Ok(EmbeddingCache { db, path: path.into() })
     }
 
@@ -129,5 +143,14 @@ mod tests {
         let cache = EmbeddingCache::open(&path).unwrap();
         assert!(cache.is_empty().unwrap());
         assert!(dir.path().join("embeddings.redb.corrupt").exists(), "the unreadable file is kept for inspection");
+    }
+
+    #[test]
+    fn a_cache_in_use_is_an_error_and_is_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("embeddings.redb");
+        let _first = EmbeddingCache::open(&path).unwrap();
+        assert!(EmbeddingCache::open(&path).is_err());
+        assert!(path.exists() && !dir.path().join("embeddings.redb.corrupt").exists());
     }
 }
