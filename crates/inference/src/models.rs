@@ -61,6 +61,15 @@ fn model_err(file: &str, e: impl std::fmt::Display) -> LoadError {
     LoadError::Model { file: file.to_string(), reason: format!("{e:#}") }
 }
 
+/// A model must run once at load and give the manifest's number of dimensions.
+fn check_probe(file: &str, probe: Result<Embedding, InferenceError>, dim: usize) -> Result<(), LoadError> {
+    let probe = probe.map_err(|e| model_err(file, e))?;
+    if probe.len() != dim {
+        return Err(model_err(file, format!("embedding has {} dimensions, manifest says {dim}", probe.len())));
+    }
+    Ok(())
+}
+
 impl TextEmbedder {
     pub fn load(manifest: &Manifest, dir: &Path) -> Result<TextEmbedder, LoadError> {
         let entry = &manifest.text;
@@ -90,10 +99,7 @@ impl TextEmbedder {
         let embedder =
             TextEmbedder { plan, tokenizer, model_id: sha2::Digest::finalize(id).into(), file_sha256: model_sha, dim: entry.dim };
         // A wrong graph (say, a different model under the pinned name) shows here, not on the first query.
-        let probe = embedder.embed("probe").map_err(|e| model_err(file, e))?;
-        if probe.len() != entry.dim {
-            return Err(model_err(file, format!("embedding has {} dimensions, manifest says {}", probe.len(), entry.dim)));
-        }
+        check_probe(file, embedder.embed("probe"), entry.dim)?;
         Ok(embedder)
     }
 
@@ -163,10 +169,7 @@ impl ImageEmbedder {
         };
         let plan = load().map_err(|e| model_err(file, e))?;
         let embedder = ImageEmbedder { plan, model_id: sha, dim: entry.dim };
-        let probe = embedder.embed_input(vec![0.0; 3 * side * side]).map_err(|e| model_err(file, e))?;
-        if probe.len() != entry.dim {
-            return Err(model_err(file, format!("embedding has {} dimensions, manifest says {}", probe.len(), entry.dim)));
-        }
+        check_probe(file, embedder.embed_input(vec![0.0; 3 * side * side]), entry.dim)?;
         Ok(embedder)
     }
 
