@@ -92,14 +92,16 @@ fn search_finds_products_by_meaning_and_an_exact_sku_first() {
 }
 
 #[test]
-fn embeddings_are_cached_so_a_restart_does_not_recompute_them() {
+fn embeddings_of_products_and_photos_are_cached_so_a_restart_does_not_recompute_them() {
     let dir = tempfile::tempdir().unwrap();
     let node = market_node(dir.path(), |_| {});
+    let (status, _) = node.send_bytes("PUT", "/api/v1/products/COF-BEANS/photo", "image/png", &photo("coffee.png"));
+    assert_eq!(status, 201);
     let n = catalogue().len() as u64;
-    wait_indexed(&node, n, 0);
+    wait_indexed(&node, n, 1);
     assert!(node.metric("stallmesh_inference_completed_total") >= (n / 10) as f64, "embedded on the pool");
     let node = node.restart();
-    wait_indexed(&node, n, 0);
+    wait_indexed(&node, n, 1);
     assert_eq!(node.metric("stallmesh_inference_completed_total"), 0.0, "every embedding came from the cache");
 }
 

@@ -144,6 +144,7 @@ impl Inference {
             return;
         }
         let started = Instant::now();
+        let image_model = self.pool().and_then(|p| p.models().image.as_ref().map(|i| i.model_id()));
         let (items, photos) = node.read(|l| {
             let s = l.state();
             let items: Vec<CatalogueItem> = s
@@ -156,12 +157,30 @@ impl Inference {
                     stall: p.product.stall.clone(),
                 })
                 .collect();
-            let photos: Vec<(String, Vec<u8>)> = s.photos.iter().map(|(sku, p)| (sku.clone(), p.jpeg.clone())).collect();
+            // A photo event is immutable and identified by (author, lamport): key it by that, and copy
+            // its bytes out of the ledger only when its embedding is not already in the index.
+            let have = self.photo_vectors.lock().expect("vectors lock");
+            let photos: Vec<(String, [u8; 32], Option<Vec<u8>>)> = match image_model {
+                None => Vec::new(),
+                Some(model_id) => s
+                    .photos
+                    .iter()
+                    .map(|(sku, p)| {
+                        let mut id = Vec::with_capacity(sku.len() + 40);
+                        id.extend_from_slice(sku.as_bytes());
+                        id.extend_from_slice(&p.author.0);
+                        id.extend_from_slice(&p.lamport.to_le_bytes());
+                        let key = cache_key(&model_id, &id);
+                        let bytes = (have.get(sku).map(|(k, _)| *k) != Some(key)).then(|| p.jpeg.clone());
+                        (sku.clone(), key, bytes)
+                    })
+                    .collect(),
+            };
             (items, photos)
         });
         // Index what is known at once (lexical works immediately), then embed what is missing.
         self.rebuild(&items);
-        let complete = self.embed_missing(&items, &photos).await;
+        let complete = self.embed_missing(&items, photos).await;
         self.rebuild(&items);
         if complete {
             *self.catalogue_seen.lock().expect("catalogue lock") = Some(version);
@@ -212,7 +231,7 @@ impl Inference {
 
     /// Embeds products and photos whose content changed, from the cache where possible. Returns
     /// false if some could not be embedded now (the pool was busy), so the next refresh retries.
-    async fn embed_missing(&self, items: &[CatalogueItem], photos: &[(String, Vec<u8>)]) -> bool {
+    async fn embed_missing(&self, items: &[CatalogueItem], photos: Vec<(String, [u8; 32], Option<Vec<u8>>)>) -> bool {
         let Some(pool) = self.pool().cloned() else { return false };
         let mut complete = true;
         if let Some(text) = pool.models().text.as_ref() {
@@ -226,11 +245,10 @@ impl Inference {
                 .collect();
             complete &= self.fill(&pool, &self.text_vectors, wanted, |m, t: &String| m.text.as_ref().map(|e| e.embed(t))).await;
         }
-        if let Some(image) = pool.models().image.as_ref() {
-            let model_id = image.model_id();
-            let wanted: Vec<(String, [u8; 32], Vec<u8>)> =
-                photos.iter().map(|(sku, jpeg)| (sku.clone(), cache_key(&model_id, jpeg), jpeg.clone())).collect();
-            complete &= self.fill(&pool, &self.photo_vectors, wanted, |m, j: &Vec<u8>| m.image.as_ref().map(|e| e.embed(j))).await;
+        if pool.models().image.is_some() {
+            // Bytes are absent only for photos already embedded, which `fill` skips.
+            let embed = |m: &Models, j: &Option<Vec<u8>>| j.as_ref().and_then(|j| m.image.as_ref().map(|e| e.embed(j)));
+            complete &= self.fill(&pool, &self.photo_vectors, photos, embed).await;
         }
         complete
     }
