@@ -264,6 +264,12 @@ impl Client {
         self.handle(self.agent.get(&format!("{}{path}", self.base)).call())
     }
 
+    /// GET with query parameters, encoded by ureq.
+    pub fn get_query(&self, path: &str, params: &[(&str, &str)]) -> Result<Value, ClientError> {
+        let req = params.iter().fold(self.agent.get(&format!("{}{path}", self.base)), |r, (k, v)| r.query(k, v));
+        self.handle(req.call())
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.handle(self.agent.post(&format!("{}{path}", self.base)).send_json(body))
     }
@@ -359,10 +365,8 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             }
         }
         Command::Search { words, k, node } => {
-            let q: String = words.join(" ");
-            let encoded: String =
-                q.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
-            let r = Client::new(&node.url).get(&format!("/api/v1/search?q={encoded}&k={k}"))?;
+            let k = k.to_string();
+            let r = Client::new(&node.url).get_query("/api/v1/search", &[("q", &words.join(" ")), ("k", &k)])?;
             println!("{} search, {} µs", r["mode"].as_str().unwrap_or("?"), r["took_us"]);
             for h in r["hits"].as_array().into_iter().flatten() {
                 println!(
@@ -375,7 +379,8 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
         }
         Command::Recommend { basket, k, node } => {
             // The CLI is an operator's view: always show what the model would recommend (the record).
-            let r = Client::new(&node.url).get(&format!("/api/v1/recommendations?basket={}&k={k}", basket.join(",")))?;
+            let k = k.to_string();
+            let r = Client::new(&node.url).get_query("/api/v1/recommendations", &[("basket", &basket.join(",")), ("k", &k)])?;
             println!("arm {} (the POS page shows recommendations only in the treatment arm)", r["arm"].as_str().unwrap_or("?"));
             for sku in r["record"]["skus"].as_array().into_iter().flatten() {
                 println!("  {}", sku.as_str().unwrap_or("?"));

@@ -105,14 +105,6 @@ impl Inference {
         self.index.read().expect("index lock").clone()
     }
 
-    pub fn has_text_model(&self) -> bool {
-        self.pool().is_some_and(|p| p.models().text.is_some())
-    }
-
-    pub fn has_image_model(&self) -> bool {
-        self.pool().is_some_and(|p| p.models().image.is_some())
-    }
-
     /// The query's text embedding, from the recent-query cache or the model. `None` without a text
     /// model; `Ok((vector, cached))` otherwise.
     pub async fn query_vector(&self, query: &str) -> Result<Option<(Arc<Embedding>, bool)>, InferenceError> {

@@ -125,7 +125,7 @@ impl CoPurchase {
         // Products without sales: similarity to the co-purchase centroid, scaled by the best co-purchase.
         let best = co.values().map(|v| v.0).fold(0.0f32, f32::max);
         if best > 0.0 {
-            let mut centroid = vec![0.0f32; 0];
+            let mut centroid: Vec<f32> = Vec::new();
             for (sku, (score, _)) in &co {
                 if let Some(v) = index.text_vector(sku) {
                     if centroid.is_empty() {

@@ -34,7 +34,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     if bytes.len() > MAX_IMAGE_BYTES {
         return Err(ImageError::TooLarge(bytes.len()));
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
     match reader.format() {
         Some(ImageFormat::Jpeg | ImageFormat::Png) => {}
         _ => return Err(ImageError::UnsupportedFormat),
@@ -53,7 +53,6 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     {
         return Err(ImageError::TooManyPixels { width, height });
     }
-    let mut reader = reader;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
