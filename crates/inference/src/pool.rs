@@ -171,12 +171,14 @@ mod tests {
         let pool = InferencePool::new(Arc::new(Models::none("test")), 1, 2);
         let (release_tx, release_rx) = channel::<()>();
         let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
-        // One job occupies the worker; two more fill the queue.
+        // One job occupies the worker (once it has taken it off the queue); two more fill the queue.
         let mut waiting = Vec::new();
-        for _ in 0..3 {
+        for i in 0..3 {
             let r = release_rx.clone();
             waiting.push(pool.submit(move |_| Ok(r.lock().unwrap().recv().is_ok())).unwrap());
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            while i == 0 && pool.stats().queued > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
         match pool.submit(|_| Ok(())) {
             Err(InferenceError::QueueFull(2)) => {}
