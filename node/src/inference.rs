@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 /// How often the index is brought up to date with the ledger.
 pub const REFRESH_INTERVAL_MS: u64 = 250;
-/// Products embedded per pool job: 30–60 ms of work (3–6 ms each, `cargo bench --bench inference`), so a query queued behind a catalogue import waits
-/// for at most one batch.
+/// Products embedded per pool job: 30–60 ms of work (3–6 ms each, `cargo bench --bench inference`),
+/// so a query queued behind a catalogue import waits for at most one batch.
 pub const EMBED_BATCH: usize = 10;
 /// Longest search query accepted.
 pub const MAX_QUERY_BYTES: usize = 256;
