@@ -315,3 +315,24 @@ fn a_sale_carries_the_recommendations_shown_to_every_replica() {
     let op = LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(bad) };
     assert!(matches!(a.record(op, 10), Err(LedgerError::Invalid { field: "recommendation.arm", .. })));
 }
+
+#[test]
+fn heads_name_the_devices_changed_since_a_total_without_walking_the_others() {
+    let m = TestMarket::new(9);
+    let (mut a, _) = stocked(&m, 1, "honey", 10);
+    let (mut b, b0) = m.device(2, "Test Stall");
+    let (_, c0) = m.device(3, "Test Stall");
+    assert_eq!(a.apply_remote(vec![b0.change.clone(), c0.change.clone()]).applied.len(), 2);
+    let before = a.heads_ref().total();
+    assert_eq!(a.heads_ref().changed_since(before).count(), 0, "nothing changed since the current total");
+
+    let b1 = b.record(LocalOp::UpsertProduct(product("jam", 400)), 5).unwrap();
+    assert_eq!(a.apply_remote(vec![b1.change]).applied.len(), 1);
+    let changed: Vec<(DeviceId, u64)> = a.heads_ref().changed_since(before).map(|(d, n)| (*d, n)).collect();
+    assert_eq!(changed, vec![(b.device(), 2)], "only b's journal grew");
+
+    a.record(sell("honey", 1), 10).unwrap();
+    let changed: Vec<(DeviceId, u64)> = a.heads_ref().changed_since(before).map(|(d, n)| (*d, n)).collect();
+    assert_eq!(changed, vec![(b.device(), 2), (a.device(), 4)], "each changed device once, oldest change first");
+    assert_eq!(a.heads_ref().changed_since(0).count(), 3, "since the beginning: every device");
+}

@@ -1028,15 +1028,15 @@ impl World {
 
     /// Cheap agreement test: every replica (and the cloud) holds the same journal heads, nothing pending.
     fn replicas_agree(&self) -> bool {
-        let first = self.devices[0].ledger.heads();
-        self.devices.iter().all(|d| d.up && d.ledger.pending_len() == 0 && d.ledger.heads() == first)
+        let first = self.devices[0].ledger.heads_ref();
+        self.devices.iter().all(|d| d.up && d.ledger.pending_len() == 0 && d.ledger.heads_ref() == first)
     }
 
     fn check(&mut self) -> Vec<Violation> {
         let mut v = Vec::new();
         let timeline = |w: &World, d: u32| w.devices[d as usize].timeline.iter().cloned().collect::<Vec<_>>();
         if self.converged_after_heal.is_none() {
-            let lagging = (0..=self.n()).find(|d| self.devices[*d as usize].ledger.heads() != self.devices[0].ledger.heads());
+            let lagging = (0..=self.n()).find(|d| self.devices[*d as usize].ledger.heads_ref() != self.devices[0].ledger.heads_ref());
             v.push(Violation {
                 invariant: "replicas_identical_within_liveness_bound",
                 detail: format!("replicas did not agree within {} s after the faults stopped", self.sc.liveness_bound_s),

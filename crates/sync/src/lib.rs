@@ -148,9 +148,8 @@ pub struct PeerSession {
     pub their_heads: BTreeMap<DeviceId, u64>,
     /// Sent a heads message to pull, and no changes came back yet.
     pub pulling: bool,
-    /// The heads this node last told the peer (deltas are computed against it).
-    #[serde(skip)]
-    pub told: BTreeMap<DeviceId, u64>,
+    /// The total of this node's heads when it last told them to the peer: the next delta is the
+    /// devices changed since ([`Heads::changed_since`]).
     #[serde(skip)]
     pub told_total: u64,
     pub heads_since_full: u32,
@@ -158,6 +157,11 @@ pub struct PeerSession {
     /// since: an idle heartbeat needs no walk over every device.
     #[serde(skip)]
     pub served_total: Option<u64>,
+    /// The total of this node's heads at the last serve that left the peer lacking nothing (as far
+    /// as its heads say): later serves look only at devices changed since. `None` after a full
+    /// heads (the peer may hold less than assumed) or a serve cut short by a limit.
+    #[serde(skip)]
+    pub complete_through: Option<u64>,
     /// The peer's last changes message said it had more to send.
     pub more_available: bool,
     /// Bytes sent and not yet reported delivered (or failed) by the transport.
@@ -243,30 +247,17 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         let mine_total = mine.total();
         let heads: Vec<(DeviceId, u64)> = if full {
             mine.iter().map(|(d, n)| (*d, *n)).collect()
-        } else if s.told_total == mine_total {
+        } else if s.told_total >= mine_total {
             Vec::new() // heads only grow: the same sum means nothing changed since the last heads
         } else {
-            // Both maps are sorted by device: one merge pass, no lookups.
-            let mut told = s.told.iter().peekable();
-            let mut delta = Vec::new();
-            for (d, n) in mine.iter() {
-                while told.peek().is_some_and(|(t, _)| *t < d) {
-                    told.next();
-                }
-                match told.peek() {
-                    Some((t, tn)) if *t == d && *tn == n => {}
-                    _ => delta.push((*d, *n)),
-                }
-            }
+            // What the peer was told equals `mine` as it was at `told_total`: the delta is exactly
+            // the devices changed since, in device order.
+            let mut delta: Vec<(DeviceId, u64)> = mine.changed_since(s.told_total).map(|(d, n)| (*d, n)).collect();
+            delta.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             delta
         };
         s.told_total = mine_total;
         s.heads_since_full = if full { 0 } else { s.heads_since_full + 1 };
-        if full {
-            s.told = (**mine).clone();
-        } else {
-            s.told.extend(heads.iter().copied());
-        }
         s.pulling = true;
         self.send(out, to, Message::Heads { heads, full }.encode(), now_ms);
     }
@@ -325,6 +316,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 let they_have_more = heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                 if full {
                     session.their_heads = heads.into_iter().collect();
+                    session.complete_through = None;
                 } else {
                     for (d, n) in heads {
                         let h = session.their_heads.entry(d).or_default();
@@ -362,19 +354,44 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             self.stats.serving_paused += 1;
             return;
         }
+        // The devices where the peer may lack something, in device order: after a complete serve
+        // only those changed since (heads only grow, and the peer's only grow between full heads).
+        let lacking: Vec<(DeviceId, u64, u64)> = match session.complete_through {
+            Some(through) => {
+                let mut v: Vec<(DeviceId, u64, u64)> = mine
+                    .changed_since(through)
+                    .filter_map(|(d, n)| {
+                        let theirs = session.their_heads.get(d).copied().unwrap_or(0);
+                        (theirs < n).then_some((*d, theirs, n))
+                    })
+                    .collect();
+                v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                v
+            }
+            None => {
+                // Both maps are sorted by device: walk them together instead of a lookup per device.
+                let mut theirs = session.their_heads.iter().peekable();
+                let mut v = Vec::new();
+                for (device, &my_next) in mine.iter() {
+                    while theirs.peek().is_some_and(|(d, _)| *d < device) {
+                        theirs.next();
+                    }
+                    let their_next = match theirs.peek() {
+                        Some((d, n)) if *d == device => **n,
+                        _ => 0,
+                    };
+                    if their_next < my_next {
+                        v.push((*device, their_next, my_next));
+                    }
+                }
+                v
+            }
+        };
         let mut changes = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
-        // Both maps are sorted by device: walk them together instead of a lookup per device.
-        let mut theirs = session.their_heads.iter().peekable();
-        'devices: for (device, &my_next) in mine.iter() {
-            while theirs.peek().is_some_and(|(d, _)| *d < device) {
-                theirs.next();
-            }
-            let their_next = match theirs.peek() {
-                Some((d, n)) if *d == device => **n,
-                _ => 0,
-            };
+        let mut cut_short = false;
+        'devices: for (device, their_next, my_next) in lacking {
             let mut from = their_next;
             while from < my_next {
                 let room = MAX_CHANGES_PER_MESSAGE - changes.len();
@@ -382,11 +399,15 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                     more = true;
                     break 'devices;
                 }
-                let batch = match log.changes_since(device, from, room.min((my_next - from) as usize)) {
+                let batch = match log.changes_since(&device, from, room.min((my_next - from) as usize)) {
                     Ok(b) if !b.is_empty() => b,
-                    Ok(_) => break,
+                    Ok(_) => {
+                        cut_short = true; // the log holds less than the heads say: look again next time
+                        break;
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read changes to serve a peer");
+                        cut_short = true;
                         break 'devices;
                     }
                 };
@@ -401,6 +422,9 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                     changes.push(c);
                 }
             }
+        }
+        if let Some(s) = self.peers.get_mut(to) {
+            s.complete_through = if more || cut_short { None } else { Some(mine.total()) };
         }
         if changes.is_empty() {
             return;

@@ -280,3 +280,35 @@ fn heartbeats_carry_only_the_heads_that_changed() {
     assert!(sizes[1] < sizes[0] && sizes[2] == sizes[1], "{sizes:?}");
     assert!(sizes[1] < 16, "an idle heartbeat is a few bytes: {sizes:?}");
 }
+
+#[test]
+fn changes_served_but_lost_are_served_again_after_the_next_full_heads() {
+    let market = TestMarket::new(8);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    stock_up(&mut net, 0);
+    net.now += 1;
+    let t = net.now;
+    net.nodes[0].record(sell("honey", 1), t); // its broadcast is lost
+    // Node 1's heartbeat reaches node 0, which serves the sale; that reply is lost too, yet node 0
+    // now assumes node 1 holds it and looks only at newer changes from here on.
+    net.now += 1_000;
+    let h1 = net.nodes[1].heads();
+    let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
+    let Output::Send { bytes, .. } = &heartbeat[0] else { panic!("{heartbeat:?}") };
+    let n0 = &mut net.nodes[0];
+    let h0 = n0.heads();
+    let reply = n0.sync.receive(1, bytes, net.now, &h0, &n0.log);
+    assert!(reply.iter().any(|o| matches!(o, Output::Send { to: 1, .. })), "served: {reply:?}");
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 0);
+    // Delta heartbeats cannot reveal the loss; the periodic full heads does.
+    for _ in 0..FULL_HEADS_EVERY {
+        net.now += 1_000;
+        for at in [1, 0] {
+            let h = net.nodes[at].heads();
+            let out = net.nodes[at].sync.tick(net.now, &h);
+            net.run(at, out);
+        }
+    }
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 1, "the sale reached node 1 after the full heads");
+}
