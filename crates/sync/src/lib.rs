@@ -253,7 +253,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             // What the peer was told equals `mine` as it was at `told_total`: the delta is exactly
             // the devices changed since, in device order.
             let mut delta: Vec<(DeviceId, u64)> = mine.changed_since(s.told_total).map(|(d, n)| (*d, n)).collect();
-            delta.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            delta.sort_unstable_by_key(|e| e.0);
             delta
         };
         s.told_total = mine_total;
@@ -365,7 +365,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                         (theirs < n).then_some((*d, theirs, n))
                     })
                     .collect();
-                v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                v.sort_unstable_by_key(|e| e.0);
                 v
             }
             None => {

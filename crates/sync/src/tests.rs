@@ -290,8 +290,8 @@ fn changes_served_but_lost_are_served_again_after_the_next_full_heads() {
     net.now += 1;
     let t = net.now;
     net.nodes[0].record(sell("honey", 1), t); // its broadcast is lost
-    // Node 1's heartbeat reaches node 0, which serves the sale; that reply is lost too, yet node 0
-    // now assumes node 1 holds it and looks only at newer changes from here on.
+                                              // Node 1's heartbeat reaches node 0, which serves the sale; that reply is lost too, yet node 0
+                                              // now assumes node 1 holds it and looks only at newer changes from here on.
     net.now += 1_000;
     let h1 = net.nodes[1].heads();
     let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
