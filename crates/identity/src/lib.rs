@@ -71,7 +71,9 @@ macro_rules! byte_id {
                 if s.is_human_readable() {
                     s.serialize_str(&self.to_hex())
                 } else {
-                    serde::Serialize::serialize(&self.0[..], s)
+                    // Bytes, not a sequence of u8: the same postcard encoding (length, then the
+                    // bytes), read without a per-byte visit or an allocation.
+                    s.serialize_bytes(&self.0)
                 }
             }
         }
@@ -82,11 +84,27 @@ macro_rules! byte_id {
                     let text = String::deserialize(d)?;
                     Self::from_hex(&text).map_err(D::Error::custom)
                 } else {
-                    let bytes: Vec<u8> = Deserialize::deserialize(d)?;
-                    let arr: [u8; $len] = bytes
-                        .try_into()
-                        .map_err(|_| D::Error::custom(concat!(stringify!($name), ": wrong length")))?;
-                    Ok(Self(arr))
+                    struct BytesVisitor;
+                    impl<'de> serde::de::Visitor<'de> for BytesVisitor {
+                        type Value = [u8; $len];
+                        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                            write!(f, "{} bytes", $len)
+                        }
+                        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                            v.try_into().map_err(|_| E::custom(concat!(stringify!($name), ": wrong length")))
+                        }
+                        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                            let mut arr = [0u8; $len];
+                            for (i, b) in arr.iter_mut().enumerate() {
+                                *b = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                            }
+                            if seq.next_element::<u8>()?.is_some() {
+                                return Err(A::Error::custom(concat!(stringify!($name), ": wrong length")));
+                            }
+                            Ok(arr)
+                        }
+                    }
+                    Ok(Self(d.deserialize_bytes(BytesVisitor)?))
                 }
             }
         }
@@ -370,6 +388,19 @@ impl SignedChange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_travel_as_a_length_and_their_bytes_and_a_wrong_length_is_refused() {
+        let id = DeviceId([7; 32]);
+        let wire = postcard::to_allocvec(&id).unwrap();
+        assert_eq!(wire, [&[32u8][..], &[7; 32][..]].concat(), "the wire format peers already speak");
+        assert_eq!(postcard::from_bytes::<DeviceId>(&wire).unwrap(), id);
+        let short = [&[31u8][..], &[7; 31][..]].concat();
+        assert!(postcard::from_bytes::<DeviceId>(&short).is_err());
+        assert!(postcard::from_bytes::<DeviceId>(&wire[..20]).is_err(), "truncated");
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceId>(&json).unwrap(), id, "hex when human-readable");
+    }
 
     #[test]
     fn certificate_verifies_only_for_its_market_and_before_expiry() {
