@@ -587,6 +587,8 @@ impl Driver {
         m.sync_messages.get_or_create(&Direction { direction: "in" }).inc_by(stats.messages_in - self.last_stats.messages_in);
         m.sync_messages.get_or_create(&Direction { direction: "out" }).inc_by(stats.messages_out - self.last_stats.messages_out);
         m.liveness_disconnects.inc_by(stats.liveness_disconnects - self.last_stats.liveness_disconnects);
+        m.full_heads_wanted.inc_by(stats.full_heads_wanted - self.last_stats.full_heads_wanted);
+        m.unconfirmed_resent.inc_by(stats.unconfirmed_expired - self.last_stats.unconfirmed_expired);
         for (label, n) in &stats.protocol_errors {
             let before = self.last_stats.protocol_errors.get(label).copied().unwrap_or(0);
             m.protocol_errors.get_or_create(&Reason { reason: label.to_string() }).inc_by(n - before);

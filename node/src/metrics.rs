@@ -43,6 +43,8 @@ pub struct Metrics {
     pub protocol_errors: Family<Reason, Counter>,
     pub peers_refused: Family<Reason, Counter>,
     pub liveness_disconnects: Counter,
+    pub full_heads_wanted: Counter,
+    pub unconfirmed_resent: Counter,
     pub mesh_queue_full: Counter,
     pub sync_lag_ms: Histogram,
     pub search_requests: Family<Outcome, Counter>,
@@ -72,6 +74,8 @@ impl Metrics {
             protocol_errors: Family::default(),
             peers_refused: Family::default(),
             liveness_disconnects: Counter::default(),
+            full_heads_wanted: Counter::default(),
+            unconfirmed_resent: Counter::default(),
             mesh_queue_full: Counter::default(),
             // 1 ms .. ~65 s: from a sale on one tablet to its arrival here.
             sync_lag_ms: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
@@ -102,6 +106,16 @@ impl Metrics {
         registry.register("protocol_errors", "Malformed or oversized messages from peers (the peer is dropped)", m.protocol_errors.clone());
         registry.register("peers_refused", "Peers or messages refused: bad enrolment, revoked, unverified", m.peers_refused.clone());
         registry.register("liveness_disconnects", "Peers dropped after falling silent", m.liveness_disconnects.clone());
+        registry.register(
+            "sync_full_heads_wanted",
+            "Peer heads views that did not add up (a lost heads message), repaired with a full heads",
+            m.full_heads_wanted.clone(),
+        );
+        registry.register(
+            "sync_unconfirmed_resent",
+            "Changes served but not confirmed by the peer within the liveness timeout (served again)",
+            m.unconfirmed_resent.clone(),
+        );
         registry.register(
             "mesh_queue_full",
             "Broadcasts not queued because the mesh queue was full (heartbeat catch-up delivers them)",

@@ -1,10 +1,16 @@
 //! The sync protocol: a sans-IO state machine, one session per connected peer.
 //!
 //! Each journal is a gap-free chain per device, so what a peer lacks is exactly "device D from seq s
-//! on". Peers exchange their **heads** (device → entries held) on connect and as a heartbeat; each
-//! side answers with the changes the other lacks, in bounded messages. New local changes are
-//! broadcast at once. Changes received are handed to the driver (`Output::Apply`), which verifies
-//! and applies them through the ledger; if some could not be applied yet (a gap), the session pulls.
+//! on". Peers exchange their **heads** (device → entries held) in full on connect, then as deltas
+//! (only what changed) with each heartbeat; each side answers with the changes the other lacks, in
+//! bounded messages. New local changes are broadcast at once. Changes received are handed to the
+//! driver (`Output::Apply`), which verifies and applies them through the ledger; if some could not
+//! be applied yet (a gap), the session pulls.
+//!
+//! Lost messages are repaired without periodic full heads (1,000 entries in a big market): every
+//! heads message carries the sender's total, so a receiver whose view drifted (a lost delta) sees
+//! the sums differ and asks for the full heads once; changes served and not confirmed by the
+//! peer's heads within the liveness timeout are assumed lost and served again.
 //!
 //! The driver supplies everything from outside: bytes received, `now_ms`, this node's heads, and a
 //! [`ChangeLog`] to read stored changes from. It carries out the [`Output`]s: send to one peer,
@@ -22,7 +28,7 @@ use std::fmt::Debug;
 pub use stallmesh_ledger::Heads;
 
 /// First byte of every message; a peer speaking another version is disconnected, not guessed at.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest encoded message. 2,000 changes of a typical sale (~550 bytes) fit in about 1.1 MB.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Most changes in one message; more are sent in follow-up messages (`more: true`).
@@ -35,15 +41,16 @@ pub const MAX_HEADS_ENTRIES: usize = 4_096;
 pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
 /// Most connected peers a node keeps sessions for (a market has tens of devices).
 pub const MAX_PEERS: usize = 256;
-/// Heartbeats carry only the heads that changed; every this many, the full heads, so a peer whose
-/// view drifted (a lost message) is corrected.
-pub const FULL_HEADS_EVERY: u32 = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// What the sender holds. The receiver answers with what the sender lacks. `full: false`: only
     /// the entries that changed since the sender's previous heads to this peer (merged by max).
-    Heads { heads: Vec<(DeviceId, u64)>, full: bool },
+    /// `total`: the sum of all the sender's entries, so the receiver can tell its view is whole.
+    Heads { heads: Vec<(DeviceId, u64)>, full: bool, total: u64 },
+    /// The sender's view of the receiver's heads does not add up (a heads message was lost): send
+    /// them in full.
+    HeadsWanted,
     /// Changes the receiver lacks. `more`: the sender had more than one message holds.
     Changes { changes: Vec<SignedChange>, more: bool },
     /// The sender ran short of stock rights for `sku` and asks for `qty` units.
@@ -143,16 +150,24 @@ pub struct PeerSession {
     pub connected_at_ms: u64,
     pub last_heard_ms: u64,
     pub last_sent_ms: u64,
-    /// The peer's heads as of its last heads message.
+    /// The peer's heads as it told them (merged by max), and their sum.
     #[serde(skip)]
     pub their_heads: BTreeMap<DeviceId, u64>,
+    pub their_total: u64,
+    /// Changes served to the peer beyond what it told: device → (next seq sent, when). Counted as
+    /// held so they are not sent twice; dropped when the peer's heads confirm them, or after the
+    /// liveness timeout, when they are assumed lost and served again.
+    #[serde(skip)]
+    pub sent_ahead: BTreeMap<DeviceId, (u64, u64)>,
+    /// When a [`Message::HeadsWanted`] was sent that no full heads answered yet (asked again after
+    /// the liveness timeout, in case the answer was lost).
+    pub full_heads_wanted_ms: Option<u64>,
     /// Sent a heads message to pull, and no changes came back yet.
     pub pulling: bool,
     /// The total of this node's heads when it last told them to the peer: the next delta is the
     /// devices changed since ([`Heads::changed_since`]).
     #[serde(skip)]
     pub told_total: u64,
-    pub heads_since_full: u32,
     /// Sum of this node's heads when it last served the peer, and whether the peer's heads changed
     /// since: an idle heartbeat needs no walk over every device.
     #[serde(skip)]
@@ -174,6 +189,14 @@ pub struct PeerSession {
     pub changes_out: u64,
 }
 
+impl PeerSession {
+    /// The next seq of `device` the peer holds or has been sent.
+    fn held(&self, device: &DeviceId) -> u64 {
+        let told = self.their_heads.get(device).copied().unwrap_or(0);
+        self.sent_ahead.get(device).map_or(told, |(sent, _)| told.max(*sent))
+    }
+}
+
 /// Counters the driver exports as metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SyncStats {
@@ -187,6 +210,10 @@ pub struct SyncStats {
     pub liveness_disconnects: u64,
     pub peers_refused: u64,
     pub serving_paused: u64,
+    /// Heads views found not to add up (a lost heads message), each repaired by one full heads.
+    pub full_heads_wanted: u64,
+    /// Changes served and never confirmed by the peer within the liveness timeout (served again).
+    pub unconfirmed_expired: u64,
 }
 
 pub struct Sync<P> {
@@ -212,6 +239,11 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     pub fn behind(&self, peer: &P, mine: &Heads) -> Option<u64> {
         let s = self.peers.get(peer)?;
         Some(mine.iter().map(|(d, n)| n.saturating_sub(s.their_heads.get(d).copied().unwrap_or(0))).sum())
+    }
+
+    /// Changes served to `peer` and not yet confirmed by its heads: device → next seq sent.
+    pub fn unconfirmed(&self, peer: &P) -> Option<BTreeMap<DeviceId, u64>> {
+        Some(self.peers.get(peer)?.sent_ahead.iter().map(|(d, (n, _))| (*d, *n)).collect())
     }
 
     /// How many entries `peer` holds that `mine` lacks, as of its last heads.
@@ -243,7 +275,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     /// message is also a pull: the peer answers with what this node lacks.
     fn send_heads(&mut self, out: &mut Vec<Output<P>>, to: &P, mine: &Heads, now_ms: u64, force_full: bool) {
         let Some(s) = self.peers.get_mut(to) else { return };
-        let full = force_full || s.heads_since_full + 1 >= FULL_HEADS_EVERY;
+        let full = force_full;
         let mine_total = mine.total();
         let heads: Vec<(DeviceId, u64)> = if full {
             mine.iter().map(|(d, n)| (*d, *n)).collect()
@@ -257,9 +289,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             delta
         };
         s.told_total = mine_total;
-        s.heads_since_full = if full { 0 } else { s.heads_since_full + 1 };
         s.pulling = true;
-        self.send(out, to, Message::Heads { heads, full }.encode(), now_ms);
+        self.send(out, to, Message::Heads { heads, full, total: mine_total }.encode(), now_ms);
     }
 
     fn send(&mut self, out: &mut Vec<Output<P>>, to: &P, bytes: Vec<u8>, now_ms: u64) {
@@ -308,26 +339,46 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         session.messages_in += 1;
         session.bytes_in += bytes.len() as u64;
         match msg {
-            Message::Heads { heads, full } => {
+            Message::Heads { heads, full, total } => {
                 let mine_total = mine.total();
                 let unchanged = !full && heads.is_empty() && session.served_total == Some(mine_total);
-                // Only the entries in this message can show something new the peer holds: earlier
-                // ones were looked at when they arrived.
                 let they_have_more;
                 if full {
                     session.their_heads = heads.into_iter().collect();
+                    session.their_total = session.their_heads.values().sum();
                     session.complete_through = None;
+                    session.full_heads_wanted_ms = None;
+                    let their = &session.their_heads;
+                    session.sent_ahead.retain(|d, (n, _)| their.get(d).copied().unwrap_or(0) < *n);
                     they_have_more = holds_more(&session.their_heads, mine);
                 } else {
+                    // Only the entries in this message can show something new the peer holds:
+                    // earlier ones were looked at when they arrived.
                     they_have_more = heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                     for (d, n) in heads {
                         let h = session.their_heads.entry(d).or_default();
-                        *h = (*h).max(n);
+                        if n > *h {
+                            session.their_total += n - *h;
+                            *h = n;
+                        }
+                        if session.sent_ahead.get(&d).is_some_and(|(sent, _)| *sent <= n) {
+                            session.sent_ahead.remove(&d);
+                        }
                     }
+                }
+                let timeout = self.config.liveness_timeout_ms;
+                let asked_lately = session.full_heads_wanted_ms.is_some_and(|at| now_ms.saturating_sub(at) <= timeout);
+                if session.their_total != total && !asked_lately {
+                    // A delta was lost (or overtaken by a later one): one full heads repairs the view.
+                    session.full_heads_wanted_ms = Some(now_ms);
+                    self.stats.full_heads_wanted += 1;
+                    self.send(&mut out, &from, Message::HeadsWanted.encode(), now_ms);
+                    return out;
                 }
                 if unchanged {
                     return out; // an idle heartbeat: nothing new on either side since the last one
                 }
+                let Some(session) = self.peers.get_mut(&from) else { return out };
                 let pull = they_have_more && !session.pulling;
                 session.served_total = Some(mine_total);
                 self.serve(&mut out, &from, now_ms, mine, log);
@@ -335,6 +386,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                     self.send_heads(&mut out, &from, mine, now_ms, false);
                 }
             }
+            Message::HeadsWanted => self.send_heads(&mut out, &from, mine, now_ms, true),
             Message::Changes { changes, more } => {
                 session.changes_in += changes.len() as u64;
                 // The reply to a pull arrived; if the peer has more, `applied` pulls the next batch
@@ -363,7 +415,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 let mut v: Vec<(DeviceId, u64, u64)> = mine
                     .changed_since(through)
                     .filter_map(|(d, n)| {
-                        let theirs = session.their_heads.get(d).copied().unwrap_or(0);
+                        let theirs = session.held(d);
                         (theirs < n).then_some((*d, theirs, n))
                     })
                     .collect();
@@ -378,10 +430,11 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                     while theirs.peek().is_some_and(|(d, _)| *d < device) {
                         theirs.next();
                     }
-                    let their_next = match theirs.peek() {
+                    let told = match theirs.peek() {
                         Some((d, n)) if *d == device => **n,
                         _ => 0,
                     };
+                    let their_next = session.sent_ahead.get(device).map_or(told, |(sent, _)| told.max(*sent));
                     if their_next < my_next {
                         v.push((*device, their_next, my_next));
                     }
@@ -434,10 +487,11 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         let n = changes.len() as u64;
         if let Some(s) = self.peers.get_mut(to) {
             s.changes_out += n;
-            // Optimistically assume delivery, so the next heartbeat does not resend the same changes.
+            // Assume delivery until the peer's heads say otherwise, so the next heartbeat does not
+            // resend the same changes.
             for c in &changes {
-                let h = s.their_heads.entry(c.device).or_default();
-                *h = (*h).max(c.seq + 1);
+                let e = s.sent_ahead.entry(c.device).or_insert((0, now_ms));
+                *e = (e.0.max(c.seq + 1), now_ms);
             }
         }
         self.stats.changes_sent += n;
@@ -493,6 +547,16 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             self.peers.remove(&p);
             self.stats.liveness_disconnects += 1;
             out.push(Output::Disconnect { peer: p, reason: "silent past the liveness timeout".into() });
+        }
+        for s in self.peers.values_mut() {
+            let before = s.sent_ahead.len();
+            s.sent_ahead.retain(|_, (_, at)| now_ms.saturating_sub(*at) <= timeout);
+            if s.sent_ahead.len() != before {
+                // Served, never confirmed: serve those devices again on the peer's next heads.
+                self.stats.unconfirmed_expired += (before - s.sent_ahead.len()) as u64;
+                s.complete_through = None;
+                s.served_total = None;
+            }
         }
         let due: Vec<P> = self
             .peers

@@ -209,7 +209,7 @@ fn malformed_oversized_or_foreign_messages_drop_the_peer_and_are_counted() {
     net.connect(0, 1);
     let n = &mut net.nodes[1];
     let heads = n.heads();
-    let good = Message::Heads { heads: vec![], full: true }.encode();
+    let good = Message::Heads { heads: vec![], full: true, total: 0 }.encode();
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vec![], "empty"),
         (vec![9, 0, 0], "version"),
@@ -228,6 +228,7 @@ fn malformed_oversized_or_foreign_messages_drop_the_peer_and_are_counted() {
     // Too many heads entries: over a limit, rejected without building them.
     let too_many = Message::Heads {
         full: true,
+        total: 0,
         heads: (0..=MAX_HEADS_ENTRIES as u32)
             .map(|i| {
                 let mut id = [0u8; 32];
@@ -281,8 +282,15 @@ fn heartbeats_carry_only_the_heads_that_changed() {
     assert!(sizes[1] < 16, "an idle heartbeat is a few bytes: {sizes:?}");
 }
 
+/// Node `at` heartbeats; its messages and every answer are carried.
+fn tick(net: &mut Net, at: usize) {
+    let h = net.nodes[at].heads();
+    let out = net.nodes[at].sync.tick(net.now, &h);
+    net.run(at, out);
+}
+
 #[test]
-fn changes_served_but_lost_are_served_again_after_the_next_full_heads() {
+fn changes_served_but_never_confirmed_are_served_again_after_the_liveness_timeout() {
     let market = TestMarket::new(8);
     let mut net = Net::new(&market, 2);
     net.connect(0, 1);
@@ -290,8 +298,7 @@ fn changes_served_but_lost_are_served_again_after_the_next_full_heads() {
     net.now += 1;
     let t = net.now;
     net.nodes[0].record(sell("honey", 1), t); // its broadcast is lost
-                                              // Node 1's heartbeat reaches node 0, which serves the sale; that reply is lost too, yet node 0
-                                              // now assumes node 1 holds it and looks only at newer changes from here on.
+                                              // Node 1's heartbeat reaches node 0, which serves the sale; that reply is lost too.
     net.now += 1_000;
     let h1 = net.nodes[1].heads();
     let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
@@ -300,15 +307,50 @@ fn changes_served_but_lost_are_served_again_after_the_next_full_heads() {
     let h0 = n0.heads();
     let reply = n0.sync.receive(1, bytes, net.now, &h0, &n0.log);
     assert!(reply.iter().any(|o| matches!(o, Output::Send { to: 1, .. })), "served: {reply:?}");
-    assert_eq!(net.nodes[1].ledger.state().sales.len(), 0);
-    // Delta heartbeats cannot reveal the loss; the periodic full heads does.
-    for _ in 0..FULL_HEADS_EVERY {
+    assert_eq!(net.nodes[0].sync.unconfirmed(&1).unwrap().len(), 1, "node 0 counts the sale as on its way");
+    // While it could still be in flight, heartbeats do not send it again.
+    for _ in 0..3 {
         net.now += 1_000;
-        for at in [1, 0] {
-            let h = net.nodes[at].heads();
-            let out = net.nodes[at].sync.tick(net.now, &h);
-            net.run(at, out);
-        }
+        tick(&mut net, 1);
+        tick(&mut net, 0);
     }
-    assert_eq!(net.nodes[1].ledger.state().sales.len(), 1, "the sale reached node 1 after the full heads");
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 0);
+    // Unconfirmed past the liveness timeout: assumed lost and served again.
+    for _ in 0..3 {
+        net.now += 1_000;
+        tick(&mut net, 0);
+        tick(&mut net, 1);
+    }
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 1, "the sale reached node 1");
+    assert_eq!(net.nodes[0].sync.stats().unconfirmed_expired, 1);
+    assert_eq!(net.nodes[0].sync.unconfirmed(&1).unwrap().len(), 0, "confirmed by node 1's heads");
+}
+
+#[test]
+fn a_lost_heads_delta_is_noticed_by_its_total_and_repaired_with_one_full_heads() {
+    let market = TestMarket::new(10);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    stock_up(&mut net, 0);
+    net.now += 1;
+    let t = net.now;
+    net.nodes[0].record(sell("honey", 1), t); // broadcast lost
+                                              // Node 0's heads delta naming the sale is lost: node 1's view of node 0 is now short.
+    net.now += 1_000;
+    let h0 = net.nodes[0].heads();
+    let lost = net.nodes[0].sync.tick(net.now, &h0);
+    assert!(matches!(&lost[..], [Output::Send { to: 1, .. }]), "{lost:?}");
+    // The next delta is empty (nothing changed since), but its total gives the loss away.
+    net.now += 1_000;
+    tick(&mut net, 0);
+    assert_eq!(net.nodes[1].sync.stats().full_heads_wanted, 1);
+    assert_eq!(net.nodes[1].sync.peers()[&0].their_total, net.nodes[0].heads().total(), "view repaired");
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 1, "and the sale pulled");
+    // Views that add up ask for nothing more.
+    for _ in 0..5 {
+        net.now += 1_000;
+        tick(&mut net, 0);
+        tick(&mut net, 1);
+    }
+    assert_eq!(net.nodes[1].sync.stats().full_heads_wanted + net.nodes[0].sync.stats().full_heads_wanted, 1);
 }
