@@ -154,9 +154,10 @@ pub struct PeerSession {
     #[serde(skip)]
     pub their_heads: BTreeMap<DeviceId, u64>,
     pub their_total: u64,
-    /// Changes served to the peer beyond what it told: device → (next seq sent, when). Counted as
-    /// held so they are not sent twice; dropped when the peer's heads confirm them, or after the
-    /// liveness timeout, when they are assumed lost and served again.
+    /// Changes served to the peer beyond what it told: device → (next seq sent, since when the
+    /// peer's heads for it have not moved). Counted as held so they are not sent twice; dropped when
+    /// the peer's heads confirm them, or when its heads for that device stand still for the
+    /// liveness timeout: then they are assumed lost and served again.
     #[serde(skip)]
     pub sent_ahead: BTreeMap<DeviceId, (u64, u64)>,
     /// When a [`Message::HeadsWanted`] was sent that no full heads answered yet (asked again after
@@ -357,12 +358,17 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                     they_have_more = heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                     for (d, n) in heads {
                         let h = session.their_heads.entry(d).or_default();
-                        if n > *h {
+                        let advanced = n > *h;
+                        if advanced {
                             session.their_total += n - *h;
                             *h = n;
                         }
-                        if session.sent_ahead.get(&d).is_some_and(|(sent, _)| *sent <= n) {
-                            session.sent_ahead.remove(&d);
+                        match session.sent_ahead.get_mut(&d) {
+                            Some((sent, _)) if *sent <= n => {
+                                session.sent_ahead.remove(&d);
+                            }
+                            Some((_, since)) if advanced => *since = now_ms, // confirmed in part: still arriving
+                            _ => {}
                         }
                     }
                 }
@@ -489,9 +495,11 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             s.changes_out += n;
             // Assume delivery until the peer's heads say otherwise, so the next heartbeat does not
             // resend the same changes.
+            // The clock starts at the first unconfirmed send: serving newer changes of a device must
+            // not keep postponing the repair of an older one that was lost.
             for c in &changes {
                 let e = s.sent_ahead.entry(c.device).or_insert((0, now_ms));
-                *e = (e.0.max(c.seq + 1), now_ms);
+                e.0 = e.0.max(c.seq + 1);
             }
         }
         self.stats.changes_sent += n;

@@ -354,3 +354,31 @@ fn a_lost_heads_delta_is_noticed_by_its_total_and_repaired_with_one_full_heads()
     }
     assert_eq!(net.nodes[1].sync.stats().full_heads_wanted + net.nodes[0].sync.stats().full_heads_wanted, 1);
 }
+
+#[test]
+fn a_lost_change_is_served_again_even_while_newer_changes_of_its_device_keep_flowing() {
+    let market = TestMarket::new(11);
+    let mut net = Net::new(&market, 2);
+    net.connect(0, 1);
+    stock_up(&mut net, 0);
+    net.now += 1;
+    let t = net.now;
+    net.nodes[0].record(sell("honey", 1), t); // broadcast lost
+    net.now += 1_000;
+    let h1 = net.nodes[1].heads();
+    let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
+    let Output::Send { bytes, .. } = &heartbeat[0] else { panic!("{heartbeat:?}") };
+    let n0 = &mut net.nodes[0];
+    let h0 = n0.heads();
+    let _lost_reply = n0.sync.receive(1, bytes, net.now, &h0, &n0.log);
+    // A sale every second, each served and delivered: node 1 holds them back behind the gap.
+    for _ in 0..6 {
+        net.now += 1_000;
+        let t = net.now;
+        net.nodes[0].record(sell("honey", 1), t);
+        tick(&mut net, 1);
+        tick(&mut net, 0);
+    }
+    assert_eq!(net.nodes[1].ledger.state().sales.len(), 7, "the lost sale was served again and the rest applied behind it");
+    assert_eq!(net.nodes[1].ledger.pending_len(), 0);
+}
