@@ -20,7 +20,9 @@ pub const DEFAULT_QUEUE_LEN: usize = 32;
 /// Most worker threads: each holds a model run's scratch memory; the devices have 2–4 cores.
 pub const MAX_WORKERS: usize = 8;
 
-type Job = Box<dyn FnOnce(&Models) + Send>;
+/// Runs the work and returns how to hand its result back: the worker counts the job as completed
+/// before the caller can see the result, so a caller holding a result always finds it counted.
+type Job = Box<dyn FnOnce(&Models) -> Box<dyn FnOnce() + Send> + Send>;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -72,9 +74,10 @@ impl InferencePool {
                         let Ok(job) = job else { return };
                         counters.queued.fetch_sub(1, Ordering::Relaxed);
                         let started = Instant::now();
-                        job(&models);
+                        let deliver = job(&models);
                         counters.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                         counters.completed.fetch_add(1, Ordering::Relaxed);
+                        deliver();
                     })
                     .expect("spawning an inference thread")
             })
@@ -115,8 +118,11 @@ impl InferencePool {
         let job: Job = Box::new(move |models| {
             let span = tracing::debug_span!("inference");
             let _enter = span.enter();
+            let result = f(models);
             // The caller may have gone away (a closed HTTP request); its result is simply dropped.
-            let _ = done.send(f(models));
+            Box::new(move || {
+                let _ = done.send(result);
+            })
         });
         let tx = self.tx.as_ref().ok_or(InferenceError::PoolClosed)?;
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
