@@ -289,16 +289,15 @@ fn tick(net: &mut Net, at: usize) {
     net.run(at, out);
 }
 
-#[test]
-fn changes_served_but_never_confirmed_are_served_again_after_the_liveness_timeout() {
-    let market = TestMarket::new(8);
-    let mut net = Net::new(&market, 2);
+/// Two connected nodes; node 0 sells. The sale's broadcast is lost, node 1's next heartbeat makes
+/// node 0 serve it, and that answer (returned here) is lost too.
+fn a_served_sale_lost(market: &TestMarket) -> (Net, Vec<Output<usize>>) {
+    let mut net = Net::new(market, 2);
     net.connect(0, 1);
     stock_up(&mut net, 0);
     net.now += 1;
     let t = net.now;
-    net.nodes[0].record(sell("honey", 1), t); // its broadcast is lost
-                                              // Node 1's heartbeat reaches node 0, which serves the sale; that reply is lost too.
+    net.nodes[0].record(sell("honey", 1), t);
     net.now += 1_000;
     let h1 = net.nodes[1].heads();
     let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
@@ -306,6 +305,13 @@ fn changes_served_but_never_confirmed_are_served_again_after_the_liveness_timeou
     let n0 = &mut net.nodes[0];
     let h0 = n0.heads();
     let reply = n0.sync.receive(1, bytes, net.now, &h0, &n0.log);
+    (net, reply)
+}
+
+#[test]
+fn changes_served_but_never_confirmed_are_served_again_after_the_liveness_timeout() {
+    let market = TestMarket::new(8);
+    let (mut net, reply) = a_served_sale_lost(&market);
     assert!(reply.iter().any(|o| matches!(o, Output::Send { to: 1, .. })), "served: {reply:?}");
     assert_eq!(net.nodes[0].sync.unconfirmed(&1).unwrap().len(), 1, "node 0 counts the sale as on its way");
     // While it could still be in flight, heartbeats do not send it again.
@@ -334,8 +340,9 @@ fn a_lost_heads_delta_is_noticed_by_its_total_and_repaired_with_one_full_heads()
     stock_up(&mut net, 0);
     net.now += 1;
     let t = net.now;
-    net.nodes[0].record(sell("honey", 1), t); // broadcast lost
-                                              // Node 0's heads delta naming the sale is lost: node 1's view of node 0 is now short.
+    // The sale's broadcast is lost, and so is node 0's heads delta naming it: node 1's view of
+    // node 0 is now short.
+    net.nodes[0].record(sell("honey", 1), t);
     net.now += 1_000;
     let h0 = net.nodes[0].heads();
     let lost = net.nodes[0].sync.tick(net.now, &h0);
@@ -358,19 +365,7 @@ fn a_lost_heads_delta_is_noticed_by_its_total_and_repaired_with_one_full_heads()
 #[test]
 fn a_lost_change_is_served_again_even_while_newer_changes_of_its_device_keep_flowing() {
     let market = TestMarket::new(11);
-    let mut net = Net::new(&market, 2);
-    net.connect(0, 1);
-    stock_up(&mut net, 0);
-    net.now += 1;
-    let t = net.now;
-    net.nodes[0].record(sell("honey", 1), t); // broadcast lost
-    net.now += 1_000;
-    let h1 = net.nodes[1].heads();
-    let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
-    let Output::Send { bytes, .. } = &heartbeat[0] else { panic!("{heartbeat:?}") };
-    let n0 = &mut net.nodes[0];
-    let h0 = n0.heads();
-    let _lost_reply = n0.sync.receive(1, bytes, net.now, &h0, &n0.log);
+    let (mut net, _lost_reply) = a_served_sale_lost(&market);
     // A sale every second, each served and delivered: node 1 holds them back behind the gap.
     for _ in 0..6 {
         net.now += 1_000;
