@@ -120,15 +120,20 @@ fn stock_up(net: &mut Net, at: usize) {
     net.local(at, LocalOp::Restock { sku: "honey".into(), qty: 1_000_000 });
 }
 
+/// Node 0 sells one unit and the sale is not broadcast (a lost message, or nobody was listening).
+fn sell_unannounced(net: &mut Net) {
+    net.now += 1;
+    let t = net.now;
+    net.nodes[0].record(sell("honey", 1), t);
+}
+
 #[test]
 fn a_new_peer_catches_up_with_about_the_bytes_of_the_changes_it_lacks() {
     let market = TestMarket::new(1);
     let mut net = Net::new(&market, 2);
     stock_up(&mut net, 0);
     for _ in 0..4_500 {
-        net.now += 1;
-        let t = net.now;
-        net.nodes[0].record(sell("honey", 1), t); // made while node 1 was away: not broadcast
+        sell_unannounced(&mut net); // made while node 1 was away
     }
     let missing: usize =
         net.nodes[0].log.changes_since(&net.nodes[0].ledger.device(), 0, usize::MAX).unwrap().iter().map(|c| c.encoded_len()).sum();
@@ -163,9 +168,7 @@ fn a_missed_broadcast_is_pulled_when_the_next_one_reveals_the_gap() {
     net.connect(0, 1);
     stock_up(&mut net, 0);
     // This sale's broadcast is lost.
-    net.now += 1;
-    let t = net.now;
-    net.nodes[0].record(sell("honey", 1), t);
+    sell_unannounced(&mut net);
     // The next one arrives with a gap before it: node 1 holds it pending and pulls.
     net.local(0, sell("honey", 1));
     assert_eq!(net.nodes[1].ledger.pending_len(), 0);
@@ -178,9 +181,7 @@ fn heartbeats_repair_what_broadcast_lost_and_silent_peers_are_dropped() {
     let mut net = Net::new(&market, 2);
     net.connect(0, 1);
     stock_up(&mut net, 0);
-    net.now += 1;
-    let t = net.now;
-    net.nodes[0].record(sell("honey", 1), t); // lost broadcast, and nothing follows it
+    sell_unannounced(&mut net); // and nothing follows it
     net.now += 1_000;
     let outputs: Vec<_> = (0..2)
         .map(|at| {
@@ -295,9 +296,7 @@ fn a_served_sale_lost(market: &TestMarket) -> (Net, Vec<Output<usize>>) {
     let mut net = Net::new(market, 2);
     net.connect(0, 1);
     stock_up(&mut net, 0);
-    net.now += 1;
-    let t = net.now;
-    net.nodes[0].record(sell("honey", 1), t);
+    sell_unannounced(&mut net);
     net.now += 1_000;
     let h1 = net.nodes[1].heads();
     let heartbeat = net.nodes[1].sync.tick(net.now, &h1);
@@ -338,11 +337,9 @@ fn a_lost_heads_delta_is_noticed_by_its_total_and_repaired_with_one_full_heads()
     let mut net = Net::new(&market, 2);
     net.connect(0, 1);
     stock_up(&mut net, 0);
-    net.now += 1;
-    let t = net.now;
     // The sale's broadcast is lost, and so is node 0's heads delta naming it: node 1's view of
     // node 0 is now short.
-    net.nodes[0].record(sell("honey", 1), t);
+    sell_unannounced(&mut net);
     net.now += 1_000;
     let h0 = net.nodes[0].heads();
     let lost = net.nodes[0].sync.tick(net.now, &h0);
