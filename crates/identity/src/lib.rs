@@ -127,6 +127,11 @@ byte_id!(
     64
 );
 byte_id!(
+    /// SHA-256 of a whole signed change ([`SignedChange::digest`]).
+    ChangeDigest,
+    32
+);
+byte_id!(
     /// An ed25519 public key of a market.
     MarketPublicKey,
     32
@@ -377,6 +382,26 @@ impl SignedChange {
 
     pub fn dot(&self) -> Dot {
         Dot { device: self.device, seq: self.seq }
+    }
+
+    /// SHA-256 over every field, signature included: two copies are the same change if and only if
+    /// their digests are equal, so a replay is told apart from an altered or a second, different
+    /// change signed for the same journal position.
+    pub fn digest(&self) -> ChangeDigest {
+        let mut h = Sha256::new();
+        h.update(CHANGE_DOMAIN);
+        h.update(self.market.0);
+        h.update(self.device.0);
+        h.update(self.seq.to_le_bytes());
+        h.update((self.causal.len() as u64).to_le_bytes());
+        for dot in &self.causal {
+            h.update(dot.device.0);
+            h.update(dot.seq.to_le_bytes());
+        }
+        h.update((self.change.len() as u64).to_le_bytes());
+        h.update(&self.change);
+        h.update(self.signature.0);
+        ChangeDigest(h.finalize().into())
     }
 
     /// Bytes this entry takes on the wire and on disk (excluding framing).

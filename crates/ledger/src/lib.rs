@@ -28,8 +28,8 @@ pub use state::{sale_id, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sa
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ReadDoc, ROOT};
-use stallmesh_identity::{Certificate, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
-use std::collections::BTreeMap;
+use stallmesh_identity::{Certificate, ChangeDigest, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Entries per journal document. Small enough that applying one change costs well under a
 /// millisecond; large enough that a day of a busy device spans only a few hundred documents.
@@ -62,6 +62,12 @@ pub const MAX_CLIENT_REF_LEN: usize = 64;
 pub const MAX_PHOTO_BYTES: usize = 48 * 1024;
 /// Most recommended SKUs recorded on one sale.
 pub const MAX_RECOMMENDED: usize = 20;
+/// Different changes kept as evidence for one journal position: two is proof; a few more show how
+/// many copies of a device's credentials are signing. Beyond it a conflict is still counted.
+pub const MAX_EVIDENCE_PER_POSITION: usize = 4;
+/// Conflicting changes kept as evidence in all: a cloned tablet selling all day yields one per sale;
+/// bounded so a device signing garbage histories cannot exhaust memory. Beyond it, counted.
+pub const MAX_EVIDENCE_CHANGES: usize = 4_096;
 
 /// For each device, the journal entries a replica holds (= the next seq it expects), with their
 /// total kept alongside: heads only grow, so an unchanged total means unchanged heads.
@@ -202,6 +208,11 @@ pub enum LedgerError {
     NotEnrolled,
     #[error("this device was revoked by the market")]
     Revoked,
+    #[error(
+        "another tablet signs with this device's credentials (two different journals of this device were seen): \
+         this tablet stops recording; have the organiser enrol it afresh and revoke the old device"
+    )]
+    Cloned,
     #[error("certificate of this device: {0}")]
     Certificate(stallmesh_identity::IdentityError),
     #[error("revocation: {0}")]
@@ -231,7 +242,7 @@ pub enum Rejection {
     Malformed(String),
     #[error("change does not extend the author's journal: {0}")]
     BrokenChain(String),
-    #[error("two different changes signed for the same journal position")]
+    #[error("the author signed two different changes for one journal position (cloned or reset credentials)")]
     Equivocation,
     #[error("{0}")]
     Fold(FoldError),
@@ -263,8 +274,11 @@ impl Rejection {
 pub struct ApplyReport {
     /// Newly applied, in the order applied (a causal order): persist them in this order.
     pub applied: Vec<Entry>,
-    /// Already held: ignored.
+    /// Already held, byte for byte: ignored.
     pub duplicates: usize,
+    /// Validly signed changes that contradict the journal held (equivocation), newly kept as
+    /// evidence in this call: the driver persists them and passes them on, so every replica sees both.
+    pub evidence: Vec<SignedChange>,
     /// Held back until a gap or a causal dependency is filled.
     pub pending: usize,
     pub rejected: Vec<(Dot, Rejection)>,
@@ -288,6 +302,9 @@ struct SegmentDoc {
 #[derive(Default)]
 struct Journal {
     next_seq: u64,
+    /// Digest of every held change, by seq: a change at a held position is a duplicate only if it
+    /// is this very change.
+    digests: Vec<ChangeDigest>,
     /// Raw changes of the current segment, so its document can be rebuilt on demand.
     segment_changes: Vec<bytes::Bytes>,
     doc: Option<SegmentDoc>,
@@ -314,7 +331,10 @@ impl Journal {
         Ok(self.doc.as_mut().expect("just built"))
     }
 
-    fn advance(&mut self, change_bytes: bytes::Bytes) {
+    fn advance(&mut self, change: &SignedChange) {
+        debug_assert_eq!(change.seq, self.next_seq, "a journal grows one position at a time");
+        let change_bytes = change.change.clone();
+        self.digests.push(change.digest());
         if Self::segment_index(self.next_seq) == 0 {
             self.segment_changes.clear();
         }
@@ -326,6 +346,33 @@ impl Journal {
             self.segment_changes.clear();
         }
     }
+}
+
+/// The journal event `change` carries, given the changes of its segment before it (as held, or as
+/// kept in evidence): how a replica shows what a conflicting change recorded.
+pub fn decode_change_event(prefix: &[bytes::Bytes], change: &SignedChange) -> Result<Event, String> {
+    let index = Journal::segment_index(change.seq);
+    if prefix.len() != index {
+        return Err(format!("needs the {index} changes before it in its journal segment"));
+    }
+    let changes = prefix
+        .iter()
+        .chain(std::iter::once(&change.change))
+        .map(|b| Change::from_bytes(b.to_vec()).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let last = changes.last().expect("at least the change itself").hash();
+    let mut doc = Automerge::new();
+    doc.apply_changes(changes).map_err(|e| e.to_string())?;
+    if doc.get_heads() != [last] {
+        return Err("does not follow the changes given before it".into());
+    }
+    let list = events_list(&doc).ok_or("no journal events")?;
+    event::read_event(&doc, &list, index).map_err(|e| e.to_string())
+}
+
+/// First position of the journal segment holding `seq`.
+pub fn segment_start(seq: u64) -> u64 {
+    seq - seq % SEGMENT_CHANGES
 }
 
 fn events_list(doc: &Automerge) -> Option<ObjId> {
@@ -340,6 +387,10 @@ fn events_list(doc: &Automerge) -> Option<ObjId> {
 pub struct LedgerStats {
     pub applied_remote: u64,
     pub duplicates: u64,
+    /// Conflicting changes seen (each distinct one once), recorded or not.
+    pub equivocations: u64,
+    /// Conflicting changes not kept because an evidence limit was reached.
+    pub evidence_not_kept: u64,
     pub rejected: BTreeMap<&'static str, u64>,
 }
 
@@ -359,6 +410,12 @@ pub struct Ledger {
     /// Devices whose journal document is in memory, least recently used first.
     open_docs: std::collections::VecDeque<DeviceId>,
     stats: LedgerStats,
+    /// Changes that contradict the journal held at their position (or the history it follows):
+    /// position → the distinct conflicting changes, each verified as signed by its device.
+    evidence: BTreeMap<Dot, Vec<SignedChange>>,
+    evidence_changes: usize,
+    /// Devices with evidence against them: two histories signed with one key.
+    forked: BTreeSet<DeviceId>,
     /// Test-only fault injection for the simulator's checker: let this device spend rights it does
     /// not hold. Never set in a node.
     pub allow_overspend_for_tests: bool,
@@ -381,6 +438,9 @@ impl Ledger {
             unreferenced_transfers_in: Vec::new(),
             open_docs: std::collections::VecDeque::new(),
             stats: LedgerStats::default(),
+            evidence: BTreeMap::new(),
+            evidence_changes: 0,
+            forked: BTreeSet::new(),
             allow_overspend_for_tests: false,
         }
     }
@@ -404,7 +464,7 @@ impl Ledger {
             if let Err(error) = ledger.state.check(dot, &entry.event) {
                 return Err(RestoreError::Fold { dot, error });
             }
-            journal.advance(entry.change.change);
+            journal.advance(&entry.change);
             ledger.advanced(dot.device);
             ledger.after_fold(dot, &entry.event);
         }
@@ -428,6 +488,55 @@ impl Ledger {
     }
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Conflicting changes kept as evidence, by journal position (see [`ApplyReport::evidence`]).
+    pub fn evidence(&self) -> &BTreeMap<Dot, Vec<SignedChange>> {
+        &self.evidence
+    }
+
+    /// Devices seen signing two different histories.
+    pub fn forked_devices(&self) -> &BTreeSet<DeviceId> {
+        &self.forked
+    }
+
+    /// Whether another holder of this device's key signed a different journal: then this ledger
+    /// records nothing more (its sales would spend rights the other copy spends too).
+    pub fn is_cloned(&self) -> bool {
+        self.forked.contains(&self.me)
+    }
+
+    /// The digest of the change held at `dot`, if held.
+    pub fn held_digest(&self, dot: Dot) -> Option<ChangeDigest> {
+        self.journals.get(&dot.device)?.digests.get(usize::try_from(dot.seq).ok()?).copied()
+    }
+
+    /// Puts back evidence a driver persisted (after [`Ledger::restore`]); each change was verified
+    /// when it was first kept.
+    pub fn restore_evidence(&mut self, changes: impl IntoIterator<Item = SignedChange>) {
+        for c in changes {
+            self.keep_evidence(c);
+        }
+    }
+
+    /// Keeps `change` as evidence unless the same change is already kept; returns whether it was new.
+    fn keep_evidence(&mut self, change: SignedChange) -> bool {
+        let dot = change.dot();
+        let digest = change.digest();
+        let kept = self.evidence.get(&dot).is_some_and(|v| v.iter().any(|c| c.digest() == digest));
+        if kept {
+            return false;
+        }
+        self.forked.insert(dot.device);
+        self.stats.equivocations += 1;
+        let per_position = self.evidence.get(&dot).map_or(0, Vec::len);
+        if per_position >= MAX_EVIDENCE_PER_POSITION || self.evidence_changes >= MAX_EVIDENCE_CHANGES {
+            self.stats.evidence_not_kept += 1;
+            return false;
+        }
+        self.evidence.entry(dot).or_default().push(change);
+        self.evidence_changes += 1;
+        true
     }
 
     /// For each device, how many journal entries this replica holds (= the next seq it expects).
@@ -494,6 +603,9 @@ impl Ledger {
         }
         if self.state.devices.get(&self.me).is_some_and(|d| d.revoked_at_ms.is_some()) {
             return Err(LedgerError::Revoked);
+        }
+        if self.is_cloned() {
+            return Err(LedgerError::Cloned);
         }
         self.certificate.verify(&self.ctx.market_key, now_ms).map_err(LedgerError::Certificate)?;
         let body = self.validate(op)?;
@@ -675,7 +787,7 @@ impl Ledger {
             // Validation above guarantees this; a failure is a bug in the core, not bad input.
             self.state.check(dot, &event).expect("locally validated event folds");
         }
-        self.journals.get_mut(&me).expect("created above").advance(signed.change.clone());
+        self.journals.get_mut(&me).expect("created above").advance(&signed);
         self.advanced(me);
         self.touch_doc(me);
         self.after_fold(dot, &event);
@@ -744,6 +856,7 @@ impl Ledger {
                 report.duplicates += 1;
                 self.stats.duplicates += 1;
             }
+            Ok(Readiness::Conflict) => self.equivocation(change, report),
             Ok(Readiness::Wait) => self.hold(change, report),
             Ok(Readiness::Ready) => run.push(change),
         }
@@ -752,9 +865,16 @@ impl Ledger {
     /// Keeps a change until its predecessor or causal dependencies arrive (bounded).
     fn hold(&mut self, change: SignedChange, report: &mut ApplyReport) {
         let dot = change.dot();
-        if self.pending.contains_key(&dot) {
-            report.duplicates += 1;
-            self.stats.duplicates += 1;
+        if let Some(waiting) = self.pending.get(&dot) {
+            if waiting.digest() == change.digest() {
+                report.duplicates += 1;
+                self.stats.duplicates += 1;
+            } else if change.verify_signature().is_err() {
+                self.reject(report, dot, Rejection::BadSignature);
+            } else {
+                // Two signed changes for one position, neither applied yet: the first waits on.
+                self.equivocation(change, report);
+            }
         } else if !self.state.devices.contains_key(&dot.device)
             && self.pending.range(Dot { device: dot.device, seq: 0 }..=Dot { device: dot.device, seq: u64::MAX }).count()
                 >= MAX_PENDING_PER_UNENROLLED
@@ -774,13 +894,31 @@ impl Ledger {
         let changes = std::mem::take(run);
         let (applied, failure) = self.apply_run(changes);
         report.applied.extend(applied);
-        if let Some((dot, why, rest)) = failure {
-            self.reject(report, dot, why);
+        if let Some((failed, why, rest)) = failure {
+            if why == Rejection::Equivocation {
+                // It follows a history other than the one held, and so do the changes after it.
+                for c in std::iter::once(failed).chain(rest) {
+                    self.equivocation(c, report);
+                }
+                return;
+            }
+            self.reject(report, failed.dot(), why);
             // Later changes of the same device cannot apply before a good change at `dot`: wait.
             for c in rest {
                 self.hold(c, report);
             }
         }
+    }
+
+    /// A validly signed change that contradicts what this replica holds: kept as evidence (and
+    /// reported, so the driver persists it and passes it on), counted, never applied.
+    fn equivocation(&mut self, change: SignedChange, report: &mut ApplyReport) {
+        let dot = change.dot();
+        if self.keep_evidence(change.clone()) {
+            tracing::error!(device = %dot.device, seq = dot.seq, "equivocation: one device signed two different journals");
+            report.evidence.push(change);
+        }
+        self.reject(report, dot, Rejection::Equivocation);
     }
 
     fn reject(&mut self, report: &mut ApplyReport, dot: Dot, r: Rejection) {
@@ -832,7 +970,13 @@ impl Ledger {
             return Err(Rejection::Oversized(c.causal.len()));
         }
         if c.seq < next {
-            return Ok(Readiness::Duplicate);
+            let held = self.journals.get(&c.device).and_then(|j| j.digests.get(c.seq as usize));
+            if held == Some(&c.digest()) {
+                return Ok(Readiness::Duplicate);
+            }
+            // Not the change held here: altered bytes (forged), or a second change its device signed.
+            c.verify_signature().map_err(|_| Rejection::BadSignature)?;
+            return Ok(Readiness::Conflict);
         }
         c.verify_signature().map_err(|_| Rejection::BadSignature)?;
         if c.seq > 0 {
@@ -855,7 +999,7 @@ impl Ledger {
     /// checked and folded in order. Returns the applied entries and, on the first failure, the
     /// failing change's position, why, and the changes after it.
     #[allow(clippy::type_complexity)]
-    fn apply_run(&mut self, run: Vec<SignedChange>) -> (Vec<Entry>, Option<(Dot, Rejection, Vec<SignedChange>)>) {
+    fn apply_run(&mut self, run: Vec<SignedChange>) -> (Vec<Entry>, Option<(SignedChange, Rejection, Vec<SignedChange>)>) {
         let device = run[0].device;
         let first_index = Journal::segment_index(run[0].seq);
         // Decode and check every change before touching the document.
@@ -865,7 +1009,11 @@ impl Ledger {
             let journal = self.journals.entry(device).or_default();
             let mut expected_deps: Vec<ChangeHash> = match journal.doc(&device) {
                 Ok(seg) => seg.doc.get_heads(),
-                Err(e) => return (vec![], Some((run[0].dot(), Rejection::Malformed(e), run.into_iter().skip(1).collect()))),
+                Err(e) => {
+                    let mut run = run.into_iter();
+                    let first = run.next().expect("runs are never empty");
+                    return (vec![], Some((first, Rejection::Malformed(e), run.collect())));
+                }
             };
             for (i, c) in run.iter().enumerate() {
                 let am = match Change::from_bytes(c.change.to_vec()) {
@@ -884,7 +1032,9 @@ impl Ledger {
                     break;
                 }
                 if am.deps() != expected_deps.as_slice() {
-                    bad = Some((i, Rejection::BrokenChain("does not follow the journal's last change".into())));
+                    // Signed by its device (checked before the run), at the next position, yet built
+                    // on another change than the one held before it: its device signed two histories.
+                    bad = Some((i, Rejection::Equivocation));
                     break;
                 }
                 expected_deps = vec![am.hash()];
@@ -897,7 +1047,7 @@ impl Ledger {
         let mut rest = run.split_off(good);
         let mut failure = bad.map(|(_, why)| {
             let failed = rest.remove(0);
-            (failed.dot(), why, std::mem::take(&mut rest))
+            (failed, why, std::mem::take(&mut rest))
         });
         if good == 0 {
             return (vec![], failure);
@@ -909,8 +1059,12 @@ impl Ledger {
         if !applied_ok {
             journal.doc = None;
             let mut later: Vec<SignedChange> = run.drain(1..).collect();
-            later.extend(failure.map(|(_, _, r)| r).unwrap_or_default());
-            return (vec![], Some((run[0].dot(), Rejection::BrokenChain("changes were not applied".into()), later)));
+            if let Some((failed, _, r)) = failure {
+                later.push(failed);
+                later.extend(r);
+            }
+            let first = run.pop().expect("good > 0");
+            return (vec![], Some((first, Rejection::BrokenChain("changes were not applied".into()), later)));
         }
         seg.events = events_list(&seg.doc);
         let events: Vec<Result<Event, Rejection>> = (0..good)
@@ -928,7 +1082,7 @@ impl Ledger {
             let dot = c.dot();
             match event.and_then(|e| self.check_remote(dot, &e).map(|_| e)) {
                 Ok(event) => {
-                    self.journals.get_mut(&device).expect("exists").advance(c.change.clone());
+                    self.journals.get_mut(&device).expect("exists").advance(&c);
                     self.advanced(device);
                     self.after_fold(dot, &event);
                     applied.push(Entry { change: c, event });
@@ -938,11 +1092,13 @@ impl Ledger {
                     // good ones when next needed.
                     self.journals.get_mut(&device).expect("exists").doc = None;
                     let mut later: Vec<SignedChange> = changes.collect();
-                    if let Some((_, _, bad_rest)) = failure.take() {
+                    if let Some((bad_change, _, bad_rest)) = failure.take() {
                         // What followed the undecodable change waits as well.
+                        later.push(bad_change);
                         later.extend(bad_rest);
                     }
-                    return (applied, Some((dot, why, later)));
+                    debug_assert_eq!(c.dot(), dot);
+                    return (applied, Some((c, why, later)));
                 }
             }
         }
@@ -969,6 +1125,8 @@ enum Readiness {
     Ready,
     Wait,
     Duplicate,
+    /// Validly signed, but another change is held at its position.
+    Conflict,
 }
 
 #[cfg(test)]

@@ -336,3 +336,133 @@ fn heads_name_the_devices_changed_since_a_total_without_walking_the_others() {
     assert_eq!(changed, vec![(b.device(), 2), (a.device(), 4)], "each changed device once, oldest change first");
     assert_eq!(a.heads_ref().changed_since(0).count(), 3, "since the beginning: every device");
 }
+
+/// Every copy of `c` with one bit flipped, in the signed fields and in the signature.
+fn bit_flipped(c: &SignedChange) -> Vec<SignedChange> {
+    let mut out = Vec::new();
+    for i in (0..c.change.len()).step_by(7) {
+        let mut bytes = c.change.to_vec();
+        bytes[i] ^= 0x10;
+        out.push(SignedChange { change: bytes.into(), ..c.clone() });
+    }
+    for i in (0..64).step_by(9) {
+        let mut f = c.clone();
+        f.signature.0[i] ^= 0x01;
+        out.push(f);
+    }
+    let mut f = c.clone();
+    f.causal.push(Dot { device: c.device, seq: 0 });
+    out.push(f);
+    out
+}
+
+#[test]
+fn an_altered_copy_of_a_held_change_is_rejected_as_forged_not_counted_as_a_duplicate() {
+    let m = TestMarket::new(40);
+    let (mut a, mut ea) = stocked(&m, 1, "honey", 5);
+    ea.push(a.record(sell("honey", 2), 3).unwrap());
+    let (mut b, _) = m.device(2, "Test Stall");
+    assert_eq!(b.apply_remote(changes(&ea)).applied.len(), 4);
+    let before = b.state().clone();
+    for held in &ea {
+        let replay = b.apply_remote([held.change.clone()]);
+        assert_eq!((replay.duplicates, replay.rejected.len()), (1, 0), "the same bytes again are a duplicate");
+        for forged in bit_flipped(&held.change) {
+            let r = b.apply_remote([forged]);
+            assert_eq!(r.duplicates, 0, "altered bytes are not the change held");
+            assert!(r.evidence.is_empty(), "a forgery is no evidence against its device");
+            assert_eq!(r.rejected.len(), 1);
+            assert_eq!(r.rejected[0].1, Rejection::BadSignature);
+        }
+    }
+    assert_eq!(b.state(), &before, "nothing changed");
+    assert!(b.forked_devices().is_empty());
+}
+
+/// Two tablets holding the same credentials, each with its own journal (a clone, or a reset tablet
+/// that started a new journal).
+fn clones(m: &TestMarket) -> (Ledger, Vec<Entry>, Ledger, Vec<Entry>) {
+    let key = m.device_key(1);
+    let cert = m.key.enrol(key.device_id(), "Test Stall", stallmesh_identity::Role::Organiser, u64::MAX);
+    let mut fork = |start_ms: u64, qty: u64| {
+        let mut l = Ledger::new(m.ctx.clone(), m.device_key(1), cert.clone());
+        let mut e = vec![l.enrol_self(start_ms).unwrap().unwrap()];
+        e.push(l.record(LocalOp::UpsertProduct(product("jam", 300)), start_ms + 1).unwrap());
+        e.push(l.record(LocalOp::Restock { sku: "jam".into(), qty }, start_ms + 2).unwrap());
+        for t in 0..qty {
+            e.push(l.record(sell("jam", 1), start_ms + 3 + t).unwrap());
+        }
+        (l, e)
+    };
+    let (x, ex) = fork(1_000, 3);
+    let (y, ey) = fork(2_000, 5);
+    (x, ex, y, ey)
+}
+
+/// Every change a replica holds or keeps as evidence for `device`.
+fn all_digests(l: &Ledger, device: DeviceId, held: &[Entry]) -> std::collections::BTreeSet<ChangeDigest> {
+    let mut out: std::collections::BTreeSet<ChangeDigest> = held.iter().filter_map(|e| l.held_digest(e.change.dot())).collect();
+    out.extend(l.evidence().iter().filter(|(d, _)| d.device == device).flat_map(|(_, v)| v.iter().map(|c| c.digest())));
+    out
+}
+
+#[test]
+fn two_journals_signed_with_one_key_are_detected_on_every_replica_that_sees_both_and_kept_as_evidence() {
+    let m = TestMarket::new(41);
+    let (mut x, ex, mut y, ey) = clones(&m);
+    let device = x.device();
+    let (mut c, _) = m.device(2, "Test Stall");
+    let (mut d, _) = m.device(3, "Test Stall");
+    // c sees x's journal first, d sees y's first: each applies the first and keeps the other as evidence.
+    let first = c.apply_remote(changes(&ex));
+    assert_eq!(first.applied.len(), ex.len());
+    let second = c.apply_remote(changes(&ey));
+    assert!(second.applied.is_empty(), "a second history is never applied");
+    assert_eq!(second.duplicates, 0);
+    assert_eq!(second.evidence.len(), ey.len(), "every change of the other history is evidence: {second:?}");
+    assert!(second.rejected.iter().all(|(_, r)| *r == Rejection::Equivocation));
+    d.apply_remote(changes(&ey));
+    d.apply_remote(changes(&ex));
+    for replica in [&c, &d] {
+        assert!(replica.forked_devices().contains(&device));
+        assert_eq!(
+            replica.stats().rejected.get("equivocation").copied().unwrap_or(0) as usize,
+            replica.evidence().values().map(Vec::len).sum::<usize>()
+        );
+    }
+    let every: std::collections::BTreeSet<ChangeDigest> = ex.iter().chain(&ey).map(|e| e.change.digest()).collect();
+    assert_eq!(all_digests(&c, device, &ex), every, "c holds one history and keeps the other");
+    assert_eq!(all_digests(&d, device, &ey), every, "d holds both, the other way round");
+
+    // Seeing it again adds nothing: evidence is kept once.
+    assert!(c.apply_remote(changes(&ey)).evidence.is_empty());
+
+    // Each clone, once it sees the other's journal, stops recording: its sales would spend the same rights.
+    assert!(!x.is_cloned());
+    x.apply_remote(changes(&ey));
+    assert!(x.is_cloned());
+    assert_eq!(x.record(sell("jam", 1), 9_000).unwrap_err(), LedgerError::Cloned);
+    y.apply_remote(changes(&ex[..1]));
+    assert_eq!(y.record(sell("jam", 1), 9_000).unwrap_err(), LedgerError::Cloned);
+
+    // A replica restored with its kept evidence knows the fork after a restart.
+    let mut restored = Ledger::new(m.ctx.clone(), m.device_key(2), c.certificate().clone());
+    restored.restore_evidence(c.evidence().values().flatten().cloned());
+    assert_eq!(restored.evidence(), c.evidence());
+    assert!(restored.forked_devices().contains(&device));
+}
+
+#[test]
+fn what_a_conflicting_change_recorded_can_be_read_from_the_changes_before_it() {
+    let m = TestMarket::new(42);
+    let (_x, ex, _y, ey) = clones(&m);
+    for history in [&ex, &ey] {
+        for (i, e) in history.iter().enumerate() {
+            let prefix: Vec<bytes::Bytes> = history[..i].iter().map(|p| p.change.change.clone()).collect();
+            assert_eq!(decode_change_event(&prefix, &e.change).unwrap(), e.event);
+        }
+    }
+    // With the other history's prefix it does not decode: the caller is told, nothing is guessed.
+    let wrong: Vec<bytes::Bytes> = ex[..2].iter().map(|p| p.change.change.clone()).collect();
+    assert!(decode_change_event(&wrong, &ey[2].change).is_err());
+}
