@@ -78,6 +78,7 @@ impl From<NodeError> for ApiError {
                         (StatusCode::FORBIDDEN, "device_not_allowed")
                     }
                     LedgerError::OtherStall { .. } => (StatusCode::FORBIDDEN, "other_stall"),
+                    LedgerError::Cloned => (StatusCode::SERVICE_UNAVAILABLE, "device_cloned"),
                 };
                 let mut err = ApiError::new(status, code, message);
                 if let LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere } = le {
@@ -92,6 +93,7 @@ impl From<NodeError> for ApiError {
                 err
             }
             NodeError::Failed(_) | NodeError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message),
+            NodeError::Recovering(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "recovering", message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
         }
     }
@@ -128,6 +130,7 @@ pub fn router(node: Node) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/mesh", get(mesh))
         .route("/api/v1/mesh/arrivals", get(arrivals))
+        .route("/api/v1/equivocations", get(equivocations))
         .route("/api/v1/revocations", post(revoke))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -338,8 +341,21 @@ async fn stock(State(node): State<Node>) -> Json<Value> {
     }))
 }
 
+/// The state of this device's own journal, for the operator: `ready`, `recovering` (taking it back
+/// from peers) or `cloned` (another tablet signs with these credentials).
+fn journal_json(node: &Node) -> Value {
+    if let Some(r) = node.recovery() {
+        return json!({ "state": "recovering", "message": r.message, "recovery": r });
+    }
+    if node.read(|l| l.is_cloned()) {
+        return json!({ "state": "cloned", "message": LedgerError::Cloned.to_string() });
+    }
+    json!({ "state": "ready" })
+}
+
 async fn status(State(node): State<Node>) -> Json<Value> {
     let info = node.info.clone();
+    let journal = journal_json(&node);
     Json(node.read(|l| {
         let heads: BTreeMap<String, u64> = l.heads_ref().iter().map(|(d, n)| (d.to_hex(), *n)).collect();
         json!({
@@ -349,6 +365,8 @@ async fn status(State(node): State<Node>) -> Json<Value> {
             "sales": l.state().sales.len(),
             "pending_changes": l.pending_len(),
             "heads": heads,
+            "journal": journal,
+            "equivocations": l.evidence().values().map(Vec::len).sum::<usize>(),
         })
     }))
 }
@@ -359,6 +377,67 @@ async fn mesh(State(node): State<Node>) -> ApiResult<Json<Value>> {
         Some(status) => Ok(Json(json!(status))),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "mesh_disabled", "this node runs without a mesh")),
     }
+}
+
+/// One change in an equivocation listing: which it is and what it recorded, if that can be read.
+fn change_json(change: &SignedChange, event: Result<stallmesh_ledger::Event, String>) -> Value {
+    let mut v = json!({ "seq": change.seq, "digest": change.digest().to_hex() });
+    match event {
+        Ok(e) => {
+            v["time_ms"] = json!(e.time_ms);
+            v["event"] = event_json(change, &e.body);
+        }
+        Err(why) => v["event_unreadable"] = json!(why),
+    }
+    v
+}
+
+/// An event, as the API shows it (a sale with its lines and total; others by kind).
+fn event_json(change: &SignedChange, body: &EventBody) -> Value {
+    match body {
+        EventBody::Sold { lines, total_cents, currency, client_ref, .. } => json!({
+            "kind": "sale",
+            "sale_id": sale_id(change.dot()),
+            "lines": lines.iter().map(|l| json!({ "sku": l.sku, "qty": l.qty, "price_cents": l.price_cents })).collect::<Vec<_>>(),
+            "total_cents": total_cents,
+            "currency": currency,
+            "client_ref": client_ref,
+        }),
+        EventBody::Enrolled { .. } => json!({ "kind": "enrolment" }),
+        EventBody::ProductUpserted { product, .. } => json!({ "kind": "product", "sku": product.sku }),
+        EventBody::Restocked { sku, qty } => json!({ "kind": "restock", "sku": sku, "qty": qty }),
+        EventBody::Transferred { sku, qty, to } => json!({ "kind": "transfer", "sku": sku, "qty": qty, "to_device": to }),
+        EventBody::PhotoAttached { sku, .. } => json!({ "kind": "photo", "sku": sku }),
+        EventBody::Revoked { revocation } => json!({ "kind": "revocation", "device": revocation.device }),
+    }
+}
+
+/// Devices seen signing two different journals, with both histories at each conflicting position:
+/// the change held here and the conflicting ones kept as evidence, with the sales each recorded.
+async fn equivocations(State(node): State<Node>) -> ApiResult<Json<Value>> {
+    let listing = blocking(&node, |n| n.equivocations()).await?;
+    let devices: Vec<Value> = listing
+        .into_iter()
+        .map(|d| {
+            let positions: Vec<Value> = d
+                .positions
+                .into_iter()
+                .map(|p| {
+                    json!({
+                        "seq": p.seq,
+                        "held": p.held.map(|(c, e)| change_json(&c, Ok(e))),
+                        "conflicting": p.conflicting.into_iter().map(|(c, e)| change_json(&c, e)).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({ "device": d.device, "this_device": d.device.to_hex() == node.info.device, "positions": positions })
+        })
+        .collect();
+    let count: usize = devices
+        .iter()
+        .map(|d| d["positions"].as_array().map_or(0, |p| p.iter().map(|x| x["conflicting"].as_array().map_or(0, Vec::len)).sum()))
+        .sum();
+    Ok(Json(json!({ "conflicting_changes": count, "devices": devices })))
 }
 
 /// When recent sales from other devices arrived here (for replication-lag measurement).

@@ -6,6 +6,7 @@ pub mod http;
 pub mod inference;
 pub mod mesh;
 pub mod metrics;
+pub mod recovery;
 pub mod runtime;
 pub mod sim_cli;
 

@@ -95,7 +95,15 @@ pub struct PeerStatus {
     pub session: stallmesh_sync::PeerSession,
 }
 
-/// Length-prefixed raw bytes over request-response; responses are empty acknowledgements.
+/// The first exchange on every connection, both ways (request and response).
+#[derive(Serialize, serde::Deserialize)]
+struct Hello {
+    certificate: Certificate,
+    /// The sender's newest change of its own journal.
+    latest_own: Option<SignedChange>,
+}
+
+/// Length-prefixed raw bytes over request-response (sync responses are empty acknowledgements).
 #[derive(Clone, Default)]
 pub struct BytesCodec;
 
@@ -220,7 +228,7 @@ fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: boo
                 gossipsub,
                 mdns: mdns.into(),
                 hello: request_response::Behaviour::new(
-                    [(StreamProtocol::new("/stallmesh/hello/1"), ProtocolSupport::Full)],
+                    [(StreamProtocol::new("/stallmesh/hello/2"), ProtocolSupport::Full)],
                     rr_config.clone(),
                 ),
                 sync: request_response::Behaviour::new([(StreamProtocol::new("/stallmesh/sync/1"), ProtocolSupport::Full)], rr_config),
@@ -248,14 +256,13 @@ pub fn start(
     }
     let (tx, rx) = mpsc::channel(MESH_COMMAND_QUEUE);
     let status = Arc::new(Mutex::new(MeshStatus { peer_id: swarm.local_peer_id().to_string(), ..Default::default() }));
-    let hello = postcard::to_allocvec(&certificate).expect("certificates serialize");
     let driver = Driver {
         node,
         swarm,
         topic,
         sync: SyncCore::new(SyncConfig::default()),
         config,
-        hello,
+        certificate,
         verified: BTreeMap::new(),
         refused: BTreeMap::new(),
         known: BTreeMap::new(),
@@ -275,7 +282,7 @@ struct Driver {
     topic: IdentTopic,
     sync: SyncCore<PeerId>,
     config: MeshConfig,
-    hello: Vec<u8>,
+    certificate: Certificate,
     /// Peers whose enrolment was verified: only these take part in sync.
     verified: BTreeMap<PeerId, Certificate>,
     /// Peers refused (bad enrolment, revoked): never redialled.
@@ -315,6 +322,7 @@ impl Driver {
                     self.execute(out);
                     self.cut_revoked();
                     self.cut_refused();
+                    self.recovery_step(now);
                     let node = self.node.clone();
                     if let Err(e) = tokio::task::block_in_place(|| node.flush()) {
                         tracing::error!(error = %e, "cannot make received changes durable");
@@ -359,10 +367,11 @@ impl Driver {
                         addrs.insert(endpoint.get_remote_address().clone());
                     }
                 }
-                if num_established.get() == 1 {
-                    tracing::info!(peer = %peer_id, "connected; proving enrolment");
-                    self.swarm.behaviour_mut().hello.send_request(&peer_id, self.hello.clone());
-                }
+                // On every connection, not only a peer's first: two tablets holding one device's
+                // credentials share a peer id, and each must hear from us to take part (and be caught).
+                tracing::info!(peer = %peer_id, connections = num_established.get(), "connected; proving enrolment");
+                let hello = self.hello();
+                self.swarm.behaviour_mut().hello.send_request(&peer_id, hello);
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
                 tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
@@ -374,8 +383,21 @@ impl Driver {
                 message: request_response::Message::Request { request, channel, .. },
                 ..
             })) => {
-                let _ = self.swarm.behaviour_mut().hello.send_response(channel, vec![]);
+                // The answer carries our certificate too: a request to a peer id goes out on one of
+                // its connections, so a second tablet under the same peer id (a clone) would
+                // otherwise never hear from us, nor be caught.
+                let hello = self.hello();
+                let _ = self.swarm.behaviour_mut().hello.send_response(channel, hello);
                 self.on_hello(peer, &request);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Hello(request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { response, .. },
+                ..
+            })) => {
+                if !response.is_empty() {
+                    self.on_hello(peer, &response);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. })) => match message {
                 request_response::Message::Request { request, channel, .. } => {
@@ -419,11 +441,23 @@ impl Driver {
         self.node.metrics.peers_refused.get_or_create(&Reason { reason: reason.to_string() }).inc();
     }
 
+    /// Our hello: the enrolment certificate, and the newest change of our own journal.
+    fn hello(&self) -> Vec<u8> {
+        let latest_own = self.node.latest_own_change().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read this device's newest change for the hello");
+            None
+        });
+        postcard::to_allocvec(&Hello { certificate: self.certificate.clone(), latest_own }).expect("hellos serialize")
+    }
+
     /// Verifies a peer's enrolment; only then does sync with it start.
     fn on_hello(&mut self, peer: PeerId, bytes: &[u8]) {
         let now = now_ms();
+        let mut latest_own = None;
         let verdict = (|| {
-            let cert: Certificate = postcard::from_bytes(bytes).map_err(|_| "malformed certificate".to_string())?;
+            let hello: Hello = postcard::from_bytes(bytes).map_err(|_| "malformed hello".to_string())?;
+            let cert = hello.certificate;
+            latest_own = hello.latest_own.filter(|c| c.device == cert.device);
             let device = device_of(&peer).ok_or("peer id is not an ed25519 device key")?;
             if cert.device != device {
                 return Err("certificate names another device".to_string());
@@ -436,6 +470,14 @@ impl Driver {
         })();
         match verdict {
             Ok(cert) => {
+                if let Some(change) = latest_own {
+                    // Versions vectors cannot tell two histories of one device apart; its newest
+                    // change, checked like any other, can (a clone's shows up as a conflict).
+                    let node = self.node.clone();
+                    if let Err(e) = tokio::task::block_in_place(|| node.ingest(vec![change])) {
+                        tracing::error!(error = %e, "cannot apply a peer's newest change");
+                    }
+                }
                 if self.verified.insert(peer, cert).is_none() {
                     tracing::info!(%peer, "peer enrolment verified; syncing");
                     let heads = self.heads();
@@ -454,6 +496,20 @@ impl Driver {
                 // that it can judge us too (refusals are visible on both sides).
             }
         }
+    }
+
+    /// Tells the node what each verified peer holds of this device's own journal (peers whose
+    /// heads have not arrived yet say nothing): how a lost or stale journal is noticed and recovered.
+    fn recovery_step(&self, now: u64) {
+        let me = self.node.read(|l| l.device());
+        let views: Vec<crate::recovery::PeerView> = self
+            .sync
+            .peers()
+            .iter()
+            .filter(|(p, s)| self.verified.contains_key(p) && s.their_total > 0)
+            .map(|(_, s)| crate::recovery::PeerView { entries_of_this_device: s.their_heads.get(&me).copied().unwrap_or(0) })
+            .collect();
+        self.node.recovery_step(now, &views);
     }
 
     fn cut_revoked(&mut self) {

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub changes_applied: Family<Origin, Counter>,
     pub verification_failures: Family<Reason, Counter>,
     pub duplicate_changes: Counter,
+    pub equivocations: Counter,
     pub store_commit_seconds: Histogram,
     pub journal_entries: Gauge,
     pub pending_changes: Gauge,
@@ -64,6 +65,7 @@ impl Metrics {
             changes_applied: Family::default(),
             verification_failures: Family::default(),
             duplicate_changes: Counter::default(),
+            equivocations: Counter::default(),
             // 0.1 ms .. ~3 s: an fsync on a tablet's flash can take hundreds of milliseconds.
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             journal_entries: Gauge::default(),
@@ -97,6 +99,11 @@ impl Metrics {
             m.verification_failures.clone(),
         );
         registry.register("duplicate_changes", "Remote changes received that were already held", m.duplicate_changes.clone());
+        registry.register(
+            "equivocations",
+            "Validly signed changes that contradict the journal held at their position (a cloned or reset device), kept as evidence",
+            m.equivocations.clone(),
+        );
         registry.register("store_commit_seconds", "Durable redb commit latency", m.store_commit_seconds.clone());
         registry.register("journal_entries", "Journal entries held in the store", m.journal_entries.clone());
         registry.register("pending_changes", "Remote changes waiting for a predecessor", m.pending_changes.clone());

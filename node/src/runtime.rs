@@ -8,6 +8,7 @@
 use crate::config::Config;
 use crate::mesh::{MeshCommand, MeshStatus};
 use crate::metrics::{Metrics, Origin, Reason};
+use crate::recovery::{PeerView, Recovery, RecoveryCause, Step};
 use stallmesh_identity::files::{self, DeviceCredentials, FileError};
 use stallmesh_identity::{Role, SignedChange};
 use stallmesh_ledger::{ApplyReport, Entry, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product, RestoreError};
@@ -32,7 +33,13 @@ pub enum NodeError {
     Internal(String),
     #[error("node stopped accepting writes after a store failure ({0}); restart it")]
     Failed(String),
+    #[error("{0}")]
+    Recovering(String),
 }
+
+/// Written next to a device's credentials once its journal has an entry: from then on an empty
+/// store means the journal was lost here, not that the device is new (see `recovery`).
+pub const JOURNAL_STARTED_FILE: &str = "journal.started";
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -42,6 +49,10 @@ struct Inner {
     ledger: Ledger,
     store: Store,
     failed: Option<String>,
+    /// Set while this device's own journal is being taken back from peers: nothing is recorded.
+    recovery: Option<Recovery>,
+    /// Where the "journal started" marker lives (beside the credentials).
+    journal_marker: PathBuf,
     /// For the mesh: the device secret (its libp2p identity) and the market's network key.
     mesh_secrets: ([u8; 32], [u8; 32]),
 }
@@ -75,6 +86,25 @@ pub struct MeshLink {
     pub status: Arc<Mutex<MeshStatus>>,
     pub low_watermark: u64,
     pub refill: u64,
+}
+
+/// Positions listed by [`Node::equivocations`].
+pub const MAX_EQUIVOCATIONS_LISTED: usize = 200;
+
+/// One device seen signing two histories.
+pub struct DeviceEquivocation {
+    pub device: stallmesh_identity::DeviceId,
+    pub positions: Vec<EquivocatedPosition>,
+}
+
+/// One journal position with more than one signed change.
+pub struct EquivocatedPosition {
+    pub seq: u64,
+    /// The change this replica holds (and applied) there, if it holds one.
+    pub held: Option<(SignedChange, stallmesh_ledger::Event)>,
+    /// The other changes signed for it, with what each recorded if it can be read.
+    #[allow(clippy::type_complexity)]
+    pub conflicting: Vec<(SignedChange, Result<stallmesh_ledger::Event, String>)>,
 }
 
 #[derive(Clone)]
@@ -130,6 +160,7 @@ impl Node {
         // Demo mode: the node made (now or on an earlier start) its own throw-away market.
         let demo = default_dir && config.data_dir.join(DEMO_MARKET_DIR).exists();
         let DeviceCredentials { key, certificate, market, mesh_psk } = creds;
+        let journal_marker = device_dir.join(JOURNAL_STARTED_FILE);
         let mesh_secrets = (key.secret(), mesh_psk);
         let info = NodeInfo {
             market_name: market.name.clone(),
@@ -146,16 +177,19 @@ impl Node {
         let entries = store.load()?;
         let restored = entries.len();
         let ctx = MarketContext::new(market.public_key);
-        let ledger = Ledger::restore(ctx, key, certificate, entries)
+        let mut ledger = Ledger::restore(ctx, key, certificate, entries)
             .map_err(|source| NodeError::Restore { path: config.store_path(), source: Box::new(source) })?;
+        ledger.restore_evidence(store.evidence()?);
         tracing::info!(
             entries = restored,
             elapsed_ms = started.elapsed().as_millis() as u64,
             store = %config.store_path().display(),
             "ledger restored"
         );
+        let fresh = restored == 0;
+        let recovery = (fresh && journal_marker.exists()).then(|| Recovery::new(RecoveryCause::EmptyStore, now_ms()));
         let node = Node {
-            inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None, mesh_secrets })),
+            inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None, recovery, journal_marker, mesh_secrets })),
             metrics: Arc::new(Metrics::new()),
             info: Arc::new(info),
             mesh: Arc::new(OnceLock::new()),
@@ -163,8 +197,11 @@ impl Node {
             arrivals: Arc::default(),
         };
         node.metrics.journal_entries.set(restored as i64);
-        let fresh = restored == 0;
-        node.with_write(|l| l.enrol_self(now_ms()).map(|e| e.into_iter().collect()))?;
+        if let Some(r) = node.recovery() {
+            tracing::warn!(cause = ?r.cause, "{}", r.message);
+        } else {
+            node.start_journal()?;
+        }
         if demo && fresh {
             node.seed_demo()?;
         }
@@ -176,6 +213,58 @@ impl Node {
             );
         }
         Ok(node)
+    }
+
+    /// Writes this device's enrolment as entry 0 if its journal has none, and marks the journal as
+    /// started beside the credentials.
+    fn start_journal(&self) -> Result<(), NodeError> {
+        let written = self.with_write(|l| l.enrol_self(now_ms()).map(|e| e.into_iter().collect()))?;
+        let marker = self.lock().journal_marker.clone();
+        if !marker.exists() {
+            let note =
+                format!("device {} journal started at {} ms; an empty store from now on means it was lost\n", self.info.device, now_ms());
+            if let Err(e) = std::fs::write(&marker, note) {
+                // Without the marker a wiped store would be taken for a new device: say so loudly.
+                tracing::error!(path = %marker.display(), error = %e, "cannot mark the journal as started beside the credentials");
+            }
+        }
+        if !written.is_empty() {
+            tracing::info!("journal started: enrolment recorded as entry 0");
+        }
+        Ok(())
+    }
+
+    /// While this device's journal is being taken back from peers: what the operator is told.
+    pub fn recovery(&self) -> Option<Recovery> {
+        self.lock().recovery.clone()
+    }
+
+    /// The mesh's news: how many entries of this device each verified peer holds. A peer holding
+    /// more of this device's journal than this node does (a store restored from an old copy)
+    /// starts a recovery; the recovery ends when the journal is back (then the node records again).
+    pub fn recovery_step(&self, now_ms: u64, peers: &[PeerView]) {
+        let step = {
+            let mut inner = self.lock();
+            let own = inner.ledger.heads_ref().get(&inner.ledger.device()).copied().unwrap_or(0);
+            let ahead = peers.iter().map(|p| p.entries_of_this_device).max().unwrap_or(0);
+            if inner.recovery.is_none() && ahead > own {
+                let r = Recovery::new(RecoveryCause::StaleStore, now_ms);
+                tracing::warn!(own, held_by_peers = ahead, "{}", r.message);
+                inner.recovery = Some(r);
+            }
+            let Some(r) = inner.recovery.as_mut() else { return };
+            let step = r.step(now_ms, own, peers);
+            if step != Step::Wait {
+                inner.recovery = None;
+            }
+            step
+        };
+        if let Step::Recovered { entries } = step {
+            tracing::info!(entries, "journal recovered from peers: this tablet records again");
+            if let Err(e) = self.start_journal() {
+                tracing::error!(error = %e, "cannot record after recovering the journal");
+            }
+        }
     }
 
     fn seed_demo(&self) -> Result<(), NodeError> {
@@ -234,7 +323,10 @@ impl Node {
             LocalOp::Revoke(_) => "revocation",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
-        let result = self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e]));
+        let result = match self.recovery() {
+            Some(r) => Err(NodeError::Recovering(r.message)),
+            None => self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e])),
+        };
         match &result {
             Ok(entries) => {
                 self.metrics.changes_applied.get_or_create(&Origin { origin: "local" }).inc();
@@ -253,6 +345,8 @@ impl Node {
             }
             Err(e) => {
                 let reason = match e {
+                    NodeError::Recovering(_) => "recovering",
+                    NodeError::Ledger(LedgerError::Cloned) => "device_cloned",
                     NodeError::Ledger(LedgerError::UnknownSku(_)) => "unknown_sku",
                     NodeError::Ledger(LedgerError::AlreadyRecorded { .. }) => "already_recorded",
                     NodeError::Ledger(_) => "invalid",
@@ -328,6 +422,9 @@ impl Node {
             Ok::<_, NodeError>(applied)
         })?;
         let report = report.expect("set by the closure");
+        if !report.evidence.is_empty() {
+            self.keep_evidence(&report.evidence)?;
+        }
         let arrived_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
         {
             let mut arrivals = self.arrivals.lock().expect("arrivals lock");
@@ -349,6 +446,35 @@ impl Node {
             self.metrics.verification_failures.get_or_create(&Reason { reason: why.label().to_string() }).inc();
         }
         Ok(report)
+    }
+
+    /// Keeps conflicting changes durably, counts them, and passes them on so that every replica
+    /// sees both histories (each replica passes a given change on once: evidence is kept once).
+    fn keep_evidence(&self, evidence: &[SignedChange]) -> Result<(), NodeError> {
+        // The change held at each position goes out too: the tablet that signed the conflicting
+        // one learns of the other history (two clones share a peer id, so the mesh alone may
+        // never carry one's changes to the other).
+        let mut pass_on = evidence.to_vec();
+        {
+            let mut inner = self.lock();
+            if let Err(e) = inner.store.keep_evidence(evidence) {
+                tracing::error!(error = %e, "cannot keep evidence of equivocation");
+                return Err(e.into());
+            }
+            for c in evidence {
+                pass_on.extend(inner.store.changes_since(&c.device, c.seq, 1)?.into_iter().filter(|h| h.seq == c.seq));
+            }
+        }
+        self.metrics.equivocations.inc_by(evidence.len() as u64);
+        for c in evidence {
+            tracing::error!(
+                device = %c.device,
+                seq = c.seq,
+                "equivocation: two different changes signed by one device for one journal position (cloned or reset credentials); kept as evidence"
+            );
+        }
+        self.to_mesh(MeshCommand::Broadcast(pass_on));
+        Ok(())
     }
 
     /// Makes changes received from peers durable (the mesh calls this every tick).
@@ -378,6 +504,35 @@ impl Node {
         limit: usize,
     ) -> Result<Vec<SignedChange>, NodeError> {
         Ok(self.lock().store.changes_since(device, from_seq, limit)?)
+    }
+
+    /// Conflicting positions, device by device, with what each history recorded there (at most
+    /// [`MAX_EQUIVOCATIONS_LISTED`] positions).
+    pub fn equivocations(&self) -> Result<Vec<DeviceEquivocation>, NodeError> {
+        let inner = self.lock();
+        let evidence = inner.ledger.evidence();
+        let mut out: Vec<DeviceEquivocation> = Vec::new();
+        for (dot, conflicting) in evidence.iter().take(MAX_EQUIVOCATIONS_LISTED) {
+            let held = inner.store.changes_since(&dot.device, dot.seq, 1)?.into_iter().find(|c| c.seq == dot.seq).and_then(|c| {
+                let event = stallmesh_ledger::decode_change_event(&c).ok()?;
+                Some((c, event))
+            });
+            let conflicting = conflicting.iter().map(|c| (c.clone(), stallmesh_ledger::decode_change_event(c))).collect();
+            let position = EquivocatedPosition { seq: dot.seq, held, conflicting };
+            match out.last_mut() {
+                Some(d) if d.device == dot.device => d.positions.push(position),
+                _ => out.push(DeviceEquivocation { device: dot.device, positions: vec![position] }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest change of this device's own journal, if it has one.
+    pub fn latest_own_change(&self) -> Result<Option<SignedChange>, NodeError> {
+        let inner = self.lock();
+        let me = inner.ledger.device();
+        let Some(next) = inner.ledger.heads_ref().get(&me).copied().filter(|n| *n > 0) else { return Ok(None) };
+        Ok(inner.store.changes_since(&me, next - 1, 1)?.into_iter().next())
     }
 
     pub fn failed(&self) -> Option<String> {

@@ -348,26 +348,56 @@ impl Journal {
     }
 }
 
-/// The journal event `change` carries, given the changes of its segment before it (as held, or as
-/// kept in evidence): how a replica shows what a conflicting change recorded.
-pub fn decode_change_event(prefix: &[bytes::Bytes], change: &SignedChange) -> Result<Event, String> {
-    let index = Journal::segment_index(change.seq);
-    if prefix.len() != index {
-        return Err(format!("needs the {index} changes before it in its journal segment"));
+/// Most operations replayed from one change when reading it on its own (a 100-line sale takes
+/// about 500); a change is at most [`MAX_CHANGE_BYTES`] anyway.
+const MAX_STANDALONE_OPS: usize = 20_000;
+
+/// The journal event `change` carries, read from the change alone: every change appends exactly
+/// one event, built entirely by its own operations, so the event can be replayed into an empty
+/// document without the journal before it. This is how a replica shows what a conflicting change
+/// (never applied, its history not held) recorded.
+pub fn decode_change_event(change: &SignedChange) -> Result<Event, String> {
+    use automerge::legacy::{Key, ObjectId, OpId, OpType};
+    let am = Change::from_bytes(change.change.to_vec()).map_err(|e| e.to_string())?;
+    // automerge's expansion asserts on inputs it considers impossible: bytes from a peer must not panic us.
+    let expanded = std::panic::catch_unwind(|| am.decode()).map_err(|_| "the change's operations do not expand".to_string())?;
+    let ops = &expanded.operations;
+    if ops.len() > MAX_STANDALONE_OPS {
+        return Err(format!("{} operations, more than an event has", ops.len()));
     }
-    let changes = prefix
-        .iter()
-        .chain(std::iter::once(&change.change))
-        .map(|b| Change::from_bytes(b.to_vec()).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let last = changes.last().expect("at least the change itself").hash();
+    let actor = expanded.actor_id.clone();
+    let id_of = |i: usize| ObjectId::Id(OpId(expanded.start_op.get() + i as u64, actor.clone()));
+    // The event: the map this change inserts into a list it did not create.
+    let event_op =
+        ops.iter().position(|o| o.insert && matches!(o.action, OpType::Make(ObjType::Map))).ok_or("the change inserts no journal event")?;
     let mut doc = Automerge::new();
-    doc.apply_changes(changes).map_err(|e| e.to_string())?;
-    if doc.get_heads() != [last] {
-        return Err("does not follow the changes given before it".into());
+    let mut tx = doc.transaction();
+    let am_err = |e: automerge::AutomergeError| e.to_string();
+    let list = tx.put_object(ROOT, "events", ObjType::List).map_err(am_err)?;
+    let map = tx.insert_object(&list, 0, ObjType::Map).map_err(am_err)?;
+    // (object in the change, its copy here): each object is made before what it contains.
+    let mut work = vec![(id_of(event_op), map)];
+    while let Some((src, dst)) = work.pop() {
+        let mut index = 0;
+        for (i, op) in ops.iter().enumerate().filter(|(_, o)| o.obj == src) {
+            let made = match (&op.key, &op.action) {
+                (Key::Map(k), OpType::Put(v)) => tx.put(&dst, k.as_str(), v.clone()).map(|_| None),
+                (Key::Map(k), OpType::Make(t)) => tx.put_object(&dst, k.as_str(), *t).map(Some),
+                (Key::Seq(_), OpType::Put(v)) if op.insert => tx.insert(&dst, index, v.clone()).map(|_| None),
+                (Key::Seq(_), OpType::Make(t)) if op.insert => tx.insert_object(&dst, index, *t).map(Some),
+                _ => return Err("the change does more than append one event".into()),
+            }
+            .map_err(am_err)?;
+            if matches!(op.key, Key::Seq(_)) {
+                index += 1;
+            }
+            if let Some(child) = made {
+                work.push((id_of(i), child)); // each op makes at most one object: bounded by the ops
+            }
+        }
     }
-    let list = events_list(&doc).ok_or("no journal events")?;
-    event::read_event(&doc, &list, index).map_err(|e| e.to_string())
+    tx.commit();
+    event::read_event(&doc, &list, 0).map_err(|e| e.to_string())
 }
 
 /// First position of the journal segment holding `seq`.

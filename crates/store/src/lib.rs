@@ -13,6 +13,8 @@ use stallmesh_identity::{DeviceId, MarketId, SignedChange};
 use stallmesh_ledger::Entry;
 use std::path::{Path, PathBuf};
 
+mod evidence;
+
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 const BY_DOT: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("by_dot");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -63,14 +65,18 @@ pub struct Store {
 }
 
 fn frame(entry: &Entry) -> Vec<u8> {
-    let body = postcard::to_allocvec(entry).expect("entries always serialize");
+    frame_bytes(&postcard::to_allocvec(entry).expect("entries always serialize"))
+}
+
+/// A row: CRC-32 of the body, then the body.
+fn frame_bytes(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
     out
 }
 
-fn unframe(bytes: &[u8]) -> Result<Entry, String> {
+fn unframe_bytes(bytes: &[u8]) -> Result<&[u8], String> {
     if bytes.len() < 4 {
         return Err(format!("row of {} bytes is shorter than its checksum", bytes.len()));
     }
@@ -79,7 +85,11 @@ fn unframe(bytes: &[u8]) -> Result<Entry, String> {
     if crc32fast::hash(body) != crc {
         return Err("row checksum mismatch".into());
     }
-    postcard::from_bytes(body).map_err(|e| format!("row does not decode: {e}"))
+    Ok(body)
+}
+
+fn unframe(bytes: &[u8]) -> Result<Entry, String> {
+    postcard::from_bytes(unframe_bytes(bytes)?).map_err(|e| format!("row does not decode: {e}"))
 }
 
 impl Store {
