@@ -620,3 +620,15 @@ fn a_photo_of_the_largest_size_replicates() {
     let r = b.apply_remote(changes(&ea));
     assert_eq!((r.applied.len(), r.rejected.len()), (4, 0), "{:?}", r.rejected);
 }
+
+#[test]
+fn a_peers_product_at_the_end_of_the_catalogue_clock_does_not_crash_local_upserts() {
+    let m = TestMarket::new(30);
+    let (mut a, ea0) = m.device(1, "Test Stall");
+    let last = forge(&mut a, EventBody::ProductUpserted { product: product("honey", 250), lamport: u64::MAX });
+    let mut b = a_peer(&m);
+    assert_eq!(b.apply_remote(changes(&[ea0, last])).applied.len(), 2);
+    let exhausted = Err(LedgerError::Invalid { field: "lamport", problem: "the catalogue clock is exhausted".into() });
+    assert_eq!(b.record(LocalOp::UpsertProduct(product("jam", 100)), 5), exhausted);
+    assert_eq!(b.record(LocalOp::AttachPhoto { sku: "honey".into(), jpeg: JPEG_A.to_vec() }, 5), exhausted);
+}
