@@ -22,6 +22,7 @@
 pub mod event;
 pub mod state;
 pub mod testkit;
+pub mod validate;
 
 pub use event::{DecodeError, Event, EventBody, Product, RecommendationShown, SaleLine};
 pub use state::{sale_id, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
@@ -643,53 +644,34 @@ impl Ledger {
     }
 
     fn validate(&self, op: LocalOp) -> Result<EventBody, LedgerError> {
-        fn text(field: &'static str, v: &str, max: usize) -> Result<(), LedgerError> {
-            if v.trim().is_empty() || v.len() > max {
-                return Err(LedgerError::Invalid { field, problem: format!("must be 1..={max} bytes") });
-            }
-            Ok(())
-        }
-        fn qty(v: u64) -> Result<(), LedgerError> {
-            if v == 0 || v > MAX_QTY {
-                return Err(LedgerError::Invalid { field: "qty", problem: format!("must be 1..={MAX_QTY}") });
-            }
-            Ok(())
-        }
+        let limits =
+            |body: &EventBody| validate::check_event_body(body).map_err(|e| LedgerError::Invalid { field: e.field, problem: e.problem });
         let known = |sku: &str| -> Result<&ProductRecord, LedgerError> {
             self.state.products.get(sku).ok_or_else(|| LedgerError::UnknownSku(sku.to_string()))
         };
+        // A peer's product may have pushed the clock to its end: refuse rather than wrap.
+        let next_lamport = || {
+            self.lamport.checked_add(1).ok_or(LedgerError::Invalid { field: "lamport", problem: "the catalogue clock is exhausted".into() })
+        };
         Ok(match op {
             LocalOp::UpsertProduct(p) => {
-                text("sku", &p.sku, MAX_SKU_LEN)?;
-                if !p.sku.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                    return Err(LedgerError::Invalid { field: "sku", problem: "only letters, digits, '-', '_' and '.'".into() });
+                let stall = p.stall.clone();
+                let body = EventBody::ProductUpserted { product: p, lamport: next_lamport()? };
+                limits(&body)?;
+                if self.certificate.role == stallmesh_identity::Role::Seller && stall != self.certificate.stall {
+                    return Err(LedgerError::OtherStall { own: self.certificate.stall.clone(), other: stall });
                 }
-                text("name", &p.name, MAX_NAME_LEN)?;
-                text("stall", &p.stall, MAX_NAME_LEN)?;
-                if p.price_cents > MAX_PRICE_CENTS {
-                    return Err(LedgerError::Invalid { field: "price_cents", problem: format!("must be at most {MAX_PRICE_CENTS}") });
-                }
-                if p.currency.len() != 3 || !p.currency.chars().all(|c| c.is_ascii_uppercase()) {
-                    return Err(LedgerError::Invalid { field: "currency", problem: "must be an ISO 4217 code like EUR".into() });
-                }
-                if p.tags.len() > MAX_TAGS || p.tags.iter().any(|t| t.is_empty() || t.len() > MAX_TAG_LEN) {
-                    return Err(LedgerError::Invalid {
-                        field: "tags",
-                        problem: format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes"),
-                    });
-                }
-                if self.certificate.role == stallmesh_identity::Role::Seller && p.stall != self.certificate.stall {
-                    return Err(LedgerError::OtherStall { own: self.certificate.stall.clone(), other: p.stall });
-                }
-                EventBody::ProductUpserted { product: p, lamport: self.lamport + 1 }
+                body
             }
-            LocalOp::Restock { sku, qty: q } => {
-                qty(q)?;
+            LocalOp::Restock { sku, qty } => {
+                let body = EventBody::Restocked { sku: sku.clone(), qty };
+                limits(&body)?;
                 known(&sku)?;
-                EventBody::Restocked { sku, qty: q }
+                body
             }
-            LocalOp::Transfer { sku, qty: q, to } => {
-                qty(q)?;
+            LocalOp::Transfer { sku, qty, to } => {
+                let body = EventBody::Transferred { sku: sku.clone(), qty, to };
+                limits(&body)?;
                 known(&sku)?;
                 if to == self.me {
                     return Err(LedgerError::Invalid { field: "to_device", problem: "cannot transfer to this device itself".into() });
@@ -699,52 +681,27 @@ impl Ledger {
                     Some(d) if d.revoked_at_ms.is_some() => return Err(LedgerError::UnknownDevice(to)),
                     Some(_) => {}
                 }
-                self.check_rights(&sku, q)?;
-                EventBody::Transferred { sku, qty: q, to }
+                self.check_rights(&sku, qty)?;
+                body
             }
             LocalOp::AttachPhoto { sku, jpeg } => {
+                let body = EventBody::PhotoAttached { sku: sku.clone(), jpeg, lamport: next_lamport()? };
+                limits(&body)?;
                 let p = known(&sku)?;
-                if jpeg.is_empty() || jpeg.len() > MAX_PHOTO_BYTES {
-                    return Err(LedgerError::Invalid { field: "photo", problem: format!("must be 1..={MAX_PHOTO_BYTES} bytes") });
-                }
-                if !jpeg.starts_with(&[0xFF, 0xD8, 0xFF]) {
-                    return Err(LedgerError::Invalid { field: "photo", problem: "must be a JPEG".into() });
-                }
                 if self.certificate.role == stallmesh_identity::Role::Seller && p.product.stall != self.certificate.stall {
                     return Err(LedgerError::OtherStall { own: self.certificate.stall.clone(), other: p.product.stall.clone() });
                 }
-                EventBody::PhotoAttached { sku, jpeg, lamport: self.lamport + 1 }
+                body
             }
             LocalOp::Sell { lines, client_ref, recommendation } => {
-                if let Some(rec) = &recommendation {
-                    if rec.arm != "treatment" && rec.arm != "control" {
-                        return Err(LedgerError::Invalid {
-                            field: "recommendation.arm",
-                            problem: "must be \"treatment\" or \"control\"".into(),
-                        });
-                    }
-                    if rec.skus.len() > MAX_RECOMMENDED || rec.skus.iter().any(|s| s.is_empty() || s.len() > MAX_SKU_LEN) {
-                        return Err(LedgerError::Invalid {
-                            field: "recommendation.skus",
-                            problem: format!("at most {MAX_RECOMMENDED} SKUs of 1..={MAX_SKU_LEN} bytes"),
-                        });
-                    }
-                }
-                if lines.is_empty() || lines.len() > MAX_SALE_LINES {
-                    return Err(LedgerError::Invalid { field: "lines", problem: format!("must hold 1..={MAX_SALE_LINES} lines") });
-                }
                 if let Some(r) = &client_ref {
-                    text("client_ref", r, MAX_CLIENT_REF_LEN)?;
                     if let Some(sale) = self.state.sales.values().find(|s| s.device == self.me && s.client_ref.as_ref() == Some(r)) {
                         return Err(LedgerError::AlreadyRecorded { client_ref: r.clone(), sale_id: sale.id.clone() });
                     }
                 }
-                let mut per_sku: BTreeMap<&str, u64> = BTreeMap::new();
-                let mut out = Vec::with_capacity(lines.len());
+                let mut sale_lines = Vec::with_capacity(lines.len());
                 let mut currency: Option<&str> = None;
-                let mut total: u64 = 0;
                 for l in &lines {
-                    qty(l.qty)?;
                     let p = known(&l.sku)?;
                     match currency {
                         None => currency = Some(&p.product.currency),
@@ -753,22 +710,28 @@ impl Ledger {
                         }
                         Some(_) => {}
                     }
-                    *per_sku.entry(&l.sku).or_default() += l.qty;
-                    total += l.qty * p.product.price_cents; // bounded: MAX_QTY * MAX_PRICE_CENTS * MAX_SALE_LINES < u64::MAX
-                    out.push(SaleLine { sku: l.sku.clone(), qty: l.qty, price_cents: p.product.price_cents });
+                    sale_lines.push(SaleLine { sku: l.sku.clone(), qty: l.qty, price_cents: p.product.price_cents });
                 }
+                let body = EventBody::Sold {
+                    // An overflowing sum is refused by the limits just below.
+                    total_cents: validate::sale_total_cents(&sale_lines).unwrap_or(u64::MAX),
+                    lines: sale_lines,
+                    currency: currency.unwrap_or("EUR").to_string(),
+                    client_ref,
+                    recommendation,
+                };
+                limits(&body)?;
                 if !self.allow_overspend_for_tests {
+                    let mut per_sku: BTreeMap<&str, u64> = BTreeMap::new();
+                    for l in &lines {
+                        let units = per_sku.entry(&l.sku).or_default();
+                        *units = units.checked_add(l.qty).expect("limits bound a sale's units: MAX_QTY * MAX_SALE_LINES fits u64");
+                    }
                     for (sku, q) in per_sku {
                         self.check_rights(sku, q)?;
                     }
                 }
-                EventBody::Sold {
-                    lines: out,
-                    total_cents: total,
-                    currency: currency.unwrap_or("EUR").to_string(),
-                    client_ref,
-                    recommendation,
-                }
+                body
             }
             LocalOp::Revoke(revocation) => {
                 revocation.verify(&self.ctx.market_key).map_err(LedgerError::BadRevocation)?;

@@ -91,40 +91,41 @@ impl State {
             Ok(())
         };
         match &event.body {
-            EventBody::Enrolled { .. } if dot.seq != 0 => Err(FoldError::MisplacedEnrolment),
-            EventBody::Enrolled { .. } => Ok(()),
-            _ if dot.seq == 0 => Err(FoldError::Invalid("journal entry 0 must be the enrolment".into())),
-            EventBody::ProductUpserted { .. } | EventBody::Revoked { .. } => Ok(()),
-            EventBody::PhotoAttached { jpeg, .. } if jpeg.is_empty() => Err(FoldError::Invalid("empty photo".into())),
-            EventBody::PhotoAttached { .. } => Ok(()),
-            EventBody::Restocked { qty, .. } if *qty == 0 => Err(FoldError::Invalid("restock of 0 units".into())),
-            EventBody::Restocked { .. } => Ok(()),
-            EventBody::Transferred { qty, .. } if *qty == 0 => Err(FoldError::Invalid("transfer of 0 units".into())),
+            EventBody::Enrolled { .. } if dot.seq != 0 => return Err(FoldError::MisplacedEnrolment),
+            EventBody::Enrolled { .. } => {}
+            _ if dot.seq == 0 => return Err(FoldError::Invalid("journal entry 0 must be the enrolment".into())),
+            _ => {}
+        }
+        crate::validate::check_event_body(&event.body).map_err(|e| FoldError::Invalid(e.to_string()))?;
+        match &event.body {
+            EventBody::Enrolled { .. }
+            | EventBody::ProductUpserted { .. }
+            | EventBody::PhotoAttached { .. }
+            | EventBody::Revoked { .. } => Ok(()),
+            // Unreachable within the limits (2^64 units take 1.8e13 restocks of MAX_QTY), so it does
+            // not matter that it depends on other devices' restocks: refusing beats wrapping.
+            EventBody::Restocked { sku, qty } => match self.total_rights(sku).checked_add(*qty) {
+                Some(_) => Ok(()),
+                None => Err(FoldError::Invalid(format!("restock of {qty} {sku} takes the market's stock rights past u64::MAX"))),
+            },
             EventBody::Transferred { to, .. } if *to == dot.device => Err(FoldError::Invalid("transfer to self".into())),
             EventBody::Transferred { sku, qty, .. } => spend(sku, *qty),
-            EventBody::Sold { lines, total_cents, .. } => {
-                if lines.is_empty() {
-                    return Err(FoldError::Invalid("sale without lines".into()));
-                }
+            EventBody::Sold { lines, .. } => {
                 let mut per_sku: BTreeMap<&str, u64> = BTreeMap::new();
-                let mut total: u64 = 0;
                 for l in lines {
-                    if l.qty == 0 {
-                        return Err(FoldError::Invalid("sale line of 0 units".into()));
-                    }
-                    *per_sku.entry(&l.sku).or_default() += l.qty;
-                    total = l
-                        .qty
-                        .checked_mul(l.price_cents)
-                        .and_then(|v| total.checked_add(v))
-                        .ok_or_else(|| FoldError::Invalid("sale total overflows".into()))?;
-                }
-                if total != *total_cents {
-                    return Err(FoldError::Invalid(format!("total_cents {total_cents} != sum of lines {total}")));
+                    let units = per_sku.entry(&l.sku).or_default();
+                    *units = units.checked_add(l.qty).expect("limits bound a sale's units: MAX_QTY * MAX_SALE_LINES fits u64");
                 }
                 per_sku.into_iter().try_for_each(|(sku, qty)| spend(sku, qty))
             }
         }
+    }
+
+    /// Units of `sku` held across the market. Fits u64: [`State::check`] refuses any restock past it.
+    fn total_rights(&self, sku: &str) -> u64 {
+        self.rights.get(sku).map_or(0, |per_device| {
+            per_device.values().try_fold(0u64, |total, held| total.checked_add(*held)).expect("a SKU's total stock rights fit u64")
+        })
     }
 
     /// Folds one event. The caller has run [`State::check`]; a failure here means the core is broken.
@@ -145,12 +146,17 @@ impl State {
                 }
             }
             EventBody::Restocked { sku, qty } => {
-                *self.rights.entry(sku.clone()).or_default().entry(dot.device).or_default() += qty;
+                // `check` refuses a restock taking the SKU's total past u64; a device holds at most the total.
+                self.total_rights(sku).checked_add(*qty).expect("checked: a SKU's total stock rights stay within u64");
+                let held = self.rights.entry(sku.clone()).or_default().entry(dot.device).or_default();
+                *held = held.checked_add(*qty).expect("a device holds at most the SKU's total");
                 self.restocks += 1;
             }
             EventBody::Transferred { sku, qty, to } => {
                 self.spend(sku, &dot.device, *qty);
-                *self.rights.entry(sku.clone()).or_default().entry(*to).or_default() += qty;
+                let held = self.rights.entry(sku.clone()).or_default().entry(*to).or_default();
+                // A transfer moves rights without changing the SKU's total, which fits u64.
+                *held = held.checked_add(*qty).expect("transferred rights within the SKU's total");
                 self.transfers += 1;
             }
             EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
@@ -204,21 +210,36 @@ impl State {
     pub fn stock(&self, sku: &str) -> StockView {
         let per_device: BTreeMap<DeviceId, u64> =
             self.rights.get(sku).map(|m| m.iter().filter(|(_, v)| **v > 0).map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
-        StockView { sku: sku.to_string(), total: per_device.values().sum(), per_device }
+        StockView { sku: sku.to_string(), total: self.total_rights(sku), per_device }
     }
 
+    /// Revenue and units over every sale. Sums run in u128 and are clamped to u64: a market's
+    /// revenue past u64::MAX cents (1.8e17 EUR) can only come from forged sales, and a projection
+    /// must never panic under the node's lock.
     pub fn summary(&self) -> SalesSummary {
-        let mut s = SalesSummary::default();
-        for sale in self.sales.values() {
-            s.sales += 1;
-            *s.revenue_cents.entry(sale.currency.clone()).or_default() += sale.total_cents;
-            let hour = sale.time_ms / 3_600_000;
-            *s.revenue_cents_per_hour.entry(hour * 3_600_000).or_default() += sale.total_cents;
-            s.units += sale.lines.iter().map(|l| l.qty).sum::<u64>();
+        fn clamp(v: u128) -> u64 {
+            u64::try_from(v).unwrap_or(u64::MAX)
         }
-        let total: u64 = s.revenue_cents.values().sum();
-        s.average_order_cents = total.checked_div(s.sales).unwrap_or(0);
-        s
+        let mut sales: u64 = 0;
+        let mut units: u128 = 0;
+        let mut revenue_cents: BTreeMap<String, u128> = BTreeMap::new();
+        let mut revenue_cents_per_hour: BTreeMap<u64, u128> = BTreeMap::new();
+        for sale in self.sales.values() {
+            sales += 1;
+            *revenue_cents.entry(sale.currency.clone()).or_default() += u128::from(sale.total_cents);
+            let hour_start_ms = sale.time_ms - sale.time_ms % 3_600_000;
+            *revenue_cents_per_hour.entry(hour_start_ms).or_default() += u128::from(sale.total_cents);
+            units += sale.lines.iter().map(|l| u128::from(l.qty)).sum::<u128>();
+        }
+        // u128 sums cannot overflow: fewer than 2^64 sales of at most u64::MAX each.
+        let total_cents: u128 = revenue_cents.values().sum();
+        SalesSummary {
+            sales,
+            units: clamp(units),
+            revenue_cents: revenue_cents.into_iter().map(|(c, v)| (c, clamp(v))).collect(),
+            revenue_cents_per_hour: revenue_cents_per_hour.into_iter().map(|(h, v)| (h, clamp(v))).collect(),
+            average_order_cents: clamp(total_cents.checked_div(u128::from(sales)).unwrap_or(0)),
+        }
     }
 }
 

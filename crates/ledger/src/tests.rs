@@ -480,3 +480,299 @@ fn what_a_conflicting_change_recorded_can_be_read_from_the_change_alone() {
     broken.change = bytes::Bytes::from_static(b"not a change");
     assert!(decode_change_event(&broken).is_err());
 }
+
+/// Signs `body` as `l`'s next journal entry without `l`'s own validation: a buggy or stolen tablet.
+fn forge(l: &mut Ledger, body: EventBody) -> Entry {
+    l.allow_overspend_for_tests = true;
+    let entry = l.commit_local(Event { time_ms: 40, body }).unwrap();
+    l.allow_overspend_for_tests = false;
+    entry
+}
+
+/// `b` receives a fresh device's enrolment and legitimately recorded `setup`, then a change signed
+/// over `bad`: asserts it is refused as an invalid event and changes nothing; returns the reason.
+fn refused_by_peer(m: &TestMarket, b: &mut Ledger, n: u16, setup: Vec<LocalOp>, bad: EventBody) -> String {
+    let (mut f, e0) = m.device(n, "Test Stall");
+    let mut good = vec![e0];
+    good.extend(setup.into_iter().map(|op| f.record(op, 30).unwrap()));
+    let r = b.apply_remote(changes(&good));
+    assert_eq!((r.applied.len(), r.rejected.len()), (good.len(), 0), "{:?}", r.rejected);
+    let bad = forge(&mut f, bad);
+    let before = b.state().clone();
+    let r = b.apply_remote([bad.change.clone()]);
+    assert_eq!(r.applied.len(), 0);
+    assert_eq!(b.state(), &before, "a refused change leaves the state as it was");
+    match &r.rejected[..] {
+        [(dot, why @ Rejection::Fold(FoldError::Invalid(reason)))] if *dot == bad.change.dot() => {
+            assert_eq!(why.label(), "invalid_event");
+            reason.clone()
+        }
+        other => panic!("expected one invalid_event rejection, got {other:?}"),
+    }
+}
+
+fn a_peer(m: &TestMarket) -> Ledger {
+    m.device(99, "Test Stall").0
+}
+
+fn sale_of(lines: Vec<SaleLine>, total_cents: u64) -> EventBody {
+    EventBody::Sold { lines, total_cents, currency: "EUR".into(), client_ref: None, recommendation: None }
+}
+
+fn line(sku: &str, qty: u64, price_cents: u64) -> SaleLine {
+    SaleLine { sku: sku.into(), qty, price_cents }
+}
+
+#[test]
+fn a_remote_restock_of_u64_max_is_refused_like_a_local_one() {
+    let m = TestMarket::new(20);
+    let mut b = a_peer(&m);
+    let setup = vec![LocalOp::UpsertProduct(product("honey", 250))];
+    let reason = refused_by_peer(&m, &mut b, 1, setup, EventBody::Restocked { sku: "honey".into(), qty: u64::MAX });
+    assert!(reason.contains("qty"), "{reason}");
+    assert_eq!(
+        b.record(LocalOp::Restock { sku: "honey".into(), qty: u64::MAX }, 50).unwrap_err(),
+        LedgerError::Invalid { field: "qty", problem: format!("must be 1..={MAX_QTY}") }
+    );
+}
+
+#[test]
+fn two_remote_restocks_of_2_pow_63_never_wrap_the_stock() {
+    let m = TestMarket::new(21);
+    let mut b = a_peer(&m);
+    let honey = || vec![LocalOp::UpsertProduct(product("honey", 250))];
+    let half = EventBody::Restocked { sku: "honey".into(), qty: 1 << 63 };
+    refused_by_peer(&m, &mut b, 1, honey(), half.clone());
+    refused_by_peer(&m, &mut b, 2, honey(), half);
+    assert_eq!(b.state().stock("honey").total, 0);
+}
+
+#[test]
+fn a_restock_taking_the_markets_rights_past_u64_max_is_refused() {
+    let m = TestMarket::new(22);
+    let mut b = a_peer(&m);
+    // No sequence of valid changes gets this far (1.8e13 restocks): seed the state instead.
+    let (holder, room) = (m.device_key(7).device_id(), 10);
+    b.state.rights.entry("honey".into()).or_default().insert(holder, u64::MAX - room);
+
+    let (mut a, ea0) = m.device(1, "Test Stall");
+    let mut ea = vec![ea0, a.record(LocalOp::UpsertProduct(product("honey", 250)), 1).unwrap()];
+    b.apply_remote(changes(&ea));
+    ea.push(a.record(LocalOp::Restock { sku: "honey".into(), qty: room + 1 }, 2).unwrap());
+    let before = b.state().clone();
+    let r = b.apply_remote(changes(&ea[2..]));
+    assert!(
+        matches!(&r.rejected[..], [(_, Rejection::Fold(FoldError::Invalid(reason)))] if reason.contains("u64::MAX")),
+        "{:?}",
+        r.rejected
+    );
+    assert_eq!(b.state(), &before);
+
+    // Exactly up to the limit is fine, and the total is still exact.
+    let (mut c, ec0) = m.device(2, "Test Stall");
+    c.apply_remote(changes(&ea[..2]));
+    let ec = vec![ec0, c.record(LocalOp::Restock { sku: "honey".into(), qty: room }, 3).unwrap()];
+    assert_eq!(b.apply_remote(changes(&ec)).applied.len(), 2);
+    assert_eq!(b.state().stock("honey").total, u64::MAX);
+}
+
+#[test]
+fn remote_events_beyond_the_local_limits_are_refused_with_the_field_named() {
+    let m = TestMarket::new(23);
+    let mut b = a_peer(&m);
+    let with = |f: fn(&mut Product)| {
+        let mut p = product("honey", 250);
+        f(&mut p);
+        EventBody::ProductUpserted { product: p, lamport: 1 }
+    };
+    let honey = || vec![LocalOp::UpsertProduct(product("honey", 250))];
+    // Twice MAX_QTY, so the forger itself can fold a transfer of MAX_QTY + 1.
+    let restock = || LocalOp::Restock { sku: "honey".into(), qty: MAX_QTY };
+    let stocked = || vec![LocalOp::UpsertProduct(product("honey", 250)), restock(), restock()];
+    let photo = |jpeg: Vec<u8>| EventBody::PhotoAttached { sku: "honey".into(), jpeg, lamport: 2 };
+    let cases: Vec<(&str, Vec<LocalOp>, EventBody)> = vec![
+        ("price_cents", vec![], with(|p| p.price_cents = MAX_PRICE_CENTS + 1)),
+        ("sku", vec![], with(|p| p.sku = "bad sku".into())),
+        ("sku", vec![], with(|p| p.sku = "x".repeat(MAX_SKU_LEN + 1))),
+        ("name", vec![], with(|p| p.name = " ".into())),
+        ("stall", vec![], with(|p| p.stall = "x".repeat(MAX_NAME_LEN + 1))),
+        ("currency", vec![], with(|p| p.currency = "euro".into())),
+        ("tags", vec![], with(|p| p.tags = vec!["t".into(); MAX_TAGS + 1])),
+        ("tags", vec![], with(|p| p.tags = vec!["t".repeat(MAX_TAG_LEN + 1)])),
+        ("qty", honey(), EventBody::Restocked { sku: "honey".into(), qty: MAX_QTY + 1 }),
+        ("qty", honey(), EventBody::Restocked { sku: "honey".into(), qty: 0 }),
+        ("qty", stocked(), EventBody::Transferred { sku: "honey".into(), qty: MAX_QTY + 1, to: b.device() }),
+        ("qty", stocked(), sale_of(vec![line("honey", MAX_QTY + 1, 1)], MAX_QTY + 1)),
+        ("price_cents", stocked(), sale_of(vec![line("honey", 1, MAX_PRICE_CENTS + 1)], MAX_PRICE_CENTS + 1)),
+        (
+            "currency",
+            stocked(),
+            EventBody::Sold {
+                lines: vec![line("honey", 1, 250)],
+                total_cents: 250,
+                currency: "€".into(),
+                client_ref: None,
+                recommendation: None,
+            },
+        ),
+        (
+            "client_ref",
+            stocked(),
+            EventBody::Sold {
+                lines: vec![line("honey", 1, 250)],
+                total_cents: 250,
+                currency: "EUR".into(),
+                client_ref: Some("r".repeat(MAX_CLIENT_REF_LEN + 1)),
+                recommendation: None,
+            },
+        ),
+        (
+            "recommendation.arm",
+            stocked(),
+            EventBody::Sold {
+                lines: vec![line("honey", 1, 250)],
+                total_cents: 250,
+                currency: "EUR".into(),
+                client_ref: None,
+                recommendation: Some(RecommendationShown { arm: "maybe".into(), skus: vec![] }),
+            },
+        ),
+        (
+            "recommendation.skus",
+            stocked(),
+            EventBody::Sold {
+                lines: vec![line("honey", 1, 250)],
+                total_cents: 250,
+                currency: "EUR".into(),
+                client_ref: None,
+                recommendation: Some(RecommendationShown { arm: "control".into(), skus: vec!["jam".into(); MAX_RECOMMENDED + 1] }),
+            },
+        ),
+        ("photo", honey(), photo(vec![0xFF; MAX_PHOTO_BYTES + 1])),
+        ("photo", honey(), photo(b"GIF89a".to_vec())),
+        ("photo", honey(), photo(vec![])),
+    ];
+    for (n, (field, setup, bad)) in cases.into_iter().enumerate() {
+        let reason = refused_by_peer(&m, &mut b, n as u16 + 1, setup, bad);
+        assert!(reason.starts_with(&format!("{field}: ")), "case {n}: {reason}");
+    }
+}
+
+#[test]
+fn a_remote_sale_with_too_many_lines_is_refused() {
+    let m = TestMarket::new(24);
+    let mut b = a_peer(&m);
+    let stocked = vec![LocalOp::UpsertProduct(product("honey", 250)), LocalOp::Restock { sku: "honey".into(), qty: 1_000 }];
+    let lines = vec![line("honey", 1, 250); MAX_SALE_LINES + 1];
+    let total = 250 * lines.len() as u64;
+    let reason = refused_by_peer(&m, &mut b, 1, stocked, sale_of(lines, total));
+    assert!(reason.starts_with("lines: "), "{reason}");
+}
+
+#[test]
+fn a_remote_sale_whose_total_disagrees_with_its_lines_is_refused() {
+    let m = TestMarket::new(25);
+    let mut b = a_peer(&m);
+    let stocked = vec![LocalOp::UpsertProduct(product("honey", 250)), LocalOp::Restock { sku: "honey".into(), qty: 10 }];
+    let reason = refused_by_peer(&m, &mut b, 1, stocked, sale_of(vec![line("honey", 2, 250)], 1));
+    assert!(reason.starts_with("total_cents: "), "{reason}");
+}
+
+#[test]
+fn a_remote_sale_whose_line_product_overflows_is_refused() {
+    let m = TestMarket::new(26);
+    let mut b = a_peer(&m);
+    let honey = vec![LocalOp::UpsertProduct(product("honey", 250))];
+    // 2^32 units at 2^32 cents: 2^64, which wraps to 0 in u64.
+    refused_by_peer(&m, &mut b, 1, honey, sale_of(vec![line("honey", 1 << 32, 1 << 32)], 0));
+}
+
+#[test]
+fn restoring_a_journal_holding_an_event_beyond_the_limits_fails() {
+    let m = TestMarket::new(27);
+    let (mut a, mut ea) = stocked(&m, 1, "honey", 5);
+    ea.push(forge(&mut a, EventBody::Restocked { sku: "honey".into(), qty: u64::MAX - 5 }));
+    let bad = ea[3].change.dot();
+    match Ledger::restore(m.ctx.clone(), m.device_key(1), a.certificate().clone(), ea) {
+        Err(RestoreError::Fold { dot, error: FoldError::Invalid(reason) }) => {
+            assert_eq!(dot, bad);
+            assert!(reason.starts_with("qty: "), "{reason}");
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("restored a journal with a restock of u64::MAX - 5"),
+    }
+}
+
+#[test]
+fn local_limits_name_the_field_and_the_limit() {
+    let m = TestMarket::new(28);
+    let (mut a, _) = stocked(&m, 1, "oil", 5);
+    let invalid = |field, problem: String| Err(LedgerError::Invalid { field, problem });
+    let qty = || invalid("qty", format!("must be 1..={MAX_QTY}"));
+    assert_eq!(a.record(LocalOp::Restock { sku: "oil".into(), qty: MAX_QTY + 1 }, 1), qty());
+    assert_eq!(a.record(sell("oil", MAX_QTY + 1), 1), qty());
+    let mut p = product("oil", MAX_PRICE_CENTS + 1);
+    assert_eq!(a.record(LocalOp::UpsertProduct(p.clone()), 1), invalid("price_cents", format!("must be at most {MAX_PRICE_CENTS}")));
+    p.price_cents = 1;
+    p.tags = vec!["t".into(); MAX_TAGS + 1];
+    assert_eq!(a.record(LocalOp::UpsertProduct(p), 1), invalid("tags", format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes")));
+    let lines = vec![LineRequest { sku: "oil".into(), qty: 1 }; MAX_SALE_LINES + 1];
+    assert_eq!(
+        a.record(LocalOp::Sell { lines, client_ref: None, recommendation: None }, 1),
+        invalid("lines", format!("must hold 1..={MAX_SALE_LINES} lines"))
+    );
+    let big_ref = Some("r".repeat(MAX_CLIENT_REF_LEN + 1));
+    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "oil".into(), qty: 1 }], client_ref: big_ref, recommendation: None };
+    assert_eq!(a.record(op, 1), invalid("client_ref", format!("must be 1..={MAX_CLIENT_REF_LEN} bytes")));
+    assert_eq!(a.state().stock("oil").total, 5, "nothing was recorded");
+}
+
+#[test]
+fn a_summary_of_revenue_past_u64_max_saturates_instead_of_panicking() {
+    // Each sale is within the limits (100 lines of MAX_QTY at MAX_PRICE_CENTS: 1e17 cents); 200 of
+    // them sum past u64::MAX.
+    let mut state = State::default();
+    let device = DeviceId([7; 32]);
+    let sales = 200u64;
+    let lines = vec![line("gold", MAX_QTY, MAX_PRICE_CENTS); MAX_SALE_LINES];
+    let sale_units = MAX_QTY * MAX_SALE_LINES as u64;
+    state.rights.entry("gold".into()).or_default().insert(device, sale_units * sales);
+    let sale_cents = sale_units * MAX_PRICE_CENTS;
+    for seq in 1..=sales {
+        let event = Event { time_ms: 0, body: sale_of(lines.clone(), sale_cents) };
+        state.check(Dot { device, seq }, &event).unwrap();
+        state.fold(Dot { device, seq }, &event);
+    }
+    let s = state.summary();
+    assert_eq!(s.revenue_cents["EUR"], u64::MAX);
+    assert_eq!(s.revenue_cents_per_hour[&0], u64::MAX);
+    assert_eq!(s.average_order_cents, sale_cents, "the average is exact");
+    assert_eq!((s.sales, s.units), (sales, sale_units * sales));
+}
+
+#[test]
+fn a_photo_of_the_largest_size_replicates() {
+    let m = TestMarket::new(29);
+    let (mut a, mut ea) = stocked(&m, 1, "honey", 5);
+    // Incompressible, like a real JPEG.
+    let mut jpeg: Vec<u8> = (0..MAX_PHOTO_BYTES as u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8).collect();
+    jpeg[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]);
+    ea.push(a.record(LocalOp::AttachPhoto { sku: "honey".into(), jpeg }, 5).unwrap());
+    let change_bytes = ea[3].change.change.len();
+    assert!(change_bytes <= MAX_PHOTO_BYTES + validate::PHOTO_CHANGE_ENVELOPE_BYTES, "{change_bytes}");
+    let mut b = a_peer(&m);
+    let r = b.apply_remote(changes(&ea));
+    assert_eq!((r.applied.len(), r.rejected.len()), (4, 0), "{:?}", r.rejected);
+}
+
+#[test]
+fn a_peers_product_at_the_end_of_the_catalogue_clock_does_not_crash_local_upserts() {
+    let m = TestMarket::new(30);
+    let (mut a, ea0) = m.device(1, "Test Stall");
+    let last = forge(&mut a, EventBody::ProductUpserted { product: product("honey", 250), lamport: u64::MAX });
+    let mut b = a_peer(&m);
+    assert_eq!(b.apply_remote(changes(&[ea0, last])).applied.len(), 2);
+    let exhausted = Err(LedgerError::Invalid { field: "lamport", problem: "the catalogue clock is exhausted".into() });
+    assert_eq!(b.record(LocalOp::UpsertProduct(product("jam", 100)), 5), exhausted);
+    assert_eq!(b.record(LocalOp::AttachPhoto { sku: "honey".into(), jpeg: JPEG_A.to_vec() }, 5), exhausted);
+}

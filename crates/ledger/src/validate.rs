@@ -1,0 +1,149 @@
+//! Limits every journal event obeys, whoever wrote it.
+//!
+//! One function, [`check_event_body`], used for local operations ([`crate::Ledger::record`]) and by
+//! [`crate::State::check`] (remote changes and restore), so a peer cannot record what the local API
+//! refuses. Only properties of the event alone are checked here: anything that depends on the
+//! replica's state (unknown SKU, stock rights, catalogue currency, stall) is checked elsewhere.
+
+use crate::event::{EventBody, Product, RecommendationShown, SaleLine};
+use crate::{
+    MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_NAME_LEN, MAX_PHOTO_BYTES, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
+    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN,
+};
+
+/// Room in a photo change for all but the JPEG: actor, deps, keys, SKU, clocks (184 bytes measured
+/// with a 5-byte SKU, in the test `a_photo_of_the_largest_size_replicates`).
+pub(crate) const PHOTO_CHANGE_ENVELOPE_BYTES: usize = 4 * 1024;
+
+// A sale's total, and the units of one SKU in one sale, fit u64 whatever lines pass the limits.
+const _: () = assert!((MAX_QTY as u128) * (MAX_PRICE_CENTS as u128) * (MAX_SALE_LINES as u128) <= u64::MAX as u128);
+const _: () = assert!((MAX_QTY as u128) * (MAX_SALE_LINES as u128) <= u64::MAX as u128);
+// The largest photo fits in one change with room for the rest of the change.
+const _: () = assert!(MAX_PHOTO_BYTES + PHOTO_CHANGE_ENVELOPE_BYTES <= MAX_CHANGE_BYTES);
+
+/// The field of an event that breaks a limit, and how.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+#[error("{field}: {problem}")]
+pub struct InvalidField {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+type Checked = Result<(), InvalidField>;
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> InvalidField {
+    InvalidField { field, problem: problem.into() }
+}
+
+/// Checks every limit of `body` that does not depend on the replica's state.
+pub fn check_event_body(body: &EventBody) -> Checked {
+    match body {
+        // Verified against the market key by whoever records or applies them.
+        EventBody::Enrolled { .. } | EventBody::Revoked { .. } => Ok(()),
+        EventBody::ProductUpserted { product, .. } => check_product(product),
+        EventBody::Restocked { sku, qty } | EventBody::Transferred { sku, qty, .. } => {
+            check_qty(*qty)?;
+            check_sku(sku)
+        }
+        EventBody::PhotoAttached { sku, jpeg, .. } => {
+            check_sku(sku)?;
+            check_photo(jpeg)
+        }
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
+            if let Some(rec) = recommendation {
+                check_recommendation(rec)?;
+            }
+            if lines.is_empty() || lines.len() > MAX_SALE_LINES {
+                return Err(invalid("lines", format!("must hold 1..={MAX_SALE_LINES} lines")));
+            }
+            if let Some(r) = client_ref {
+                check_text("client_ref", r, MAX_CLIENT_REF_LEN)?;
+            }
+            for line in lines {
+                check_qty(line.qty)?;
+                check_sku(&line.sku)?;
+                check_price(line.price_cents)?;
+            }
+            check_currency(currency)?;
+            match sale_total_cents(lines) {
+                Some(sum) if sum == *total_cents => Ok(()),
+                Some(sum) => Err(invalid("total_cents", format!("{total_cents} is not the sum of the lines, {sum}"))),
+                None => Err(invalid("total_cents", "the sum of the lines overflows")),
+            }
+        }
+    }
+}
+
+/// The sum of qty × unit price over `lines`, or `None` if it does not fit u64 (never within the limits).
+pub fn sale_total_cents(lines: &[SaleLine]) -> Option<u64> {
+    lines.iter().try_fold(0u64, |total, l| l.qty.checked_mul(l.price_cents).and_then(|line| total.checked_add(line)))
+}
+
+fn check_product(p: &Product) -> Checked {
+    check_sku(&p.sku)?;
+    check_text("name", &p.name, MAX_NAME_LEN)?;
+    check_text("stall", &p.stall, MAX_NAME_LEN)?;
+    check_price(p.price_cents)?;
+    check_currency(&p.currency)?;
+    if p.tags.len() > MAX_TAGS || p.tags.iter().any(|t| t.is_empty() || t.len() > MAX_TAG_LEN) {
+        return Err(invalid("tags", format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn check_text(field: &'static str, v: &str, max_bytes: usize) -> Checked {
+    if v.trim().is_empty() || v.len() > max_bytes {
+        return Err(invalid(field, format!("must be 1..={max_bytes} bytes")));
+    }
+    Ok(())
+}
+
+fn check_sku(sku: &str) -> Checked {
+    check_text("sku", sku, MAX_SKU_LEN)?;
+    if !sku.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(invalid("sku", "only letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+fn check_qty(qty: u64) -> Checked {
+    if qty == 0 || qty > MAX_QTY {
+        return Err(invalid("qty", format!("must be 1..={MAX_QTY}")));
+    }
+    Ok(())
+}
+
+fn check_price(price_cents: u64) -> Checked {
+    if price_cents > MAX_PRICE_CENTS {
+        return Err(invalid("price_cents", format!("must be at most {MAX_PRICE_CENTS}")));
+    }
+    Ok(())
+}
+
+fn check_currency(currency: &str) -> Checked {
+    if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()) {
+        return Err(invalid("currency", "must be an ISO 4217 code like EUR"));
+    }
+    Ok(())
+}
+
+fn check_photo(jpeg: &[u8]) -> Checked {
+    if jpeg.is_empty() || jpeg.len() > MAX_PHOTO_BYTES {
+        return Err(invalid("photo", format!("must be 1..={MAX_PHOTO_BYTES} bytes")));
+    }
+    if !jpeg.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Err(invalid("photo", "must be a JPEG"));
+    }
+    Ok(())
+}
+
+fn check_recommendation(rec: &RecommendationShown) -> Checked {
+    if rec.arm != "treatment" && rec.arm != "control" {
+        return Err(invalid("recommendation.arm", "must be \"treatment\" or \"control\""));
+    }
+    // Length only, as the API has always accepted: these SKUs are a record, never looked up.
+    if rec.skus.len() > MAX_RECOMMENDED || rec.skus.iter().any(|s| s.is_empty() || s.len() > MAX_SKU_LEN) {
+        return Err(invalid("recommendation.skus", format!("at most {MAX_RECOMMENDED} SKUs of 1..={MAX_SKU_LEN} bytes")));
+    }
+    Ok(())
+}
