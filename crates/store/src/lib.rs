@@ -96,7 +96,11 @@ fn unframe(bytes: &[u8]) -> Result<Entry, String> {
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic".into())
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Runs `f`, turning a panic (redb panics on some damaged pages) into `Corrupt`.
@@ -172,7 +176,11 @@ fn verify_contents(db: &impl ReadableDatabase, path: &Path, owner: Owner) -> Res
     }
     let found = meta.get("owner").map_err(|e| db_error(path, e))?.map(|v| v.value().to_vec()).unwrap_or_default();
     if found != owner.encode() {
-        return Err(StoreError::WrongOwner { path: path.into(), expected: Owner::describe(&owner.encode()), found: Owner::describe(&found) });
+        return Err(StoreError::WrongOwner {
+            path: path.into(),
+            expected: Owner::describe(&owner.encode()),
+            found: Owner::describe(&found),
+        });
     }
     let journal = tx.open_table(JOURNAL).map_err(|e| db_error(path, e))?;
     let mut dots: HashMap<(DeviceId, u64), u64> = HashMap::new();
@@ -227,7 +235,13 @@ impl Store {
         }
         let damaged = Arc::new(OnceLock::new());
         let db = no_panic(path, "open", || {
-            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|e| open_error(path, e.into()))?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| open_error(path, e.into()))?;
             let backend = Sealable::new(FileBackend::new(file).map_err(|e| open_error(path, e))?, damaged.clone());
             redb::Builder::new().create_with_backend(backend).map_err(|e| open_error(path, e))
         })?;
@@ -253,7 +267,9 @@ impl Store {
             let mut db = redb::Builder::new().create_with_backend(backend).map_err(|e| open_error(path, e))?;
             match db.check_integrity() {
                 Ok(true) => {}
-                Ok(false) => return Err(StoreError::Corrupt { path: path.into(), detail: "redb's integrity check found damaged pages".into() }),
+                Ok(false) => {
+                    return Err(StoreError::Corrupt { path: path.into(), detail: "redb's integrity check found damaged pages".into() })
+                }
                 Err(e) => return Err(open_error(path, e)),
             }
             verify_contents(&db, path, owner)
@@ -283,7 +299,9 @@ impl Store {
 
     fn refuse_if_damaged(&self) -> Result<(), StoreError> {
         match self.damaged.get() {
-            Some(why) => Err(StoreError::Corrupt { path: self.path.clone(), detail: format!("not written: damage reported earlier ({why})") }),
+            Some(why) => {
+                Err(StoreError::Corrupt { path: self.path.clone(), detail: format!("not written: damage reported earlier ({why})") })
+            }
             None => Ok(()),
         }
     }
