@@ -97,6 +97,7 @@ fn a_zeroed_page_anywhere_is_refused_on_open_naming_the_file_or_does_not_matter(
             Ok(mut store) => match store.load() {
                 Ok(loaded) => {
                     assert_eq!(loaded, entries[..STORED], "page {page}: loaded as different data");
+                    let before = std::fs::read(&path).unwrap();
                     match store.append(std::slice::from_ref(extra)) {
                         Ok(()) => {
                             drop(store);
@@ -106,6 +107,7 @@ fn a_zeroed_page_anywhere_is_refused_on_open_naming_the_file_or_does_not_matter(
                         }
                         Err(e) => {
                             assert_names(&e, &path);
+                            assert!(std::fs::read(&path).unwrap() == before, "page {page}: a failed append changed the file");
                             assert_sealed(store, &path, extra);
                             seen.damaged_after_open += 1;
                         }
