@@ -205,6 +205,46 @@ fn a_reset_tablet_with_no_peer_in_reach_refuses_to_sell_until_one_appears() {
     no_forks_anywhere(&[&a, &b]);
 }
 
+#[test]
+fn a_tablet_whose_store_is_damaged_sets_it_aside_and_rebuilds_from_its_peer() {
+    let m = Market::new();
+    let (mut a, mut b) = (m.tablet("a", "a-data"), m.tablet("b", "b-data"));
+    m.start(&mut a, &[]);
+    m.start(&mut b, &[&a]);
+    eventually(CONVERGE, "a and b connect", || a.peers() == 1 && b.peers() == 1);
+    let before = trade(&a, &b, "HNY");
+    a.stop();
+    let store = m.path("a-data").join("stallmesh.redb");
+    let creds = stallmesh_identity::files::load_device(&m.path("a")).unwrap();
+    let owner = stallmesh_store::Owner { market: creds.market.market_id, device: creds.key.device_id() };
+    std::fs::write(&store, damaged(&std::fs::read(&store).unwrap(), &m.path("probe.redb"), owner)).unwrap();
+
+    m.start(&mut a, &[&b]);
+    let status = a.get("/api/v1/status");
+    assert!(status["store_set_aside"]["moved_to"].as_str().is_some_and(|p| m.path(p).exists()), "kept: {status}");
+    eventually(CONVERGE, "a rebuilds its journal from b", || a.journal_state() == "ready");
+    let (code, sale) = a.sell("HNY", 1);
+    assert_eq!(code, 201, "{sale}");
+    let after = sale["id"].as_str().unwrap().to_string();
+    eventually(CONVERGE, "the new sale reaches b", || b.sale_ids().contains(&after));
+    assert_eq!(a.sale_ids(), [before, after].into());
+    no_forks_anywhere(&[&a, &b]);
+}
+
+/// `good` with the first 4 KiB page whose zeroing the store's own check reports as damage zeroed.
+fn damaged(good: &[u8], probe: &Path, owner: stallmesh_store::Owner) -> Vec<u8> {
+    const PAGE: usize = 4096;
+    for page in 1..good.len() / PAGE {
+        let mut bad = good.to_vec();
+        bad[page * PAGE..(page + 1) * PAGE].fill(0);
+        std::fs::write(probe, &bad).unwrap();
+        if matches!(stallmesh_store::Store::check(probe, owner), Err(stallmesh_store::StoreError::Corrupt { .. })) {
+            return bad;
+        }
+    }
+    panic!("no page of the store is detected as damage when zeroed");
+}
+
 /// Every change listed for `device` in a tablet's equivocation listing: (seq, digest) and the sales.
 fn listed(t: &Tablet, device: &str) -> (BTreeSet<(u64, String)>, BTreeSet<(u64, String)>) {
     let listing = t.get("/api/v1/equivocations");

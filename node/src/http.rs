@@ -367,6 +367,7 @@ async fn status(State(node): State<Node>) -> Json<Value> {
             "heads": heads,
             "journal": journal,
             "equivocations": l.evidence().values().map(Vec::len).sum::<usize>(),
+            "store_set_aside": set_aside_json(&info),
         })
     }))
 }
@@ -505,12 +506,28 @@ async fn healthz(State(node): State<Node>) -> (StatusCode, Json<Value>) {
             "index": { "products": index.len(), "embedded": index.embedded(), "with_photo": index.with_photo() },
         })
     });
+    let set_aside = set_aside_json(&node.info);
     match node.failed() {
-        None => {
-            (StatusCode::OK, Json(json!({ "status": "ok", "device": node.info.device, "demo": node.info.demo, "inference": inference })))
-        }
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "reason": why }))),
+        None => (
+            StatusCode::OK,
+            Json(json!({
+                "status": "ok",
+                "device": node.info.device,
+                "demo": node.info.demo,
+                "inference": inference,
+                "store_set_aside": set_aside,
+            })),
+        ),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "failed", "reason": why, "store": node.info.store_path, "store_set_aside": set_aside })),
+        ),
     }
+}
+
+/// A damaged store file moved aside on start, for the operator; `null` when none was.
+fn set_aside_json(info: &crate::runtime::NodeInfo) -> Value {
+    info.store_set_aside.as_ref().map_or(Value::Null, |s| json!({ "moved_to": s.moved_to, "reason": s.reason }))
 }
 
 async fn metrics(State(node): State<Node>) -> impl IntoResponse {

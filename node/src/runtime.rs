@@ -13,6 +13,7 @@ use stallmesh_identity::files::{self, DeviceCredentials, FileError};
 use stallmesh_identity::{Role, SignedChange};
 use stallmesh_ledger::{ApplyReport, Entry, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product, RestoreError};
 use stallmesh_store::{Owner, Store, StoreError};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -35,6 +36,16 @@ pub enum NodeError {
     Failed(String),
     #[error("{0}")]
     Recovering(String),
+    #[error("{path}: store is damaged ({reason}) and cannot be set aside: {source}")]
+    SetAside { path: PathBuf, reason: String, source: std::io::Error },
+}
+
+/// A damaged store file moved out of the way on start; the node began again with an empty store.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SetAside {
+    pub original: PathBuf,
+    pub moved_to: PathBuf,
+    pub reason: String,
 }
 
 /// Written next to a device's credentials once its journal has an entry: from then on an empty
@@ -67,6 +78,9 @@ pub struct NodeInfo {
     pub role: Role,
     pub demo: bool,
     pub store_path: PathBuf,
+    /// Shown at the top level of `/api/v1/status` and `/healthz`.
+    #[serde(skip)]
+    pub store_set_aside: Option<SetAside>,
 }
 
 /// Recent arrivals kept for `GET /api/v1/mesh/arrivals` (replication-lag measurements).
@@ -162,7 +176,7 @@ impl Node {
         let DeviceCredentials { key, certificate, market, mesh_psk } = creds;
         let journal_marker = device_dir.join(JOURNAL_STARTED_FILE);
         let mesh_secrets = (key.secret(), mesh_psk);
-        let info = NodeInfo {
+        let mut info = NodeInfo {
             market_name: market.name.clone(),
             market_id: market.market_id.to_hex(),
             device: key.device_id().to_hex(),
@@ -170,9 +184,11 @@ impl Node {
             role: certificate.role,
             demo,
             store_path: config.store_path(),
+            store_set_aside: None,
         };
         let owner = Owner { market: market.market_id, device: key.device_id() };
-        let store = Store::open(&config.store_path(), owner)?;
+        let (store, set_aside) = open_store(config, owner)?;
+        info.store_set_aside = set_aside;
         let started = Instant::now();
         let entries = store.load()?;
         let restored = entries.len();
@@ -187,7 +203,12 @@ impl Node {
             "ledger restored"
         );
         let fresh = restored == 0;
-        let recovery = (fresh && journal_marker.exists()).then(|| Recovery::new(RecoveryCause::EmptyStore, now_ms()));
+        // A set-aside store held this device's journal whatever the marker says: never start anew.
+        let recovery = if info.store_set_aside.is_some() {
+            Some(Recovery::new(RecoveryCause::StoreSetAside, now_ms()))
+        } else {
+            (fresh && journal_marker.exists()).then(|| Recovery::new(RecoveryCause::EmptyStore, now_ms()))
+        };
         let node = Node {
             inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None, recovery, journal_marker, mesh_secrets })),
             metrics: Arc::new(Metrics::new()),
@@ -277,8 +298,35 @@ impl Node {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock means a broken invariant: refuse to go on from that state.
-        self.inner.lock().expect("ledger lock poisoned by a panic in the core")
+        // Panics are caught under the lock (see `guarded`), so this is a last resort: a panic while
+        // holding it means a broken invariant, so the node fails (no more writes) but still answers.
+        self.inner.lock().unwrap_or_else(|poisoned| {
+            self.inner.clear_poison();
+            let mut inner = poisoned.into_inner();
+            inner.failed.get_or_insert_with(|| "a panic while holding the ledger lock".into());
+            inner
+        })
+    }
+
+    /// Runs `f` under the lock; a panic in it (ledger or store) marks the node failed instead of
+    /// poisoning the lock or reaching the caller as a 500.
+    fn guarded<R>(&self, what: &str, f: impl FnOnce(&mut Inner) -> Result<R, NodeError>) -> Result<R, NodeError> {
+        let mut inner = self.lock();
+        match catch_unwind(AssertUnwindSafe(|| f(&mut inner))) {
+            Ok(result) => result,
+            Err(payload) => {
+                let why = format!("{}: panic during {what}: {}", inner.store.path().display(), panic_message(&*payload));
+                tracing::error!(reason = %why, "refusing further writes until restart");
+                inner.failed.get_or_insert(why.clone());
+                Err(NodeError::Failed(why))
+            }
+        }
+    }
+
+    /// Fail-stop on a store error: the ledger may be ahead of the disk, or the file is damaged.
+    fn fail_on_store_error(inner: &mut Inner, e: &StoreError, what: &str) {
+        tracing::error!(error = %e, "store {what} failed; refusing further writes until restart");
+        inner.failed.get_or_insert(e.to_string());
     }
 
     /// Runs `f` on the ledger and durably appends the entries it returns, under one lock so the
@@ -295,21 +343,21 @@ impl Node {
     where
         NodeError: From<T>,
     {
-        let mut inner = self.lock();
-        if let Some(why) = &inner.failed {
-            return Err(NodeError::Failed(why.clone()));
-        }
-        let entries = f(&mut inner.ledger)?;
-        let started = Instant::now();
-        let result = if durable { inner.store.append(&entries) } else { inner.store.append_relaxed(&entries) };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "store commit failed; refusing further writes until restart");
-            inner.failed = Some(e.to_string());
-            return Err(e.into());
-        }
-        self.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.journal_entries.set(inner.store.len() as i64);
-        Ok(entries)
+        self.guarded("a write", |inner| {
+            if let Some(why) = &inner.failed {
+                return Err(NodeError::Failed(why.clone()));
+            }
+            let entries = f(&mut inner.ledger)?;
+            let started = Instant::now();
+            let result = if durable { inner.store.append(&entries) } else { inner.store.append_relaxed(&entries) };
+            if let Err(e) = result {
+                Self::fail_on_store_error(inner, &e, "commit");
+                return Err(e.into());
+            }
+            self.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.journal_entries.set(inner.store.len() as i64);
+            Ok(entries)
+        })
     }
 
     /// Records a local operation; returns once its entry is durable.
@@ -479,21 +527,32 @@ impl Node {
 
     /// Makes changes received from peers durable (the mesh calls this every tick).
     pub fn flush(&self) -> Result<(), NodeError> {
-        let mut inner = self.lock();
-        if inner.failed.is_some() {
-            return Ok(());
-        }
-        if let Err(e) = inner.store.flush() {
-            tracing::error!(error = %e, "store flush failed; refusing further writes until restart");
-            inner.failed = Some(e.to_string());
-            return Err(e.into());
-        }
-        Ok(())
+        self.guarded("a flush", |inner| {
+            if inner.failed.is_some() {
+                return Ok(());
+            }
+            if let Err(e) = inner.store.flush() {
+                Self::fail_on_store_error(inner, &e, "flush");
+                return Err(e.into());
+            }
+            Ok(())
+        })
     }
 
-    /// Reads the ledger under the lock.
+    /// Reads the ledger under the lock. A panic in `f` marks the node failed and continues in the
+    /// caller, after the lock is released (so it is not poisoned).
     pub fn read<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
-        f(&self.lock().ledger)
+        let mut inner = self.lock();
+        match catch_unwind(AssertUnwindSafe(|| f(&inner.ledger))) {
+            Ok(r) => r,
+            Err(payload) => {
+                let why = format!("{}: panic while reading the ledger: {}", inner.store.path().display(), panic_message(&*payload));
+                tracing::error!(reason = %why, "refusing further writes until restart");
+                inner.failed.get_or_insert(why);
+                drop(inner);
+                std::panic::resume_unwind(payload)
+            }
+        }
     }
 
     /// Changes of `device` from `from_seq`, from the store, for a peer or the cloud.
@@ -503,7 +562,14 @@ impl Node {
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<SignedChange>, NodeError> {
-        Ok(self.lock().store.changes_since(device, from_seq, limit)?)
+        self.guarded("a read of changes", |inner| {
+            inner.store.changes_since(device, from_seq, limit).map_err(|e| {
+                if matches!(e, StoreError::Corrupt { .. }) {
+                    Self::fail_on_store_error(inner, &e, "read");
+                }
+                e.into()
+            })
+        })
     }
 
     /// Conflicting positions, device by device, with what each history recorded there (at most
@@ -540,6 +606,40 @@ impl Node {
     }
 }
 
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Opens the node's store. A damaged one (`Corrupt`) is set aside, never deleted, and a fresh
+/// store takes its place: the node then recovers its journal from its peers. Another device's store
+/// or an unknown schema stays a refusal: those are configuration mistakes, not damage.
+fn open_store(config: &Config, owner: Owner) -> Result<(Store, Option<SetAside>), NodeError> {
+    let path = config.store_path();
+    let reason = match Store::open(&path, owner) {
+        Ok(store) => return Ok((store, None)),
+        Err(StoreError::Corrupt { detail, .. }) => detail,
+        Err(e) => return Err(e.into()),
+    };
+    let moved_to = stallmesh_store::set_aside(&path, now_ms()).map_err(|source| NodeError::SetAside {
+        path: path.clone(),
+        reason: reason.clone(),
+        source,
+    })?;
+    tracing::error!(
+        store = %path.display(),
+        moved_to = %moved_to.display(),
+        %reason,
+        "STORE DAMAGED: the store file was set aside (kept, not deleted) and this tablet starts with an empty \
+         store; it will rebuild its journal from its peers. Keep the set-aside file for inspection."
+    );
+    let store = Store::open(&path, owner)?;
+    Ok((store, Some(SetAside { original: path, moved_to, reason })))
+}
+
 fn create_demo_credentials(config: &Config, device_dir: &std::path::Path) -> Result<DeviceCredentials, NodeError> {
     let market_dir = config.data_dir.join(DEMO_MARKET_DIR);
     let (market_key, market) = if market_dir.join(files::MARKET_KEY_FILE).exists() {
@@ -556,4 +656,26 @@ fn create_demo_credentials(config: &Config, device_dir: &std::path::Path) -> Res
     let creds = DeviceCredentials { key, certificate, market, mesh_psk: market_key.mesh_psk() };
     files::write_device(device_dir, &creds)?;
     files::load_device(device_dir).map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_under_the_lock_fails_the_node_without_poisoning_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::load(None, |_| None).unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let node = Node::open(&config).unwrap();
+        let err = node.with_write(|_| -> Result<Vec<Entry>, NodeError> { panic!("boom in the ledger") }).unwrap_err();
+        assert!(matches!(&err, NodeError::Failed(why) if why.contains("boom") && why.contains("stallmesh.redb")), "{err}");
+        assert!(node.failed().unwrap().contains("boom"));
+        // Fail-stop: later writes get `Failed` (503), reads and the lock keep working.
+        let sku = node.read(|l| l.state().products.keys().next().cloned()).unwrap();
+        let err = node.execute(LocalOp::Restock { sku, qty: 1 }).unwrap_err();
+        assert!(matches!(err, NodeError::Failed(_)), "{err}");
+        assert!(node.flush().is_ok());
+        assert!(node.changes_since(&node.read(|l| l.device()), 0, 10).is_ok());
+    }
 }

@@ -8,10 +8,17 @@
 //! Every entry row carries a CRC-32 of its bytes, so a flipped bit is reported, never folded into
 //! the state. `append` returns only after redb's durable commit: callers acknowledge after it.
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::backends::FileBackend;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
 use stallmesh_identity::{DeviceId, MarketId, SignedChange};
 use stallmesh_ledger::Entry;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+mod backend;
+use backend::{Overlay, Sealable};
 
 mod evidence;
 
@@ -28,10 +35,13 @@ pub const MAX_CHANGES_PER_READ: usize = 10_000;
 pub enum StoreError {
     #[error("{path}: cannot open store: {source}")]
     Open { path: PathBuf, source: Box<redb::DatabaseError> },
+    /// The file is damaged (or redb panicked on it). Nothing more is written to it.
     #[error("{path}: store is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("{path}: store belongs to {found}, this node is {expected}")]
     WrongOwner { path: PathBuf, expected: String, found: String },
+    #[error("{path}: unknown store schema version {found:?}, this build reads version {SCHEMA_VERSION}")]
+    UnknownSchema { path: PathBuf, found: Vec<u8> },
     #[error("{path}: {source}")]
     Db { path: PathBuf, source: Box<redb::Error> },
 }
@@ -62,6 +72,9 @@ pub struct Store {
     next_position: u64,
     /// Relaxed commits made since the last durable one.
     unflushed: bool,
+    /// The first damage reported. Once set, the backend refuses every write (see `backend`), and
+    /// `append`/`flush` refuse before reaching redb.
+    damaged: Arc<OnceLock<String>>,
 }
 
 fn frame(entry: &Entry) -> Vec<u8> {
@@ -92,30 +105,219 @@ fn unframe(bytes: &[u8]) -> Result<Entry, String> {
     postcard::from_bytes(unframe_bytes(bytes)?).map_err(|e| format!("row does not decode: {e}"))
 }
 
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Runs `f`, turning a panic (redb panics on some damaged pages) into `Corrupt`.
+fn no_panic<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(StoreError::Corrupt { path: path.to_path_buf(), detail: format!("redb panicked during {what}: {}", panic_message(&*payload)) })
+    })
+}
+
+/// Damage (a corrupt file) versus a refusal (busy, permissions, disk full): only damage is set aside.
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+    match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => StoreError::Corrupt { path: path.into(), detail },
+        redb::DatabaseError::Storage(redb::StorageError::Io(e)) if matches!(e.kind(), InvalidData | UnexpectedEof) => {
+            StoreError::Corrupt { path: path.into(), detail: e.to_string() }
+        }
+        source => StoreError::Open { path: path.into(), source: Box::new(source) },
+    }
+}
+
+fn db_error(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Corrupted(detail) => StoreError::Corrupt { path: path.into(), detail },
+        source => StoreError::Db { path: path.into(), source: Box::new(source) },
+    }
+}
+
+/// Renames a damaged store file to `<name>.damaged-<now_ms>` (with `-<n>` appended if that exists)
+/// and returns the new path. Never overwrites, never deletes the data.
+pub fn set_aside(path: &Path, now_ms: u64) -> std::io::Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "store path has no file name"))?;
+    for n in 0..1_000u32 {
+        let mut candidate = name.to_os_string();
+        candidate.push(format!(".damaged-{now_ms}"));
+        if n > 0 {
+            candidate.push(format!("-{n}"));
+        }
+        let target = path.with_file_name(candidate);
+        // A hard link fails if the target exists, where a rename would replace it.
+        match std::fs::hard_link(path, &target) {
+            Ok(()) => std::fs::remove_file(path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
+            // No hard links on this file system: check, then rename.
+            Err(_) if target.exists() => continue,
+            Err(_) => std::fs::rename(path, &target)?,
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        return Ok(target);
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, format!("{}: too many set-aside copies", path.display())))
+}
+
+/// Reads and checks every row through `db`: each journal row's CRC and decoding, positions without
+/// gaps, `by_dot` one-to-one with the journal, and the meta record. Returns the number of entries.
+fn verify_contents(db: &impl ReadableDatabase, path: &Path, owner: Owner) -> Result<u64, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { path: path.into(), detail };
+    let tx = db.begin_read().map_err(|e| db_error(path, e))?;
+    let meta = match tx.open_table(META) {
+        Ok(t) => t,
+        // Created but never initialised (a crash before the first commit): nothing to lose.
+        Err(TableError::TableDoesNotExist(_)) if matches!(tx.open_table(JOURNAL), Err(TableError::TableDoesNotExist(_))) => return Ok(0),
+        Err(e) => return Err(db_error(path, e)),
+    };
+    let version = meta.get("schema_version").map_err(|e| db_error(path, e))?.map(|v| v.value().to_vec());
+    match version {
+        None => return Err(corrupt("meta has no schema version".into())),
+        Some(v) if v != SCHEMA_VERSION.to_le_bytes() => return Err(StoreError::UnknownSchema { path: path.into(), found: v }),
+        Some(_) => {}
+    }
+    let found = meta.get("owner").map_err(|e| db_error(path, e))?.map(|v| v.value().to_vec()).unwrap_or_default();
+    if found != owner.encode() {
+        return Err(StoreError::WrongOwner {
+            path: path.into(),
+            expected: Owner::describe(&owner.encode()),
+            found: Owner::describe(&found),
+        });
+    }
+    let journal = tx.open_table(JOURNAL).map_err(|e| db_error(path, e))?;
+    let mut dots: HashMap<(DeviceId, u64), u64> = HashMap::new();
+    let mut expected = 0u64;
+    for row in journal.iter().map_err(|e| db_error(path, e))? {
+        let (k, v) = row.map_err(|e| db_error(path, e))?;
+        let position = k.value();
+        if position != expected {
+            return Err(corrupt(format!("journal skips from entry {expected} to {position}")));
+        }
+        let entry = unframe(v.value()).map_err(|detail| corrupt(format!("journal entry {position}: {detail}")))?;
+        if dots.insert((entry.change.device, entry.change.seq), position).is_some() {
+            return Err(corrupt(format!("journal entry {position} repeats change {}:{}", entry.change.device.to_hex(), entry.change.seq)));
+        }
+        expected += 1;
+    }
+    if journal.len().map_err(|e| db_error(path, e))? != expected {
+        return Err(corrupt(format!("journal says it holds {} entries, {expected} were read", journal.len().unwrap_or(0))));
+    }
+    let by_dot = tx.open_table(BY_DOT).map_err(|e| db_error(path, e))?;
+    let mut indexed = 0u64;
+    for row in by_dot.iter().map_err(|e| db_error(path, e))? {
+        let (k, v) = row.map_err(|e| db_error(path, e))?;
+        let (device, seq) = k.value();
+        let device = DeviceId(device.try_into().map_err(|_| corrupt(format!("index key with a {}-byte device", device.len())))?);
+        let position = v.value();
+        if dots.get(&(device, seq)) != Some(&position) {
+            return Err(corrupt(format!("index entry {}:{seq} -> {position} does not match the journal", device.to_hex())));
+        }
+        indexed += 1;
+    }
+    if indexed != expected {
+        return Err(corrupt(format!("index holds {indexed} entries, the journal {expected}")));
+    }
+    Ok(expected)
+}
+
 impl Store {
-    /// Opens (or creates) the store at `path` for `owner`. An existing but empty, truncated or
-    /// corrupt file is an error naming the file: it is never silently re-initialised.
+    /// Opens (or creates) the store at `path` for `owner`. An existing file is first verified
+    /// without writing a byte to it (see [`Store::check`]); an empty, truncated or damaged file is
+    /// `Corrupt` naming the file, never silently re-initialised.
     pub fn open(path: &Path, owner: Owner) -> Result<Self, StoreError> {
         let p = path.to_path_buf();
-        let db = match std::fs::metadata(path) {
+        let exists = match std::fs::metadata(path) {
             Ok(m) if m.len() == 0 => return Err(StoreError::Corrupt { path: p, detail: "file is empty (truncated?)".into() }),
-            Ok(_) => Database::open(path),
-            Err(_) => Database::create(path),
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(StoreError::Open { path: p, source: Box::new(e.into()) }),
+        };
+        if exists {
+            Self::check(path, owner)?;
         }
-        .map_err(|source| match source {
-            redb::DatabaseError::Storage(e) => StoreError::Corrupt { path: p.clone(), detail: e.to_string() },
-            source => StoreError::Open { path: p.clone(), source: Box::new(source) },
+        let damaged = Arc::new(OnceLock::new());
+        let db = no_panic(path, "open", || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| open_error(path, e.into()))?;
+            let backend = Sealable::new(FileBackend::new(file).map_err(|e| open_error(path, e))?, damaged.clone());
+            redb::Builder::new().create_with_backend(backend).map_err(|e| open_error(path, e))
         })?;
-        let mut store = Self { db, path: p, next_position: 0, unflushed: false };
-        store.init(owner)?;
+        let mut store = Self { db, path: p, next_position: 0, unflushed: false, damaged };
+        store.guarded("init", |s| s.init(owner))?;
         Ok(store)
     }
 
-    fn err<E: Into<redb::Error>>(&self) -> impl FnOnce(E) -> StoreError + '_ {
-        move |e| match e.into() {
-            redb::Error::Corrupted(detail) => StoreError::Corrupt { path: self.path.clone(), detail },
-            source => StoreError::Db { path: self.path.clone(), source: Box::new(source) },
+    /// Verifies the existing store at `path` for `owner` without changing the file: redb's own
+    /// check and every row (see `verify_contents`).
+    ///
+    /// redb 4 offers `Database::check_integrity` (and `Builder::set_check_integrity_on_open`):
+    /// verifies every page checksum of the data and system trees, but needs a writable handle and
+    /// commits a repair when it finds damage, which is exactly the write that can destroy what
+    /// was still readable. `ReadOnlyDatabase` writes nothing but checks no checksums and refuses a
+    /// file left by a crash. So the check runs on a writable handle over an in-memory overlay of
+    /// the file: redb reads the file, and whatever it writes (repair, shutdown header) stays in
+    /// memory and is dropped. Open-time crash recovery then runs for real only on a file that passed.
+    pub fn check(path: &Path, owner: Owner) -> Result<u64, StoreError> {
+        no_panic(path, "the integrity check", || {
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| open_error(path, e.into()))?;
+            let backend = Overlay::new(FileBackend::new(file).map_err(|e| open_error(path, e))?).map_err(|e| open_error(path, e.into()))?;
+            let mut db = redb::Builder::new().create_with_backend(backend).map_err(|e| open_error(path, e))?;
+            match db.check_integrity() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(StoreError::Corrupt { path: path.into(), detail: "redb's integrity check found damaged pages".into() })
+                }
+                Err(e) => return Err(open_error(path, e)),
+            }
+            verify_contents(&db, path, owner)
+        })
+    }
+
+    /// Runs `f`; a panic or a `Corrupt` error marks the store damaged.
+    fn guarded<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        let result = no_panic(&path, what, || f(self));
+        self.note(result)
+    }
+
+    fn note<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Corrupt { detail, .. }) = &result {
+            if self.damaged.set(detail.clone()).is_ok() {
+                tracing::error!(store = %self.path.display(), %detail, "store damaged: no further writes to this file");
+            }
         }
+        result
+    }
+
+    /// Why this store stopped writing, once it has reported damage.
+    pub fn damaged(&self) -> Option<&str> {
+        self.damaged.get().map(String::as_str)
+    }
+
+    fn refuse_if_damaged(&self) -> Result<(), StoreError> {
+        match self.damaged.get() {
+            Some(why) => {
+                Err(StoreError::Corrupt { path: self.path.clone(), detail: format!("not written: damage reported earlier ({why})") })
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn err<E: Into<redb::Error>>(&self) -> impl FnOnce(E) -> StoreError + '_ {
+        move |e| db_error(&self.path, e)
     }
 
     fn init(&mut self, owner: Owner) -> Result<(), StoreError> {
@@ -138,12 +340,7 @@ impl Store {
                         });
                     }
                 }
-                Some(v) => {
-                    return Err(StoreError::Corrupt {
-                        path: self.path.clone(),
-                        detail: format!("unknown schema version {v:?}, expected {SCHEMA_VERSION}"),
-                    })
-                }
+                Some(v) => return Err(StoreError::UnknownSchema { path: self.path.clone(), found: v }),
             }
             tx.open_table(BY_DOT).map_err(self.err())?;
             let journal = tx.open_table(JOURNAL).map_err(self.err())?;
@@ -180,19 +377,27 @@ impl Store {
 
     /// Makes every relaxed commit durable.
     pub fn flush(&mut self) -> Result<(), StoreError> {
+        self.refuse_if_damaged()?;
         if !self.unflushed {
             return Ok(());
         }
-        let tx = self.db.begin_write().map_err(self.err())?;
-        tx.commit().map_err(self.err())?;
-        self.unflushed = false;
-        Ok(())
+        self.guarded("flush", |s| {
+            let tx = s.db.begin_write().map_err(s.err())?;
+            tx.commit().map_err(s.err())?;
+            s.unflushed = false;
+            Ok(())
+        })
     }
 
     fn append_with(&mut self, entries: &[Entry], durable: bool) -> Result<(), StoreError> {
+        self.refuse_if_damaged()?;
         if entries.is_empty() {
             return Ok(());
         }
+        self.guarded("append", |s| s.append_unguarded(entries, durable))
+    }
+
+    fn append_unguarded(&mut self, entries: &[Entry], durable: bool) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(self.err())?;
         if !durable {
             tx.set_durability(redb::Durability::None)
@@ -216,39 +421,45 @@ impl Store {
 
     /// Every entry, in the order it was appended.
     pub fn load(&self) -> Result<Vec<Entry>, StoreError> {
-        let tx = self.db.begin_read().map_err(self.err())?;
-        let journal = tx.open_table(JOURNAL).map_err(self.err())?;
-        let mut out = Vec::with_capacity(journal.len().map_err(self.err())? as usize);
-        for row in journal.iter().map_err(self.err())? {
-            let (k, v) = row.map_err(self.err())?;
-            let entry = unframe(v.value()).map_err(|detail| StoreError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("journal entry {}: {detail}", k.value()),
-            })?;
-            out.push(entry);
-        }
-        Ok(out)
+        self.note(no_panic(&self.path, "load", || {
+            let tx = self.db.begin_read().map_err(self.err())?;
+            let journal = tx.open_table(JOURNAL).map_err(self.err())?;
+            let mut out = Vec::with_capacity(journal.len().map_err(self.err())? as usize);
+            for row in journal.iter().map_err(self.err())? {
+                let (k, v) = row.map_err(self.err())?;
+                let entry = unframe(v.value()).map_err(|detail| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("journal entry {}: {detail}", k.value()),
+                })?;
+                out.push(entry);
+            }
+            Ok(out)
+        }))
     }
 
     /// Up to `limit` (at most [`MAX_CHANGES_PER_READ`]) changes of `device` from `from_seq` on.
     pub fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, StoreError> {
-        let tx = self.db.begin_read().map_err(self.err())?;
-        let by_dot = tx.open_table(BY_DOT).map_err(self.err())?;
-        let journal = tx.open_table(JOURNAL).map_err(self.err())?;
-        let mut out = Vec::new();
-        let range = by_dot.range((&device.0[..], from_seq)..=(&device.0[..], u64::MAX)).map_err(self.err())?;
-        for row in range.take(limit.min(MAX_CHANGES_PER_READ)) {
-            let (_, position) = row.map_err(self.err())?;
-            let position = position.value();
-            let bytes = journal.get(position).map_err(self.err())?.ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("index points at missing journal entry {position}"),
-            })?;
-            let entry = unframe(bytes.value())
-                .map_err(|detail| StoreError::Corrupt { path: self.path.clone(), detail: format!("journal entry {position}: {detail}") })?;
-            out.push(entry.change);
-        }
-        Ok(out)
+        self.note(no_panic(&self.path, "changes_since", || {
+            let tx = self.db.begin_read().map_err(self.err())?;
+            let by_dot = tx.open_table(BY_DOT).map_err(self.err())?;
+            let journal = tx.open_table(JOURNAL).map_err(self.err())?;
+            let mut out = Vec::new();
+            let range = by_dot.range((&device.0[..], from_seq)..=(&device.0[..], u64::MAX)).map_err(self.err())?;
+            for row in range.take(limit.min(MAX_CHANGES_PER_READ)) {
+                let (_, position) = row.map_err(self.err())?;
+                let position = position.value();
+                let bytes = journal.get(position).map_err(self.err())?.ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("index points at missing journal entry {position}"),
+                })?;
+                let entry = unframe(bytes.value()).map_err(|detail| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("journal entry {position}: {detail}"),
+                })?;
+                out.push(entry.change);
+            }
+            Ok(out)
+        }))
     }
 }
 
@@ -314,6 +525,46 @@ mod tests {
         let other = Owner { device: DeviceId([7; 32]), ..owner };
         let err = Store::open(&path, other).err().unwrap();
         assert!(matches!(err, StoreError::WrongOwner { .. }), "{err}");
+    }
+
+    #[test]
+    fn once_damage_is_reported_nothing_more_is_written_not_even_by_redb() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (_, entries, owner) = day(6);
+        let mut s = Store::open(&path, owner).unwrap();
+        s.append(&entries[..3]).unwrap();
+        s.append_relaxed(&entries[3..5]).unwrap();
+        let err = s.guarded("a test", |_| -> Result<(), StoreError> { panic!("boom") }).unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { path: p, detail } if *p == path && detail.contains("boom")), "{err}");
+        assert!(s.damaged().unwrap().contains("boom"));
+        let before = std::fs::read(&path).unwrap();
+        assert!(matches!(s.append(&entries[5..]), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(s.flush(), Err(StoreError::Corrupt { .. })));
+        // Past the store's own refusal, the backend refuses redb's writes.
+        assert!(s.append_unguarded(&entries[5..], true).is_err());
+        drop(s);
+        assert!(std::fs::read(&path).unwrap() == before, "written after damage was reported");
+    }
+
+    #[test]
+    fn a_corrupt_row_found_after_opening_marks_the_store_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (_, entries, owner) = day(3);
+        let mut s = Store::open(&path, owner).unwrap();
+        s.append(&entries).unwrap();
+        // A row whose checksum fails, written past the store's framing.
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(JOURNAL).unwrap().insert(1, &b"\0\0\0\0garbage"[..]).unwrap();
+        tx.commit().unwrap();
+        let err = s.load().unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("entry 1")), "{err}");
+        assert!(s.damaged().is_some());
+        assert!(s.append(&entries[..1]).is_err());
+        drop(s);
+        let err = Store::open(&path, owner).err().expect("refused on open");
+        assert!(matches!(&err, StoreError::Corrupt { .. }), "{err}");
     }
 
     #[test]
