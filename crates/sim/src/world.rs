@@ -648,7 +648,11 @@ impl World {
         let change = entry.change.clone();
         let entry = self.intern(entry);
         let d = &mut self.devices[dev as usize];
-        d.storage_bytes += entry.change.encoded_len() as u64;
+        // A durable commit makes the relaxed ones before it durable too (`Store::append_relaxed`):
+        // the store stays a causal prefix when a sale spends rights that just arrived.
+        let earlier = std::mem::take(&mut d.unsynced);
+        d.storage_bytes += earlier.iter().chain([&entry]).map(|e| e.change.encoded_len() as u64).sum::<u64>();
+        d.durable.extend(earlier);
         d.durable.push(entry);
         let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
         for o in &out {
