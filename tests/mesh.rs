@@ -268,41 +268,54 @@ fn f_a_device_that_runs_short_is_given_stock_rights_by_a_peer() {
         let p = json!({ "sku": "EGG", "name": "Eggs", "price_cents": 300, "currency": "EUR", "stall": "Stall" });
         assert_eq!(lan.post(1, "/api/v1/products", &p).0, 201);
         assert_eq!(lan.post(1, "/api/v1/restocks", &json!({ "sku": "EGG", "qty": 10 })).0, 201);
+        // Node 1 sells too, so it keeps a share (and min_keep) when asked.
+        sell(&lan, 1, "EGG", 1).unwrap();
         eventually(CONVERGE, "restock spread", || converged(&lan, &[1, 2]));
-        // Node 2 holds nothing: refused, with what is held where and whether it is reachable.
-        let (status, err) = lan.post(2, "/api/v1/sales", &json!({ "lines": [{ "sku": "EGG", "qty": 2 }] }));
+        // Node 2 holds nothing: more than node 1 would give is refused after the wait, with what
+        // is held where and whether it is reachable.
+        let (status, err) = lan.post(2, "/api/v1/sales", &json!({ "lines": [{ "sku": "EGG", "qty": 9 }] }));
         assert_eq!(status, 409, "{err}");
-        assert_eq!(err["details"]["held_elsewhere_total"], 10);
         assert_eq!(err["details"]["held_on_unreachable_devices"], 0, "{err}");
+        assert!(err["details"]["waited_ms"].as_u64().is_some_and(|ms| ms > 0), "{err}");
         // The refusal asked node 1 for rights; node 1 gives what its policy allows.
         eventually(CONVERGE, "node 1 gives rights", || sell(&lan, 2, "EGG", 2).is_ok());
         let rows = lan.get(2, "/api/v1/stock")["stock"].clone();
         let egg = rows.as_array().unwrap().iter().find(|r| r["sku"] == "EGG").unwrap().clone();
-        assert_eq!(egg["total"], 8, "{egg}");
+        assert_eq!(egg["total"], 7, "{egg}");
         assert!(egg["per_device"].as_object().unwrap().values().all(|v| v.as_u64().unwrap() >= 1), "node 1 kept some: {egg}");
     });
 }
 
-/// Two tablets where multicast does not work (loopback): one is given the other's address.
-/// Also: a revoked tablet is cut off and not let back in.
-#[test]
-fn g_bootstrap_addresses_work_where_mdns_cannot_and_a_revoked_device_is_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = netns::binary();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(&bin).args(args).current_dir(dir.path()).output().unwrap();
+/// `stallmesh` CLI and `stallmesh up` processes in `dir`, on loopback: mDNS off (multicast does
+/// not work there, and it must never run outside a namespace of its own).
+struct Loopback {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+impl Loopback {
+    fn new() -> Loopback {
+        Loopback { dir: tempfile::tempdir().unwrap(), bin: netns::binary() }
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = std::process::Command::new(&self.bin).args(args).current_dir(self.dir.path()).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["market", "init", "--dir", "market"]);
-    run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", "t1"]);
-    run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", "t2"]);
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (mesh1, http1, http2) = (free(), free(), free());
-    let start = |creds: &str, http: u16, env: Vec<(&str, String)>| {
-        let log = std::fs::File::create(dir.path().join(format!("{creds}.log"))).unwrap();
-        let mut cmd = std::process::Command::new(&bin);
+    }
+
+    /// A market in `market/` and organiser tablets enrolled in it.
+    fn market(&self, tablets: &[&str]) {
+        self.run(&["market", "init", "--dir", "market"]);
+        for t in tablets {
+            self.run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", t]);
+        }
+    }
+
+    fn start(&self, creds: &str, http: u16, env: Vec<(&str, String)>) -> (KillOnDrop, String) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{creds}.log"))).unwrap();
+        let mut cmd = std::process::Command::new(&self.bin);
         cmd.args(["up", "--credentials", creds, "--data-dir", &format!("{creds}-data"), "--http-addr", &format!("127.0.0.1:{http}")])
-            .current_dir(dir.path())
+            .current_dir(self.dir.path())
             .env("STALLMESH_MESH_MDNS", "false")
             .stdout(std::process::Stdio::null())
             .stderr(log);
@@ -313,9 +326,26 @@ fn g_bootstrap_addresses_work_where_mdns_cannot_and_a_revoked_device_is_cut() {
         let url = format!("http://127.0.0.1:{http}");
         eventually(Duration::from_secs(20), "node up", || ureq::get(&format!("{url}/healthz")).call().is_ok());
         (KillOnDrop(child), url)
-    };
-    let (_n1, u1) = start("t1", http1, vec![("STALLMESH_MESH_LISTEN", format!("/ip4/127.0.0.1/tcp/{mesh1}"))]);
-    let (_n2, u2) = start(
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn loopback_peers(u: &str) -> usize {
+    netns::get(u, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len)
+}
+
+/// Two tablets where multicast does not work (loopback): one is given the other's address.
+/// Also: a revoked tablet is cut off and not let back in.
+#[test]
+fn g_bootstrap_addresses_work_where_mdns_cannot_and_a_revoked_device_is_cut() {
+    let lo = Loopback::new();
+    lo.market(&["t1", "t2"]);
+    let (mesh1, http1, http2) = (free_port(), free_port(), free_port());
+    let (_n1, u1) = lo.start("t1", http1, vec![("STALLMESH_MESH_LISTEN", format!("/ip4/127.0.0.1/tcp/{mesh1}"))]);
+    let (_n2, u2) = lo.start(
         "t2",
         http2,
         vec![
@@ -323,7 +353,7 @@ fn g_bootstrap_addresses_work_where_mdns_cannot_and_a_revoked_device_is_cut() {
             ("STALLMESH_MESH_BOOTSTRAP", format!("/ip4/127.0.0.1/tcp/{mesh1}")),
         ],
     );
-    let peers = |u: &str| netns::get(u, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len);
+    let peers = loopback_peers;
     eventually(CONVERGE, "bootstrap connects the two", || peers(&u1) == 1 && peers(&u2) == 1);
     let p = json!({ "sku": "TEA", "name": "Tea", "price_cents": 300, "currency": "EUR", "stall": "Stall" });
     assert_eq!(netns::post(&u1, "/api/v1/products", &p).0, 201);
@@ -333,14 +363,69 @@ fn g_bootstrap_addresses_work_where_mdns_cannot_and_a_revoked_device_is_cut() {
 
     // The organiser revokes tablet 2; tablet 1 learns it and cuts it off for good.
     let device2 = netns::get(&u2, "/api/v1/status")["node"]["device"].as_str().unwrap().to_string();
-    run(&["device", "revoke", "--market", "market", "--device", &device2, "--out", "revoked.json"]);
-    let rev: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("revoked.json")).unwrap()).unwrap();
+    lo.run(&["device", "revoke", "--market", "market", "--device", &device2, "--out", "revoked.json"]);
+    let rev: Value = serde_json::from_str(&std::fs::read_to_string(lo.dir.path().join("revoked.json")).unwrap()).unwrap();
     assert_eq!(netns::post(&u1, "/api/v1/revocations", &rev).0, 201);
     eventually(CONVERGE, "tablet 1 cuts tablet 2", || peers(&u1) == 0);
     let mesh = netns::get(&u1, "/api/v1/mesh");
     assert!(mesh["refused"].as_object().is_some_and(|r| r.values().any(|v| v.as_str().is_some_and(|s| s.contains("revoked")))), "{mesh}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(peers(&u1), 0, "a revoked device is not let back in by the redial");
+}
+
+/// Issue 10: units restocked on an idle tablet, a customer at another tablet that holds none. The
+/// sale waits for the idle tablet to give its units (all of them: it sells nothing itself) and
+/// succeeds within the bound; a later sale that only a selling tablet's `min_keep` could cover is
+/// refused after the wait, naming where the unit is.
+#[test]
+fn h_a_sale_waits_for_units_an_idle_peer_holds_and_succeeds_within_the_bound() {
+    let lo = Loopback::new();
+    lo.market(&["t1", "t2"]);
+    let mesh1 = free_port();
+    let (_n1, u1) = lo.start("t1", free_port(), vec![("STALLMESH_MESH_LISTEN", format!("/ip4/127.0.0.1/tcp/{mesh1}"))]);
+    let (_n2, u2) = lo.start(
+        "t2",
+        free_port(),
+        vec![
+            ("STALLMESH_MESH_LISTEN", "/ip4/127.0.0.1/tcp/0".to_string()),
+            ("STALLMESH_MESH_BOOTSTRAP", format!("/ip4/127.0.0.1/tcp/{mesh1}")),
+        ],
+    );
+    eventually(CONVERGE, "bootstrap connects the two", || loopback_peers(&u1) == 1 && loopback_peers(&u2) == 1);
+    let device = |u: &str| netns::get(u, "/api/v1/status")["node"]["device"].as_str().unwrap().to_string();
+    let (d1, d2) = (device(&u1), device(&u2));
+    let p = json!({ "sku": "HNY", "name": "Honey", "price_cents": 850, "currency": "EUR", "stall": "Stall" });
+    assert_eq!(netns::post(&u1, "/api/v1/products", &p).0, 201);
+    assert_eq!(netns::post(&u1, "/api/v1/restocks", &json!({ "sku": "HNY", "qty": 3 })).0, 201);
+    let rights = |u: &str, d: &str| -> u64 {
+        let rows = netns::get(u, "/api/v1/stock")["stock"].clone();
+        rows.as_array().and_then(|r| r.iter().find(|r| r["sku"] == "HNY")).and_then(|r| r["per_device"][d].as_u64()).unwrap_or(0)
+    };
+    eventually(CONVERGE, "the restock reaches tablet 2", || rights(&u2, &d1) == 3);
+
+    let sale = json!({ "lines": [{ "sku": "HNY", "qty": 2 }], "client_ref": "till-2-0001" });
+    let started = std::time::Instant::now();
+    let (status, sold) = netns::post(&u2, "/api/v1/sales", &sale);
+    let took = started.elapsed();
+    eprintln!("sale on a tablet holding nothing: {status} after {took:?}");
+    assert_eq!(status, 201, "the idle tablet's units arrive within the wait: {sold}");
+    let bound = Duration::from_millis(stallmesh_sync::rebalance::SALE_WAIT_FOR_RIGHTS_MS);
+    assert!(took < bound + Duration::from_millis(200), "answered after {took:?}, the wait is {bound:?}");
+    // Tablet 1 sold nothing: it gave everything, min_keep notwithstanding.
+    assert_eq!((rights(&u2, &d1), rights(&u2, &d2)), (0, 1));
+    // The client retries its POST: the same sale, not a second one.
+    let (again, same) = netns::post(&u2, "/api/v1/sales", &sale);
+    assert_eq!((again, &same["id"]), (200, &sold["id"]), "{same}");
+
+    // Tablet 2 now sells: it keeps its last unit for its own customers, and tablet 1 is refused
+    // after the wait, told the unit is on a reachable tablet.
+    eventually(CONVERGE, "the transfer and the sale reach tablet 1", || rights(&u1, &d2) == 1);
+    let (status, err) = netns::post(&u1, "/api/v1/sales", &json!({ "lines": [{ "sku": "HNY", "qty": 1 }] }));
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["details"]["held_elsewhere"][&d2], 1, "{err}");
+    assert_eq!(err["details"]["held_on_unreachable_devices"], 0, "{err}");
+    assert!(err["details"]["waited_ms"].as_u64().is_some_and(|ms| ms >= bound.as_millis() as u64), "{err}");
+    assert_eq!(netns::get(&u1, "/api/v1/sales")["sales"].as_array().unwrap().len(), 1, "one sale in the market");
 }
 
 struct KillOnDrop(std::process::Child);

@@ -14,7 +14,9 @@ use stallmesh_identity::{DeviceId, Revocation, SignedChange};
 use stallmesh_inference::search::MAX_RESULTS;
 use stallmesh_inference::{ImageError, InferenceError, MAX_IMAGE_BYTES};
 use stallmesh_ledger::{sale_id, EventBody, LedgerError, LineRequest, LocalOp, Product, RecommendationShown, Sale};
+use stallmesh_sync::rebalance::{MAX_SALE_ATTEMPTS, SALE_RIGHTS_REQUEST_INTERVAL_MS, SALE_WAIT_FOR_RIGHTS_MS};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Largest JSON request body: a 100-line sale is ~5 KB.
 pub const MAX_JSON_BODY_BYTES: usize = 64 * 1024;
@@ -269,19 +271,50 @@ struct SaleRequest {
     recommendation: Option<RecommendationShown>,
 }
 
+/// A sale refused for rights that a reachable peer holds waits up to `SALE_WAIT_FOR_RIGHTS_MS` for
+/// the transfer the refusal asked for, then is retried (`client_ref` keeps a retry from selling
+/// twice). Nothing is locked while it waits.
 async fn create_sale(State(node): State<Node>, body: Result<Json<SaleRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<Value>)> {
     let Json(req) = body?;
-    let (status, id) = match run_blocking(&node, move |n| n.sell(req.lines, req.client_ref, req.recommendation)).await {
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(SALE_WAIT_FOR_RIGHTS_MS);
+    // Subscribed before the first attempt: a transfer applied right after it still wakes the wait.
+    let mut arrived = node.rights_arrived();
+    let mut waited = false;
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        let (lines, client_ref, recommendation) = (req.lines.clone(), req.client_ref.clone(), req.recommendation.clone());
+        let r = run_blocking(&node, move |n| n.try_sell(lines, client_ref, recommendation)).await;
+        let Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_elsewhere, .. })) = &r else { break r };
+        let reachable = reachable_devices(&node);
+        if attempts >= MAX_SALE_ATTEMPTS || !held_elsewhere.iter().any(|(d, n)| *n > 0 && reachable.contains(&d.to_hex())) {
+            break r;
+        }
+        waited = true;
+        if !wait_for_rights(&node, &mut arrived, sku, *requested, deadline).await {
+            break r;
+        }
+    };
+    if waited {
+        let outcome = if matches!(result, Err(NodeError::Ledger(LedgerError::InsufficientRights { .. }))) { "refused" } else { "sold" };
+        node.metrics.sale_rights_waits.get_or_create(&crate::metrics::Outcome { outcome }).inc();
+        tracing::debug!(outcome, attempts, waited_ms = started.elapsed().as_millis() as u64, "sale waited for stock rights");
+    }
+    let (status, id) = match result {
         Ok(entry) => {
             debug_assert!(matches!(entry.event.body, EventBody::Sold { .. }));
             (StatusCode::CREATED, sale_id(entry.change.dot()))
         }
         // A retried POST with the same client_ref returns the sale already recorded.
         Err(NodeError::Ledger(LedgerError::AlreadyRecorded { sale_id, .. })) => (StatusCode::OK, sale_id),
-        Err(NodeError::Ledger(le @ LedgerError::InsufficientRights { .. })) if node.mesh.get().is_some() => {
+        Err(NodeError::Ledger(le @ LedgerError::InsufficientRights { .. })) => {
+            node.count_refused("sale_insufficient_stock_rights");
+            if node.mesh.get().is_none() {
+                return Err(NodeError::Ledger(le).into());
+            }
             // Say how much of what is held elsewhere sits on devices this one cannot reach now.
-            let reachable: std::collections::BTreeSet<String> =
-                node.mesh_status().map(|m| m.peers.into_iter().map(|p| p.device).collect()).unwrap_or_default();
+            let reachable = reachable_devices(&node);
             let unreachable: u64 = match &le {
                 LedgerError::InsufficientRights { held_elsewhere, .. } => {
                     held_elsewhere.iter().filter(|(d, _)| !reachable.contains(&d.to_hex())).map(|(_, n)| *n).sum()
@@ -292,6 +325,7 @@ async fn create_sale(State(node): State<Node>, body: Result<Json<SaleRequest>, J
             if let Some(d) = err.details.as_mut() {
                 d["held_on_unreachable_devices"] = json!(unreachable);
                 d["reachable_devices"] = json!(reachable);
+                d["waited_ms"] = json!(if waited { started.elapsed().as_millis() as u64 } else { 0 });
             }
             return Err(err);
         }
@@ -299,6 +333,36 @@ async fn create_sale(State(node): State<Node>, body: Result<Json<SaleRequest>, J
     };
     let sale = node.read(|l| l.state().sales.get(&id).map(SaleView::from));
     Ok((status, Json(json!(sale))))
+}
+
+/// Devices with a live sync session now (as of the mesh's last status, at most a tick old).
+fn reachable_devices(node: &Node) -> std::collections::BTreeSet<String> {
+    node.mesh_status().map(|m| m.peers.into_iter().map(|p| p.device).collect()).unwrap_or_default()
+}
+
+/// Waits until this device holds `requested` units of `sku`, or `deadline`. Wakes when a transfer
+/// to this device is applied; asks again every `SALE_RIGHTS_REQUEST_INTERVAL_MS` in between (a
+/// lost ask, or the rights moved to another peer meanwhile).
+async fn wait_for_rights(
+    node: &Node,
+    arrived: &mut tokio::sync::watch::Receiver<u64>,
+    sku: &str,
+    requested: u64,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        let here = node.read(|l| l.state().rights_of(sku, &l.device()));
+        if here >= requested {
+            return true;
+        }
+        let slice = (tokio::time::Instant::now() + Duration::from_millis(SALE_RIGHTS_REQUEST_INTERVAL_MS)).min(deadline);
+        match tokio::time::timeout_at(slice, arrived.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return false, // the node is shutting down
+            Err(_) if slice >= deadline => return false,
+            Err(_) => node.want_rights(sku, requested - here, true),
+        }
+    }
 }
 
 #[derive(Deserialize)]

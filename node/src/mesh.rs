@@ -9,7 +9,7 @@
 //! heartbeat and liveness), and catch-up on every (re)connection (the sync core's heads exchange).
 //! A peer takes part only after its enrolment certificate for this market has been verified.
 
-use crate::metrics::{Direction, Reason};
+use crate::metrics::{Direction, Outcome, Reason};
 use crate::runtime::{now_ms, Node};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::upgrade::Version;
@@ -22,7 +22,7 @@ use libp2p::{identity, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtoco
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, SignedChange};
 use stallmesh_ledger::{EventBody, LocalOp};
-use stallmesh_sync::rebalance::RebalancePolicy;
+use stallmesh_sync::rebalance::{RebalancePolicy, RECENT_SALES_WINDOW_MS, RIGHTS_REQUEST_INTERVAL_MS, SALE_RIGHTS_REQUEST_INTERVAL_MS};
 use stallmesh_sync::{ChangeLog, Heads, Output, Sync as SyncCore, SyncConfig, MAX_MESSAGE_BYTES};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -38,15 +38,11 @@ const REDIAL_MS: u64 = 1_000;
 /// A dial (TCP connect + pnet + noise + yamux) that takes longer has failed: during a partition a
 /// SYN is never answered, and a pending dial blocks the next redial.
 const DIAL_TIMEOUT_MS: u64 = 2_000;
-/// Do not ask the same peers for the same SKU more often than this.
-const RIGHTS_REQUEST_INTERVAL_MS: u64 = 2_000;
 /// Peers remembered for redial (and refused peers remembered not to redial): a market has tens;
 /// the bound keeps a stranger announcing many peer ids over mDNS from growing memory.
 const MAX_KNOWN_PEERS: usize = 1_024;
 /// Addresses remembered per peer (a tablet has one or two interfaces).
 const MAX_ADDRS_PER_PEER: usize = 8;
-/// Sales counted as "recent" by the rebalancing policy.
-const RECENT_SALES_WINDOW_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -56,10 +52,12 @@ pub struct MeshConfig {
     pub rebalance: RebalancePolicy,
 }
 
+/// `WantRights::for_sale`: a customer waits for the rights (asked sooner, and an idle peer gives
+/// its last units).
 #[derive(Debug)]
 pub enum MeshCommand {
     Broadcast(Vec<SignedChange>),
-    WantRights { sku: String, qty: u64 },
+    WantRights { sku: String, qty: u64, for_sale: bool },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +288,8 @@ struct Driver {
     /// Addresses learnt from mDNS or connections, for redial.
     known: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
     in_flight: HashMap<request_response::OutboundRequestId, (PeerId, usize)>,
-    rights_asked: HashMap<String, u64>,
+    /// When rights for (SKU, for a waiting sale) were last asked for.
+    rights_asked: HashMap<(String, bool), u64>,
     status: Arc<Mutex<MeshStatus>>,
     last_stats: stallmesh_sync::SyncStats,
 }
@@ -312,7 +311,7 @@ impl Driver {
                         let out = self.sync.local_changes(changes);
                         self.execute(out);
                     }
-                    Some(MeshCommand::WantRights { sku, qty }) => self.want_rights(sku, qty),
+                    Some(MeshCommand::WantRights { sku, qty, for_sale }) => self.want_rights(sku, qty, for_sale),
                     None => break, // the node is gone
                 },
                 _ = tick.tick() => {
@@ -597,23 +596,32 @@ impl Driver {
                     self.verified.remove(&peer);
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
-                Output::RightsWanted { from, sku, qty } => self.give_rights(from, sku, qty),
+                Output::RightsWanted { from, sku, qty, for_sale } => self.give_rights(from, sku, qty, for_sale),
             }
         }
     }
 
-    fn want_rights(&mut self, sku: String, qty: u64) {
+    /// A waiting sale is limited by its own, shorter interval: a refill asked just before must not
+    /// silence it.
+    fn want_rights(&mut self, sku: String, qty: u64, for_sale: bool) {
         let now = now_ms();
-        if self.rights_asked.get(&sku).is_some_and(|t| now.saturating_sub(*t) < RIGHTS_REQUEST_INTERVAL_MS) {
+        let interval = if for_sale { SALE_RIGHTS_REQUEST_INTERVAL_MS } else { RIGHTS_REQUEST_INTERVAL_MS };
+        // Only asks within the longer interval still matter: the map holds no more SKUs than that.
+        self.rights_asked.retain(|_, t| now.saturating_sub(*t) < RIGHTS_REQUEST_INTERVAL_MS);
+        let key = (sku, for_sale);
+        let m = &self.node.metrics;
+        if self.rights_asked.get(&key).is_some_and(|t| now.saturating_sub(*t) < interval) {
+            m.rights_requests.get_or_create(&Outcome { outcome: "rate_limited" }).inc();
             return;
         }
-        self.rights_asked.insert(sku.clone(), now);
-        let out = self.sync.want_rights(&sku, qty, now);
+        m.rights_requests.get_or_create(&Outcome { outcome: if for_sale { "for_sale" } else { "refill" } }).inc();
+        let out = self.sync.want_rights(&key.0, qty, for_sale, now);
+        self.rights_asked.insert(key, now);
         self.execute(out);
     }
 
     /// A peer ran short: give what the policy allows, as a transfer made by this device.
-    fn give_rights(&mut self, from: PeerId, sku: String, qty: u64) {
+    fn give_rights(&mut self, from: PeerId, sku: String, qty: u64, for_sale: bool) {
         let Some(to) = device_of(&from) else { return };
         let now = now_ms();
         let give = self.node.read(|l| {
@@ -622,7 +630,7 @@ impl Driver {
             let recent = |d: &DeviceId| -> u64 {
                 state.sales.values().filter(|s| s.device == *d && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count() as u64
             };
-            self.config.rebalance.give(held, qty, recent(&l.device()), recent(&to))
+            self.config.rebalance.give(held, qty, recent(&l.device()), recent(&to), for_sale)
         });
         if give == 0 {
             return;
@@ -630,7 +638,7 @@ impl Driver {
         let node = self.node.clone();
         let result = tokio::task::block_in_place(|| node.execute(LocalOp::Transfer { sku: sku.clone(), qty: give, to }));
         match result {
-            Ok(_) => tracing::info!(%sku, qty = give, to = %to, "gave stock rights to a peer that ran short"),
+            Ok(_) => tracing::info!(%sku, qty = give, to = %to, for_sale, "gave stock rights to a peer that ran short"),
             Err(e) => tracing::warn!(%sku, error = %e, "could not give stock rights"),
         }
     }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub full_heads_wanted: Counter,
     pub unconfirmed_resent: Counter,
     pub mesh_queue_full: Counter,
+    pub rights_requests: Family<Outcome, Counter>,
+    pub sale_rights_waits: Family<Outcome, Counter>,
     pub sync_lag_ms: Histogram,
     pub search_requests: Family<Outcome, Counter>,
     pub search_seconds: Histogram,
@@ -79,6 +81,8 @@ impl Metrics {
             full_heads_wanted: Counter::default(),
             unconfirmed_resent: Counter::default(),
             mesh_queue_full: Counter::default(),
+            rights_requests: Family::default(),
+            sale_rights_waits: Family::default(),
             // 1 ms .. ~65 s: from a sale on one tablet to its arrival here.
             sync_lag_ms: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             search_requests: Family::default(),
@@ -127,6 +131,16 @@ impl Metrics {
             "mesh_queue_full",
             "Broadcasts not queued because the mesh queue was full (heartbeat catch-up delivers them)",
             m.mesh_queue_full.clone(),
+        );
+        registry.register(
+            "rights_requests",
+            "Stock-rights requests to peers: for_sale (a customer waits), refill, rate_limited (not sent)",
+            m.rights_requests.clone(),
+        );
+        registry.register(
+            "sale_rights_waits",
+            "Sales that waited for rights a reachable peer held: sold (they arrived in time), refused",
+            m.sale_rights_waits.clone(),
         );
         registry.register("sync_lag_ms", "Time from a sale being recorded elsewhere to its arrival here, ms", m.sync_lag_ms.clone());
         registry.register("search_requests", "Search requests, by mode (hybrid, lexical, image) or refused", m.search_requests.clone());

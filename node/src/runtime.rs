@@ -130,6 +130,7 @@ pub struct Node {
     /// Search and recommendations, once `start` has set them up.
     pub inference: Arc<OnceLock<Arc<crate::inference::Inference>>>,
     arrivals: Arc<Mutex<std::collections::VecDeque<Arrival>>>,
+    rights_arrived: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 const DEMO_MARKET_DIR: &str = "demo-market";
@@ -216,6 +217,7 @@ impl Node {
             mesh: Arc::new(OnceLock::new()),
             inference: Arc::new(OnceLock::new()),
             arrivals: Arc::default(),
+            rights_arrived: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         node.metrics.journal_entries.set(restored as i64);
         if let Some(r) = node.recovery() {
@@ -362,6 +364,12 @@ impl Node {
 
     /// Records a local operation; returns once its entry is durable.
     pub fn execute(&self, op: LocalOp) -> Result<Entry, NodeError> {
+        self.execute_as(op, true)
+    }
+
+    /// As [`Node::execute`]; `count_rights_refusal: false` when the caller may still wait for the
+    /// rights and retry (it counts the refusal it finally answers).
+    fn execute_as(&self, op: LocalOp, count_rights_refusal: bool) -> Result<Entry, NodeError> {
         let kind = match &op {
             LocalOp::Sell { .. } => "sale",
             LocalOp::Restock { .. } => "restock",
@@ -386,10 +394,11 @@ impl Node {
             }
             Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, .. })) => {
                 if *held_elsewhere_total > 0 {
-                    let refill = self.mesh.get().map_or(0, |m| m.refill);
-                    self.to_mesh(MeshCommand::WantRights { sku: sku.clone(), qty: requested - held_here + refill });
+                    self.want_rights(sku, requested - held_here, kind == "sale");
                 }
-                self.metrics.refused_operations.get_or_create(&Reason { reason: format!("{kind}_insufficient_stock_rights") }).inc();
+                if count_rights_refusal {
+                    self.count_refused(&format!("{kind}_insufficient_stock_rights"));
+                }
             }
             Err(e) => {
                 let reason = match e {
@@ -404,6 +413,22 @@ impl Node {
             }
         }
         result.map(|mut v| v.pop().expect("one entry per operation"))
+    }
+
+    pub fn count_refused(&self, reason: &str) {
+        self.metrics.refused_operations.get_or_create(&Reason { reason: reason.to_string() }).inc();
+    }
+
+    /// Asks peers for `short` units of `sku` plus a refill; `for_sale`: a customer waits for them.
+    pub fn want_rights(&self, sku: &str, short: u64, for_sale: bool) {
+        let refill = self.mesh.get().map_or(0, |m| m.refill);
+        self.to_mesh(MeshCommand::WantRights { sku: sku.to_string(), qty: short + refill, for_sale });
+    }
+
+    /// Changes each time a transfer of rights to this device is applied from a peer: a sale waiting
+    /// for rights wakes on it instead of polling.
+    pub fn rights_arrived(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rights_arrived.subscribe()
     }
 
     /// Hands a command to the mesh task, if one runs. A full queue is counted, never waited on:
@@ -428,7 +453,7 @@ impl Node {
                         (here, s.total - here)
                     });
                     if here <= link.low_watermark && elsewhere > 0 {
-                        self.to_mesh(MeshCommand::WantRights { sku: l.sku.clone(), qty: link.refill });
+                        self.to_mesh(MeshCommand::WantRights { sku: l.sku.clone(), qty: link.refill, for_sale: false });
                     }
                 }
             }
@@ -458,12 +483,25 @@ impl Node {
         self.execute(LocalOp::Sell { lines, client_ref, recommendation })
     }
 
+    /// As [`Node::sell`], for a caller that waits for missing rights and retries: a refusal for
+    /// rights is not counted here.
+    pub fn try_sell(
+        &self,
+        lines: Vec<LineRequest>,
+        client_ref: Option<String>,
+        recommendation: Option<stallmesh_ledger::RecommendationShown>,
+    ) -> Result<Entry, NodeError> {
+        self.execute_as(LocalOp::Sell { lines, client_ref, recommendation }, false)
+    }
+
     /// Verifies and applies changes from a peer; persists what was applied.
     pub fn ingest(&self, changes: Vec<SignedChange>) -> Result<ApplyReport, NodeError> {
         let _span = tracing::debug_span!("ingest", changes = changes.len()).entered();
         let mut report = None;
+        let mut me = None;
         // Nobody was promised these: commit without waiting for the disk (flushed within a tick).
         self.with_write_as(false, |l| {
+            me = Some(l.device());
             let r = l.apply_remote(changes);
             let applied = r.applied.clone();
             report = Some(r);
@@ -472,6 +510,9 @@ impl Node {
         let report = report.expect("set by the closure");
         if !report.evidence.is_empty() {
             self.keep_evidence(&report.evidence)?;
+        }
+        if report.applied.iter().any(|e| matches!(&e.event.body, stallmesh_ledger::EventBody::Transferred { to, .. } if Some(*to) == me)) {
+            self.rights_arrived.send_modify(|n| *n += 1);
         }
         let arrived_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
         {

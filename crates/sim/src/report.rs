@@ -22,6 +22,15 @@ pub struct Report {
     pub events: u64,
     pub sales: u64,
     pub refused: BTreeMap<String, u64>,
+    /// Refused sales where a peer with a live session, up and not cut off, held rights for the SKU.
+    pub refused_while_reachable_held: u64,
+    /// ... of which an idle one (no sales in the rebalancing window) held some: stranded units.
+    /// The rest were held by selling tablets, which keep `min_keep` for their own customers.
+    pub refused_while_reachable_idle_held: u64,
+    /// Units restocked and not sold by the end of the day (as device 0 sees it).
+    pub units_unsold: u64,
+    /// Sales acknowledged after waiting for rights a peer gave.
+    pub sales_after_waiting_for_rights: u64,
     pub customers_lost: u64,
     /// Time from a sale's acknowledgement until every device holds it.
     pub convergence_ms_p50: f64,
@@ -54,6 +63,12 @@ impl Report {
         row("events", self.events.to_string());
         row("sales acknowledged", self.sales.to_string());
         row("sales refused", format!("{refused} {:?}", self.refused));
+        row(
+            "refused, a reachable tablet held",
+            format!("{} (an idle tablet: {})", self.refused_while_reachable_held, self.refused_while_reachable_idle_held),
+        );
+        row("sales after waiting for rights", self.sales_after_waiting_for_rights.to_string());
+        row("units unsold at the end", self.units_unsold.to_string());
         row("customers lost (stall down)", self.customers_lost.to_string());
         row(
             "convergence p50 / p99 / max",

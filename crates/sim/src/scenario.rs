@@ -69,6 +69,10 @@ pub struct CustomerSpec {
     /// Lines in a basket: uniform in 1..=basket_max.
     #[serde(default = "three")]
     pub basket_max: u32,
+    /// Customers are served by the first this many tablets of each stall (the others only hold
+    /// stock); 0 = every tablet.
+    #[serde(default)]
+    pub selling_devices_per_stall: u32,
 }
 
 fn three() -> u32 {
@@ -202,6 +206,9 @@ impl Scenario {
         }
         if !(self.duration_h > 0.0 && self.duration_h <= 48.0) {
             return Err("duration_h must be in (0, 48]".into());
+        }
+        if self.customers.selling_devices_per_stall > self.market.devices_per_stall {
+            return Err("customers.selling_devices_per_stall exceeds market.devices_per_stall".into());
         }
         for p in [self.network.loss, self.network.duplicate, self.market.uplink_fraction] {
             if !(0.0..=1.0).contains(&p) {

@@ -11,7 +11,10 @@ use rand_distr::{Distribution, Exp};
 use sha2::{Digest, Sha256};
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, MarketKey, Role};
 use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
-use stallmesh_sync::rebalance::RebalancePolicy;
+use stallmesh_sync::rebalance::{
+    RebalancePolicy, MAX_SALE_ATTEMPTS, RECENT_SALES_WINDOW_MS, RIGHTS_REQUEST_INTERVAL_MS, SALE_RIGHTS_REQUEST_INTERVAL_MS,
+    SALE_WAIT_FOR_RIGHTS_MS,
+};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -73,6 +76,7 @@ enum Ev {
     Restart { dev: u32 },
     EndOfDay,
     LivenessCheck,
+    SaleWait { id: u64 },
 }
 
 struct Item {
@@ -119,7 +123,8 @@ struct Device {
     storage_bytes: u64,
     /// Bit i: acknowledged sale number i has reached this device (ever).
     held: Vec<u64>,
-    rights_asked_at: BTreeMap<String, u64>,
+    /// When rights for (SKU, for a waiting sale) were last asked for.
+    rights_asked_at: BTreeMap<(String, bool), u64>,
     broken: bool,
     /// Broadcasts already seen (gossipsub's duplicate cache): content hash → first seen (virtual µs).
     seen: BTreeMap<u64, u64>,
@@ -129,6 +134,28 @@ struct Conn {
     epoch: u64,
     /// Delivery time of the last ordered message, per direction (low→high, high→low).
     last_deliver: [u64; 2],
+}
+
+/// A customer's sale refused for rights a reachable peer holds, waiting for them (as the node's
+/// HTTP handler waits).
+struct WaitingSale {
+    dev: u32,
+    lines: Vec<LineRequest>,
+    sku: String,
+    requested: u64,
+    /// Virtual µs.
+    deadline: u64,
+    attempts: usize,
+}
+
+/// A reachable tablet holding rights a refused sale lacked (for the report and the trace).
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug, in the trace
+struct Holder {
+    device: u32,
+    held: u64,
+    /// Its sales within the policy's window: 0 = idle, free to give its last units.
+    recent_sales: usize,
 }
 
 struct AckedSale {
@@ -174,6 +201,11 @@ pub struct World {
     messages: u64,
     bytes: u64,
     refused: BTreeMap<String, u64>,
+    refused_while_reachable_held: u64,
+    refused_while_reachable_idle_held: u64,
+    sales_after_waiting: u64,
+    waiting: BTreeMap<u64, WaitingSale>,
+    next_wait_id: u64,
     customers_lost: u64,
     faults_fired: BTreeMap<String, u64>,
     hours: Vec<HourStats>,
@@ -315,6 +347,11 @@ impl World {
             messages: 0,
             bytes: 0,
             refused: BTreeMap::new(),
+            refused_while_reachable_held: 0,
+            refused_while_reachable_idle_held: 0,
+            sales_after_waiting: 0,
+            waiting: BTreeMap::new(),
+            next_wait_id: 0,
             customers_lost: 0,
             faults_fired: BTreeMap::new(),
             hours,
@@ -568,6 +605,7 @@ impl World {
             Ev::Restart { dev } => self.restart(dev),
             Ev::EndOfDay => self.end_of_day(),
             Ev::LivenessCheck => self.liveness_check(),
+            Ev::SaleWait { id } => self.on_sale_wait(id),
         }
     }
 
@@ -592,7 +630,11 @@ impl World {
         let next = self.next_arrival(stall, self.now);
         self.push(next, Ev::Arrival { stall });
         let dps = self.sc.market.devices_per_stall;
-        let up: Vec<u32> = (stall * dps..(stall + 1) * dps).filter(|d| self.devices[*d as usize].up).collect();
+        let sellers = match self.sc.customers.selling_devices_per_stall {
+            0 => dps,
+            k => k.min(dps),
+        };
+        let up: Vec<u32> = (stall * dps..stall * dps + sellers).filter(|d| self.devices[*d as usize].up).collect();
         if up.is_empty() {
             self.customers_lost += 1;
             self.trace(None, format!("customer stall={stall} lost: no device up"));
@@ -611,9 +653,17 @@ impl World {
                 None => lines.push(LineRequest { sku: p.sku.clone(), qty }),
             }
         }
+        self.trace(Some(dev), format!("customer at stall {stall}"));
+        self.sell(dev, lines, None);
+    }
+
+    /// One attempt of a customer's sale (`wait`: the sale already waits for rights, with its id).
+    /// Refused for rights that a peer with a live session holds, it waits as the node does: ask,
+    /// retry when a transfer to this device is applied, refuse at the deadline.
+    fn sell(&mut self, dev: u32, lines: Vec<LineRequest>, wait: Option<(u64, WaitingSale)>) {
         let now = self.dev_now_ms(dev);
-        let result =
-            self.protocol(|w| w.devices[dev as usize].ledger.record(LocalOp::Sell { lines, client_ref: None, recommendation: None }, now));
+        let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None };
+        let result = self.protocol(|w| w.devices[dev as usize].ledger.record(op, now));
         match result {
             Ok(entry) => {
                 let id = sale_id(entry.change.dot());
@@ -622,22 +672,118 @@ impl World {
                 self.acked.push(AckedSale { t_ack: self.now, device: dev, holders: 0, converged_at: None });
                 self.acked_index.insert(id, idx);
                 self.hour().sales += 1;
+                if wait.is_some() {
+                    self.sales_after_waiting += 1;
+                }
                 self.local_entry(dev, entry);
+            }
+            Err(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere }) => {
+                if held_elsewhere_total > 0 {
+                    self.want_rights(dev, sku.clone(), requested - held_here + self.policy.refill, true);
+                }
+                let (id, deadline, attempts) = match &wait {
+                    Some((id, w)) => (*id, w.deadline, w.attempts + 1),
+                    None => (self.next_wait_id, self.now + SALE_WAIT_FOR_RIGHTS_MS * US_PER_MS, 1),
+                };
+                let peers = self.devices[dev as usize].sync.peers();
+                let reachable_holds =
+                    held_elsewhere.iter().any(|(d, n)| *n > 0 && peers.keys().any(|p| self.devices[*p as usize].id == *d));
+                if reachable_holds && attempts < MAX_SALE_ATTEMPTS && self.now < deadline {
+                    self.trace(Some(dev), format!("sale waits for {sku}"));
+                    if wait.is_none() {
+                        self.next_wait_id += 1;
+                        self.push((self.now + SALE_RIGHTS_REQUEST_INTERVAL_MS * US_PER_MS).min(deadline), Ev::SaleWait { id });
+                    }
+                    self.waiting.insert(id, WaitingSale { dev, lines, sku, requested, deadline, attempts });
+                    return;
+                }
+                self.refuse(dev, "insufficient_stock_rights", Some(&sku));
             }
             Err(e) => {
                 let reason = match &e {
-                    LedgerError::InsufficientRights { .. } => "insufficient_stock_rights",
                     LedgerError::Revoked => "revoked",
                     LedgerError::UnknownSku(_) => "unknown_sku",
                     _ => "invalid",
                 };
-                *self.refused.entry(reason.to_string()).or_default() += 1;
-                self.trace(Some(dev), format!("sale refused {reason}"));
-                if let LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, .. } = e {
-                    if held_elsewhere_total > 0 {
-                        self.want_rights(dev, sku, requested - held_here + self.policy.refill);
-                    }
-                }
+                self.refuse(dev, reason, None);
+            }
+        }
+    }
+
+    fn refuse(&mut self, dev: u32, reason: &str, short_of: Option<&str>) {
+        *self.refused.entry(reason.to_string()).or_default() += 1;
+        let holders = short_of.map(|sku| self.reachable_holders(dev, sku)).unwrap_or_default();
+        if holders.is_empty() {
+            self.trace(Some(dev), format!("sale refused {reason}"));
+            return;
+        }
+        self.refused_while_reachable_held += 1;
+        if holders.iter().any(|h| h.recent_sales == 0) {
+            self.refused_while_reachable_idle_held += 1;
+        }
+        self.trace(Some(dev), format!("sale refused {reason} while reachable tablets held {holders:?}"));
+    }
+
+    /// Peers `dev` can reach now (a live session, both up, no fault between them) holding rights
+    /// for `sku`: the truth, not `dev`'s view of it.
+    fn reachable_holders(&self, dev: u32, sku: &str) -> Vec<Holder> {
+        self.devices[dev as usize]
+            .sync
+            .peers()
+            .keys()
+            .filter_map(|&p| {
+                let peer = &self.devices[p as usize];
+                let state = peer.ledger.state();
+                let held = state.rights_of(sku, &peer.id);
+                let reachable = !peer.is_cloud && peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
+                let now = self.dev_now_ms(p);
+                let recent_sales =
+                    state.sales.values().filter(|s| s.device == peer.id && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count();
+                (reachable && held > 0).then_some(Holder { device: p, held, recent_sales })
+            })
+            .collect()
+    }
+
+    /// A waiting sale's interval passed: refuse it at its deadline, else ask again (a lost ask, or
+    /// the rights moved meanwhile).
+    fn on_sale_wait(&mut self, id: u64) {
+        let Some(w) = self.waiting.get(&id) else { return }; // sold (or refused) since
+        if self.now >= w.deadline {
+            let w = self.waiting.remove(&id).expect("just seen");
+            self.refuse(w.dev, "insufficient_stock_rights", Some(&w.sku));
+            return;
+        }
+        let (dev, sku, requested, deadline) = (w.dev, w.sku.clone(), w.requested, w.deadline);
+        let here = self.devices[dev as usize].ledger.state().rights_of(&sku, &self.devices[dev as usize].id);
+        self.want_rights(dev, sku, requested.saturating_sub(here) + self.policy.refill, true);
+        self.push((self.now + SALE_RIGHTS_REQUEST_INTERVAL_MS * US_PER_MS).min(deadline), Ev::SaleWait { id });
+    }
+
+    /// Rights arrived at `dev`: retry its waiting sales whose short SKU is now covered.
+    fn retry_waiting(&mut self, dev: u32) {
+        let me = self.devices[dev as usize].id;
+        let ready: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.dev == dev && self.devices[dev as usize].ledger.state().rights_of(&w.sku, &me) >= w.requested)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let w = self.waiting.remove(&id).expect("listed above");
+            let lines = w.lines.clone();
+            self.sell(dev, lines, Some((id, w)));
+        }
+    }
+
+    /// A tablet went down or the day ended: its waiting customers leave.
+    fn drop_waiting(&mut self, dev: Option<u32>) {
+        let gone: Vec<u64> = self.waiting.iter().filter(|(_, w)| dev.is_none_or(|d| w.dev == d)).map(|(id, _)| *id).collect();
+        for id in gone {
+            let w = self.waiting.remove(&id).expect("listed above");
+            if dev.is_some() {
+                self.customers_lost += 1;
+            } else {
+                self.refuse(w.dev, "insufficient_stock_rights", Some(&w.sku));
             }
         }
     }
@@ -648,7 +794,11 @@ impl World {
         let change = entry.change.clone();
         let entry = self.intern(entry);
         let d = &mut self.devices[dev as usize];
-        d.storage_bytes += entry.change.encoded_len() as u64;
+        // A durable commit makes the relaxed ones before it durable too (`Store::append_relaxed`):
+        // the store stays a causal prefix when a sale spends rights that just arrived.
+        let earlier = std::mem::take(&mut d.unsynced);
+        d.storage_bytes += earlier.iter().chain([&entry]).map(|e| e.change.encoded_len() as u64).sum::<u64>();
+        d.durable.extend(earlier);
         d.durable.push(entry);
         let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
         for o in &out {
@@ -660,14 +810,17 @@ impl World {
         self.execute(dev, out);
     }
 
-    fn want_rights(&mut self, dev: u32, sku: String, qty: u64) {
+    /// Rate-limited per SKU as the node's mesh driver does: a waiting sale by its own interval.
+    fn want_rights(&mut self, dev: u32, sku: String, qty: u64, for_sale: bool) {
         let now = self.dev_now_ms(dev);
         let d = &mut self.devices[dev as usize];
-        if d.rights_asked_at.get(&sku).is_some_and(|t| now.saturating_sub(*t) < 2_000) {
+        let interval = if for_sale { SALE_RIGHTS_REQUEST_INTERVAL_MS } else { RIGHTS_REQUEST_INTERVAL_MS };
+        let key = (sku, for_sale);
+        if d.rights_asked_at.get(&key).is_some_and(|t| now.saturating_sub(*t) < interval) {
             return;
         }
-        d.rights_asked_at.insert(sku.clone(), now);
-        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&sku, qty, now));
+        d.rights_asked_at.insert(key.clone(), now);
+        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&key.0, qty, for_sale, now));
         self.execute(dev, out);
     }
 
@@ -722,6 +875,9 @@ impl World {
                     if !report.applied.is_empty() {
                         self.trace(Some(dev), format!("applied {} from {from}", report.applied.len()));
                     }
+                    let me = self.devices[dev as usize].id;
+                    let rights_arrived =
+                        report.applied.iter().any(|e| matches!(&e.event.body, EventBody::Transferred { to, .. } if *to == me));
                     for e in report.applied {
                         self.note_held(dev, &e);
                         let e = self.intern(e);
@@ -734,13 +890,16 @@ impl World {
                         d.sync.applied(&from, report.pending, now, d.ledger.heads_ref())
                     });
                     queue.extend(more);
+                    if rights_arrived {
+                        self.retry_waiting(dev);
+                    }
                 }
                 Output::Disconnect { peer, reason } => {
                     self.trace(Some(dev), format!("disconnect {peer}: {reason}"));
                     self.teardown(dev, peer);
                 }
-                Output::RightsWanted { from, sku, qty } => {
-                    if let Some(entry) = self.give_rights(dev, from, &sku, qty) {
+                Output::RightsWanted { from, sku, qty, for_sale } => {
+                    if let Some(entry) = self.give_rights(dev, from, &sku, qty, for_sale) {
                         self.trace(Some(dev), format!("gave {sku} to {from}"));
                         self.local_entry(dev, entry);
                     }
@@ -749,7 +908,7 @@ impl World {
         }
     }
 
-    fn give_rights(&mut self, dev: u32, to: u32, sku: &str, qty: u64) -> Option<Entry> {
+    fn give_rights(&mut self, dev: u32, to: u32, sku: &str, qty: u64, for_sale: bool) -> Option<Entry> {
         if self.devices[dev as usize].is_cloud || self.devices[to as usize].is_cloud {
             return None;
         }
@@ -761,8 +920,9 @@ impl World {
             let state = d.ledger.state();
             let me = d.ledger.device();
             let held = state.rights_of(sku, &me);
-            let count = |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms + 3_600_000 >= now).count() as u64;
-            let give = policy.give(held, qty, count(&me), count(&to_id));
+            let count =
+                |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count() as u64;
+            let give = policy.give(held, qty, count(&me), count(&to_id), for_sale);
             (give > 0).then(|| d.ledger.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to: to_id }, now).ok()).flatten()
         })
     }
@@ -958,6 +1118,7 @@ impl World {
         for (a, b) in peers {
             self.teardown(a, b);
         }
+        self.drop_waiting(Some(dev));
         self.trace(Some(dev), format!("crash lose_unsynced={lose_unsynced}"));
     }
 
@@ -999,6 +1160,7 @@ impl World {
         self.day_over = true;
         self.end_of_day_at = self.now;
         self.trace(None, "end of day: faults stop, liveness phase".into());
+        self.drop_waiting(None);
         self.active_faults.clear();
         for d in 0..self.n() {
             if !self.devices[d as usize].up {
@@ -1120,6 +1282,10 @@ impl World {
             events: self.events,
             sales,
             refused: self.refused.clone(),
+            refused_while_reachable_held: self.refused_while_reachable_held,
+            refused_while_reachable_idle_held: self.refused_while_reachable_idle_held,
+            units_unsold: self.restocked.keys().map(|sku| self.devices[0].ledger.state().stock(sku).total).sum(),
+            sales_after_waiting_for_rights: self.sales_after_waiting,
             customers_lost: self.customers_lost,
             convergence_ms_p50: pct(0.5),
             convergence_ms_p99: pct(0.99),

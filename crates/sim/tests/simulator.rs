@@ -63,7 +63,8 @@ fn adding_a_device_does_not_change_the_other_devices_random_draws() {
             .filter(|l| {
                 let mut f = l.split(' ');
                 let (_, dev, what) = (f.next(), f.next(), f.next());
-                matches!(dev, Some("0") | Some("1")) && what == Some("sale")
+                // Arrivals, not sales: a sale that waits for rights is acked when they arrive.
+                matches!(dev, Some("0") | Some("1")) && what == Some("customer")
             })
             .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
             .collect()
@@ -140,6 +141,20 @@ groups = [[0, 2, 4], [1, 3, 5]]
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
     assert!(r.report.refused.get("insufficient_stock_rights").is_some_and(|n| *n > 0), "{}", r.report.table());
     assert!(matches!(sc.faults[0], FaultSpec::Partition { .. }));
+}
+
+#[test]
+fn no_sale_is_refused_while_a_reachable_idle_tablet_holds_the_units() {
+    let sc = shipped("stranded-units.toml");
+    let r = run(&sc, Options { seed: 1, ..Default::default() });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    let table = r.report.table();
+    eprintln!("{table}");
+    // Refusals while a selling tablet held its `min_keep` remain: it keeps them for its customers.
+    assert_eq!(r.report.refused_while_reachable_idle_held, 0, "{table}");
+    assert_eq!(r.report.units_unsold, 0, "every unit is sold by the end of the day\n{table}");
+    assert!(r.report.sales_after_waiting_for_rights > 0, "no sale waited: the scenario does not strand units\n{table}");
+    assert!(r.report.refused.get("insufficient_stock_rights").is_some_and(|n| *n > 0), "stock must run out\n{table}");
 }
 
 #[test]

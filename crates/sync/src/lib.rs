@@ -28,7 +28,8 @@ use std::fmt::Debug;
 pub use stallmesh_ledger::Heads;
 
 /// First byte of every message; a peer speaking another version is disconnected, not guessed at.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// 3: `RightsWanted` says whether a sale waits for the rights.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest encoded message. 2,000 changes of a typical sale (~550 bytes) fit in about 1.1 MB.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Most changes in one message; more are sent in follow-up messages (`more: true`).
@@ -53,8 +54,9 @@ pub enum Message {
     HeadsWanted,
     /// Changes the receiver lacks. `more`: the sender had more than one message holds.
     Changes { changes: Vec<SignedChange>, more: bool },
-    /// The sender ran short of stock rights for `sku` and asks for `qty` units.
-    RightsWanted { sku: String, qty: u64 },
+    /// The sender ran short of stock rights for `sku` and asks for `qty` units. `for_sale`: a
+    /// customer waits for them now (else a refill below the low watermark).
+    RightsWanted { sku: String, qty: u64, for_sale: bool },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
@@ -126,7 +128,7 @@ pub enum Output<P> {
     /// Drop the connection to this peer.
     Disconnect { peer: P, reason: String },
     /// A peer asks for stock rights: the driver consults [`rebalance`] and may record a transfer.
-    RightsWanted { from: P, sku: String, qty: u64 },
+    RightsWanted { from: P, sku: String, qty: u64, for_sale: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,7 +404,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 self.stats.changes_received += changes.len() as u64;
                 out.push(Output::Apply { from, changes });
             }
-            Message::RightsWanted { sku, qty } => out.push(Output::RightsWanted { from, sku, qty }),
+            Message::RightsWanted { sku, qty, for_sale } => out.push(Output::RightsWanted { from, sku, qty, for_sale }),
         }
         out
     }
@@ -531,10 +533,10 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         out
     }
 
-    /// Asks every connected peer for stock rights.
-    pub fn want_rights(&mut self, sku: &str, qty: u64, now_ms: u64) -> Vec<Output<P>> {
+    /// Asks every connected peer for stock rights (`for_sale`: a customer waits for them).
+    pub fn want_rights(&mut self, sku: &str, qty: u64, for_sale: bool, now_ms: u64) -> Vec<Output<P>> {
         let mut out = Vec::new();
-        let bytes = Message::RightsWanted { sku: sku.to_string(), qty }.encode();
+        let bytes = Message::RightsWanted { sku: sku.to_string(), qty, for_sale }.encode();
         let peers: Vec<P> = self.peers.keys().cloned().collect();
         for p in peers {
             self.send(&mut out, &p, bytes.clone(), now_ms);

@@ -247,12 +247,12 @@ fn rights_wanted_reaches_the_driver() {
     let market = TestMarket::new(6);
     let mut net = Net::new(&market, 2);
     net.connect(0, 1);
-    let out = net.nodes[0].sync.want_rights("honey", 3, 5);
+    let out = net.nodes[0].sync.want_rights("honey", 3, true, 5);
     let Output::Send { to: 1, bytes } = &out[0] else { panic!("{out:?}") };
     let n = &mut net.nodes[1];
     let heads = n.heads();
     let got = n.sync.receive(0, bytes, 5, &heads, &n.log);
-    assert_eq!(got, vec![Output::RightsWanted { from: 0, sku: "honey".into(), qty: 3 }]);
+    assert_eq!(got, vec![Output::RightsWanted { from: 0, sku: "honey".into(), qty: 3, for_sale: true }]);
 }
 
 #[test]
