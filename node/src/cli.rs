@@ -225,7 +225,8 @@ const CLIENT_TIMEOUT_SECS: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{code}: {message}")]
+    /// The node answered with an error: shown to a person as sentences, never as JSON.
+    #[error("{}", describe_api_error(*status, code, message, details.as_ref()))]
     Api { status: u16, code: String, message: String, details: Option<Value> },
     #[error("cannot reach the node at {url}: {detail} (is `stallmesh up` running?)")]
     Unreachable { url: String, detail: String },
@@ -277,6 +278,91 @@ impl Client {
     pub fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.handle(self.agent.put(&format!("{}{path}", self.base)).send_json(body))
     }
+}
+
+/// A device id as a person reads it in a sentence: its first 8 hex characters.
+fn short_device(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+fn units(n: u64) -> String {
+    if n == 1 {
+        "1 unit".to_string()
+    } else {
+        format!("{n} units")
+    }
+}
+
+/// A JSON value in words: strings bare, lists comma-separated, objects as `key: value` pairs.
+fn in_words(v: &Value) -> String {
+    match v {
+        Value::Null => "none".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.is_empty() => "none".to_string(),
+        Value::Array(a) => a.iter().map(in_words).collect::<Vec<_>>().join(", "),
+        Value::Object(o) => o.iter().map(|(k, v)| format!("{}: {}", k.replace('_', " "), in_words(v))).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+/// A refused sale, restock or transfer for want of stock rights, from the details the node sends.
+fn describe_insufficient_rights(d: &Value) -> String {
+    let sku = d["sku"].as_str().unwrap_or("this product");
+    let requested = d["requested"].as_u64().unwrap_or(0);
+    let here = d["held_here"].as_u64().unwrap_or(0);
+    let mut elsewhere: Vec<(&str, u64)> =
+        d["held_elsewhere"].as_object().into_iter().flatten().filter_map(|(dev, n)| Some((dev.as_str(), n.as_u64()?))).collect();
+    elsewhere.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let elsewhere_total = d["held_elsewhere_total"].as_u64().unwrap_or_else(|| elsewhere.iter().map(|(_, n)| n).sum());
+    let mut text = format!("Refused: not enough {sku} here — asked {requested}, this tablet holds {here}; ");
+    if elsewhere_total == 0 {
+        text.push_str("no other tablet holds any.");
+        return text;
+    }
+    let list = elsewhere.iter().map(|(dev, n)| format!("{}: {n}", short_device(dev))).collect::<Vec<_>>().join(", ");
+    if elsewhere.len() == 1 {
+        text.push_str(&format!("another tablet holds {elsewhere_total} ({list})"));
+    } else {
+        text.push_str(&format!("other tablets hold {elsewhere_total} ({list})"));
+    }
+    // Present only when the node runs a mesh: how much of that it cannot reach now. A node with a
+    // mesh asks the others for rights when a sale is refused for want of them.
+    let reachable: Vec<&str> = d["reachable_devices"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let away_holders = elsewhere.iter().filter(|(dev, _)| !reachable.contains(dev)).count();
+    let tablets_away = if away_holders == 1 { "a tablet" } else { "tablets" };
+    match d["held_on_unreachable_devices"].as_u64() {
+        Some(0) => {
+            let them = if elsewhere.len() == 1 { "it" } else { "them" };
+            text.push_str(&format!("; this tablet has asked {them} to pass some over: try again in a moment."));
+        }
+        Some(n) if n >= elsewhere_total => text.push_str(&format!("; all of it sits on {tablets_away} out of reach.")),
+        Some(n) => text.push_str(&format!(
+            "; {} {} on {tablets_away} out of reach, and this tablet has asked the ones in reach to pass some over: try again in a moment.",
+            units(n),
+            if n == 1 { "sits" } else { "sit" },
+        )),
+        None => text.push('.'),
+    }
+    text
+}
+
+/// What a person reads when the node refuses a request: the node's message and, in words, the details
+/// that matter; the error code last, for support and scripts.
+pub fn describe_api_error(status: u16, code: &str, message: &str, details: Option<&Value>) -> String {
+    if code == "insufficient_stock_rights" {
+        if let Some(d) = details {
+            return describe_insufficient_rights(d);
+        }
+    }
+    let lead = if status >= 500 { "The node cannot do that now" } else { "Refused" };
+    let mut text = if message.is_empty() { format!("{lead}: the node answered HTTP {status}") } else { format!("{lead}: {message}") };
+    if !code.is_empty() && code != "error" {
+        text.push_str(&format!(" [{code}]"));
+    }
+    if let Some(d) = details.filter(|d| !d.is_null() && d.as_object().is_none_or(|o| !o.is_empty())) {
+        text.push_str(&format!("\n  {}", in_words(d)));
+    }
+    text
 }
 
 /// Parses `SKU[:QTY]`.
@@ -398,4 +484,81 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
         Command::Market(_) | Command::Device(_) | Command::Up(_) | Command::Sim(_) => unreachable!("not a client verb"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "a1b2c3d4a1b2c3d4a1b2c3d4a1b2c3d4a1b2c3d4a1b2c3d4a1b2c3d4a1b2c3d4";
+    const E: &str = "e5f6a7b8e5f6a7b8e5f6a7b8e5f6a7b8e5f6a7b8e5f6a7b8e5f6a7b8e5f6a7b8";
+
+    fn refused(details: Value) -> String {
+        let e = ClientError::Api {
+            status: 409,
+            code: "insufficient_stock_rights".into(),
+            message: "not enough stock rights for BEE-CND: asked 99, this device holds 8, other devices hold 3".into(),
+            details: Some(details),
+        };
+        e.to_string()
+    }
+
+    #[test]
+    fn a_refused_sale_reads_as_sentences_with_the_rights_held_elsewhere() {
+        let text = refused(json!({
+            "sku": "BEE-CND", "requested": 99, "held_here": 8, "held_elsewhere_total": 3,
+            "held_elsewhere": { A: 2, E: 1 }, "held_on_unreachable_devices": 1, "reachable_devices": [A],
+        }));
+        assert_eq!(
+            text,
+            "Refused: not enough BEE-CND here — asked 99, this tablet holds 8; other tablets hold 3 (a1b2c3d4: 2, e5f6a7b8: 1); \
+             1 unit sits on a tablet out of reach, and this tablet has asked the ones in reach to pass some over: try again in a moment."
+        );
+    }
+
+    /// `requested` 9, none held here; `elsewhere` as the node sends it, plus the mesh's view if any.
+    fn refused_with(elsewhere: Value, total: u64, mesh: Option<(u64, Value)>) -> String {
+        let mut d = json!({ "sku": "BEE-CND", "requested": 9, "held_here": 0, "held_elsewhere_total": total, "held_elsewhere": elsewhere });
+        if let Some((unreachable, reachable)) = mesh {
+            d["held_on_unreachable_devices"] = json!(unreachable);
+            d["reachable_devices"] = reachable;
+        }
+        refused(d)
+    }
+
+    #[test]
+    fn a_refused_sale_says_when_nothing_else_is_held_or_all_is_out_of_reach() {
+        let none = refused_with(json!({}), 0, Some((0, json!([]))));
+        assert_eq!(none, "Refused: not enough BEE-CND here — asked 9, this tablet holds 0; no other tablet holds any.");
+        let away = refused_with(json!({ E: 4 }), 4, Some((4, json!([]))));
+        assert_eq!(
+            away,
+            "Refused: not enough BEE-CND here — asked 9, this tablet holds 0; another tablet holds 4 (e5f6a7b8: 4); \
+             all of it sits on a tablet out of reach."
+        );
+        let in_reach = refused_with(json!({ E: 4 }), 4, Some((0, json!([E]))));
+        assert!(in_reach.ends_with("(e5f6a7b8: 4); this tablet has asked it to pass some over: try again in a moment."), "{in_reach}");
+        let both_away = refused_with(json!({ A: 2, E: 1 }), 3, Some((3, json!([]))));
+        assert!(both_away.ends_with("(a1b2c3d4: 2, e5f6a7b8: 1); all of it sits on tablets out of reach."), "{both_away}");
+        let no_mesh = refused_with(json!({ E: 4 }), 4, None);
+        assert!(no_mesh.ends_with("(e5f6a7b8: 4)."), "{no_mesh}");
+    }
+
+    #[test]
+    fn other_refusals_show_the_message_and_details_in_words_never_json() {
+        let e = ClientError::Api { status: 422, code: "unknown_sku".into(), message: "unknown SKU \"NOPE\"".into(), details: None };
+        assert_eq!(e.to_string(), "Refused: unknown SKU \"NOPE\" [unknown_sku]");
+        let e = ClientError::Api {
+            status: 503,
+            code: "store_unavailable".into(),
+            message: "node stopped accepting writes after a store failure (disk full); restart it".into(),
+            details: Some(json!({ "file": "stallmesh-data/stallmesh.redb", "reasons": ["disk full", "io"] })),
+        };
+        let text = e.to_string();
+        assert!(text.starts_with("The node cannot do that now: node stopped accepting writes"), "{text}");
+        assert!(text.ends_with("\n  file: stallmesh-data/stallmesh.redb, reasons: disk full, io"), "{text}");
+        assert!(!text.contains('{') && !text.contains('"'), "{text}");
+        let e = ClientError::Api { status: 413, code: "error".into(), message: String::new(), details: None };
+        assert_eq!(e.to_string(), "Refused: the node answered HTTP 413");
+    }
 }

@@ -104,10 +104,15 @@ fn main() -> ExitCode {
             }
         }
         cmd @ (Command::Market(_) | Command::Device(_)) => admin(cmd),
-        cmd => run_client(cmd).map_err(|e| match e {
-            ClientError::Api { details: Some(ref d), .. } => format!("{e}\n{}", serde_json::to_string_pretty(&d).unwrap_or_default()),
-            e => e.to_string(),
-        }),
+        cmd => match run_client(cmd) {
+            Ok(()) => Ok(()),
+            // The node's refusal, already in sentences ("Refused: ..."): no "error:" in front of it.
+            Err(e @ ClientError::Api { .. }) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => Err(e.to_string()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
