@@ -4,8 +4,9 @@
 //! (plus one each, so a device that has sold nothing yet still keeps something), and never gives
 //! below `min_keep`. The exception is a customer waiting: a device that sold nothing in the window
 //! gives what a waiting sale asks for, down to its last unit (`min_keep` protects a device's own
-//! customers, and an idle device has none). Pure arithmetic: the driver records the transfer (made
-//! by the giver).
+//! customers, and an idle device has none), and a selling device still gives at least what the
+//! waiting sale lacks, even its last units: a customer at the till now comes before one who may
+//! come. Pure arithmetic: the driver records the transfer (made by the giver).
 
 use serde::Deserialize;
 
@@ -56,7 +57,14 @@ impl RebalancePolicy {
         let mine = my_recent_sales + 1;
         let total = mine + their_recent_sales + 1;
         let keep = (held.saturating_mul(mine) / total).max(self.min_keep);
-        held.saturating_sub(keep).min(requested)
+        let share = held.saturating_sub(keep).min(requested);
+        if for_sale {
+            // A waiting sale asks for what it lacks plus a refill (the market's `refill`, as this
+            // device's config has it): the part it lacks is never held back.
+            let lacking = requested.saturating_sub(self.refill).max(1);
+            return share.max(lacking.min(held));
+        }
+        share
     }
 }
 
@@ -80,7 +88,7 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_device_gives_its_last_units_to_a_waiting_sale_and_a_selling_one_keeps_min_keep() {
+    fn an_idle_device_gives_its_last_units_to_a_waiting_sale_and_a_selling_one_what_the_sale_lacks() {
         let p = RebalancePolicy::default();
         // The case: an idle tablet holding one unit, a customer waiting one tablet away.
         assert_eq!(p.give(1, 6, 0, 3, true), 1);
@@ -88,14 +96,17 @@ mod tests {
         // Still never more than asked, nor than held.
         assert_eq!(p.give(10, 6, 0, 0, true), 6);
         assert_eq!(p.give(0, 6, 0, 0, true), 0);
-        // A tablet that sold in the window keeps min_keep even for a waiting sale...
-        assert_eq!(p.give(1, 6, 1, 3, true), 0);
+        // A tablet that sold in the window gives a waiting sale what it lacks (6 asked = 1 lacking
+        // + a refill of 5), even its last unit, and its policy share beyond that...
+        assert_eq!(p.give(1, 6, 1, 3, true), 1);
         assert_eq!(p.give(4, 6, 1, 100, true), 3);
+        assert_eq!(p.give(10, 8, 50, 0, true), 3, "lacking 3, though its share is 0");
         // ... and an idle one keeps it for a refill (nobody waits for a refill).
         assert_eq!(p.give(1, 6, 0, 3, false), 0);
-        // A larger min_keep binds only a selling device.
+        // A larger min_keep holds back only what a waiting sale does not lack.
         let p = RebalancePolicy { min_keep: 3, ..p };
         assert_eq!(p.give(3, 6, 0, 0, true), 3);
-        assert_eq!(p.give(3, 6, 2, 100, true), 0);
+        assert_eq!(p.give(3, 6, 2, 100, true), 1);
+        assert_eq!(p.give(3, 6, 2, 100, false), 0);
     }
 }
