@@ -321,7 +321,7 @@ impl Driver {
                     self.execute(out);
                     self.cut_revoked();
                     self.cut_refused();
-                    self.recovery_step(now);
+                    tokio::task::block_in_place(|| self.recovery_step(now)); // may commit the enrolment
                     let node = self.node.clone();
                     if let Err(e) = tokio::task::block_in_place(|| node.flush()) {
                         tracing::error!(error = %e, "cannot make received changes durable");
@@ -628,7 +628,7 @@ impl Driver {
             let state = l.state();
             let held = state.rights_of(&sku, &l.device());
             let recent = |d: &DeviceId| -> u64 {
-                state.sales.values().filter(|s| s.device == *d && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count() as u64
+                state.sales.values().filter(|s| s.device == *d && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count() as u64
             };
             self.config.rebalance.give(held, qty, recent(&l.device()), recent(&to), for_sale)
         });

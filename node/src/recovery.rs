@@ -24,6 +24,8 @@ pub enum RecoveryCause {
     StoreSetAside,
     /// A peer holds more of this device's journal than its store does (restored from an old copy).
     StaleStore,
+    /// The tablet stopped while a recovery was under way: its store may hold part of the journal.
+    Interrupted,
 }
 
 /// What one verified peer told of this device's journal: how many entries of it the peer holds.
@@ -93,6 +95,7 @@ impl Recovery {
         let lost = match self.cause {
             RecoveryCause::EmptyStore => "this tablet's store is empty but its credentials were used before (reset or reinstalled)",
             RecoveryCause::StoreSetAside => "this tablet's store was damaged and set aside",
+            RecoveryCause::Interrupted => "this tablet stopped while it was taking its journal back",
             RecoveryCause::StaleStore => {
                 "another tablet holds more of this device's journal than this tablet's store (restored from an old copy?)"
             }

@@ -51,6 +51,9 @@ pub struct SetAside {
 /// Written next to a device's credentials once its journal has an entry: from then on an empty
 /// store means the journal was lost here, not that the device is new (see `recovery`).
 pub const JOURNAL_STARTED_FILE: &str = "journal.started";
+/// Written beside the credentials while a recovery is under way, removed once it ends: a tablet
+/// switched off half-way holds part of its journal, and must not take that part for all of it.
+pub const JOURNAL_RECOVERING_FILE: &str = "journal.recovering";
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -102,8 +105,12 @@ pub struct MeshLink {
     pub refill: u64,
 }
 
-/// Positions listed by [`Node::equivocations`].
+/// Positions listed by [`Node::equivocations`]: enough to show every sale a cloned tablet made in
+/// a morning; each position is decoded for the listing.
 pub const MAX_EQUIVOCATIONS_LISTED: usize = 200;
+/// Evidence passed on in one mesh broadcast: half a sync message (`MAX_MESSAGE_BYTES`), leaving
+/// room for its framing.
+pub const MAX_EVIDENCE_BROADCAST_BYTES: usize = stallmesh_sync::MAX_MESSAGE_BYTES / 2;
 
 /// One device seen signing two histories.
 pub struct DeviceEquivocation {
@@ -205,11 +212,17 @@ impl Node {
         );
         let fresh = restored == 0;
         // A set-aside store held this device's journal whatever the marker says: never start anew.
+        let recovering_marker = recovering_marker(&journal_marker);
         let recovery = if info.store_set_aside.is_some() {
             Some(Recovery::new(RecoveryCause::StoreSetAside, now_ms()))
+        } else if recovering_marker.exists() {
+            Some(Recovery::new(RecoveryCause::Interrupted, now_ms()))
         } else {
             (fresh && journal_marker.exists()).then(|| Recovery::new(RecoveryCause::EmptyStore, now_ms()))
         };
+        if recovery.is_some() {
+            mark_recovering(&recovering_marker, true);
+        }
         let node = Node {
             inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None, recovery, journal_marker, mesh_secrets })),
             metrics: Arc::new(Metrics::new()),
@@ -225,7 +238,7 @@ impl Node {
         } else {
             node.start_journal()?;
         }
-        if demo && fresh {
+        if demo && fresh && node.recovery().is_none() {
             node.seed_demo()?;
         }
         if demo {
@@ -273,11 +286,18 @@ impl Node {
             if inner.recovery.is_none() && ahead > own {
                 let r = Recovery::new(RecoveryCause::StaleStore, now_ms);
                 tracing::warn!(own, held_by_peers = ahead, "{}", r.message);
+                mark_recovering(&recovering_marker(&inner.journal_marker), true);
                 inner.recovery = Some(r);
             }
             let Some(r) = inner.recovery.as_mut() else { return };
             let step = r.step(now_ms, own, peers);
             if step != Step::Wait {
+                // What was taken back is made durable before the recovery is over for good.
+                if let Err(e) = inner.store.flush() {
+                    tracing::error!(error = %e, "cannot make the recovered journal durable; still recovering");
+                    return;
+                }
+                mark_recovering(&recovering_marker(&inner.journal_marker), false);
                 inner.recovery = None;
             }
             step
@@ -349,6 +369,11 @@ impl Node {
             if let Some(why) = &inner.failed {
                 return Err(NodeError::Failed(why.clone()));
             }
+            // Checked under the lock: a recovery may start between a caller's look and its write.
+            // Changes from peers (relaxed) are how a recovery ends, so they go through.
+            if let (true, Some(r)) = (durable, &inner.recovery) {
+                return Err(NodeError::Recovering(r.message.clone()));
+            }
             let entries = f(&mut inner.ledger)?;
             let started = Instant::now();
             let result = if durable { inner.store.append(&entries) } else { inner.store.append_relaxed(&entries) };
@@ -379,10 +404,7 @@ impl Node {
             LocalOp::Revoke(_) => "revocation",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
-        let result = match self.recovery() {
-            Some(r) => Err(NodeError::Recovering(r.message)),
-            None => self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e])),
-        };
+        let result = self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e]));
         match &result {
             Ok(entries) => {
                 self.metrics.changes_applied.get_or_create(&Origin { origin: "local" }).inc();
@@ -547,7 +569,7 @@ impl Node {
         {
             let mut inner = self.lock();
             if let Err(e) = inner.store.keep_evidence(evidence) {
-                tracing::error!(error = %e, "cannot keep evidence of equivocation");
+                Self::fail_on_store_error(&mut inner, &e, "keeping evidence");
                 return Err(e.into());
             }
             for c in evidence {
@@ -562,7 +584,20 @@ impl Node {
                 "equivocation: two different changes signed by one device for one journal position (cloned or reset credentials); kept as evidence"
             );
         }
-        self.to_mesh(MeshCommand::Broadcast(pass_on));
+        // In batches a mesh message can carry: an oversized broadcast would not be published at all.
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for c in pass_on {
+            if !batch.is_empty() && batch_bytes + c.encoded_len() > MAX_EVIDENCE_BROADCAST_BYTES {
+                self.to_mesh(MeshCommand::Broadcast(std::mem::take(&mut batch)));
+                batch_bytes = 0;
+            }
+            batch_bytes += c.encoded_len();
+            batch.push(c);
+        }
+        if !batch.is_empty() {
+            self.to_mesh(MeshCommand::Broadcast(batch));
+        }
         Ok(())
     }
 
@@ -616,11 +651,19 @@ impl Node {
     /// Conflicting positions, device by device, with what each history recorded there (at most
     /// [`MAX_EQUIVOCATIONS_LISTED`] positions).
     pub fn equivocations(&self) -> Result<Vec<DeviceEquivocation>, NodeError> {
-        let inner = self.lock();
-        let evidence = inner.ledger.evidence();
+        // Copied under the lock, decoded after it: a listing never holds up a sale.
+        let listed: Vec<(stallmesh_identity::Dot, Vec<SignedChange>, Option<SignedChange>)> = {
+            let inner = self.lock();
+            let mut listed = Vec::new();
+            for (dot, conflicting) in inner.ledger.evidence().iter().take(MAX_EQUIVOCATIONS_LISTED) {
+                let held = inner.store.changes_since(&dot.device, dot.seq, 1)?.into_iter().find(|c| c.seq == dot.seq);
+                listed.push((*dot, conflicting.clone(), held));
+            }
+            listed
+        };
         let mut out: Vec<DeviceEquivocation> = Vec::new();
-        for (dot, conflicting) in evidence.iter().take(MAX_EQUIVOCATIONS_LISTED) {
-            let held = inner.store.changes_since(&dot.device, dot.seq, 1)?.into_iter().find(|c| c.seq == dot.seq).and_then(|c| {
+        for (dot, conflicting, held) in listed {
+            let held = held.and_then(|c| {
                 let event = stallmesh_ledger::decode_change_event(&c).ok()?;
                 Some((c, event))
             });
@@ -679,6 +722,23 @@ fn open_store(config: &Config, owner: Owner) -> Result<(Store, Option<SetAside>)
     );
     let store = Store::open(&path, owner)?;
     Ok((store, Some(SetAside { original: path, moved_to, reason })))
+}
+
+fn recovering_marker(journal_marker: &std::path::Path) -> PathBuf {
+    journal_marker.with_file_name(JOURNAL_RECOVERING_FILE)
+}
+
+/// Sets or clears the "recovery under way" marker. Failing to write it is logged loudly: the
+/// recovery itself goes on, only a power cut in the middle of it would then go unnoticed.
+fn mark_recovering(path: &std::path::Path, on: bool) {
+    let result = if on {
+        std::fs::write(path, "this tablet's journal is being taken back from its peers\n")
+    } else {
+        std::fs::remove_file(path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+    };
+    if let Err(e) = result {
+        tracing::error!(path = %path.display(), error = %e, "cannot record whether a recovery is under way");
+    }
 }
 
 fn create_demo_credentials(config: &Config, device_dir: &std::path::Path) -> Result<DeviceCredentials, NodeError> {

@@ -358,16 +358,25 @@ const MAX_STANDALONE_OPS: usize = 20_000;
 /// document without the journal before it. This is how a replica shows what a conflicting change
 /// (never applied, its history not held) recorded.
 pub fn decode_change_event(change: &SignedChange) -> Result<Event, String> {
+    if change.change.len() > MAX_CHANGE_BYTES {
+        return Err(format!("change of {} bytes exceeds the limit", change.change.len()));
+    }
+    // automerge's expansion asserts on inputs it considers impossible, and the bytes are a peer's.
+    std::panic::catch_unwind(|| replay_event(change)).unwrap_or_else(|_| Err("the change's operations do not expand".into()))
+}
+
+fn replay_event(change: &SignedChange) -> Result<Event, String> {
     use automerge::legacy::{Key, ObjectId, OpId, OpType};
     let am = Change::from_bytes(change.change.to_vec()).map_err(|e| e.to_string())?;
-    // automerge's expansion asserts on inputs it considers impossible: bytes from a peer must not panic us.
-    let expanded = std::panic::catch_unwind(|| am.decode()).map_err(|_| "the change's operations do not expand".to_string())?;
+    let expanded = am.decode();
     let ops = &expanded.operations;
     if ops.len() > MAX_STANDALONE_OPS {
         return Err(format!("{} operations, more than an event has", ops.len()));
     }
     let actor = expanded.actor_id.clone();
-    let id_of = |i: usize| ObjectId::Id(OpId(expanded.start_op.get() + i as u64, actor.clone()));
+    let start_op = expanded.start_op.get();
+    start_op.checked_add(ops.len() as u64).ok_or("operation counter overflows")?;
+    let id_of = |i: usize| ObjectId::Id(OpId(start_op + i as u64, actor.clone()));
     // The event: the map this change inserts into a list it did not create.
     let event_op =
         ops.iter().position(|o| o.insert && matches!(o.action, OpType::Make(ObjType::Map))).ok_or("the change inserts no journal event")?;
@@ -378,7 +387,13 @@ pub fn decode_change_event(change: &SignedChange) -> Result<Event, String> {
     let map = tx.insert_object(&list, 0, ObjType::Map).map_err(am_err)?;
     // (object in the change, its copy here): each object is made before what it contains.
     let mut work = vec![(id_of(event_op), map)];
+    // Each object is replayed once: a crafted change whose objects contain each other is refused,
+    // not walked forever.
+    let mut replayed = std::collections::HashSet::new();
     while let Some((src, dst)) = work.pop() {
+        if !replayed.insert(src.clone()) || replayed.len() > ops.len() {
+            return Err("the change's objects contain each other".into());
+        }
         let mut index = 0;
         for (i, op) in ops.iter().enumerate().filter(|(_, o)| o.obj == src) {
             let made = match (&op.key, &op.action) {
@@ -393,7 +408,7 @@ pub fn decode_change_event(change: &SignedChange) -> Result<Event, String> {
                 index += 1;
             }
             if let Some(child) = made {
-                work.push((id_of(i), child)); // each op makes at most one object: bounded by the ops
+                work.push((id_of(i), child));
             }
         }
     }

@@ -21,6 +21,11 @@ const _: () = assert!((MAX_QTY as u128) * (MAX_SALE_LINES as u128) <= u64::MAX a
 // The largest photo fits in one change with room for the rest of the change.
 const _: () = assert!(MAX_PHOTO_BYTES + PHOTO_CHANGE_ENVELOPE_BYTES <= MAX_CHANGE_BYTES);
 
+/// Highest catalogue clock an event may carry: one catalogue change a millisecond for 285,000
+/// years. Bounded so that one forged product cannot push every replica's clock to its end (then no
+/// tablet could change a product again: last writer wins by this clock).
+pub const MAX_LAMPORT: u64 = 1 << 53;
+
 /// The field of an event that breaks a limit, and how.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 #[error("{field}: {problem}")]
@@ -31,6 +36,13 @@ pub struct InvalidField {
 
 type Checked = Result<(), InvalidField>;
 
+fn check_lamport(lamport: u64) -> Checked {
+    if lamport > MAX_LAMPORT {
+        return Err(invalid("lamport", format!("must be at most {MAX_LAMPORT}")));
+    }
+    Ok(())
+}
+
 fn invalid(field: &'static str, problem: impl Into<String>) -> InvalidField {
     InvalidField { field, problem: problem.into() }
 }
@@ -40,12 +52,16 @@ pub fn check_event_body(body: &EventBody) -> Checked {
     match body {
         // Verified against the market key by whoever records or applies them.
         EventBody::Enrolled { .. } | EventBody::Revoked { .. } => Ok(()),
-        EventBody::ProductUpserted { product, .. } => check_product(product),
+        EventBody::ProductUpserted { product, lamport } => {
+            check_lamport(*lamport)?;
+            check_product(product)
+        }
         EventBody::Restocked { sku, qty } | EventBody::Transferred { sku, qty, .. } => {
             check_qty(*qty)?;
             check_sku(sku)
         }
-        EventBody::PhotoAttached { sku, jpeg, .. } => {
+        EventBody::PhotoAttached { sku, jpeg, lamport } => {
+            check_lamport(*lamport)?;
             check_sku(sku)?;
             check_photo(jpeg)
         }

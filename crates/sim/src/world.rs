@@ -738,7 +738,7 @@ impl World {
                 let reachable = !peer.is_cloud && peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
                 let now = self.dev_now_ms(p);
                 let recent_sales =
-                    state.sales.values().filter(|s| s.device == peer.id && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count();
+                    state.sales.values().filter(|s| s.device == peer.id && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count();
                 (reachable && held > 0).then_some(Holder { device: p, held, recent_sales })
             })
             .collect()
@@ -920,8 +920,9 @@ impl World {
             let state = d.ledger.state();
             let me = d.ledger.device();
             let held = state.rights_of(sku, &me);
-            let count =
-                |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms + RECENT_SALES_WINDOW_MS >= now).count() as u64;
+            let count = |x: &DeviceId| {
+                state.sales.values().filter(|s| s.device == *x && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count() as u64
+            };
             let give = policy.give(held, qty, count(&me), count(&to_id), for_sale);
             (give > 0).then(|| d.ledger.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to: to_id }, now).ok()).flatten()
         })

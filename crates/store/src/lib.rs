@@ -225,6 +225,8 @@ fn verify_contents(db: &impl ReadableDatabase, path: &Path, owner: Owner) -> Res
     if indexed != expected {
         return Err(corrupt(format!("index holds {indexed} entries, the journal {expected}")));
     }
+    drop((by_dot, journal, meta, tx));
+    evidence::read_evidence(db, path)?;
     Ok(expected)
 }
 
