@@ -393,11 +393,7 @@ impl Driver {
                 peer,
                 message: request_response::Message::Response { response, .. },
                 ..
-            })) => {
-                if !response.is_empty() {
-                    self.on_hello(peer, &response);
-                }
-            }
+            })) if !response.is_empty() => self.on_hello(peer, &response),
             SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. })) => match message {
                 request_response::Message::Request { request, channel, .. } => {
                     let _ = self.swarm.behaviour_mut().sync.send_response(channel, vec![]);

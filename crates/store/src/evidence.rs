@@ -8,6 +8,7 @@ use stallmesh_identity::SignedChange;
 use std::path::Path;
 
 /// (device, seq, digest of the conflicting change) → CRC-framed postcard `SignedChange`.
+#[allow(clippy::type_complexity)] // redb's table types are spelt out where they are defined
 const EVIDENCE: TableDefinition<(&[u8], u64, &[u8]), &[u8]> = TableDefinition::new("evidence");
 
 /// Reads (and so verifies) every evidence row: part of the check a file passes before it is opened.
