@@ -130,6 +130,15 @@ fn trade(t: &Tablet, other: &Tablet, sku: &str) -> String {
     id
 }
 
+/// Tablets `a` and `b` of `m`, running and connected.
+fn two_tablets(m: &Market) -> (Tablet, Tablet) {
+    let (mut a, mut b) = (m.tablet("a", "a-data"), m.tablet("b", "b-data"));
+    m.start(&mut a, &[]);
+    m.start(&mut b, &[&a]);
+    eventually(CONVERGE, "a and b connect", || a.peers() == 1 && b.peers() == 1);
+    (a, b)
+}
+
 fn wipe(m: &Market, t: &Tablet) {
     std::fs::remove_dir_all(m.path(&t.data)).unwrap();
 }
@@ -144,10 +153,7 @@ fn no_forks_anywhere(tablets: &[&Tablet]) {
 #[test]
 fn a_reset_tablet_takes_its_journal_back_from_a_peer_before_it_sells_and_every_sale_reaches_every_tablet() {
     let m = Market::new();
-    let (mut a, mut b) = (m.tablet("a", "a-data"), m.tablet("b", "b-data"));
-    m.start(&mut a, &[]);
-    m.start(&mut b, &[&a]);
-    eventually(CONVERGE, "a and b connect", || a.peers() == 1 && b.peers() == 1);
+    let (mut a, b) = two_tablets(&m);
     let before = trade(&a, &b, "JAM");
 
     // The tablet is reset: its data directory is gone, its credentials are not.
@@ -175,10 +181,7 @@ fn a_reset_tablet_takes_its_journal_back_from_a_peer_before_it_sells_and_every_s
 #[test]
 fn a_reset_tablet_with_no_peer_in_reach_refuses_to_sell_until_one_appears() {
     let m = Market::new();
-    let (mut a, mut b) = (m.tablet("a", "a-data"), m.tablet("b", "b-data"));
-    m.start(&mut a, &[]);
-    m.start(&mut b, &[&a]);
-    eventually(CONVERGE, "a and b connect", || a.peers() == 1 && b.peers() == 1);
+    let (mut a, mut b) = two_tablets(&m);
     let before = trade(&a, &b, "TEA");
     // Received changes are made durable within a mesh tick (250 ms); b is killed, not stopped.
     std::thread::sleep(Duration::from_secs(1));
@@ -208,10 +211,7 @@ fn a_reset_tablet_with_no_peer_in_reach_refuses_to_sell_until_one_appears() {
 #[test]
 fn a_tablet_whose_store_is_damaged_sets_it_aside_and_rebuilds_from_its_peer() {
     let m = Market::new();
-    let (mut a, mut b) = (m.tablet("a", "a-data"), m.tablet("b", "b-data"));
-    m.start(&mut a, &[]);
-    m.start(&mut b, &[&a]);
-    eventually(CONVERGE, "a and b connect", || a.peers() == 1 && b.peers() == 1);
+    let (mut a, b) = two_tablets(&m);
     let before = trade(&a, &b, "HNY");
     a.stop();
     let store = m.path("a-data").join("stallmesh.redb");
@@ -234,10 +234,7 @@ fn a_tablet_whose_store_is_damaged_sets_it_aside_and_rebuilds_from_its_peer() {
 #[test]
 fn a_tablet_switched_off_half_way_through_a_recovery_finishes_it_before_selling() {
     let m = Market::new();
-    let (mut a, mut b) = (m.tablet("a", "a-data"), m.tablet("b", "b-data"));
-    m.start(&mut a, &[]);
-    m.start(&mut b, &[&a]);
-    eventually(CONVERGE, "a and b connect", || a.peers() == 1 && b.peers() == 1);
+    let (mut a, b) = two_tablets(&m);
     trade(&a, &b, "OIL");
     a.stop();
     // Left behind by a recovery cut short by a power cut: the store may hold only part of the journal.

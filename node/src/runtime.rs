@@ -12,7 +12,7 @@ use crate::recovery::{PeerView, Recovery, RecoveryCause, Step};
 use stallmesh_identity::files::{self, DeviceCredentials, FileError};
 use stallmesh_identity::{Role, SignedChange};
 use stallmesh_ledger::{ApplyReport, Entry, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product, RestoreError};
-use stallmesh_store::{Owner, Store, StoreError};
+use stallmesh_store::{panic_message, Owner, Store, StoreError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -688,14 +688,6 @@ impl Node {
     pub fn failed(&self) -> Option<String> {
         self.lock().failed.clone()
     }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Opens the node's store. A damaged one (`Corrupt`) is set aside, never deleted, and a fresh

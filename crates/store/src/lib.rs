@@ -105,7 +105,8 @@ fn unframe(bytes: &[u8]) -> Result<Entry, String> {
     postcard::from_bytes(unframe_bytes(bytes)?).map_err(|e| format!("row does not decode: {e}"))
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The message a caught panic carried (for errors that say what happened).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
