@@ -416,11 +416,6 @@ fn replay_event(change: &SignedChange) -> Result<Event, String> {
     event::read_event(&doc, &list, 0).map_err(|e| e.to_string())
 }
 
-/// First position of the journal segment holding `seq`.
-pub fn segment_start(seq: u64) -> u64 {
-    seq - seq % SEGMENT_CHANGES
-}
-
 fn events_list(doc: &Automerge) -> Option<ObjId> {
     match doc.get(ROOT, "events") {
         Ok(Some((automerge::Value::Object(ObjType::List), id))) => Some(id),
@@ -978,8 +973,7 @@ impl Ledger {
             return Err(Rejection::Oversized(c.causal.len()));
         }
         if c.seq < next {
-            let held = self.journals.get(&c.device).and_then(|j| j.digests.get(c.seq as usize));
-            if held == Some(&c.digest()) {
+            if self.held_digest(c.dot()) == Some(c.digest()) {
                 return Ok(Readiness::Duplicate);
             }
             // Not the change held here: altered bytes (forged), or a second change its device signed.
