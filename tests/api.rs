@@ -61,6 +61,10 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         ("POST", "/api/v1/sales", r#"{"lines": [{"sku": "HNY-500"}]}"#, 422, "invalid_body"),
         ("POST", "/api/v1/sales", r#"{"lines": [{"sku": "HNY-500", "qty": -1}]}"#, 422, "invalid_body"),
         ("POST", "/api/v1/sales", r#"{"lines": [{"sku": "HNY-500", "qty": 1}], "extra": 1}"#, 422, "invalid_body"),
+        // serde's tuple form of a struct is not a sale.
+        ("POST", "/api/v1/sales", r#"{"lines": [["HNY-500", 1]]}"#, 422, "invalid_body"),
+        ("POST", "/api/v1/sales", r#"[[{"sku": "HNY-500", "qty": 1}]]"#, 422, "invalid_body"),
+        ("POST", "/api/v1/restocks", r#"["HNY-500", 3]"#, 422, "invalid_body"),
         ("POST", "/api/v1/sales", r#"{"lines": [{"sku": "NOPE", "qty": 1}]}"#, 422, "unknown_sku"),
         ("POST", "/api/v1/sales", r#"{"lines": [{"sku": "HNY-500", "qty": 0}]}"#, 422, "invalid_input"),
         ("POST", "/api/v1/sales", r#"{"lines": []}"#, 422, "invalid_input"),
@@ -268,4 +272,21 @@ fn a_bit_flipped_copy_of_a_held_change_is_never_a_duplicate() {
     assert!(tried >= 25, "{tried} altered copies");
     assert_eq!((peer.get("/api/v1/stock").1, peer.get("/api/v1/sales").1), before, "nothing changed");
     assert_eq!(peer.get("/api/v1/equivocations").1["conflicting_changes"], 0, "a forgery is no evidence against its device");
+}
+
+#[test]
+fn two_tills_creating_one_sku_at_once_get_one_created_and_one_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = stocked_node(dir.path());
+    for i in 0..20 {
+        let product = json!({ "sku": format!("JAM-{i:02}"), "name": "Jam", "price_cents": 450, "currency": "EUR", "stall": "Honey" });
+        let statuses: Vec<u16> = std::thread::scope(|s| {
+            let tills: Vec<_> = (0..2).map(|_| s.spawn(|| node.post("/api/v1/products", &product).0)).collect();
+            tills.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mut sorted = statuses.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![201, 409], "SKU {i}: {statuses:?}");
+    }
+    assert_eq!(node.get("/api/v1/products").1["products"].as_array().unwrap().len(), 21);
 }

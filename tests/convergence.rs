@@ -108,6 +108,7 @@ fn run(n: usize, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut restocked: BTreeMap<&str, u64> = BTreeMap::new();
     let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
     let mut refused_for_rights = 0;
+    let mut sales_tried = 0;
     for (t, s) in steps.into_iter().enumerate() {
         let now = 1_000 + t as u64;
         match s {
@@ -118,6 +119,7 @@ fn run(n: usize, steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Sell { at, lines } => {
                 let req = lines.iter().map(|(sku, qty)| LineRequest { sku: SKUS[*sku].into(), qty: *qty }).collect();
+                sales_tried += 1;
                 match replicas[at].ledger.record(LocalOp::Sell { lines: req, client_ref: None, recommendation: None }, now) {
                     Ok(e) => {
                         acknowledged_sales.insert(stallmesh_ledger::sale_id(e.change.dot()));
@@ -126,7 +128,13 @@ fn run(n: usize, steps: Vec<Step>) -> Result<(), TestCaseError> {
                         }
                         replicas[at].held.push(e.change);
                     }
-                    Err(LedgerError::InsufficientRights { .. }) => refused_for_rights += 1,
+                    Err(LedgerError::InsufficientRights { sku, requested, held_here, .. }) => {
+                        // A refusal is justified: this device really held too few rights for the line.
+                        let me = replicas[at].ledger.device();
+                        prop_assert_eq!(held_here, replicas[at].ledger.state().rights_of(&sku, &me));
+                        prop_assert!(requested > held_here, "refused {} of {} while holding {}", requested, sku, held_here);
+                        refused_for_rights += 1;
+                    }
                     Err(e) => return Err(TestCaseError::fail(format!("unexpected refusal {e}"))),
                 }
             }
@@ -195,7 +203,8 @@ fn run(n: usize, steps: Vec<Step>) -> Result<(), TestCaseError> {
         let expected = restocked.get(sku).copied().unwrap_or(0) - sold.get(sku).copied().unwrap_or(0);
         prop_assert_eq!(total, expected, "stock rights of {} not conserved", sku);
     }
-    let _ = refused_for_rights;
+    // Every sale tried was either acknowledged (and is on every replica) or refused for rights.
+    prop_assert_eq!(acknowledged_sales.len() + refused_for_rights, sales_tried, "a sale neither acknowledged nor refused");
     Ok(())
 }
 

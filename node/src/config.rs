@@ -58,141 +58,36 @@ pub enum ConfigError {
     Invalid { origin: String, detail: String },
 }
 
-/// Keys in one layer: every field optional, unknown keys refused (a typo must not be ignored).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Layer {
-    data_dir: Option<PathBuf>,
-    http_addr: Option<String>,
-    credentials_dir: Option<PathBuf>,
-    log_format: Option<String>,
-    mesh: Option<MeshLayer>,
-    inference: Option<InferenceLayer>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InferenceLayer {
-    enabled: Option<bool>,
-    models_dir: Option<PathBuf>,
-    workers: Option<usize>,
-    queue_len: Option<usize>,
-    treatment_percent: Option<u8>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MeshLayer {
-    enabled: Option<bool>,
-    listen: Option<Vec<String>>,
-    bootstrap: Option<Vec<String>>,
-    mdns: Option<bool>,
-    min_keep: Option<u64>,
-    low_watermark: Option<u64>,
-    refill: Option<u64>,
-}
+/// Prefix of the environment variables that set configuration keys: `mesh.listen` is
+/// `STALLMESH_MESH_LISTEN`.
+pub const ENV_PREFIX: &str = "STALLMESH_";
 
 impl Config {
     /// Defaults, overlaid with `file` (if any), then `STALLMESH_*` variables from `env`.
+    ///
+    /// Layers are overlaid generically: each is a TOML table checked against the embedded defaults
+    /// (which name every key, so a key they lack is a typo, refused with the layer it came from),
+    /// tables merge key by key, and every default key can be set from the environment, parsed as
+    /// the type its default has (a list from comma-separated values).
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut layers = vec![("embedded defaults".to_string(), DEFAULT_CONFIG_TOML.to_string())];
+        let parse = |origin: &str, text: &str| -> Result<toml::Table, ConfigError> {
+            text.parse::<toml::Table>().map_err(|e| ConfigError::Invalid { origin: origin.to_string(), detail: e.to_string() })
+        };
+        let defaults = parse("embedded defaults", DEFAULT_CONFIG_TOML)?;
+        let mut merged = defaults.clone();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-            layers.push((path.display().to_string(), text));
+            let origin = path.display().to_string();
+            let layer = parse(&origin, &text)?;
+            check_layer(&defaults, &layer, "", &origin)?;
+            overlay(&mut merged, layer);
         }
-        let mut merged = Layer::default();
-        for (origin, text) in layers {
-            let layer: Layer = toml::from_str(&text).map_err(|e| ConfigError::Invalid { origin, detail: e.to_string() })?;
-            merged.data_dir = layer.data_dir.or(merged.data_dir);
-            merged.http_addr = layer.http_addr.or(merged.http_addr);
-            merged.credentials_dir = layer.credentials_dir.or(merged.credentials_dir);
-            merged.log_format = layer.log_format.or(merged.log_format);
-            if let Some(m) = layer.mesh {
-                let cur = merged.mesh.get_or_insert_with(MeshLayer::default);
-                cur.enabled = m.enabled.or(cur.enabled);
-                cur.listen = m.listen.or(cur.listen.take());
-                cur.bootstrap = m.bootstrap.or(cur.bootstrap.take());
-                cur.mdns = m.mdns.or(cur.mdns);
-                cur.min_keep = m.min_keep.or(cur.min_keep);
-                cur.low_watermark = m.low_watermark.or(cur.low_watermark);
-                cur.refill = m.refill.or(cur.refill);
-            }
-            if let Some(i) = layer.inference {
-                let cur = merged.inference.get_or_insert_with(InferenceLayer::default);
-                cur.enabled = i.enabled.or(cur.enabled);
-                cur.models_dir = i.models_dir.or(cur.models_dir.take());
-                cur.workers = i.workers.or(cur.workers);
-                cur.queue_len = i.queue_len.or(cur.queue_len);
-                cur.treatment_percent = i.treatment_percent.or(cur.treatment_percent);
-            }
-        }
-        let list = |v: String| -> Vec<String> { v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect() };
-        let mesh = merged.mesh.get_or_insert_with(MeshLayer::default);
-        if let Some(v) = env("STALLMESH_MESH_LISTEN") {
-            mesh.listen = Some(list(v));
-        }
-        if let Some(v) = env("STALLMESH_MESH_BOOTSTRAP") {
-            mesh.bootstrap = Some(list(v));
-        }
-        let flag = |key: &str, v: String| -> Result<bool, ConfigError> {
-            match v.as_str() {
-                "true" | "1" => Ok(true),
-                "false" | "0" => Ok(false),
-                other => Err(ConfigError::Invalid { origin: key.into(), detail: format!("{other:?} is not true or false") }),
-            }
-        };
-        if let Some(v) = env("STALLMESH_MESH_ENABLED") {
-            mesh.enabled = Some(flag("STALLMESH_MESH_ENABLED", v)?);
-        }
-        if let Some(v) = env("STALLMESH_MESH_MDNS") {
-            mesh.mdns = Some(flag("STALLMESH_MESH_MDNS", v)?);
-        }
-        let inference = merged.inference.get_or_insert_with(InferenceLayer::default);
-        if let Some(v) = env("STALLMESH_INFERENCE_ENABLED") {
-            inference.enabled = Some(flag("STALLMESH_INFERENCE_ENABLED", v)?);
-        }
-        if let Some(v) = env("STALLMESH_INFERENCE_MODELS_DIR") {
-            inference.models_dir = Some(v.into());
-        }
-        if let Some(v) = env("STALLMESH_INFERENCE_TREATMENT_PERCENT") {
-            let pct = v.parse::<u8>().ok().filter(|p| *p <= 100);
-            inference.treatment_percent = Some(pct.ok_or_else(|| ConfigError::Invalid {
-                origin: "STALLMESH_INFERENCE_TREATMENT_PERCENT".into(),
-                detail: format!("{v:?} is not a percentage 0..=100"),
-            })?);
-        }
-        if let Some(v) = env("STALLMESH_DATA_DIR") {
-            merged.data_dir = Some(v.into());
-        }
-        if let Some(v) = env("STALLMESH_HTTP_ADDR") {
-            merged.http_addr = Some(v);
-        }
-        if let Some(v) = env("STALLMESH_CREDENTIALS_DIR") {
-            merged.credentials_dir = Some(v.into());
-        }
-        if let Some(v) = env("STALLMESH_LOG_FORMAT") {
-            merged.log_format = Some(v);
-        }
+        overlay(&mut merged, env_layer(&defaults, "", &env)?);
         let invalid = |key: &str, detail: String| ConfigError::Invalid { origin: key.to_string(), detail };
-        let http_addr = merged.http_addr.unwrap_or_default();
-        let m = merged.mesh.take().unwrap_or_default();
-        let mesh = MeshSettings {
-            enabled: m.enabled.unwrap_or(true),
-            listen: m.listen.unwrap_or_default(),
-            bootstrap: m.bootstrap.unwrap_or_default(),
-            mdns: m.mdns.unwrap_or(true),
-            min_keep: m.min_keep.unwrap_or(1),
-            low_watermark: m.low_watermark.unwrap_or(1),
-            refill: m.refill.unwrap_or(5),
-        };
-        let i = merged.inference.take().unwrap_or_default();
-        let inference = InferenceSettings {
-            enabled: i.enabled.unwrap_or(true),
-            models_dir: i.models_dir.unwrap_or_else(|| PathBuf::from("models")),
-            workers: i.workers.unwrap_or(1),
-            queue_len: i.queue_len.unwrap_or(32),
-            treatment_percent: i.treatment_percent.unwrap_or(50),
-        };
+        // Through text: the document deserializer's errors show the offending key and value.
+        let text = toml::to_string(&merged).map_err(|e| invalid("configuration", e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| invalid("configuration", e.to_string()))?;
+        let inference = &config.inference;
         if inference.treatment_percent > 100 {
             return Err(invalid("inference.treatment_percent", format!("{} is not a percentage 0..=100", inference.treatment_percent)));
         }
@@ -202,21 +97,10 @@ impl Config {
                 format!("workers must be 1..={} and queue_len at least 1", stallmesh_inference::pool::MAX_WORKERS),
             ));
         }
-        for addr in mesh.listen.iter().chain(&mesh.bootstrap) {
+        for addr in config.mesh.listen.iter().chain(&config.mesh.bootstrap) {
             addr.parse::<libp2p::Multiaddr>().map_err(|e| invalid("mesh", format!("{addr:?} is not a multiaddr: {e}")))?;
         }
-        Ok(Config {
-            mesh,
-            inference,
-            data_dir: merged.data_dir.unwrap_or_default(),
-            http_addr: http_addr.parse().map_err(|e| invalid("http_addr", format!("{http_addr:?}: {e}")))?,
-            credentials_dir: merged.credentials_dir.unwrap_or_default(),
-            log_format: match merged.log_format.as_deref() {
-                Some("json") => LogFormat::Json,
-                Some("text") | None => LogFormat::Text,
-                Some(other) => return Err(invalid("log_format", format!("{other:?} is not \"text\" or \"json\""))),
-            },
-        })
+        Ok(config)
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -238,6 +122,74 @@ impl Config {
         let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
         beside_exe.into_iter().chain([checkout]).find(|p| p.exists()).unwrap_or_else(|| dir.clone())
     }
+}
+
+/// Refuses a key the defaults do not have, or a value of another type than the default's.
+fn check_layer(defaults: &toml::Table, layer: &toml::Table, prefix: &str, origin: &str) -> Result<(), ConfigError> {
+    for (key, value) in layer {
+        let path = format!("{prefix}{key}");
+        let Some(default) = defaults.get(key) else {
+            return Err(ConfigError::Invalid { origin: origin.to_string(), detail: format!("unknown key `{path}`") });
+        };
+        match (default, value) {
+            (toml::Value::Table(d), toml::Value::Table(l)) => check_layer(d, l, &format!("{path}."), origin)?,
+            (d, v) if d.same_type(v) => {}
+            (d, v) => {
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    detail: format!("`{path}` must be a {}, not a {}", d.type_str(), v.type_str()),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tables merge key by key; any other value replaces the one below it.
+fn overlay(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => overlay(b, l),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+/// The keys set by `STALLMESH_*` variables, each parsed as the type of its default.
+fn env_layer(defaults: &toml::Table, prefix: &str, env: &impl Fn(&str) -> Option<String>) -> Result<toml::Table, ConfigError> {
+    let mut layer = toml::Table::new();
+    for (key, default) in defaults {
+        let path = format!("{prefix}{key}");
+        if let toml::Value::Table(d) = default {
+            let sub = env_layer(d, &format!("{path}."), env)?;
+            if !sub.is_empty() {
+                layer.insert(key.clone(), toml::Value::Table(sub));
+            }
+            continue;
+        }
+        let var = format!("{ENV_PREFIX}{}", path.replace('.', "_").to_uppercase());
+        let Some(text) = env(&var) else { continue };
+        let invalid = |detail: String| ConfigError::Invalid { origin: var.clone(), detail };
+        let value = match default {
+            toml::Value::String(_) => toml::Value::String(text),
+            toml::Value::Boolean(_) => toml::Value::Boolean(match text.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => return Err(invalid(format!("{other:?} is not true or false"))),
+            }),
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(text.trim().parse().map_err(|_| invalid(format!("{text:?} is not a whole number")))?)
+            }
+            toml::Value::Array(_) => toml::Value::Array(
+                text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
+            ),
+            other => return Err(invalid(format!("cannot be set from the environment (a {})", other.type_str()))),
+        };
+        layer.insert(key.clone(), value);
+    }
+    Ok(layer)
 }
 
 #[cfg(test)]
@@ -267,5 +219,56 @@ mod tests {
         assert!(err.contains("htp_addr"), "{err}");
         let err = Config::load(None, |k| (k == "STALLMESH_HTTP_ADDR").then(|| "nope".to_string())).unwrap_err();
         assert!(err.to_string().contains("http_addr"), "{err}");
+    }
+
+    #[test]
+    fn every_default_key_is_settable_from_the_environment_as_its_own_type() {
+        let env = |k: &str| match k {
+            "STALLMESH_MESH_REFILL" => Some("7".to_string()),
+            "STALLMESH_MESH_LISTEN" => Some("/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2".to_string()),
+            "STALLMESH_INFERENCE_WORKERS" => Some("2".to_string()),
+            "STALLMESH_LOG_FORMAT" => Some("json".to_string()),
+            _ => None,
+        };
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.mesh.refill, 7);
+        assert_eq!(c.mesh.listen, vec!["/ip4/127.0.0.1/tcp/1".to_string(), "/ip4/127.0.0.1/tcp/2".to_string()]);
+        assert_eq!(c.inference.workers, 2);
+        assert_eq!(c.log_format, LogFormat::Json);
+        let err = Config::load(None, |k| (k == "STALLMESH_MESH_REFILL").then(|| "many".to_string())).unwrap_err().to_string();
+        assert!(err.contains("STALLMESH_MESH_REFILL") && err.contains("whole number"), "{err}");
+        let err = Config::load(None, |k| (k == "STALLMESH_MESH_MDNS").then(|| "maybe".to_string())).unwrap_err().to_string();
+        assert!(err.contains("STALLMESH_MESH_MDNS"), "{err}");
+    }
+
+    #[test]
+    fn a_file_key_unknown_to_the_defaults_or_of_the_wrong_type_is_refused_with_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[mesh]
+refil = 3
+",
+        )
+        .unwrap();
+        let err = Config::load(Some(&f), |_| None).unwrap_err().to_string();
+        assert!(err.contains("mesh.refil") && err.contains("c.toml"), "{err}");
+        std::fs::write(
+            &f,
+            "[mesh]
+refill = \"3\"
+",
+        )
+        .unwrap();
+        let err = Config::load(Some(&f), |_| None).unwrap_err().to_string();
+        assert!(err.contains("mesh.refill") && err.contains("integer"), "{err}");
+        std::fs::write(
+            &f,
+            "mesh = 1
+",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&f), |_| None).is_err(), "a table replaced by a value");
     }
 }

@@ -1,23 +1,36 @@
 //! The node's inference service: keeps a search index and co-purchase counts in step with the
 //! replicated catalogue and sales, and answers search and recommendation requests.
 //!
+//! It follows the node's commit pipeline with two subscribers: one counts each sale as its commit
+//! arrives (no polling, no rescan of the day), the other indexes products and photos (which may
+//! wait for the models), so a sale is never held up behind a catalogue import's embeddings. Each
+//! says how far it has got ([`Inference::sales_progress`], [`Inference::catalogue_progress`]), so
+//! a request can return only once what it recorded is counted or searchable.
+//!
 //! Models load in the background after the node starts; until then (or if a model is missing) search
 //! is lexical and says so. Embeddings are computed on the inference pool in small batches, so a
 //! catalogue import never holds up a customer's query for long, and cached in redb.
 
+use crate::pipeline::{Commit, Progress};
 use crate::runtime::Node;
 use serde::Serialize;
 use stallmesh_inference::cache::{cache_key, EmbeddingCache};
 use stallmesh_inference::recommend::{CoPurchase, Recommendation};
 use stallmesh_inference::search::{CatalogueItem, Hit, SearchIndex};
 use stallmesh_inference::{Embedding, InferenceError, InferencePool, ModelStatus, Models};
+use stallmesh_ledger::EventBody;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-/// How often the index is brought up to date with the ledger.
-pub const REFRESH_INTERVAL_MS: u64 = 250;
+/// When embedding could not finish (the pool was busy with customers' queries), try again after
+/// this long: a query takes 3–6 ms, so the queue has drained by then.
+pub const EMBED_RETRY_MS: u64 = 250;
+/// Longest a request waits for the index to take in what it recorded before answering anyway
+/// (its write is durable either way): a product's text embeds in 3–6 ms and a photo in tens of
+/// ms, so this is only reached when the pool is swamped or models are still loading.
+pub const INDEX_WAIT_MS: u64 = 2_000;
 /// Products embedded per pool job: 30–60 ms of work (3–6 ms each, `cargo bench --bench inference`),
 /// so a query queued behind a catalogue import waits for at most one batch.
 pub const EMBED_BATCH: usize = 10;
@@ -53,6 +66,10 @@ pub struct Inference {
     /// Recent query embeddings, oldest first (evicted first).
     query_cache: Mutex<QueryCache>,
     pub treatment_percent: u8,
+    /// Commits taken in by the sales counter, and by the catalogue indexer (as far as the models allow).
+    sales_progress: Progress,
+    catalogue_progress: Progress,
+    models_loaded: tokio::sync::Notify,
 }
 
 impl Inference {
@@ -76,6 +93,9 @@ impl Inference {
             catalogue_seen: Mutex::new(None),
             query_cache: Mutex::default(),
             treatment_percent,
+            sales_progress: Progress::default(),
+            catalogue_progress: Progress::default(),
+            models_loaded: tokio::sync::Notify::new(),
         }
     }
 
@@ -87,6 +107,17 @@ impl Inference {
         *self.readiness.write().expect("readiness lock") = if enabled { Readiness::Ready } else { Readiness::Off };
         // Force a rebuild with the models now present.
         *self.catalogue_seen.lock().expect("catalogue lock") = None;
+        self.models_loaded.notify_one();
+    }
+
+    /// How far along the commit pipeline the co-purchase counts are.
+    pub fn sales_progress(&self) -> &Progress {
+        &self.sales_progress
+    }
+
+    /// How far along the commit pipeline the search index is.
+    pub fn catalogue_progress(&self) -> &Progress {
+        &self.catalogue_progress
     }
 
     pub fn pool(&self) -> Option<&Arc<InferencePool>> {
@@ -128,12 +159,24 @@ impl Inference {
         Ok(Some((v, false)))
     }
 
-    /// Brings the co-purchase counts and the search index up to date with the ledger.
-    pub async fn refresh(&self, node: &Node) {
-        self.refresh_sales(node);
+    /// Counts the sales of one commit.
+    fn count_sales(&self, commit: &Commit) {
+        let mut co = None;
+        for e in &commit.entries {
+            if let EventBody::Sold { lines, .. } = &e.event.body {
+                let co = co.get_or_insert_with(|| self.co_purchase.write().expect("co-purchase lock"));
+                co.observe(&stallmesh_ledger::sale_id(e.change.dot()), lines.iter().map(|l| l.sku.as_str()));
+            }
+        }
+    }
+
+    /// Rebuilds the search index if the catalogue changed since the last complete rebuild (at
+    /// start, after a product or photo commit, when the models arrive).
+    /// False if some embeddings could not be made now (a retry is due).
+    async fn refresh_catalogue(&self, node: &Node) -> bool {
         let version = node.read(|l| l.state().catalogue_changes);
         if *self.catalogue_seen.lock().expect("catalogue lock") == Some(version) {
-            return;
+            return true;
         }
         let started = Instant::now();
         let image_model = self.pool().and_then(|p| p.models().image.as_ref().map(|i| i.model_id()));
@@ -185,8 +228,10 @@ impl Inference {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "search index rebuilt"
         );
+        complete
     }
 
+    /// Counts every sale not counted yet (at start, and after falling behind the pipeline).
     fn refresh_sales(&self, node: &Node) {
         let counted = self.co_purchase.read().expect("co-purchase lock").sales_counted();
         if node.read(|l| l.state().sales.len()) == counted {
@@ -345,13 +390,13 @@ impl Inference {
     }
 }
 
-/// Loads the models off the executor, then keeps the index in step with the ledger until the node stops.
+/// Loads the models off the executor; meanwhile and after, follows the commit pipeline to keep the
+/// index in step with the ledger until the node stops.
 pub fn start(node: &Node, config: &crate::Config) -> Arc<Inference> {
     let settings = config.inference.clone();
     let inference = Arc::new(Inference::new(config.embeddings_path(), settings.treatment_percent));
     let dir = config.resolved_models_dir();
     let task = inference.clone();
-    let node = node.clone();
     tokio::spawn(async move {
         let models = if settings.enabled {
             let d = dir.clone();
@@ -361,12 +406,97 @@ pub fn start(node: &Node, config: &crate::Config) -> Arc<Inference> {
         };
         tracing::info!(models_dir = %dir.display(), loaded = ?models.status.iter().filter(|s| s.loaded).map(|s| s.name).collect::<Vec<_>>(), "inference ready");
         task.set_models(models, settings.workers, settings.queue_len, settings.enabled);
-        let mut tick = tokio::time::interval(Duration::from_millis(REFRESH_INTERVAL_MS));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            task.refresh(&node).await;
-        }
     });
+    tokio::spawn(follow(inference.clone(), node.clone(), Follower::Sales));
+    tokio::spawn(follow(inference.clone(), node.clone(), Follower::Catalogue));
     inference
+}
+
+/// What one subscriber does with the commits it takes in.
+enum Follower {
+    Sales,
+    Catalogue,
+}
+
+/// A subscriber: takes in commits as they come (all that are queued at once), then, for the
+/// catalogue, rebuilds the index once when a product or photo changed, when the models arrive, or
+/// when a busy pool left embeddings to retry. Falling behind the pipeline means recounting (or
+/// reindexing) from the ledger.
+async fn follow(inference: Arc<Inference>, node: Node, role: Follower) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let (label, progress) = match role {
+        Follower::Sales => ("inference_sales", inference.sales_progress.clone()),
+        Follower::Catalogue => ("inference_catalogue", inference.catalogue_progress.clone()),
+    };
+    let (mut commits, through, ()) = node.subscribe(|_| ());
+    let mut retry_at = match role {
+        Follower::Sales => {
+            inference.refresh_sales(&node);
+            None
+        }
+        Follower::Catalogue => (!inference.refresh_catalogue(&node).await).then(retry_deadline),
+    };
+    progress.done_through(through);
+    let take_in = |c: &Commit, catalogue: &mut bool| match role {
+        Follower::Sales => inference.count_sales(c),
+        Follower::Catalogue => {
+            *catalogue |=
+                c.entries.iter().any(|e| matches!(e.event.body, EventBody::ProductUpserted { .. } | EventBody::PhotoAttached { .. }))
+        }
+    };
+    loop {
+        let mut catalogue = false;
+        let mut last = None;
+        let mut lagged = 0;
+        tokio::select! {
+            commit = commits.recv() => match commit {
+                Ok(c) => {
+                    take_in(&c, &mut catalogue);
+                    last = Some(c.number);
+                    loop {
+                        match commits.try_recv() {
+                            Ok(c) => {
+                                take_in(&c, &mut catalogue);
+                                last = Some(c.number);
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Lagged(n)) => { lagged += n; break }
+                            Err(TryRecvError::Closed) => return,
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(n)) => lagged += n,
+                Err(RecvError::Closed) => return, // the node is gone
+            },
+            _ = inference.models_loaded.notified(), if matches!(role, Follower::Catalogue) => catalogue = true,
+            _ = sleep_until(retry_at), if retry_at.is_some() => catalogue = true,
+        }
+        if lagged > 0 {
+            tracing::warn!(missed = lagged, subscriber = label, "fell behind the commit pipeline; catching up from the ledger");
+            node.metrics.pipeline_lagged.get_or_create(&crate::metrics::Subscriber { subscriber: label }).inc_by(lagged);
+            match role {
+                Follower::Sales => inference.refresh_sales(&node),
+                Follower::Catalogue => catalogue = true,
+            }
+        }
+        if catalogue {
+            let complete = inference.refresh_catalogue(&node).await;
+            // Without a pool the models are still loading: their arrival triggers the rebuild.
+            retry_at = (!complete && inference.pool().is_some()).then(retry_deadline);
+        }
+        if let Some(n) = last {
+            progress.done_through(n);
+        }
+    }
+}
+
+fn retry_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(EMBED_RETRY_MS)
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

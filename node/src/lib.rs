@@ -4,8 +4,10 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod inference;
+pub mod kpi;
 pub mod mesh;
 pub mod metrics;
+pub mod pipeline;
 pub mod recovery;
 pub mod runtime;
 pub mod sim_cli;
@@ -30,19 +32,20 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
     let listener =
         tokio::net::TcpListener::bind(config.http_addr).await.map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
-    if config.mesh.enabled {
-        start_mesh(&node, config)?;
+    let mesh = if config.mesh.enabled {
+        Some(start_mesh(&node, config)?)
     } else {
         tracing::info!("mesh disabled by configuration: this node syncs with no one");
-    }
-    let _ = node.inference.set(inference::start(&node, config));
-    let app = http::router(node.clone());
+        None
+    };
+    let inference = inference::start(&node, config);
+    let app = http::router(http::AppState { node: node.clone(), mesh, inference });
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
     Ok(Running { node, addr, server })
 }
 
-fn start_mesh(node: &Node, config: &Config) -> Result<(), StartError> {
+fn start_mesh(node: &Node, config: &Config) -> Result<mesh::MeshHandle, StartError> {
     let parse = |a: &String| a.parse::<libp2p::Multiaddr>().map_err(|e| StartError::Mesh(mesh::MeshError::Transport(format!("{a}: {e}"))));
     let mesh_config = mesh::MeshConfig {
         listen: config.mesh.listen.iter().map(parse).collect::<Result<_, _>>()?,
@@ -56,15 +59,9 @@ fn start_mesh(node: &Node, config: &Config) -> Result<(), StartError> {
     };
     let (secret, psk) = node.mesh_secrets();
     let certificate = node.read(|l| l.certificate().clone());
-    let (mesh, commands) = mesh::start(node.clone(), mesh_config, secret, psk, certificate)?;
-    let _ = node.mesh.set(runtime::MeshLink {
-        commands,
-        status: mesh.status.clone(),
-        low_watermark: config.mesh.low_watermark,
-        refill: config.mesh.refill,
-    });
+    let (mesh, handle) = mesh::start(node.clone(), mesh_config, secret, psk, certificate)?;
     tracing::info!(peer_id = %mesh.status.lock().expect("status lock").peer_id, mdns = config.mesh.mdns, "mesh started");
-    Ok(())
+    Ok(handle)
 }
 
 #[derive(Debug, thiserror::Error)]

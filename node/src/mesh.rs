@@ -9,7 +9,8 @@
 //! heartbeat and liveness), and catch-up on every (re)connection (the sync core's heads exchange).
 //! A peer takes part only after its enrolment certificate for this market has been verified.
 
-use crate::metrics::{Direction, Outcome, Reason};
+use crate::metrics::{Direction, Metrics, Outcome, Reason};
+use crate::pipeline::{Commit, CommitOrigin};
 use crate::runtime::{now_ms, Node};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::upgrade::Version;
@@ -29,9 +30,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Commands from the node to its mesh task. Bounded: a full queue is counted, and the heartbeat's
-/// catch-up delivers what a dropped broadcast would have carried.
+/// Commands from the HTTP API to the mesh task. Bounded: a full queue is counted, and a waiting
+/// sale asks again within its wait.
 pub const MESH_COMMAND_QUEUE: usize = 1_024;
+/// Evidence passed on in one mesh broadcast: half a sync message (`MAX_MESSAGE_BYTES`), leaving
+/// room for its framing.
+pub const MAX_EVIDENCE_BROADCAST_BYTES: usize = MAX_MESSAGE_BYTES / 2;
 /// How often the driver ticks the sync core (heartbeats, liveness) and redials known peers.
 const TICK_MS: u64 = 250;
 const REDIAL_MS: u64 = 1_000;
@@ -53,11 +57,44 @@ pub struct MeshConfig {
 }
 
 /// `WantRights::for_sale`: a customer waits for the rights (asked sooner, and an idle peer gives
-/// its last units).
+/// its last units). `short`: units the sale lacks; the mesh's policy adds its refill.
 #[derive(Debug)]
 pub enum MeshCommand {
-    Broadcast(Vec<SignedChange>),
-    WantRights { sku: String, qty: u64, for_sale: bool },
+    WantRights { sku: String, short: u64, for_sale: bool },
+}
+
+/// What the HTTP API holds of a running mesh: its status and a way to ask for stock rights.
+#[derive(Clone)]
+pub struct MeshHandle {
+    commands: mpsc::Sender<MeshCommand>,
+    status: Arc<Mutex<MeshStatus>>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeshHandle {
+    /// Asks peers for `short` units of `sku` (plus a refill). A full command queue is counted,
+    /// never waited on: a waiting sale asks again within its wait.
+    pub fn want_rights(&self, sku: &str, short: u64, for_sale: bool) {
+        if self.commands.try_send(MeshCommand::WantRights { sku: sku.to_string(), short, for_sale }).is_err() {
+            self.metrics.mesh_queue_full.inc();
+        }
+    }
+
+    /// As of the driver's last tick.
+    pub fn status(&self) -> MeshStatus {
+        self.status.lock().expect("mesh status lock").clone()
+    }
+
+    /// Devices with a live sync session now (as of the last tick, at most one tick old).
+    pub fn reachable_devices(&self) -> BTreeSet<DeviceId> {
+        self.status.lock().expect("mesh status lock").peers.iter().filter_map(|p| DeviceId::from_hex(&p.device).ok()).collect()
+    }
+
+    /// Of the units held on other devices, how many sit on devices this one cannot reach now.
+    pub fn held_on_unreachable(&self, held_elsewhere: &BTreeMap<DeviceId, u64>) -> u64 {
+        let reachable = self.reachable_devices();
+        held_elsewhere.iter().filter(|(d, _)| !reachable.contains(d)).map(|(_, n)| *n).sum()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,14 +276,15 @@ fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: boo
     Ok(swarm)
 }
 
-/// Starts the mesh for `node`; returns the channel the node sends broadcasts on.
+/// Starts the mesh for `node`: it follows the node's commit pipeline (broadcasting what this
+/// device records) and takes commands from the returned handle.
 pub fn start(
     node: Node,
     config: MeshConfig,
     secret: [u8; 32],
     psk: [u8; 32],
     certificate: Certificate,
-) -> Result<(Mesh, mpsc::Sender<MeshCommand>), MeshError> {
+) -> Result<(Mesh, MeshHandle), MeshError> {
     let topic = IdentTopic::new(format!("stallmesh/{}/changes", node.info.market_id));
     let mut swarm = build_swarm(secret, psk, &topic, config.mdns)?;
     for addr in &config.listen {
@@ -254,6 +292,10 @@ pub fn start(
     }
     let (tx, rx) = mpsc::channel(MESH_COMMAND_QUEUE);
     let status = Arc::new(Mutex::new(MeshStatus { peer_id: swarm.local_peer_id().to_string(), ..Default::default() }));
+    // Subscribed before the first tick: whatever is recorded from now on is broadcast; what was
+    // recorded before reaches peers by catch-up (heads) as they connect.
+    let (commits, _, ()) = node.subscribe(|_| ());
+    let handle = MeshHandle { commands: tx, status: status.clone(), metrics: node.metrics.clone() };
     let driver = Driver {
         node,
         swarm,
@@ -270,8 +312,8 @@ pub fn start(
         last_stats: Default::default(),
     };
     let span = tracing::info_span!("mesh", peer_id = %status.lock().expect("status lock").peer_id);
-    let task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
-    Ok((Mesh { status, task }, tx))
+    let task = tokio::spawn(tracing::Instrument::instrument(driver.run(rx, commits), span));
+    Ok((Mesh { status, task }, handle))
 }
 
 struct Driver {
@@ -299,7 +341,7 @@ impl Driver {
         self.node.read(|l| l.heads())
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<MeshCommand>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<MeshCommand>, mut commits: tokio::sync::broadcast::Receiver<Arc<Commit>>) {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_redial = 0;
@@ -307,12 +349,20 @@ impl Driver {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
                 command = commands.recv() => match command {
-                    Some(MeshCommand::Broadcast(changes)) => {
-                        let out = self.sync.local_changes(changes);
-                        self.execute(out);
+                    Some(MeshCommand::WantRights { sku, short, for_sale }) => {
+                        let qty = short.saturating_add(self.config.rebalance.refill);
+                        self.want_rights(sku, qty, for_sale)
                     }
-                    Some(MeshCommand::WantRights { sku, qty, for_sale }) => self.want_rights(sku, qty, for_sale),
-                    None => break, // the node is gone
+                    None => break, // the API is gone
+                },
+                commit = commits.recv() => match commit {
+                    Ok(commit) => self.on_commit(&commit),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        // Peers pull what was not broadcast by heads on the next heartbeat.
+                        tracing::warn!(missed, "mesh fell behind the commit pipeline; peers catch up by heads");
+                        self.node.metrics.pipeline_lagged.get_or_create(&crate::metrics::Subscriber { subscriber: "mesh" }).inc_by(missed);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break, // the node is gone
                 },
                 _ = tick.tick() => {
                     let now = now_ms();
@@ -331,6 +381,50 @@ impl Driver {
                         self.redial();
                     }
                     self.publish_status(now, &heads);
+                }
+            }
+        }
+    }
+
+    /// A commit on the node: broadcast what this device recorded, pass evidence on, and ask for a
+    /// refill of what a sale here left low.
+    fn on_commit(&mut self, commit: &Commit) {
+        if commit.origin == CommitOrigin::Local && !commit.entries.is_empty() {
+            let out = self.sync.local_changes(commit.entries.iter().map(|e| e.change.clone()).collect());
+            self.execute(out);
+            self.refill_if_low(&commit.entries);
+        }
+        // In batches a mesh message can carry: an oversized broadcast would not be published at all.
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for c in &commit.evidence {
+            if !batch.is_empty() && batch_bytes + c.encoded_len() > MAX_EVIDENCE_BROADCAST_BYTES {
+                let out = self.sync.local_changes(std::mem::take(&mut batch));
+                self.execute(out);
+                batch_bytes = 0;
+            }
+            batch_bytes += c.encoded_len();
+            batch.push(c.clone());
+        }
+        if !batch.is_empty() {
+            let out = self.sync.local_changes(batch);
+            self.execute(out);
+        }
+    }
+
+    /// After a sale here, ask peers for more stock rights when this device runs low on a SKU.
+    fn refill_if_low(&mut self, entries: &[stallmesh_ledger::Entry]) {
+        let policy = self.config.rebalance;
+        for e in entries {
+            let EventBody::Sold { lines, .. } = &e.event.body else { continue };
+            for l in lines {
+                let (here, elsewhere) = self.node.read(|led| {
+                    let s = led.state().stock(&l.sku);
+                    let here = s.per_device.get(&led.device()).copied().unwrap_or(0);
+                    (here, s.total - here)
+                });
+                if here <= policy.low_watermark && elsewhere > 0 {
+                    self.want_rights(l.sku.clone(), policy.refill, false);
                 }
             }
         }

@@ -27,6 +27,11 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Subscriber {
+    pub subscriber: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub sales: Counter,
@@ -56,6 +61,8 @@ pub struct Metrics {
     pub inference_queued: Gauge,
     pub inference_completed: Counter,
     pub inference_rejected: Counter,
+    pub pipeline_lagged: Family<Subscriber, Counter>,
+    pub index_wait_timeouts: Counter,
 }
 
 impl Metrics {
@@ -92,6 +99,8 @@ impl Metrics {
             inference_queued: Gauge::default(),
             inference_completed: Counter::default(),
             inference_rejected: Counter::default(),
+            pipeline_lagged: Family::default(),
+            index_wait_timeouts: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales recorded by this device", m.sales.clone());
@@ -129,7 +138,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_queue_full",
-            "Broadcasts not queued because the mesh queue was full (heartbeat catch-up delivers them)",
+            "Stock-rights requests not queued because the mesh command queue was full (a waiting sale asks again)",
             m.mesh_queue_full.clone(),
         );
         registry.register(
@@ -156,6 +165,16 @@ impl Metrics {
             "inference_rejected",
             "Inference requests refused because the queue was full (the caller got 503 inference_busy)",
             m.inference_rejected.clone(),
+        );
+        registry.register(
+            "commit_pipeline_lagged",
+            "Commits a subscriber missed because it fell behind the pipeline, by subscriber (it resynchronised from the ledger)",
+            m.pipeline_lagged.clone(),
+        );
+        registry.register(
+            "index_wait_timeouts",
+            "Requests that answered before the search index had taken in what they recorded (it is taken in later)",
+            m.index_wait_timeouts.clone(),
         );
         Metrics { registry, ..m }
     }

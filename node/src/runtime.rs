@@ -6,8 +6,8 @@
 //! rebuilds memory from what is on disk, so nothing unacknowledged is ever reported as done.
 
 use crate::config::Config;
-use crate::mesh::{MeshCommand, MeshStatus};
 use crate::metrics::{Metrics, Origin, Reason};
+use crate::pipeline::{Commit, CommitOrigin, Publisher};
 use crate::recovery::{PeerView, Recovery, RecoveryCause, Step};
 use stallmesh_identity::files::{self, DeviceCredentials, FileError};
 use stallmesh_identity::{Role, SignedChange};
@@ -15,7 +15,7 @@ use stallmesh_ledger::{ApplyReport, Entry, Ledger, LedgerError, LineRequest, Loc
 use stallmesh_store::{panic_message, Owner, Store, StoreError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,10 @@ pub enum NodeError {
     Failed(String),
     #[error("{0}")]
     Recovering(String),
+    #[error("SKU {0:?} exists; change it with PUT /api/v1/products/{{sku}}")]
+    ProductExists(String),
+    #[error("unknown SKU {0:?}")]
+    UnknownProduct(String),
     #[error("{path}: store is damaged ({reason}) and cannot be set aside: {source}")]
     SetAside { path: PathBuf, reason: String, source: std::io::Error },
 }
@@ -69,6 +73,8 @@ struct Inner {
     journal_marker: PathBuf,
     /// For the mesh: the device secret (its libp2p identity) and the market's network key.
     mesh_secrets: ([u8; 32], [u8; 32]),
+    /// Every commit is published here, under this lock (so in commit order), after it is made.
+    commits: Publisher,
 }
 
 /// Facts about this node that never change while it runs.
@@ -97,20 +103,16 @@ pub struct Arrival {
     pub arrived_us: u64,
 }
 
-/// The node's link to its mesh task, once the mesh runs.
-pub struct MeshLink {
-    pub commands: tokio::sync::mpsc::Sender<MeshCommand>,
-    pub status: Arc<Mutex<MeshStatus>>,
-    pub low_watermark: u64,
-    pub refill: u64,
+/// A local operation made durable, and the number of its commit on the pipeline.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub entry: Entry,
+    pub commit: u64,
 }
 
 /// Positions listed by [`Node::equivocations`]: enough to show every sale a cloned tablet made in
 /// a morning; each position is decoded for the listing.
 pub const MAX_EQUIVOCATIONS_LISTED: usize = 200;
-/// Evidence passed on in one mesh broadcast: half a sync message (`MAX_MESSAGE_BYTES`), leaving
-/// room for its framing.
-pub const MAX_EVIDENCE_BROADCAST_BYTES: usize = stallmesh_sync::MAX_MESSAGE_BYTES / 2;
 
 /// One device seen signing two histories.
 pub struct DeviceEquivocation {
@@ -133,9 +135,6 @@ pub struct Node {
     inner: Arc<Mutex<Inner>>,
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
-    pub mesh: Arc<OnceLock<MeshLink>>,
-    /// Search and recommendations, once `start` has set them up.
-    pub inference: Arc<OnceLock<Arc<crate::inference::Inference>>>,
     arrivals: Arc<Mutex<std::collections::VecDeque<Arrival>>>,
     rights_arrived: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -224,11 +223,17 @@ impl Node {
             mark_recovering(&recovering_marker, true);
         }
         let node = Node {
-            inner: Arc::new(Mutex::new(Inner { ledger, store, failed: None, recovery, journal_marker, mesh_secrets })),
+            inner: Arc::new(Mutex::new(Inner {
+                ledger,
+                store,
+                failed: None,
+                recovery,
+                journal_marker,
+                mesh_secrets,
+                commits: Publisher::default(),
+            })),
             metrics: Arc::new(Metrics::new()),
             info: Arc::new(info),
-            mesh: Arc::new(OnceLock::new()),
-            inference: Arc::new(OnceLock::new()),
             arrivals: Arc::default(),
             rights_arrived: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
@@ -357,11 +362,13 @@ impl Node {
     where
         NodeError: From<T>,
     {
-        self.with_write_as(true, f)
+        self.with_write_as(true, f).map(|(entries, _)| entries)
     }
 
     /// As [`Node::with_write`]; `durable: false` for changes from peers (see `Store::append_relaxed`).
-    fn with_write_as<T>(&self, durable: bool, f: impl FnOnce(&mut Ledger) -> Result<Vec<Entry>, T>) -> Result<Vec<Entry>, NodeError>
+    /// Publishes the entries on the commit pipeline after their commit, and returns the commit's
+    /// number (0 when `f` made no entry: nothing was published).
+    fn with_write_as<T>(&self, durable: bool, f: impl FnOnce(&mut Ledger) -> Result<Vec<Entry>, T>) -> Result<(Vec<Entry>, u64), NodeError>
     where
         NodeError: From<T>,
     {
@@ -383,18 +390,58 @@ impl Node {
             }
             self.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_entries.set(inner.store.len() as i64);
-            Ok(entries)
+            // After the commit, under the lock: subscribers see commits in the store's order, and
+            // never one that is not in the store.
+            let origin = if durable { CommitOrigin::Local } else { CommitOrigin::Remote };
+            let number = if entries.is_empty() { 0 } else { inner.commits.publish(origin, entries.clone(), Vec::new()) };
+            Ok((entries, number))
         })
+    }
+
+    /// Subscribes to the commit pipeline; also returns the number of the last commit published
+    /// before the subscription, so a subscriber that reads the ledger now and then follows the
+    /// pipeline misses nothing and counts nothing twice (both happen under the ledger lock).
+    pub fn subscribe<R>(&self, snapshot: impl FnOnce(&Ledger) -> R) -> (tokio::sync::broadcast::Receiver<Arc<Commit>>, u64, R) {
+        let inner = self.lock();
+        let rx = inner.commits.subscribe();
+        (rx, inner.commits.last(), snapshot(&inner.ledger))
     }
 
     /// Records a local operation; returns once its entry is durable.
     pub fn execute(&self, op: LocalOp) -> Result<Entry, NodeError> {
+        self.execute_as(op, true).map(|r| r.entry)
+    }
+
+    /// As [`Node::execute`], with the commit's number on the pipeline (to wait for a subscriber
+    /// to take it in before answering).
+    pub fn record(&self, op: LocalOp) -> Result<Recorded, NodeError> {
         self.execute_as(op, true)
+    }
+
+    /// Records a product, which must be new (`create`) or known (else): checked under the write
+    /// lock, so two tills creating one SKU at once cannot both succeed.
+    pub fn write_product(&self, product: Product, create: bool) -> Result<Recorded, NodeError> {
+        let sku = product.sku.clone();
+        self.execute_when(LocalOp::UpsertProduct(product), true, |l| match (create, l.state().products.contains_key(&sku)) {
+            (true, true) => Err(NodeError::ProductExists(sku)),
+            (false, false) => Err(NodeError::UnknownProduct(sku)),
+            _ => Ok(()),
+        })
     }
 
     /// As [`Node::execute`]; `count_rights_refusal: false` when the caller may still wait for the
     /// rights and retry (it counts the refusal it finally answers).
-    fn execute_as(&self, op: LocalOp, count_rights_refusal: bool) -> Result<Entry, NodeError> {
+    fn execute_as(&self, op: LocalOp, count_rights_refusal: bool) -> Result<Recorded, NodeError> {
+        self.execute_when(op, count_rights_refusal, |_| Ok(()))
+    }
+
+    /// As [`Node::execute_as`], once `precondition` holds of the ledger, under the same lock.
+    fn execute_when(
+        &self,
+        op: LocalOp,
+        count_rights_refusal: bool,
+        precondition: impl FnOnce(&Ledger) -> Result<(), NodeError>,
+    ) -> Result<Recorded, NodeError> {
         let kind = match &op {
             LocalOp::Sell { .. } => "sale",
             LocalOp::Restock { .. } => "restock",
@@ -404,20 +451,18 @@ impl Node {
             LocalOp::Revoke(_) => "revocation",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
-        let result = self.with_write(|l| l.record(op, now_ms()).map(|e| vec![e]));
+        let result = self.with_write_as(true, |l| {
+            precondition(l)?;
+            Ok::<_, NodeError>(vec![l.record(op, now_ms())?])
+        });
         match &result {
-            Ok(entries) => {
+            Ok(_) => {
                 self.metrics.changes_applied.get_or_create(&Origin { origin: "local" }).inc();
                 if kind == "sale" {
                     self.metrics.sales.inc();
                 }
-                self.to_mesh(MeshCommand::Broadcast(entries.iter().map(|e| e.change.clone()).collect()));
-                self.ask_for_rights_if_low(entries);
             }
-            Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, .. })) => {
-                if *held_elsewhere_total > 0 {
-                    self.want_rights(sku, requested - held_here, kind == "sale");
-                }
+            Err(NodeError::Ledger(LedgerError::InsufficientRights { .. })) => {
                 if count_rights_refusal {
                     self.count_refused(&format!("{kind}_insufficient_stock_rights"));
                 }
@@ -429,57 +474,28 @@ impl Node {
                     NodeError::Ledger(LedgerError::UnknownSku(_)) => "unknown_sku",
                     NodeError::Ledger(LedgerError::AlreadyRecorded { .. }) => "already_recorded",
                     NodeError::Ledger(_) => "invalid",
+                    NodeError::ProductExists(_) => "exists",
+                    NodeError::UnknownProduct(_) => "unknown_sku",
                     _ => "store",
                 };
                 self.metrics.refused_operations.get_or_create(&Reason { reason: format!("{kind}_{reason}") }).inc();
             }
         }
-        result.map(|mut v| v.pop().expect("one entry per operation"))
+        result.map(|(mut v, commit)| {
+            let entry = v.pop().expect("one entry per operation");
+            debug_assert!(v.is_empty() && commit > 0, "one entry, published");
+            Recorded { entry, commit }
+        })
     }
 
     pub fn count_refused(&self, reason: &str) {
         self.metrics.refused_operations.get_or_create(&Reason { reason: reason.to_string() }).inc();
     }
 
-    /// Asks peers for `short` units of `sku` plus a refill; `for_sale`: a customer waits for them.
-    pub fn want_rights(&self, sku: &str, short: u64, for_sale: bool) {
-        let refill = self.mesh.get().map_or(0, |m| m.refill);
-        self.to_mesh(MeshCommand::WantRights { sku: sku.to_string(), qty: short + refill, for_sale });
-    }
-
     /// Changes each time a transfer of rights to this device is applied from a peer: a sale waiting
     /// for rights wakes on it instead of polling.
     pub fn rights_arrived(&self) -> tokio::sync::watch::Receiver<u64> {
         self.rights_arrived.subscribe()
-    }
-
-    /// Hands a command to the mesh task, if one runs. A full queue is counted, never waited on:
-    /// the heartbeat's catch-up carries whatever a dropped broadcast would have.
-    fn to_mesh(&self, command: MeshCommand) {
-        if let Some(link) = self.mesh.get() {
-            if link.commands.try_send(command).is_err() {
-                self.metrics.mesh_queue_full.inc();
-            }
-        }
-    }
-
-    /// After a sale, ask peers for more stock rights when this device runs low on a SKU.
-    fn ask_for_rights_if_low(&self, entries: &[Entry]) {
-        let Some(link) = self.mesh.get() else { return };
-        for e in entries {
-            if let stallmesh_ledger::EventBody::Sold { lines, .. } = &e.event.body {
-                for l in lines {
-                    let (here, elsewhere) = self.read(|led| {
-                        let s = led.state().stock(&l.sku);
-                        let here = s.per_device.get(&led.device()).copied().unwrap_or(0);
-                        (here, s.total - here)
-                    });
-                    if here <= link.low_watermark && elsewhere > 0 {
-                        self.to_mesh(MeshCommand::WantRights { sku: l.sku.clone(), qty: link.refill, for_sale: false });
-                    }
-                }
-            }
-        }
     }
 
     /// Device secret and mesh pre-shared key, for starting the mesh. Never logged.
@@ -490,10 +506,6 @@ impl Node {
     /// Sales recorded elsewhere that arrived here most recently (at most `MAX_RECENT_ARRIVALS`).
     pub fn arrivals(&self) -> Vec<Arrival> {
         self.arrivals.lock().expect("arrivals lock").iter().cloned().collect()
-    }
-
-    pub fn mesh_status(&self) -> Option<MeshStatus> {
-        self.mesh.get().map(|m| m.status.lock().expect("mesh status lock").clone())
     }
 
     pub fn sell(
@@ -512,7 +524,7 @@ impl Node {
         lines: Vec<LineRequest>,
         client_ref: Option<String>,
         recommendation: Option<stallmesh_ledger::RecommendationShown>,
-    ) -> Result<Entry, NodeError> {
+    ) -> Result<Recorded, NodeError> {
         self.execute_as(LocalOp::Sell { lines, client_ref, recommendation }, false)
     }
 
@@ -559,8 +571,9 @@ impl Node {
         Ok(report)
     }
 
-    /// Keeps conflicting changes durably, counts them, and passes them on so that every replica
-    /// sees both histories (each replica passes a given change on once: evidence is kept once).
+    /// Keeps conflicting changes durably, counts them, and publishes them on the commit pipeline
+    /// for the mesh to pass on, so that every replica sees both histories (each replica passes a
+    /// given change on once: evidence is kept once).
     fn keep_evidence(&self, evidence: &[SignedChange]) -> Result<(), NodeError> {
         // The change held at each position goes out too: the tablet that signed the conflicting
         // one learns of the other history (two clones share a peer id, so the mesh alone may
@@ -575,6 +588,7 @@ impl Node {
             for c in evidence {
                 pass_on.extend(inner.store.changes_since(&c.device, c.seq, 1)?.into_iter().filter(|h| h.seq == c.seq));
             }
+            inner.commits.publish(CommitOrigin::Remote, Vec::new(), pass_on);
         }
         self.metrics.equivocations.inc_by(evidence.len() as u64);
         for c in evidence {
@@ -583,20 +597,6 @@ impl Node {
                 seq = c.seq,
                 "equivocation: two different changes signed by one device for one journal position (cloned or reset credentials); kept as evidence"
             );
-        }
-        // In batches a mesh message can carry: an oversized broadcast would not be published at all.
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
-        for c in pass_on {
-            if !batch.is_empty() && batch_bytes + c.encoded_len() > MAX_EVIDENCE_BROADCAST_BYTES {
-                self.to_mesh(MeshCommand::Broadcast(std::mem::take(&mut batch)));
-                batch_bytes = 0;
-            }
-            batch_bytes += c.encoded_len();
-            batch.push(c);
-        }
-        if !batch.is_empty() {
-            self.to_mesh(MeshCommand::Broadcast(batch));
         }
         Ok(())
     }

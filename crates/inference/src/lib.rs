@@ -22,7 +22,7 @@ mod vision;
 pub use manifest::{FileEntry, Manifest, MANIFEST_TOML};
 pub use models::{ImageEmbedder, ModelStatus, Models, TextEmbedder};
 pub use pool::{InferencePool, PoolStats};
-pub use vision::{decode_image, model_input, ImageError, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS};
+pub use vision::{decode_image, model_input, shrink_for_journal, ImageError, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS};
 
 /// Why an inference request failed.
 #[derive(Debug, thiserror::Error)]

@@ -26,6 +26,36 @@ pub enum ImageError {
     Corrupt(String),
 }
 
+/// Longest side of a photo kept in the journal: enough for the 224-pixel model and a POS thumbnail.
+pub const JOURNAL_PHOTO_SIDE: u32 = 256;
+/// JPEG qualities tried, best first, until the photo fits the journal's limit.
+const JOURNAL_PHOTO_QUALITIES: [u8; 4] = [85, 70, 50, 30];
+const _: () = assert!(JOURNAL_PHOTO_SIDE >= MODEL_SIDE, "a journal photo still feeds the model at full size");
+
+/// Shrinks a photo (JPEG or PNG) to a small JPEG of at most `max_bytes` for the journal: every
+/// device stores and embeds it itself.
+pub fn shrink_for_journal(bytes: &[u8], max_bytes: usize) -> Result<Vec<u8>, crate::InferenceError> {
+    let img = decode_image(bytes)?;
+    let side = img.width().max(img.height());
+    let small = if side > JOURNAL_PHOTO_SIDE {
+        let scale = f64::from(JOURNAL_PHOTO_SIDE) / f64::from(side);
+        let (w, h) = ((f64::from(img.width()) * scale).round().max(1.0) as u32, (f64::from(img.height()) * scale).round().max(1.0) as u32);
+        image::imageops::thumbnail(&img, w, h)
+    } else {
+        img
+    };
+    for quality in JOURNAL_PHOTO_QUALITIES {
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+            .encode_image(&small)
+            .map_err(|e| crate::InferenceError::Run(format!("jpeg encoding: {e}")))?;
+        if out.len() <= max_bytes {
+            return Ok(out);
+        }
+    }
+    Err(crate::InferenceError::InvalidInput("photo does not compress below the journal's photo limit".into()))
+}
+
 /// Decodes a JPEG or PNG photo into RGB, refusing oversized files and dimensions before decoding.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
@@ -87,6 +117,16 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         img.write_to(&mut out, ImageFormat::Png).unwrap();
         out.into_inner()
+    }
+
+    #[test]
+    fn a_photo_for_the_journal_is_a_jpeg_within_its_side_and_byte_limits() {
+        let jpeg = shrink_for_journal(&png(1200, 600), 64 * 1024).unwrap();
+        assert!(jpeg.len() <= 64 * 1024);
+        let img = decode_image(&jpeg).unwrap();
+        assert_eq!((img.width(), img.height()), (JOURNAL_PHOTO_SIDE, JOURNAL_PHOTO_SIDE / 2), "shrunk, aspect kept");
+        assert!(matches!(shrink_for_journal(&png(64, 64), 10), Err(crate::InferenceError::InvalidInput(_))), "cannot fit 10 bytes");
+        assert!(matches!(shrink_for_journal(b"not an image", 64 * 1024), Err(crate::InferenceError::Image(ImageError::UnsupportedFormat))));
     }
 
     #[test]

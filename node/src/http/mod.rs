@@ -1,0 +1,118 @@
+//! The HTTP API (`/api/v1`, axum): one module per resource. Handlers parse strict request types
+//! from `stallmesh-api`, run ledger and store work off the executor, and answer with the API's
+//! own response types, mapped from the node's internals here and nowhere else.
+//!
+//! Architecture invariant: a write is answered only after its commit (and, for what search and
+//! recommendations use, after the index took it in or [`INDEX_WAIT_MS`] passed).
+
+mod catalogue;
+mod error;
+mod mesh;
+mod sales;
+mod search;
+mod status;
+mod stock;
+
+pub use error::ApiError;
+
+use crate::inference::{Inference, INDEX_WAIT_MS};
+use crate::mesh::MeshHandle;
+use crate::runtime::{Node, NodeError};
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::Router;
+use stallmesh_inference::MAX_IMAGE_BYTES;
+use std::sync::Arc;
+
+/// Largest JSON request body: a 100-line sale is ~5 KB.
+pub const MAX_JSON_BODY_BYTES: usize = 64 * 1024;
+/// Largest batch of signed changes one request may push (postcard-encoded).
+pub const MAX_CHANGES_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Most changes returned or accepted by one request.
+pub const MAX_CHANGES_PER_REQUEST: usize = 5_000;
+/// Most sales listed by one request.
+pub const MAX_SALES_LISTED: usize = 10_000;
+
+/// What the handlers are given: the node, its mesh (if it runs) and its inference service.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Node,
+    pub mesh: Option<MeshHandle>,
+    pub inference: Arc<Inference>,
+}
+
+impl FromRef<AppState> for Node {
+    fn from_ref(app: &AppState) -> Node {
+        app.node.clone()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(app: AppState) -> Router {
+    let changes = Router::new()
+        .route("/api/v1/changes", post(mesh::push_changes).get(mesh::get_changes))
+        .layer(DefaultBodyLimit::max(MAX_CHANGES_BODY_BYTES));
+    let images = Router::new()
+        .route("/api/v1/search/image", post(search::search_image))
+        .route("/api/v1/products/{sku}/photo", put(catalogue::attach_photo).get(catalogue::get_photo))
+        .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES));
+    Router::new()
+        .route("/api/v1/products", post(catalogue::create_product).get(catalogue::list_products))
+        .route("/api/v1/products/{sku}", put(catalogue::update_product))
+        .route("/api/v1/search", get(search::search))
+        .route("/api/v1/recommendations", get(search::recommendations))
+        .route("/api/v1/recommendations/lift", get(search::recommendation_lift))
+        .route("/api/v1/restocks", post(stock::restock))
+        .route("/api/v1/transfers", post(stock::transfer))
+        .route("/api/v1/sales", post(sales::create_sale).get(sales::list_sales))
+        .route("/api/v1/stock", get(stock::stock))
+        .route("/api/v1/status", get(status::status))
+        .route("/api/v1/mesh", get(mesh::mesh))
+        .route("/api/v1/mesh/arrivals", get(mesh::arrivals))
+        .route("/api/v1/equivocations", get(mesh::equivocations))
+        .route("/api/v1/revocations", post(mesh::revoke))
+        .route("/healthz", get(status::healthz))
+        .route("/metrics", get(status::metrics))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .merge(changes)
+        .merge(images)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(app)
+}
+
+/// Runs blocking ledger + store work off the async executor.
+async fn run_blocking<T: Send + 'static>(
+    node: &Node,
+    f: impl FnOnce(Node) -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || f(node)).await.map_err(|e| NodeError::Internal(e.to_string()))?
+}
+
+async fn blocking<T: Send + 'static>(node: &Node, f: impl FnOnce(Node) -> Result<T, NodeError> + Send + 'static) -> ApiResult<T> {
+    run_blocking(node, f).await.map_err(ApiError::from)
+}
+
+/// What a request waits to see taken in before it answers.
+#[derive(Clone, Copy)]
+enum Index {
+    /// The co-purchase counts (a sale counts in recommendations).
+    Sales,
+    /// The search index (a product or photo is searchable).
+    Catalogue,
+}
+
+/// Waits until `index` holds commit `commit`, so that what a request recorded is searchable (or
+/// counted in recommendations) when it returns.
+async fn until_indexed(app: &AppState, index: Index, commit: u64) {
+    let progress = match index {
+        Index::Sales => app.inference.sales_progress(),
+        Index::Catalogue => app.inference.catalogue_progress(),
+    };
+    if !progress.wait_for(commit, INDEX_WAIT_MS).await {
+        app.node.metrics.index_wait_timeouts.inc();
+        tracing::warn!(commit, "answering before the search index took in this request's change");
+    }
+}

@@ -1,0 +1,59 @@
+//! Stock and stock rights: `/api/v1/stock`, `/api/v1/restocks`, `/api/v1/transfers`.
+
+use super::{blocking, ApiError, ApiResult};
+use crate::runtime::Node;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use stallmesh_api::{RestockRequest, StockList, StockMovement, StockRow, TransferRequest};
+use stallmesh_identity::DeviceId;
+use stallmesh_ledger::LocalOp;
+use std::collections::BTreeSet;
+
+pub(super) async fn stock(State(node): State<Node>) -> Json<StockList> {
+    Json(node.read(|l| {
+        let me = l.device();
+        let state = l.state();
+        let skus: BTreeSet<&String> = state.products.keys().chain(state.rights.keys()).collect();
+        let stock = skus
+            .into_iter()
+            .map(|sku| {
+                let s = state.stock(sku);
+                StockRow {
+                    sku: sku.clone(),
+                    name: state.products.get(sku).map(|p| p.product.name.clone()),
+                    total: s.total,
+                    this_device: s.per_device.get(&me).copied().unwrap_or(0),
+                    per_device: s.per_device.iter().map(|(d, n)| (d.to_hex(), *n)).collect(),
+                }
+            })
+            .collect();
+        StockList { device: me.to_hex(), stock }
+    }))
+}
+
+pub(super) async fn restock(
+    State(node): State<Node>,
+    body: Result<Json<RestockRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<StockMovement>)> {
+    let Json(r) = body?;
+    let (sku, qty) = (r.sku.clone(), r.qty);
+    let entry = blocking(&node, move |n| n.execute(LocalOp::Restock { sku: r.sku, qty: r.qty })).await?;
+    let rights_here = node.read(|l| l.state().rights_of(&sku, &l.device()));
+    Ok((StatusCode::CREATED, Json(StockMovement { sku, qty, to_device: None, seq: entry.change.seq, rights_here })))
+}
+
+pub(super) async fn transfer(
+    State(node): State<Node>,
+    body: Result<Json<TransferRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<StockMovement>)> {
+    let Json(t) = body?;
+    let to = DeviceId::from_hex(&t.to_device).map_err(|e| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", format!("to_device must be 64 hex characters: {e}"))
+    })?;
+    let (sku, qty) = (t.sku.clone(), t.qty);
+    let entry = blocking(&node, move |n| n.execute(LocalOp::Transfer { sku: t.sku, qty: t.qty, to })).await?;
+    let rights_here = node.read(|l| l.state().rights_of(&sku, &l.device()));
+    Ok((StatusCode::CREATED, Json(StockMovement { sku, qty, to_device: Some(to.to_hex()), seq: entry.change.seq, rights_here })))
+}
