@@ -219,6 +219,7 @@ pub struct SyncStats {
     pub unconfirmed_expired: u64,
 }
 
+#[derive(Clone)]
 pub struct Sync<P> {
     config: SyncConfig,
     peers: BTreeMap<P, PeerSession>,
@@ -374,6 +375,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                         }
                     }
                 }
+                debug_assert_eq!(session.their_total, session.their_heads.values().sum::<u64>(), "their_total is their heads' sum");
                 let timeout = self.config.liveness_timeout_ms;
                 let asked_lately = session.full_heads_wanted_ms.is_some_and(|at| now_ms.saturating_sub(at) <= timeout);
                 if session.their_total != total && !asked_lately {
@@ -544,7 +546,29 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         out
     }
 
+    /// The earliest `now_ms` at which [`Sync::tick`] does anything: a heartbeat due
+    /// (`last_sent_ms + heartbeat_ms`), a peer silent past the liveness timeout
+    /// (`last_heard_ms + liveness_timeout_ms + 1`: silence is *longer* than the timeout), or served
+    /// changes unconfirmed past it (the oldest `sent_ahead` entry, likewise). Before it `tick` sends
+    /// nothing and changes nothing; a driver sleeps until it (or until bytes arrive) and calls
+    /// `tick` then, and asks again after every call into the core, since each may move it. `None`:
+    /// no peers, nothing will ever be due. A time already past (a clock that jumped forward) means
+    /// tick now. O(peers + unconfirmed devices).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let timeout = self.config.liveness_timeout_ms;
+        self.peers
+            .values()
+            .map(|s| {
+                let heartbeat = s.last_sent_ms.saturating_add(self.config.heartbeat_ms);
+                let silent = s.last_heard_ms.saturating_add(timeout).saturating_add(1);
+                let unconfirmed = s.sent_ahead.values().map(|(_, at)| at.saturating_add(timeout).saturating_add(1)).min();
+                heartbeat.min(silent).min(unconfirmed.unwrap_or(u64::MAX))
+            })
+            .min()
+    }
+
     /// Time passes: heartbeat heads to peers not written to lately; drop peers silent too long.
+    /// Does nothing before [`Sync::poll_timeout`].
     pub fn tick(&mut self, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
         let mut out = Vec::new();
         let timeout = self.config.liveness_timeout_ms;
