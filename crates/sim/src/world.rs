@@ -11,10 +11,7 @@ use rand_distr::{Distribution, Exp};
 use sha2::{Digest, Sha256};
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, MarketKey, Role};
 use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
-use stallmesh_sync::rebalance::{
-    RebalancePolicy, MAX_SALE_ATTEMPTS, RECENT_SALES_WINDOW_MS, RIGHTS_REQUEST_INTERVAL_MS, SALE_RIGHTS_REQUEST_INTERVAL_MS,
-    SALE_WAIT_FOR_RIGHTS_MS,
-};
+use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, AskStats, Rebalancer, SaleWait, SaleWaitStep};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -31,6 +28,11 @@ const PROTOCOL_TIMING_SAMPLE: u64 = 16;
 pub const MAX_EVENTS: u64 = 2_000_000_000;
 
 const US_PER_MS: u64 = 1_000;
+/// What device clocks read at virtual time 0: a plausible epoch, so times look real.
+const DEVICE_EPOCH_MS: u64 = 1_800_000_000_000;
+/// A device's wake is scheduled at most this far ahead: a clock jumped far back makes its timeout
+/// far off on the virtual clock; waking sooner only finds nothing due and looks again.
+const MAX_WAKE_AHEAD_US: u64 = 60 * US_PER_S;
 const US_PER_S: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Default)]
@@ -66,17 +68,38 @@ pub struct RunResult {
 
 #[derive(Debug)]
 enum Ev {
-    Arrival { stall: u32 },
-    Tick { dev: u32 },
-    Deliver { from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool },
-    Dial { a: u32, b: u32 },
-    Commit { dev: u32 },
+    Arrival {
+        stall: u32,
+    },
+    /// The device's sync core asked to be woken now (`Sync::poll_timeout`); stale unless it is
+    /// the device's `wake_at`.
+    Wake {
+        dev: u32,
+    },
+    Deliver {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        bytes: Rc<Vec<u8>>,
+        ordered: bool,
+    },
+    Dial {
+        a: u32,
+        b: u32,
+    },
+    Commit {
+        dev: u32,
+    },
     FaultStart(usize),
     FaultEnd(usize),
-    Restart { dev: u32 },
+    Restart {
+        dev: u32,
+    },
     EndOfDay,
     LivenessCheck,
-    SaleWait { id: u64 },
+    SaleWait {
+        id: u64,
+    },
 }
 
 struct Item {
@@ -123,8 +146,10 @@ struct Device {
     storage_bytes: u64,
     /// Bit i: acknowledged sale number i has reached this device (ever).
     held: Vec<u64>,
-    /// When rights for (SKU, for a waiting sale) were last asked for.
-    rights_asked_at: BTreeMap<(String, bool), u64>,
+    /// The rebalancing policy and its ask memory, as the node's mesh driver holds them.
+    rebalancer: Rebalancer,
+    /// The earliest `Ev::Wake` pending for this device (virtual µs), if any.
+    wake_at: Option<u64>,
     broken: bool,
     /// Broadcasts already seen (gossipsub's duplicate cache): content hash → first seen (virtual µs).
     seen: BTreeMap<u64, u64>,
@@ -141,11 +166,10 @@ struct Conn {
 struct WaitingSale {
     dev: u32,
     lines: Vec<LineRequest>,
-    sku: String,
-    requested: u64,
-    /// Virtual µs.
-    deadline: u64,
-    attempts: usize,
+    /// The sync core's waiting sale, on the virtual clock in ms (monotonic, as the node's wait).
+    wait: SaleWait,
+    /// The pending `Ev::SaleWait` for it (virtual µs); others are stale.
+    wake_at: u64,
 }
 
 /// A reachable tablet holding rights a refused sale lacked (for the report and the trace).
@@ -187,7 +211,8 @@ pub struct World {
     acked: Vec<AckedSale>,
     acked_index: BTreeMap<String, u32>,
     restocked: BTreeMap<String, u64>,
-    policy: RebalancePolicy,
+    /// Ask outcomes of rebalancers that a crash discarded (the live ones are in each device).
+    asks_before_restarts: AskStats,
     day_over: bool,
     end_of_day_at: u64,
     converged_after_heal: Option<u64>,
@@ -290,7 +315,8 @@ impl World {
                 timeline: VecDeque::new(),
                 storage_bytes: 0,
                 held: Vec::new(),
-                rights_asked_at: BTreeMap::new(),
+                rebalancer: Rebalancer::new(sc.rebalance),
+                wake_at: None,
                 broken: opts.broken_device == Some(d),
                 seen: BTreeMap::new(),
             });
@@ -315,7 +341,7 @@ impl World {
         let mut faults = sc.faults.clone();
         faults.extend(random_faults(&sc, seed));
         let mut w = World {
-            policy: RebalancePolicy::default(),
+            asks_before_restarts: AskStats::default(),
             sc,
             opts,
             now: 0,
@@ -391,7 +417,7 @@ impl World {
     fn dev_now_ms(&self, d: u32) -> u64 {
         let dev = &self.devices[d as usize];
         let t = self.now as f64 * (1.0 + dev.drift_ppm / 1e6) + dev.clock_offset_us as f64;
-        (t.max(0.0) / 1000.0) as u64 + 1_800_000_000_000 // a plausible epoch, so times look real
+        (t.max(0.0) / 1000.0) as u64 + DEVICE_EPOCH_MS
     }
 
     fn trace(&mut self, dev: Option<u32>, line: String) {
@@ -504,10 +530,6 @@ impl World {
         for (a, b) in wanted {
             self.push(0, Ev::Dial { a, b });
         }
-        for d in 0..=n {
-            let jitter = self.devices[d as usize].rng.gen_range(0..self.sc.network.heartbeat_ms.max(1)) * US_PER_MS;
-            self.push(jitter, Ev::Tick { dev: d });
-        }
         for s in 0..self.sc.market.stalls {
             let t = self.next_arrival(s, 0);
             self.push(t, Ev::Arrival { stall: s });
@@ -579,18 +601,7 @@ impl World {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Arrival { stall } => self.on_arrival(stall),
-            Ev::Tick { dev } => {
-                if self.devices[dev as usize].up {
-                    let now = self.dev_now_ms(dev);
-                    let out = self.protocol(|w| {
-                        let d = &mut w.devices[dev as usize];
-                        d.sync.tick(now, d.ledger.heads_ref())
-                    });
-                    self.execute(dev, out);
-                }
-                let next = self.now + self.sc.network.heartbeat_ms * US_PER_MS;
-                self.push(next, Ev::Tick { dev });
-            }
+            Ev::Wake { dev } => self.on_wake(dev),
             Ev::Deliver { from, to, epoch, bytes, ordered } => self.on_deliver(from, to, epoch, bytes, ordered),
             Ev::Dial { a, b } => self.on_dial(a, b),
             Ev::Commit { dev } => {
@@ -658,8 +669,8 @@ impl World {
     }
 
     /// One attempt of a customer's sale (`wait`: the sale already waits for rights, with its id).
-    /// Refused for rights that a peer with a live session holds, it waits as the node does: ask,
-    /// retry when a transfer to this device is applied, refuse at the deadline.
+    /// Refused for rights that a peer with a live session holds, it waits as the node does
+    /// ([`SaleWait`]): ask, retry when a transfer to this device is applied, refuse at the deadline.
     fn sell(&mut self, dev: u32, lines: Vec<LineRequest>, wait: Option<(u64, WaitingSale)>) {
         let now = self.dev_now_ms(dev);
         let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None };
@@ -676,28 +687,37 @@ impl World {
                     self.sales_after_waiting += 1;
                 }
                 self.local_entry(dev, entry);
+                // Ask for a refill where the sale left this device low, as the node does after a sale.
+                for l in &lines {
+                    let d = &mut self.devices[dev as usize];
+                    let stock = d.ledger.state().stock(&l.sku);
+                    let here = stock.per_device.get(&d.id).copied().unwrap_or(0);
+                    let ask = d.rebalancer.after_sale(&l.sku, here, stock.total - here, now);
+                    self.ask(dev, ask);
+                }
             }
             Err(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere }) => {
-                if held_elsewhere_total > 0 {
-                    self.want_rights(dev, sku.clone(), requested - held_here + self.policy.refill, true);
-                }
-                let (id, deadline, attempts) = match &wait {
-                    Some((id, w)) => (*id, w.deadline, w.attempts + 1),
-                    None => (self.next_wait_id, self.now + SALE_WAIT_FOR_RIGHTS_MS * US_PER_MS, 1),
-                };
+                let ask = self.devices[dev as usize].rebalancer.after_refusal(&sku, requested, held_here, held_elsewhere_total, true, now);
+                self.ask(dev, ask);
                 let peers = self.devices[dev as usize].sync.peers();
                 let reachable_holds =
                     held_elsewhere.iter().any(|(d, n)| *n > 0 && peers.keys().any(|p| self.devices[*p as usize].id == *d));
-                if reachable_holds && attempts < MAX_SALE_ATTEMPTS && self.now < deadline {
-                    self.trace(Some(dev), format!("sale waits for {sku}"));
-                    if wait.is_none() {
-                        self.next_wait_id += 1;
-                        self.push((self.now + SALE_RIGHTS_REQUEST_INTERVAL_MS * US_PER_MS).min(deadline), Ev::SaleWait { id });
+                let wait_now_ms = self.now / US_PER_MS;
+                let (id, mut wait) = match wait {
+                    Some((id, w)) => (id, w.wait),
+                    None => (self.next_wait_id, SaleWait::new(wait_now_ms)),
+                };
+                match wait.refused(&sku, requested, reachable_holds, wait_now_ms) {
+                    Ok(()) => {
+                        self.trace(Some(dev), format!("sale waits for {sku}"));
+                        if id == self.next_wait_id {
+                            self.next_wait_id += 1;
+                        }
+                        self.waiting.insert(id, WaitingSale { dev, lines, wait, wake_at: 0 });
+                        self.schedule_sale_wait(id);
                     }
-                    self.waiting.insert(id, WaitingSale { dev, lines, sku, requested, deadline, attempts });
-                    return;
+                    Err(_) => self.refuse(dev, "insufficient_stock_rights", Some(&sku)),
                 }
-                self.refuse(dev, "insufficient_stock_rights", Some(&sku));
             }
             Err(e) => {
                 let reason = match &e {
@@ -708,6 +728,14 @@ impl World {
                 self.refuse(dev, reason, None);
             }
         }
+    }
+
+    /// Carries out an ask the rebalancer decided on (a rate-limited one is counted there).
+    fn ask(&mut self, dev: u32, ask: Option<Ask>) {
+        let Some(Ask::Send { sku, qty, for_sale }) = ask else { return };
+        let now = self.dev_now_ms(dev);
+        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&sku, qty, for_sale, now));
+        self.execute(dev, out);
     }
 
     fn refuse(&mut self, dev: u32, reason: &str, short_of: Option<&str>) {
@@ -737,41 +765,65 @@ impl World {
                 let held = state.rights_of(sku, &peer.id);
                 let reachable = !peer.is_cloud && peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
                 let now = self.dev_now_ms(p);
-                let recent_sales =
-                    state.sales.values().filter(|s| s.device == peer.id && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count();
+                let since = recent_sales_since_ms(now);
+                let recent_sales = state.sales.values().filter(|s| s.device == peer.id && s.time_ms >= since).count();
                 (reachable && held > 0).then_some(Holder { device: p, held, recent_sales })
             })
             .collect()
     }
 
-    /// A waiting sale's interval passed: refuse it at its deadline, else ask again (a lost ask, or
-    /// the rights moved meanwhile).
+    /// The sale's pending wake (its `SaleWait::poll_timeout`) is due: poll it, unless stale.
     fn on_sale_wait(&mut self, id: u64) {
-        let Some(w) = self.waiting.get(&id) else { return }; // sold (or refused) since
-        if self.now >= w.deadline {
-            let w = self.waiting.remove(&id).expect("just seen");
-            self.refuse(w.dev, "insufficient_stock_rights", Some(&w.sku));
-            return;
-        }
-        let (dev, sku, requested, deadline) = (w.dev, w.sku.clone(), w.requested, w.deadline);
-        let here = self.devices[dev as usize].ledger.state().rights_of(&sku, &self.devices[dev as usize].id);
-        self.want_rights(dev, sku, requested.saturating_sub(here) + self.policy.refill, true);
-        self.push((self.now + SALE_RIGHTS_REQUEST_INTERVAL_MS * US_PER_MS).min(deadline), Ev::SaleWait { id });
+        if self.waiting.get(&id).is_some_and(|w| w.wake_at == self.now) {
+            self.poll_sale_wait(id);
+        } // else sold, refused or rescheduled since
     }
 
-    /// Rights arrived at `dev`: retry its waiting sales whose short SKU is now covered.
+    /// Polls a waiting sale (at its timeout, or when rights arrived) and does what it says.
+    fn poll_sale_wait(&mut self, id: u64) {
+        let Some(w) = self.waiting.get_mut(&id) else { return };
+        let dev = w.dev;
+        let d = &self.devices[dev as usize];
+        let sku = w.wait.sku().expect("a waiting sale is short of a SKU").to_string();
+        let here = d.ledger.state().rights_of(&sku, &d.id);
+        match w.wait.poll(here, self.now / US_PER_MS) {
+            SaleWaitStep::Retry => {
+                let w = self.waiting.remove(&id).expect("just seen");
+                let lines = w.lines.clone();
+                self.sell(dev, lines, Some((id, w)));
+            }
+            SaleWaitStep::AskAgain { short } => {
+                let now = self.dev_now_ms(dev);
+                let ask = self.devices[dev as usize].rebalancer.ask_again(&sku, short, now);
+                self.ask(dev, Some(ask));
+                self.schedule_sale_wait(id);
+            }
+            SaleWaitStep::Wait => self.schedule_sale_wait(id),
+            SaleWaitStep::GiveUp(_) => {
+                self.waiting.remove(&id);
+                self.refuse(dev, "insufficient_stock_rights", Some(&sku));
+            }
+        }
+    }
+
+    /// Schedules a waiting sale's next wake at its `poll_timeout` (ms of virtual time).
+    fn schedule_sale_wait(&mut self, id: u64) {
+        let now = self.now;
+        let Some(w) = self.waiting.get_mut(&id) else { return };
+        let at = w.wait.poll_timeout().expect("a waiting sale has a timeout") * US_PER_MS;
+        let at = at.max(now);
+        if w.wake_at == at && at > now {
+            return; // already pending
+        }
+        w.wake_at = at;
+        self.push(at, Ev::SaleWait { id });
+    }
+
+    /// Rights arrived at `dev`: poll its waiting sales (each retries if its short SKU is covered).
     fn retry_waiting(&mut self, dev: u32) {
-        let me = self.devices[dev as usize].id;
-        let ready: Vec<u64> = self
-            .waiting
-            .iter()
-            .filter(|(_, w)| w.dev == dev && self.devices[dev as usize].ledger.state().rights_of(&w.sku, &me) >= w.requested)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ready {
-            let w = self.waiting.remove(&id).expect("listed above");
-            let lines = w.lines.clone();
-            self.sell(dev, lines, Some((id, w)));
+        let mine: Vec<u64> = self.waiting.iter().filter(|(_, w)| w.dev == dev).map(|(id, _)| *id).collect();
+        for id in mine {
+            self.poll_sale_wait(id);
         }
     }
 
@@ -783,7 +835,7 @@ impl World {
             if dev.is_some() {
                 self.customers_lost += 1;
             } else {
-                self.refuse(w.dev, "insufficient_stock_rights", Some(&w.sku));
+                self.refuse(w.dev, "insufficient_stock_rights", w.wait.sku());
             }
         }
     }
@@ -807,20 +859,6 @@ impl World {
                 self.devices[dev as usize].seen.insert(fnv_bytes(bytes), t);
             }
         }
-        self.execute(dev, out);
-    }
-
-    /// Rate-limited per SKU as the node's mesh driver does: a waiting sale by its own interval.
-    fn want_rights(&mut self, dev: u32, sku: String, qty: u64, for_sale: bool) {
-        let now = self.dev_now_ms(dev);
-        let d = &mut self.devices[dev as usize];
-        let interval = if for_sale { SALE_RIGHTS_REQUEST_INTERVAL_MS } else { RIGHTS_REQUEST_INTERVAL_MS };
-        let key = (sku, for_sale);
-        if d.rights_asked_at.get(&key).is_some_and(|t| now.saturating_sub(*t) < interval) {
-            return;
-        }
-        d.rights_asked_at.insert(key.clone(), now);
-        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&key.0, qty, for_sale, now));
         self.execute(dev, out);
     }
 
@@ -906,6 +944,53 @@ impl World {
                 }
             }
         }
+        self.schedule_wake(dev);
+    }
+
+    /// Every call into a device's sync core ends here (through `execute`): it may have moved the
+    /// core's `poll_timeout` earlier (a new peer, a first unconfirmed serve). A later timeout needs
+    /// nothing: the pending wake finds nothing due and reschedules.
+    fn schedule_wake(&mut self, dev: u32) {
+        let Some(due_ms) = self.devices[dev as usize].sync.poll_timeout() else { return };
+        let at = self.virtual_us_at(dev, due_ms);
+        let d = &mut self.devices[dev as usize];
+        if d.wake_at.is_some_and(|w| w <= at) {
+            return;
+        }
+        d.wake_at = Some(at);
+        self.push(at, Ev::Wake { dev });
+    }
+
+    /// The device's wake is due: tick its sync core if something is due on its clock, then
+    /// schedule the next one. Stale wakes (superseded by an earlier one) cost one comparison.
+    fn on_wake(&mut self, dev: u32) {
+        let d = &mut self.devices[dev as usize];
+        if d.wake_at != Some(self.now) {
+            return;
+        }
+        d.wake_at = None;
+        if !d.up {
+            return; // restarted with a new core, which schedules its own
+        }
+        let now = self.dev_now_ms(dev);
+        if self.devices[dev as usize].sync.poll_timeout().is_some_and(|due| due <= now) {
+            let out = self.protocol(|w| {
+                let d = &mut w.devices[dev as usize];
+                d.sync.tick(now, d.ledger.heads_ref())
+            });
+            self.execute(dev, out); // schedules the next wake
+        } else {
+            self.schedule_wake(dev); // woken a little early by rounding of the drifting clock
+        }
+    }
+
+    /// The first virtual µs at which device `dev`'s clock reads `dev_ms` (never before now): the
+    /// inverse of `dev_now_ms`.
+    fn virtual_us_at(&self, dev: u32, dev_ms: u64) -> u64 {
+        let d = &self.devices[dev as usize];
+        let local_us = (dev_ms.saturating_sub(DEVICE_EPOCH_MS)) as f64 * 1000.0 - d.clock_offset_us as f64;
+        let at = (local_us / (1.0 + d.drift_ppm / 1e6)).ceil().max(0.0) as u64;
+        at.max(self.now + 1).min(self.now.saturating_add(MAX_WAKE_AHEAD_US))
     }
 
     fn give_rights(&mut self, dev: u32, to: u32, sku: &str, qty: u64, for_sale: bool) -> Option<Entry> {
@@ -914,16 +999,14 @@ impl World {
         }
         let now = self.dev_now_ms(dev);
         let to_id = self.devices[to as usize].id;
-        let policy = self.policy;
         self.protocol(|w| {
             let d = &mut w.devices[dev as usize];
             let state = d.ledger.state();
             let me = d.ledger.device();
             let held = state.rights_of(sku, &me);
-            let count = |x: &DeviceId| {
-                state.sales.values().filter(|s| s.device == *x && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count() as u64
-            };
-            let give = policy.give(held, qty, count(&me), count(&to_id), for_sale);
+            let since = recent_sales_since_ms(now);
+            let count = |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms >= since).count() as u64;
+            let give = d.rebalancer.give(held, qty, count(&me), count(&to_id), for_sale);
             (give > 0).then(|| d.ledger.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to: to_id }, now).ok()).flatten()
         })
     }
@@ -1120,6 +1203,12 @@ impl World {
             self.teardown(a, b);
         }
         self.drop_waiting(Some(dev));
+        let policy = self.sc.rebalance;
+        let d = &mut self.devices[dev as usize];
+        let lost = std::mem::replace(&mut d.rebalancer, Rebalancer::new(policy));
+        let a = &mut self.asks_before_restarts;
+        (a.for_sale, a.refill, a.rate_limited) =
+            (a.for_sale + lost.stats().for_sale, a.refill + lost.stats().refill, a.rate_limited + lost.stats().rate_limited);
         self.trace(Some(dev), format!("crash lose_unsynced={lose_unsynced}"));
     }
 
@@ -1274,6 +1363,11 @@ impl World {
         let pct = |p: f64| if lags.is_empty() { 0.0 } else { lags[((lags.len() - 1) as f64 * p).round() as usize] };
         let storage: Vec<u64> = self.devices.iter().filter(|d| !d.is_cloud).map(|d| d.storage_bytes).collect();
         let sales = self.acked.len() as u64;
+        let asks = self.devices.iter().map(|d| *d.rebalancer.stats()).fold(self.asks_before_restarts, |a, b| AskStats {
+            for_sale: a.for_sale + b.for_sale,
+            refill: a.refill + b.refill,
+            rate_limited: a.rate_limited + b.rate_limited,
+        });
         let hours_run = ((self.end_of_day_at.max(1) as f64 / (3600.0 * US_PER_S as f64)).ceil() as usize).max(1);
         Report {
             scenario: self.sc.name.clone(),
@@ -1287,6 +1381,9 @@ impl World {
             refused_while_reachable_idle_held: self.refused_while_reachable_idle_held,
             units_unsold: self.restocked.keys().map(|sku| self.devices[0].ledger.state().stock(sku).total).sum(),
             sales_after_waiting_for_rights: self.sales_after_waiting,
+            rights_asks_for_sale: asks.for_sale,
+            rights_asks_refill: asks.refill,
+            rights_asks_rate_limited: asks.rate_limited,
             customers_lost: self.customers_lost,
             convergence_ms_p50: pct(0.5),
             convergence_ms_p99: pct(0.99),
