@@ -42,6 +42,12 @@ pub const MAX_HEADS_ENTRIES: usize = 4_096;
 pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
 /// Most connected peers a node keeps sessions for (a market has tens of devices).
 pub const MAX_PEERS: usize = 256;
+/// A heartbeat due goes out together with those due within `heartbeat_ms / HEARTBEAT_COALESCE_DIVISOR`
+/// (250 ms of the default second, the node's old fixed tick): peers' heartbeats fall into step, so
+/// a driver woken at [`Sync::poll_timeout`] wakes about once a round instead of once per peer, and
+/// no heartbeat is sent sooner than three quarters of the interval.
+pub const HEARTBEAT_COALESCE_DIVISOR: u64 = 4;
+const _: () = assert!(HEARTBEAT_COALESCE_DIVISOR >= 2, "a heartbeat is never sent sooner than half its interval");
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -592,12 +598,16 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 s.served_total = None;
             }
         }
-        let due: Vec<P> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| now_ms.saturating_sub(s.last_sent_ms) >= self.config.heartbeat_ms)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let heartbeat_ms = self.config.heartbeat_ms;
+        let since_sent = |s: &PeerSession| now_ms.saturating_sub(s.last_sent_ms);
+        let due: Vec<P> = if self.peers.values().any(|s| since_sent(s) >= heartbeat_ms) {
+            // Peers due soon go out with this one: a driver woken at `poll_timeout` is then woken
+            // about once a round, not once per peer.
+            let early_ms = heartbeat_ms - heartbeat_ms / HEARTBEAT_COALESCE_DIVISOR;
+            self.peers.iter().filter(|(_, s)| since_sent(s) >= early_ms).map(|(p, _)| p.clone()).collect()
+        } else {
+            Vec::new()
+        };
         for p in due {
             // A heartbeat is also a pull; a lost reply must not block the next one.
             self.send_heads(&mut out, &p, mine, now_ms, false);

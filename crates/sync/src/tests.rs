@@ -503,3 +503,20 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn heartbeats_due_within_a_quarter_interval_go_out_together() {
+    let market = TestMarket::new(13);
+    let mut net = Net::new(&market, 3);
+    net.connect(0, 1);
+    net.now += 200;
+    net.connect(0, 2); // node 0's heartbeat to 2 falls due 200 ms after its heartbeat to 1
+    let heartbeat_ms = SyncConfig::default().heartbeat_ms;
+    assert_eq!(net.nodes[0].sync.poll_timeout(), Some(heartbeat_ms), "the heartbeat to node 1 is due first");
+    net.now = heartbeat_ms;
+    let h = net.nodes[0].heads();
+    let out = net.nodes[0].sync.tick(net.now, &h);
+    let to: Vec<usize> = out.iter().filter_map(|o| if let Output::Send { to, .. } = o { Some(*to) } else { None }).collect();
+    assert_eq!(to, vec![1, 2], "one wake heartbeats both peers");
+    assert_eq!(net.nodes[0].sync.poll_timeout(), Some(2 * heartbeat_ms), "and both fall in step");
+}
