@@ -27,6 +27,9 @@ pub struct Report {
     /// ... of which an idle one (no sales in the rebalancing window) held some: stranded units.
     /// The rest were held by selling tablets, which keep `min_keep` for their own customers.
     pub refused_while_reachable_idle_held: u64,
+    /// Refused sales where no reachable tablet held rights for the SKU but another one did (a
+    /// partition, a crash, a lost connection: stock stranded out of reach).
+    pub refused_while_unreachable_held: u64,
     /// Units restocked and not sold by the end of the day (as device 0 sees it).
     pub units_unsold: u64,
     /// Sales acknowledged after waiting for rights a peer gave.

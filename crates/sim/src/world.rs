@@ -27,6 +27,13 @@ const PROTOCOL_TIMING_SAMPLE: u64 = 16;
 /// Events processed before the run gives up (a runaway scenario, not a market day).
 pub const MAX_EVENTS: u64 = 2_000_000_000;
 
+mod checker;
+mod faults;
+mod network;
+
+pub use faults::fault_kind;
+use faults::{fault_at, random_faults};
+
 const US_PER_MS: u64 = 1_000;
 /// What device clocks read at virtual time 0: a plausible epoch, so times look real.
 const DEVICE_EPOCH_MS: u64 = 1_800_000_000_000;
@@ -228,6 +235,7 @@ pub struct World {
     refused: BTreeMap<String, u64>,
     refused_while_reachable_held: u64,
     refused_while_reachable_idle_held: u64,
+    refused_while_unreachable_held: u64,
     sales_after_waiting: u64,
     waiting: BTreeMap<u64, WaitingSale>,
     next_wait_id: u64,
@@ -375,6 +383,7 @@ impl World {
             refused: BTreeMap::new(),
             refused_while_reachable_held: 0,
             refused_while_reachable_idle_held: 0,
+            refused_while_unreachable_held: 0,
             sales_after_waiting: 0,
             waiting: BTreeMap::new(),
             next_wait_id: 0,
@@ -742,6 +751,12 @@ impl World {
         *self.refused.entry(reason.to_string()).or_default() += 1;
         let holders = short_of.map(|sku| self.reachable_holders(dev, sku)).unwrap_or_default();
         if holders.is_empty() {
+            let me = self.devices[dev as usize].id;
+            let held_elsewhere = short_of
+                .is_some_and(|sku| self.devices.iter().any(|d| !d.is_cloud && d.id != me && d.ledger.state().rights_of(sku, &d.id) > 0));
+            if held_elsewhere {
+                self.refused_while_unreachable_held += 1;
+            }
             self.trace(Some(dev), format!("sale refused {reason}"));
             return;
         }
@@ -1022,341 +1037,6 @@ impl World {
         self.push(t, Ev::Commit { dev });
     }
 
-    /// Whether the network currently drops messages from `from` to `to`.
-    fn blocked(&self, from: u32, to: u32) -> bool {
-        let cloud = self.cloud();
-        self.active_faults.iter().any(|&i| match &self.faults[i] {
-            FaultSpec::Partition { groups, .. } => {
-                if from == cloud || to == cloud {
-                    return false; // the uplink is not the Wi-Fi
-                }
-                let side = |d: u32| groups.iter().position(|g| g.contains(&d)).unwrap_or(0);
-                side(from) != side(to)
-            }
-            FaultSpec::Asymmetric { from: f, to: t, .. } => f.contains(&from) && t.contains(&to),
-            FaultSpec::Isolate { device, .. } => (from == *device || to == *device) && from != cloud && to != cloud,
-            FaultSpec::UplinkOutage { .. } => from == cloud || to == cloud,
-            _ => false,
-        })
-    }
-
-    fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, ordered: bool) {
-        let key = pair(from, to);
-        let Some(conn) = self.conns.get(&key) else { return };
-        let epoch = conn.epoch;
-        self.messages += 1;
-        self.bytes += bytes.len() as u64;
-        self.hour().bytes += bytes.len() as u64;
-        if self.blocked(from, to) {
-            return; // the cable is cut: the bytes sit in a buffer that never drains
-        }
-        let net = &self.sc.network;
-        let is_uplink = from == self.cloud() || to == self.cloud();
-        let rng = &mut self.devices[from as usize].rng;
-        if rng.gen_bool(net.loss) {
-            if ordered {
-                self.trace(Some(from), format!("stream to {to} reset"));
-                self.teardown(from, to);
-            }
-            return;
-        }
-        let base = if is_uplink { net.uplink_latency_ms } else { net.latency_ms };
-        let tail = if net.latency_tail_ms > 0.0 { Exp::new(1.0 / net.latency_tail_ms).expect("positive").sample(rng) } else { 0.0 };
-        let serialize_ms = bytes.len() as f64 * 8.0 / net.bandwidth_kbps.max(1.0);
-        let mut delay_us = ((base + tail + serialize_ms) * 1000.0) as u64 + 1;
-        let duplicate = !ordered && rng.gen_bool(net.duplicate);
-        if !ordered && net.reorder_ms > 0.0 {
-            delay_us += (rng.gen_range(0.0..net.reorder_ms) * 1000.0) as u64;
-        }
-        let mut at = self.now + delay_us;
-        if ordered {
-            let dir = (from > to) as usize;
-            let conn = self.conns.get_mut(&key).expect("checked above");
-            at = at.max(conn.last_deliver[dir]);
-            conn.last_deliver[dir] = at;
-        }
-        self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), ordered });
-        if duplicate {
-            self.push(at + delay_us, Ev::Deliver { from, to, epoch, bytes, ordered });
-        }
-    }
-
-    fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool) {
-        match self.conns.get(&pair(from, to)) {
-            Some(c) if c.epoch == epoch => {}
-            _ => return, // the stream was reset since: its bytes are gone
-        }
-        if !self.devices[to as usize].up {
-            return;
-        }
-        if ordered {
-            self.devices[from as usize].sync.acked(&to, bytes.len());
-        }
-        // Gossipsub hands the application a broadcast once (its duplicate cache, by message id,
-        // remembers for a minute) and forwards it to its own mesh peers.
-        if !ordered {
-            let h = fnv_bytes(&bytes);
-            let t = self.now;
-            let seen = &mut self.devices[to as usize].seen;
-            if seen.get(&h).is_some_and(|first| t.saturating_sub(*first) < GOSSIP_DUPLICATE_CACHE_US) {
-                return;
-            }
-            seen.insert(h, t);
-            let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
-            for p in peers {
-                self.transmit(to, p, bytes.clone(), false);
-            }
-        }
-        let now = self.dev_now_ms(to);
-        let out = self.protocol(|w| {
-            let d = &mut w.devices[to as usize];
-            let held = HeldLog { all: &w.all_changes, heads: d.ledger.heads_ref() };
-            d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &held)
-        });
-        self.execute(to, out);
-    }
-
-    fn on_dial(&mut self, a: u32, b: u32) {
-        let key = pair(a, b);
-        if !self.wanted.contains(&key) || self.conns.contains_key(&key) || self.finished {
-            return;
-        }
-        let (da, db) = (&self.devices[a as usize], &self.devices[b as usize]);
-        if !da.up || !db.up || self.blocked(a, b) || self.blocked(b, a) {
-            let t = self.now + self.sc.network.redial_ms * US_PER_MS;
-            if da.up || db.up {
-                self.push(t, Ev::Dial { a, b });
-            }
-            return;
-        }
-        self.epochs += 1;
-        self.conns.insert(key, Conn { epoch: self.epochs, last_deliver: [0, 0] });
-        self.trace(Some(a), format!("connected {b}"));
-        for (x, y) in [(a, b), (b, a)] {
-            let now = self.dev_now_ms(x);
-            let out = self.protocol(|w| {
-                let d = &mut w.devices[x as usize];
-                d.sync.connected(y, now, d.ledger.heads_ref())
-            });
-            self.execute(x, out);
-        }
-    }
-
-    fn teardown(&mut self, a: u32, b: u32) {
-        if self.conns.remove(&pair(a, b)).is_some() {
-            self.devices[a as usize].sync.disconnected(&b);
-            self.devices[b as usize].sync.disconnected(&a);
-            let t = self.now + self.sc.network.redial_ms * US_PER_MS;
-            self.push(t, Ev::Dial { a: a.min(b), b: a.max(b) });
-        }
-    }
-
-    fn fault_start(&mut self, i: usize) {
-        if self.day_over {
-            return;
-        }
-        let f = self.faults[i].clone();
-        let kind = fault_kind(&f);
-        *self.faults_fired.entry(kind.to_string()).or_default() += 1;
-        self.trace(None, format!("fault start {kind} {f:?}"));
-        match f {
-            FaultSpec::Crash { device, down_s, lose_unsynced, .. } => {
-                self.crash(device, lose_unsynced);
-                let t = self.now + (down_s * US_PER_S as f64) as u64;
-                self.push(t, Ev::Restart { dev: device });
-            }
-            FaultSpec::ClockJump { device, jump_ms, .. } => {
-                self.devices[device as usize].clock_offset_us += jump_ms * 1000;
-            }
-            FaultSpec::Partition { duration_s, .. }
-            | FaultSpec::Asymmetric { duration_s, .. }
-            | FaultSpec::Isolate { duration_s, .. }
-            | FaultSpec::UplinkOutage { duration_s, .. } => {
-                self.active_faults.insert(i);
-                let t = self.now + (duration_s * US_PER_S as f64) as u64;
-                self.push(t, Ev::FaultEnd(i));
-            }
-        }
-    }
-
-    fn fault_end(&mut self, i: usize) {
-        if self.active_faults.remove(&i) {
-            self.trace(None, format!("fault end {}", fault_kind(&self.faults[i])));
-        }
-    }
-
-    fn crash(&mut self, dev: u32, lose_unsynced: bool) {
-        let d = &mut self.devices[dev as usize];
-        if !d.up {
-            return;
-        }
-        d.up = false;
-        if lose_unsynced {
-            d.unsynced.clear();
-        } else {
-            let entries = std::mem::take(&mut d.unsynced);
-            d.storage_bytes += entries.iter().map(|e| e.change.encoded_len() as u64).sum::<u64>();
-            d.durable.extend(entries);
-        }
-        let peers: Vec<(u32, u32)> = self.conns.keys().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
-        for (a, b) in peers {
-            self.teardown(a, b);
-        }
-        self.drop_waiting(Some(dev));
-        let policy = self.sc.rebalance;
-        let d = &mut self.devices[dev as usize];
-        let lost = std::mem::replace(&mut d.rebalancer, Rebalancer::new(policy));
-        let a = &mut self.asks_before_restarts;
-        (a.for_sale, a.refill, a.rate_limited) =
-            (a.for_sale + lost.stats().for_sale, a.refill + lost.stats().refill, a.rate_limited + lost.stats().rate_limited);
-        self.trace(Some(dev), format!("crash lose_unsynced={lose_unsynced}"));
-    }
-
-    fn restart(&mut self, dev: u32) {
-        let d = &mut self.devices[dev as usize];
-        if d.up {
-            return;
-        }
-        let key = DeviceKey::from_secret(d.key_secret);
-        let restored = self.protocol(|w| {
-            let d = &w.devices[dev as usize];
-            Ledger::restore(w.ctx.clone(), key, d.cert.clone(), d.durable.iter().map(|e| (**e).clone()))
-        });
-        let d = &mut self.devices[dev as usize];
-        match restored {
-            Ok(mut ledger) => {
-                ledger.allow_overspend_for_tests = d.broken;
-                d.ledger = ledger;
-            }
-            Err(e) => {
-                self.trace(Some(dev), format!("restore failed: {e}"));
-                return;
-            }
-        }
-        let d = &mut self.devices[dev as usize];
-        d.sync = SyncCore::new(SyncConfig {
-            heartbeat_ms: self.sc.network.heartbeat_ms,
-            liveness_timeout_ms: self.sc.network.liveness_timeout_ms,
-        });
-        d.up = true;
-        self.trace(Some(dev), "restart".into());
-        let pairs: Vec<(u32, u32)> = self.wanted.iter().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
-        for (a, b) in pairs {
-            self.push(self.now, Ev::Dial { a, b });
-        }
-    }
-
-    fn end_of_day(&mut self) {
-        self.day_over = true;
-        self.end_of_day_at = self.now;
-        self.trace(None, "end of day: faults stop, liveness phase".into());
-        self.drop_waiting(None);
-        self.active_faults.clear();
-        for d in 0..self.n() {
-            if !self.devices[d as usize].up {
-                self.restart(d);
-            }
-        }
-        let wanted: Vec<(u32, u32)> = self.wanted.iter().copied().collect();
-        for (a, b) in wanted {
-            self.push(self.now, Ev::Dial { a, b });
-        }
-        self.push(self.now + US_PER_S / 4, Ev::LivenessCheck);
-    }
-
-    fn liveness_check(&mut self) {
-        let bound = (self.sc.liveness_bound_s * US_PER_S as f64) as u64;
-        if self.replicas_agree() {
-            self.converged_after_heal = Some(self.now - self.end_of_day_at);
-            self.finished = true;
-            return;
-        }
-        if self.now - self.end_of_day_at > bound {
-            self.finished = true;
-            return;
-        }
-        self.push(self.now + US_PER_S / 4, Ev::LivenessCheck);
-    }
-
-    /// Cheap agreement test: every replica (and the cloud) holds the same journal heads, nothing pending.
-    fn replicas_agree(&self) -> bool {
-        let first = self.devices[0].ledger.heads_ref();
-        self.devices.iter().all(|d| d.up && d.ledger.pending_len() == 0 && d.ledger.heads_ref() == first)
-    }
-
-    fn check(&mut self) -> Vec<Violation> {
-        let mut v = Vec::new();
-        let timeline = |w: &World, d: u32| w.devices[d as usize].timeline.iter().cloned().collect::<Vec<_>>();
-        if self.converged_after_heal.is_none() {
-            let lagging = (0..=self.n()).find(|d| self.devices[*d as usize].ledger.heads_ref() != self.devices[0].ledger.heads_ref());
-            v.push(Violation {
-                invariant: "replicas_identical_within_liveness_bound",
-                detail: format!("replicas did not agree within {} s after the faults stopped", self.sc.liveness_bound_s),
-                device: lagging,
-                timeline: lagging.map(|d| timeline(self, d)).unwrap_or_default(),
-            });
-        }
-        let reference = self.devices[0].ledger.state().clone();
-        for (d, dev) in self.devices.iter().enumerate() {
-            let s = dev.ledger.state();
-            if s.products != reference.products || s.rights != reference.rights || s.sales != reference.sales {
-                v.push(Violation {
-                    invariant: "replicas_identical",
-                    detail: format!("device {d} differs from device 0"),
-                    device: Some(d as u32),
-                    timeline: timeline(self, d as u32),
-                });
-                break;
-            }
-        }
-        for (id, &idx) in &self.acked_index {
-            for (d, dev) in self.devices.iter().enumerate() {
-                if !dev.ledger.state().sales.contains_key(id) {
-                    let seller = self.acked[idx as usize].device;
-                    v.push(Violation {
-                        invariant: "no_acknowledged_sale_lost",
-                        detail: format!("sale {id}, acknowledged by device {seller}, is missing on device {d}"),
-                        device: Some(seller),
-                        timeline: timeline(self, seller),
-                    });
-                    break;
-                }
-            }
-            if v.len() > 5 {
-                break;
-            }
-        }
-        if reference.sales.len() != self.acked.len() {
-            v.push(Violation {
-                invariant: "no_sale_duplicated_or_invented",
-                detail: format!("{} sales in the state, {} acknowledged", reference.sales.len(), self.acked.len()),
-                device: None,
-                timeline: vec![],
-            });
-        }
-        let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
-        for s in reference.sales.values() {
-            for l in &s.lines {
-                *sold.entry(&l.sku).or_default() += l.qty;
-            }
-        }
-        for (sku, restocked) in &self.restocked {
-            let held = reference.stock(sku).total;
-            let s = sold.get(sku.as_str()).copied().unwrap_or(0);
-            if held + s != *restocked {
-                let broken = self.opts.broken_device;
-                v.push(Violation {
-                    invariant: "no_negative_stock",
-                    detail: format!("{sku}: {restocked} restocked, {s} sold, {held} still held: stock was oversold"),
-                    device: broken,
-                    timeline: broken.map(|d| timeline(self, d)).unwrap_or_default(),
-                });
-                break;
-            }
-        }
-        v
-    }
-
     fn report(&self, wall: Duration) -> Report {
         let mut lags: Vec<f64> = self.acked.iter().filter_map(|s| s.converged_at.map(|t| (t - s.t_ack) as f64 / 1000.0)).collect();
         lags.sort_by(f64::total_cmp);
@@ -1379,6 +1059,7 @@ impl World {
             refused: self.refused.clone(),
             refused_while_reachable_held: self.refused_while_reachable_held,
             refused_while_reachable_idle_held: self.refused_while_reachable_idle_held,
+            refused_while_unreachable_held: self.refused_while_unreachable_held,
             units_unsold: self.restocked.keys().map(|sku| self.devices[0].ledger.state().stock(sku).total).sum(),
             sales_after_waiting_for_rights: self.sales_after_waiting,
             rights_asks_for_sale: asks.for_sale,
@@ -1404,64 +1085,4 @@ impl World {
             digest: String::new(),
         }
     }
-}
-
-fn fault_at(f: &FaultSpec) -> f64 {
-    match f {
-        FaultSpec::Partition { at_s, .. }
-        | FaultSpec::Asymmetric { at_s, .. }
-        | FaultSpec::Isolate { at_s, .. }
-        | FaultSpec::UplinkOutage { at_s, .. }
-        | FaultSpec::Crash { at_s, .. }
-        | FaultSpec::ClockJump { at_s, .. } => *at_s,
-    }
-}
-
-pub fn fault_kind(f: &FaultSpec) -> &'static str {
-    match f {
-        FaultSpec::Partition { .. } => "partition",
-        FaultSpec::Asymmetric { .. } => "asymmetric",
-        FaultSpec::Isolate { .. } => "isolate",
-        FaultSpec::UplinkOutage { .. } => "uplink_outage",
-        FaultSpec::Crash { .. } => "crash",
-        FaultSpec::ClockJump { .. } => "clock_jump",
-    }
-}
-
-/// Random faults for the whole day, drawn up front from their own stream per device.
-fn random_faults(sc: &Scenario, seed: u64) -> Vec<FaultSpec> {
-    let rf = &sc.random_faults;
-    let day_s = sc.duration_h * 3600.0;
-    let mut out = Vec::new();
-    for d in 0..sc.devices() {
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, "faults", d as u64));
-        let mut draw = |rate_per_h: f64, out: &mut Vec<FaultSpec>, make: &mut dyn FnMut(f64, &mut ChaCha8Rng) -> FaultSpec| {
-            if rate_per_h <= 0.0 {
-                return;
-            }
-            let exp = Exp::new(rate_per_h / 3600.0).expect("positive rate");
-            let mut t = exp.sample(&mut rng);
-            while t < day_s {
-                out.push(make(t, &mut rng));
-                t += exp.sample(&mut rng);
-            }
-        };
-        draw(rf.crashes_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Crash {
-            at_s: t,
-            down_s: rf.crash_down_s.max(1.0),
-            device: d,
-            lose_unsynced: rf.crash_loses_unsynced,
-        });
-        draw(rf.isolations_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Isolate {
-            at_s: t,
-            duration_s: rf.isolation_s.max(1.0),
-            device: d,
-        });
-        draw(rf.clock_jumps_per_device_per_hour, &mut out, &mut |t, r| FaultSpec::ClockJump {
-            at_s: t,
-            device: d,
-            jump_ms: (r.gen_range(-1.0..=1.0) * rf.clock_jump_max_ms) as i64,
-        });
-    }
-    out
 }
