@@ -27,10 +27,18 @@ pub struct Report {
     /// ... of which an idle one (no sales in the rebalancing window) held some: stranded units.
     /// The rest were held by selling tablets, which keep `min_keep` for their own customers.
     pub refused_while_reachable_idle_held: u64,
+    /// Refused sales where no reachable tablet held rights for the SKU but another one did (a
+    /// partition, a crash, a lost connection: stock stranded out of reach).
+    pub refused_while_unreachable_held: u64,
     /// Units restocked and not sold by the end of the day (as device 0 sees it).
     pub units_unsold: u64,
     /// Sales acknowledged after waiting for rights a peer gave.
     pub sales_after_waiting_for_rights: u64,
+    /// Asks for stock rights sent by every device (for a waiting sale, refills below the low
+    /// watermark) and those the rate limit held back (`Rebalancer::ask`).
+    pub rights_asks_for_sale: u64,
+    pub rights_asks_refill: u64,
+    pub rights_asks_rate_limited: u64,
     pub customers_lost: u64,
     /// Time from a sale's acknowledgement until every device holds it.
     pub convergence_ms_p50: f64,
@@ -68,6 +76,10 @@ impl Report {
             format!("{} (an idle tablet: {})", self.refused_while_reachable_held, self.refused_while_reachable_idle_held),
         );
         row("sales after waiting for rights", self.sales_after_waiting_for_rights.to_string());
+        row(
+            "rights asks sale/refill/limited",
+            format!("{}/{}/{}", self.rights_asks_for_sale, self.rights_asks_refill, self.rights_asks_rate_limited),
+        );
         row("units unsold at the end", self.units_unsold.to_string());
         row("customers lost (stall down)", self.customers_lost.to_string());
         row(

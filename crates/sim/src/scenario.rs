@@ -2,6 +2,7 @@
 //! documented here; the shipped scenarios in `simulations/` use them.
 
 use serde::Deserialize;
+use stallmesh_sync::rebalance::RebalancePolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -35,6 +36,10 @@ pub struct Scenario {
     /// Faults drawn at random (rates per device per hour).
     #[serde(default)]
     pub random_faults: RandomFaults,
+    /// The market's rebalancing numbers (`min_keep`, `low_watermark`, `refill`), as the node's
+    /// `mesh` settings; missing keys keep `RebalancePolicy::default()`.
+    #[serde(default)]
+    pub rebalance: RebalancePolicy,
 }
 
 fn default_liveness() -> f64 {

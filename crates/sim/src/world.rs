@@ -11,10 +11,7 @@ use rand_distr::{Distribution, Exp};
 use sha2::{Digest, Sha256};
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, MarketKey, Role};
 use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
-use stallmesh_sync::rebalance::{
-    RebalancePolicy, MAX_SALE_ATTEMPTS, RECENT_SALES_WINDOW_MS, RIGHTS_REQUEST_INTERVAL_MS, SALE_RIGHTS_REQUEST_INTERVAL_MS,
-    SALE_WAIT_FOR_RIGHTS_MS,
-};
+use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, AskStats, Rebalancer, SaleWait, SaleWaitStep};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -30,7 +27,19 @@ const PROTOCOL_TIMING_SAMPLE: u64 = 16;
 /// Events processed before the run gives up (a runaway scenario, not a market day).
 pub const MAX_EVENTS: u64 = 2_000_000_000;
 
+mod checker;
+mod faults;
+mod network;
+
+pub use faults::fault_kind;
+use faults::{fault_at, random_faults};
+
 const US_PER_MS: u64 = 1_000;
+/// What device clocks read at virtual time 0: a plausible epoch, so times look real.
+const DEVICE_EPOCH_MS: u64 = 1_800_000_000_000;
+/// A device's wake is scheduled at most this far ahead: a clock jumped far back makes its timeout
+/// far off on the virtual clock; waking sooner only finds nothing due and looks again.
+const MAX_WAKE_AHEAD_US: u64 = 60 * US_PER_S;
 const US_PER_S: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Default)]
@@ -66,17 +75,38 @@ pub struct RunResult {
 
 #[derive(Debug)]
 enum Ev {
-    Arrival { stall: u32 },
-    Tick { dev: u32 },
-    Deliver { from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool },
-    Dial { a: u32, b: u32 },
-    Commit { dev: u32 },
+    Arrival {
+        stall: u32,
+    },
+    /// The device's sync core asked to be woken now (`Sync::poll_timeout`); stale unless it is
+    /// the device's `wake_at`.
+    Wake {
+        dev: u32,
+    },
+    Deliver {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        bytes: Rc<Vec<u8>>,
+        ordered: bool,
+    },
+    Dial {
+        a: u32,
+        b: u32,
+    },
+    Commit {
+        dev: u32,
+    },
     FaultStart(usize),
     FaultEnd(usize),
-    Restart { dev: u32 },
+    Restart {
+        dev: u32,
+    },
     EndOfDay,
     LivenessCheck,
-    SaleWait { id: u64 },
+    SaleWait {
+        id: u64,
+    },
 }
 
 struct Item {
@@ -123,8 +153,10 @@ struct Device {
     storage_bytes: u64,
     /// Bit i: acknowledged sale number i has reached this device (ever).
     held: Vec<u64>,
-    /// When rights for (SKU, for a waiting sale) were last asked for.
-    rights_asked_at: BTreeMap<(String, bool), u64>,
+    /// The rebalancing policy and its ask memory, as the node's mesh driver holds them.
+    rebalancer: Rebalancer,
+    /// The earliest `Ev::Wake` pending for this device (virtual µs), if any.
+    wake_at: Option<u64>,
     broken: bool,
     /// Broadcasts already seen (gossipsub's duplicate cache): content hash → first seen (virtual µs).
     seen: BTreeMap<u64, u64>,
@@ -141,11 +173,10 @@ struct Conn {
 struct WaitingSale {
     dev: u32,
     lines: Vec<LineRequest>,
-    sku: String,
-    requested: u64,
-    /// Virtual µs.
-    deadline: u64,
-    attempts: usize,
+    /// The sync core's waiting sale, on the virtual clock in ms (monotonic, as the node's wait).
+    wait: SaleWait,
+    /// The pending `Ev::SaleWait` for it (virtual µs); others are stale.
+    wake_at: u64,
 }
 
 /// A reachable tablet holding rights a refused sale lacked (for the report and the trace).
@@ -187,7 +218,8 @@ pub struct World {
     acked: Vec<AckedSale>,
     acked_index: BTreeMap<String, u32>,
     restocked: BTreeMap<String, u64>,
-    policy: RebalancePolicy,
+    /// Ask outcomes of rebalancers that a crash discarded (the live ones are in each device).
+    asks_before_restarts: AskStats,
     day_over: bool,
     end_of_day_at: u64,
     converged_after_heal: Option<u64>,
@@ -203,6 +235,7 @@ pub struct World {
     refused: BTreeMap<String, u64>,
     refused_while_reachable_held: u64,
     refused_while_reachable_idle_held: u64,
+    refused_while_unreachable_held: u64,
     sales_after_waiting: u64,
     waiting: BTreeMap<u64, WaitingSale>,
     next_wait_id: u64,
@@ -290,7 +323,8 @@ impl World {
                 timeline: VecDeque::new(),
                 storage_bytes: 0,
                 held: Vec::new(),
-                rights_asked_at: BTreeMap::new(),
+                rebalancer: Rebalancer::new(sc.rebalance),
+                wake_at: None,
                 broken: opts.broken_device == Some(d),
                 seen: BTreeMap::new(),
             });
@@ -315,7 +349,7 @@ impl World {
         let mut faults = sc.faults.clone();
         faults.extend(random_faults(&sc, seed));
         let mut w = World {
-            policy: RebalancePolicy::default(),
+            asks_before_restarts: AskStats::default(),
             sc,
             opts,
             now: 0,
@@ -349,6 +383,7 @@ impl World {
             refused: BTreeMap::new(),
             refused_while_reachable_held: 0,
             refused_while_reachable_idle_held: 0,
+            refused_while_unreachable_held: 0,
             sales_after_waiting: 0,
             waiting: BTreeMap::new(),
             next_wait_id: 0,
@@ -391,7 +426,7 @@ impl World {
     fn dev_now_ms(&self, d: u32) -> u64 {
         let dev = &self.devices[d as usize];
         let t = self.now as f64 * (1.0 + dev.drift_ppm / 1e6) + dev.clock_offset_us as f64;
-        (t.max(0.0) / 1000.0) as u64 + 1_800_000_000_000 // a plausible epoch, so times look real
+        (t.max(0.0) / 1000.0) as u64 + DEVICE_EPOCH_MS
     }
 
     fn trace(&mut self, dev: Option<u32>, line: String) {
@@ -504,10 +539,6 @@ impl World {
         for (a, b) in wanted {
             self.push(0, Ev::Dial { a, b });
         }
-        for d in 0..=n {
-            let jitter = self.devices[d as usize].rng.gen_range(0..self.sc.network.heartbeat_ms.max(1)) * US_PER_MS;
-            self.push(jitter, Ev::Tick { dev: d });
-        }
         for s in 0..self.sc.market.stalls {
             let t = self.next_arrival(s, 0);
             self.push(t, Ev::Arrival { stall: s });
@@ -579,18 +610,7 @@ impl World {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Arrival { stall } => self.on_arrival(stall),
-            Ev::Tick { dev } => {
-                if self.devices[dev as usize].up {
-                    let now = self.dev_now_ms(dev);
-                    let out = self.protocol(|w| {
-                        let d = &mut w.devices[dev as usize];
-                        d.sync.tick(now, d.ledger.heads_ref())
-                    });
-                    self.execute(dev, out);
-                }
-                let next = self.now + self.sc.network.heartbeat_ms * US_PER_MS;
-                self.push(next, Ev::Tick { dev });
-            }
+            Ev::Wake { dev } => self.on_wake(dev),
             Ev::Deliver { from, to, epoch, bytes, ordered } => self.on_deliver(from, to, epoch, bytes, ordered),
             Ev::Dial { a, b } => self.on_dial(a, b),
             Ev::Commit { dev } => {
@@ -658,8 +678,8 @@ impl World {
     }
 
     /// One attempt of a customer's sale (`wait`: the sale already waits for rights, with its id).
-    /// Refused for rights that a peer with a live session holds, it waits as the node does: ask,
-    /// retry when a transfer to this device is applied, refuse at the deadline.
+    /// Refused for rights that a peer with a live session holds, it waits as the node does
+    /// ([`SaleWait`]): ask, retry when a transfer to this device is applied, refuse at the deadline.
     fn sell(&mut self, dev: u32, lines: Vec<LineRequest>, wait: Option<(u64, WaitingSale)>) {
         let now = self.dev_now_ms(dev);
         let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None };
@@ -676,28 +696,37 @@ impl World {
                     self.sales_after_waiting += 1;
                 }
                 self.local_entry(dev, entry);
+                // Ask for a refill where the sale left this device low, as the node does after a sale.
+                for l in &lines {
+                    let d = &mut self.devices[dev as usize];
+                    let stock = d.ledger.state().stock(&l.sku);
+                    let here = stock.per_device.get(&d.id).copied().unwrap_or(0);
+                    let ask = d.rebalancer.after_sale(&l.sku, here, stock.total - here, now);
+                    self.ask(dev, ask);
+                }
             }
             Err(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere }) => {
-                if held_elsewhere_total > 0 {
-                    self.want_rights(dev, sku.clone(), requested - held_here + self.policy.refill, true);
-                }
-                let (id, deadline, attempts) = match &wait {
-                    Some((id, w)) => (*id, w.deadline, w.attempts + 1),
-                    None => (self.next_wait_id, self.now + SALE_WAIT_FOR_RIGHTS_MS * US_PER_MS, 1),
-                };
+                let ask = self.devices[dev as usize].rebalancer.after_refusal(&sku, requested, held_here, held_elsewhere_total, true, now);
+                self.ask(dev, ask);
                 let peers = self.devices[dev as usize].sync.peers();
                 let reachable_holds =
                     held_elsewhere.iter().any(|(d, n)| *n > 0 && peers.keys().any(|p| self.devices[*p as usize].id == *d));
-                if reachable_holds && attempts < MAX_SALE_ATTEMPTS && self.now < deadline {
-                    self.trace(Some(dev), format!("sale waits for {sku}"));
-                    if wait.is_none() {
-                        self.next_wait_id += 1;
-                        self.push((self.now + SALE_RIGHTS_REQUEST_INTERVAL_MS * US_PER_MS).min(deadline), Ev::SaleWait { id });
+                let wait_now_ms = self.now / US_PER_MS;
+                let (id, mut wait) = match wait {
+                    Some((id, w)) => (id, w.wait),
+                    None => (self.next_wait_id, SaleWait::new(wait_now_ms)),
+                };
+                match wait.refused(&sku, requested, reachable_holds, wait_now_ms) {
+                    Ok(()) => {
+                        self.trace(Some(dev), format!("sale waits for {sku}"));
+                        if id == self.next_wait_id {
+                            self.next_wait_id += 1;
+                        }
+                        self.waiting.insert(id, WaitingSale { dev, lines, wait, wake_at: 0 });
+                        self.schedule_sale_wait(id);
                     }
-                    self.waiting.insert(id, WaitingSale { dev, lines, sku, requested, deadline, attempts });
-                    return;
+                    Err(_) => self.refuse(dev, "insufficient_stock_rights", Some(&sku)),
                 }
-                self.refuse(dev, "insufficient_stock_rights", Some(&sku));
             }
             Err(e) => {
                 let reason = match &e {
@@ -710,10 +739,24 @@ impl World {
         }
     }
 
+    /// Carries out an ask the rebalancer decided on (a rate-limited one is counted there).
+    fn ask(&mut self, dev: u32, ask: Option<Ask>) {
+        let Some(Ask::Send { sku, qty, for_sale }) = ask else { return };
+        let now = self.dev_now_ms(dev);
+        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&sku, qty, for_sale, now));
+        self.execute(dev, out);
+    }
+
     fn refuse(&mut self, dev: u32, reason: &str, short_of: Option<&str>) {
         *self.refused.entry(reason.to_string()).or_default() += 1;
         let holders = short_of.map(|sku| self.reachable_holders(dev, sku)).unwrap_or_default();
         if holders.is_empty() {
+            let me = self.devices[dev as usize].id;
+            let held_elsewhere = short_of
+                .is_some_and(|sku| self.devices.iter().any(|d| !d.is_cloud && d.id != me && d.ledger.state().rights_of(sku, &d.id) > 0));
+            if held_elsewhere {
+                self.refused_while_unreachable_held += 1;
+            }
             self.trace(Some(dev), format!("sale refused {reason}"));
             return;
         }
@@ -737,41 +780,65 @@ impl World {
                 let held = state.rights_of(sku, &peer.id);
                 let reachable = !peer.is_cloud && peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
                 let now = self.dev_now_ms(p);
-                let recent_sales =
-                    state.sales.values().filter(|s| s.device == peer.id && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count();
+                let since = recent_sales_since_ms(now);
+                let recent_sales = state.sales.values().filter(|s| s.device == peer.id && s.time_ms >= since).count();
                 (reachable && held > 0).then_some(Holder { device: p, held, recent_sales })
             })
             .collect()
     }
 
-    /// A waiting sale's interval passed: refuse it at its deadline, else ask again (a lost ask, or
-    /// the rights moved meanwhile).
+    /// The sale's pending wake (its `SaleWait::poll_timeout`) is due: poll it, unless stale.
     fn on_sale_wait(&mut self, id: u64) {
-        let Some(w) = self.waiting.get(&id) else { return }; // sold (or refused) since
-        if self.now >= w.deadline {
-            let w = self.waiting.remove(&id).expect("just seen");
-            self.refuse(w.dev, "insufficient_stock_rights", Some(&w.sku));
-            return;
-        }
-        let (dev, sku, requested, deadline) = (w.dev, w.sku.clone(), w.requested, w.deadline);
-        let here = self.devices[dev as usize].ledger.state().rights_of(&sku, &self.devices[dev as usize].id);
-        self.want_rights(dev, sku, requested.saturating_sub(here) + self.policy.refill, true);
-        self.push((self.now + SALE_RIGHTS_REQUEST_INTERVAL_MS * US_PER_MS).min(deadline), Ev::SaleWait { id });
+        if self.waiting.get(&id).is_some_and(|w| w.wake_at == self.now) {
+            self.poll_sale_wait(id);
+        } // else sold, refused or rescheduled since
     }
 
-    /// Rights arrived at `dev`: retry its waiting sales whose short SKU is now covered.
+    /// Polls a waiting sale (at its timeout, or when rights arrived) and does what it says.
+    fn poll_sale_wait(&mut self, id: u64) {
+        let Some(w) = self.waiting.get_mut(&id) else { return };
+        let dev = w.dev;
+        let d = &self.devices[dev as usize];
+        let sku = w.wait.sku().expect("a waiting sale is short of a SKU").to_string();
+        let here = d.ledger.state().rights_of(&sku, &d.id);
+        match w.wait.poll(here, self.now / US_PER_MS) {
+            SaleWaitStep::Retry => {
+                let w = self.waiting.remove(&id).expect("just seen");
+                let lines = w.lines.clone();
+                self.sell(dev, lines, Some((id, w)));
+            }
+            SaleWaitStep::AskAgain { short } => {
+                let now = self.dev_now_ms(dev);
+                let ask = self.devices[dev as usize].rebalancer.ask_again(&sku, short, now);
+                self.ask(dev, Some(ask));
+                self.schedule_sale_wait(id);
+            }
+            SaleWaitStep::Wait => self.schedule_sale_wait(id),
+            SaleWaitStep::GiveUp(_) => {
+                self.waiting.remove(&id);
+                self.refuse(dev, "insufficient_stock_rights", Some(&sku));
+            }
+        }
+    }
+
+    /// Schedules a waiting sale's next wake at its `poll_timeout` (ms of virtual time).
+    fn schedule_sale_wait(&mut self, id: u64) {
+        let now = self.now;
+        let Some(w) = self.waiting.get_mut(&id) else { return };
+        let at = w.wait.poll_timeout().expect("a waiting sale has a timeout") * US_PER_MS;
+        let at = at.max(now);
+        if w.wake_at == at && at > now {
+            return; // already pending
+        }
+        w.wake_at = at;
+        self.push(at, Ev::SaleWait { id });
+    }
+
+    /// Rights arrived at `dev`: poll its waiting sales (each retries if its short SKU is covered).
     fn retry_waiting(&mut self, dev: u32) {
-        let me = self.devices[dev as usize].id;
-        let ready: Vec<u64> = self
-            .waiting
-            .iter()
-            .filter(|(_, w)| w.dev == dev && self.devices[dev as usize].ledger.state().rights_of(&w.sku, &me) >= w.requested)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ready {
-            let w = self.waiting.remove(&id).expect("listed above");
-            let lines = w.lines.clone();
-            self.sell(dev, lines, Some((id, w)));
+        let mine: Vec<u64> = self.waiting.iter().filter(|(_, w)| w.dev == dev).map(|(id, _)| *id).collect();
+        for id in mine {
+            self.poll_sale_wait(id);
         }
     }
 
@@ -783,7 +850,7 @@ impl World {
             if dev.is_some() {
                 self.customers_lost += 1;
             } else {
-                self.refuse(w.dev, "insufficient_stock_rights", Some(&w.sku));
+                self.refuse(w.dev, "insufficient_stock_rights", w.wait.sku());
             }
         }
     }
@@ -807,20 +874,6 @@ impl World {
                 self.devices[dev as usize].seen.insert(fnv_bytes(bytes), t);
             }
         }
-        self.execute(dev, out);
-    }
-
-    /// Rate-limited per SKU as the node's mesh driver does: a waiting sale by its own interval.
-    fn want_rights(&mut self, dev: u32, sku: String, qty: u64, for_sale: bool) {
-        let now = self.dev_now_ms(dev);
-        let d = &mut self.devices[dev as usize];
-        let interval = if for_sale { SALE_RIGHTS_REQUEST_INTERVAL_MS } else { RIGHTS_REQUEST_INTERVAL_MS };
-        let key = (sku, for_sale);
-        if d.rights_asked_at.get(&key).is_some_and(|t| now.saturating_sub(*t) < interval) {
-            return;
-        }
-        d.rights_asked_at.insert(key.clone(), now);
-        let out = self.protocol(|w| w.devices[dev as usize].sync.want_rights(&key.0, qty, for_sale, now));
         self.execute(dev, out);
     }
 
@@ -906,6 +959,53 @@ impl World {
                 }
             }
         }
+        self.schedule_wake(dev);
+    }
+
+    /// Every call into a device's sync core ends here (through `execute`): it may have moved the
+    /// core's `poll_timeout` earlier (a new peer, a first unconfirmed serve). A later timeout needs
+    /// nothing: the pending wake finds nothing due and reschedules.
+    fn schedule_wake(&mut self, dev: u32) {
+        let Some(due_ms) = self.devices[dev as usize].sync.poll_timeout() else { return };
+        let at = self.virtual_us_at(dev, due_ms);
+        let d = &mut self.devices[dev as usize];
+        if d.wake_at.is_some_and(|w| w <= at) {
+            return;
+        }
+        d.wake_at = Some(at);
+        self.push(at, Ev::Wake { dev });
+    }
+
+    /// The device's wake is due: tick its sync core if something is due on its clock, then
+    /// schedule the next one. Stale wakes (superseded by an earlier one) cost one comparison.
+    fn on_wake(&mut self, dev: u32) {
+        let d = &mut self.devices[dev as usize];
+        if d.wake_at != Some(self.now) {
+            return;
+        }
+        d.wake_at = None;
+        if !d.up {
+            return; // restarted with a new core, which schedules its own
+        }
+        let now = self.dev_now_ms(dev);
+        if self.devices[dev as usize].sync.poll_timeout().is_some_and(|due| due <= now) {
+            let out = self.protocol(|w| {
+                let d = &mut w.devices[dev as usize];
+                d.sync.tick(now, d.ledger.heads_ref())
+            });
+            self.execute(dev, out); // schedules the next wake
+        } else {
+            self.schedule_wake(dev); // woken a little early by rounding of the drifting clock
+        }
+    }
+
+    /// The first virtual µs at which device `dev`'s clock reads `dev_ms` (never before now): the
+    /// inverse of `dev_now_ms`.
+    fn virtual_us_at(&self, dev: u32, dev_ms: u64) -> u64 {
+        let d = &self.devices[dev as usize];
+        let local_us = (dev_ms.saturating_sub(DEVICE_EPOCH_MS)) as f64 * 1000.0 - d.clock_offset_us as f64;
+        let at = (local_us / (1.0 + d.drift_ppm / 1e6)).ceil().max(0.0) as u64;
+        at.max(self.now + 1).min(self.now.saturating_add(MAX_WAKE_AHEAD_US))
     }
 
     fn give_rights(&mut self, dev: u32, to: u32, sku: &str, qty: u64, for_sale: bool) -> Option<Entry> {
@@ -914,16 +1014,14 @@ impl World {
         }
         let now = self.dev_now_ms(dev);
         let to_id = self.devices[to as usize].id;
-        let policy = self.policy;
         self.protocol(|w| {
             let d = &mut w.devices[dev as usize];
             let state = d.ledger.state();
             let me = d.ledger.device();
             let held = state.rights_of(sku, &me);
-            let count = |x: &DeviceId| {
-                state.sales.values().filter(|s| s.device == *x && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count() as u64
-            };
-            let give = policy.give(held, qty, count(&me), count(&to_id), for_sale);
+            let since = recent_sales_since_ms(now);
+            let count = |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms >= since).count() as u64;
+            let give = d.rebalancer.give(held, qty, count(&me), count(&to_id), for_sale);
             (give > 0).then(|| d.ledger.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to: to_id }, now).ok()).flatten()
         })
     }
@@ -939,341 +1037,17 @@ impl World {
         self.push(t, Ev::Commit { dev });
     }
 
-    /// Whether the network currently drops messages from `from` to `to`.
-    fn blocked(&self, from: u32, to: u32) -> bool {
-        let cloud = self.cloud();
-        self.active_faults.iter().any(|&i| match &self.faults[i] {
-            FaultSpec::Partition { groups, .. } => {
-                if from == cloud || to == cloud {
-                    return false; // the uplink is not the Wi-Fi
-                }
-                let side = |d: u32| groups.iter().position(|g| g.contains(&d)).unwrap_or(0);
-                side(from) != side(to)
-            }
-            FaultSpec::Asymmetric { from: f, to: t, .. } => f.contains(&from) && t.contains(&to),
-            FaultSpec::Isolate { device, .. } => (from == *device || to == *device) && from != cloud && to != cloud,
-            FaultSpec::UplinkOutage { .. } => from == cloud || to == cloud,
-            _ => false,
-        })
-    }
-
-    fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, ordered: bool) {
-        let key = pair(from, to);
-        let Some(conn) = self.conns.get(&key) else { return };
-        let epoch = conn.epoch;
-        self.messages += 1;
-        self.bytes += bytes.len() as u64;
-        self.hour().bytes += bytes.len() as u64;
-        if self.blocked(from, to) {
-            return; // the cable is cut: the bytes sit in a buffer that never drains
-        }
-        let net = &self.sc.network;
-        let is_uplink = from == self.cloud() || to == self.cloud();
-        let rng = &mut self.devices[from as usize].rng;
-        if rng.gen_bool(net.loss) {
-            if ordered {
-                self.trace(Some(from), format!("stream to {to} reset"));
-                self.teardown(from, to);
-            }
-            return;
-        }
-        let base = if is_uplink { net.uplink_latency_ms } else { net.latency_ms };
-        let tail = if net.latency_tail_ms > 0.0 { Exp::new(1.0 / net.latency_tail_ms).expect("positive").sample(rng) } else { 0.0 };
-        let serialize_ms = bytes.len() as f64 * 8.0 / net.bandwidth_kbps.max(1.0);
-        let mut delay_us = ((base + tail + serialize_ms) * 1000.0) as u64 + 1;
-        let duplicate = !ordered && rng.gen_bool(net.duplicate);
-        if !ordered && net.reorder_ms > 0.0 {
-            delay_us += (rng.gen_range(0.0..net.reorder_ms) * 1000.0) as u64;
-        }
-        let mut at = self.now + delay_us;
-        if ordered {
-            let dir = (from > to) as usize;
-            let conn = self.conns.get_mut(&key).expect("checked above");
-            at = at.max(conn.last_deliver[dir]);
-            conn.last_deliver[dir] = at;
-        }
-        self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), ordered });
-        if duplicate {
-            self.push(at + delay_us, Ev::Deliver { from, to, epoch, bytes, ordered });
-        }
-    }
-
-    fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool) {
-        match self.conns.get(&pair(from, to)) {
-            Some(c) if c.epoch == epoch => {}
-            _ => return, // the stream was reset since: its bytes are gone
-        }
-        if !self.devices[to as usize].up {
-            return;
-        }
-        if ordered {
-            self.devices[from as usize].sync.acked(&to, bytes.len());
-        }
-        // Gossipsub hands the application a broadcast once (its duplicate cache, by message id,
-        // remembers for a minute) and forwards it to its own mesh peers.
-        if !ordered {
-            let h = fnv_bytes(&bytes);
-            let t = self.now;
-            let seen = &mut self.devices[to as usize].seen;
-            if seen.get(&h).is_some_and(|first| t.saturating_sub(*first) < GOSSIP_DUPLICATE_CACHE_US) {
-                return;
-            }
-            seen.insert(h, t);
-            let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
-            for p in peers {
-                self.transmit(to, p, bytes.clone(), false);
-            }
-        }
-        let now = self.dev_now_ms(to);
-        let out = self.protocol(|w| {
-            let d = &mut w.devices[to as usize];
-            let held = HeldLog { all: &w.all_changes, heads: d.ledger.heads_ref() };
-            d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &held)
-        });
-        self.execute(to, out);
-    }
-
-    fn on_dial(&mut self, a: u32, b: u32) {
-        let key = pair(a, b);
-        if !self.wanted.contains(&key) || self.conns.contains_key(&key) || self.finished {
-            return;
-        }
-        let (da, db) = (&self.devices[a as usize], &self.devices[b as usize]);
-        if !da.up || !db.up || self.blocked(a, b) || self.blocked(b, a) {
-            let t = self.now + self.sc.network.redial_ms * US_PER_MS;
-            if da.up || db.up {
-                self.push(t, Ev::Dial { a, b });
-            }
-            return;
-        }
-        self.epochs += 1;
-        self.conns.insert(key, Conn { epoch: self.epochs, last_deliver: [0, 0] });
-        self.trace(Some(a), format!("connected {b}"));
-        for (x, y) in [(a, b), (b, a)] {
-            let now = self.dev_now_ms(x);
-            let out = self.protocol(|w| {
-                let d = &mut w.devices[x as usize];
-                d.sync.connected(y, now, d.ledger.heads_ref())
-            });
-            self.execute(x, out);
-        }
-    }
-
-    fn teardown(&mut self, a: u32, b: u32) {
-        if self.conns.remove(&pair(a, b)).is_some() {
-            self.devices[a as usize].sync.disconnected(&b);
-            self.devices[b as usize].sync.disconnected(&a);
-            let t = self.now + self.sc.network.redial_ms * US_PER_MS;
-            self.push(t, Ev::Dial { a: a.min(b), b: a.max(b) });
-        }
-    }
-
-    fn fault_start(&mut self, i: usize) {
-        if self.day_over {
-            return;
-        }
-        let f = self.faults[i].clone();
-        let kind = fault_kind(&f);
-        *self.faults_fired.entry(kind.to_string()).or_default() += 1;
-        self.trace(None, format!("fault start {kind} {f:?}"));
-        match f {
-            FaultSpec::Crash { device, down_s, lose_unsynced, .. } => {
-                self.crash(device, lose_unsynced);
-                let t = self.now + (down_s * US_PER_S as f64) as u64;
-                self.push(t, Ev::Restart { dev: device });
-            }
-            FaultSpec::ClockJump { device, jump_ms, .. } => {
-                self.devices[device as usize].clock_offset_us += jump_ms * 1000;
-            }
-            FaultSpec::Partition { duration_s, .. }
-            | FaultSpec::Asymmetric { duration_s, .. }
-            | FaultSpec::Isolate { duration_s, .. }
-            | FaultSpec::UplinkOutage { duration_s, .. } => {
-                self.active_faults.insert(i);
-                let t = self.now + (duration_s * US_PER_S as f64) as u64;
-                self.push(t, Ev::FaultEnd(i));
-            }
-        }
-    }
-
-    fn fault_end(&mut self, i: usize) {
-        if self.active_faults.remove(&i) {
-            self.trace(None, format!("fault end {}", fault_kind(&self.faults[i])));
-        }
-    }
-
-    fn crash(&mut self, dev: u32, lose_unsynced: bool) {
-        let d = &mut self.devices[dev as usize];
-        if !d.up {
-            return;
-        }
-        d.up = false;
-        if lose_unsynced {
-            d.unsynced.clear();
-        } else {
-            let entries = std::mem::take(&mut d.unsynced);
-            d.storage_bytes += entries.iter().map(|e| e.change.encoded_len() as u64).sum::<u64>();
-            d.durable.extend(entries);
-        }
-        let peers: Vec<(u32, u32)> = self.conns.keys().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
-        for (a, b) in peers {
-            self.teardown(a, b);
-        }
-        self.drop_waiting(Some(dev));
-        self.trace(Some(dev), format!("crash lose_unsynced={lose_unsynced}"));
-    }
-
-    fn restart(&mut self, dev: u32) {
-        let d = &mut self.devices[dev as usize];
-        if d.up {
-            return;
-        }
-        let key = DeviceKey::from_secret(d.key_secret);
-        let restored = self.protocol(|w| {
-            let d = &w.devices[dev as usize];
-            Ledger::restore(w.ctx.clone(), key, d.cert.clone(), d.durable.iter().map(|e| (**e).clone()))
-        });
-        let d = &mut self.devices[dev as usize];
-        match restored {
-            Ok(mut ledger) => {
-                ledger.allow_overspend_for_tests = d.broken;
-                d.ledger = ledger;
-            }
-            Err(e) => {
-                self.trace(Some(dev), format!("restore failed: {e}"));
-                return;
-            }
-        }
-        let d = &mut self.devices[dev as usize];
-        d.sync = SyncCore::new(SyncConfig {
-            heartbeat_ms: self.sc.network.heartbeat_ms,
-            liveness_timeout_ms: self.sc.network.liveness_timeout_ms,
-        });
-        d.up = true;
-        self.trace(Some(dev), "restart".into());
-        let pairs: Vec<(u32, u32)> = self.wanted.iter().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
-        for (a, b) in pairs {
-            self.push(self.now, Ev::Dial { a, b });
-        }
-    }
-
-    fn end_of_day(&mut self) {
-        self.day_over = true;
-        self.end_of_day_at = self.now;
-        self.trace(None, "end of day: faults stop, liveness phase".into());
-        self.drop_waiting(None);
-        self.active_faults.clear();
-        for d in 0..self.n() {
-            if !self.devices[d as usize].up {
-                self.restart(d);
-            }
-        }
-        let wanted: Vec<(u32, u32)> = self.wanted.iter().copied().collect();
-        for (a, b) in wanted {
-            self.push(self.now, Ev::Dial { a, b });
-        }
-        self.push(self.now + US_PER_S / 4, Ev::LivenessCheck);
-    }
-
-    fn liveness_check(&mut self) {
-        let bound = (self.sc.liveness_bound_s * US_PER_S as f64) as u64;
-        if self.replicas_agree() {
-            self.converged_after_heal = Some(self.now - self.end_of_day_at);
-            self.finished = true;
-            return;
-        }
-        if self.now - self.end_of_day_at > bound {
-            self.finished = true;
-            return;
-        }
-        self.push(self.now + US_PER_S / 4, Ev::LivenessCheck);
-    }
-
-    /// Cheap agreement test: every replica (and the cloud) holds the same journal heads, nothing pending.
-    fn replicas_agree(&self) -> bool {
-        let first = self.devices[0].ledger.heads_ref();
-        self.devices.iter().all(|d| d.up && d.ledger.pending_len() == 0 && d.ledger.heads_ref() == first)
-    }
-
-    fn check(&mut self) -> Vec<Violation> {
-        let mut v = Vec::new();
-        let timeline = |w: &World, d: u32| w.devices[d as usize].timeline.iter().cloned().collect::<Vec<_>>();
-        if self.converged_after_heal.is_none() {
-            let lagging = (0..=self.n()).find(|d| self.devices[*d as usize].ledger.heads_ref() != self.devices[0].ledger.heads_ref());
-            v.push(Violation {
-                invariant: "replicas_identical_within_liveness_bound",
-                detail: format!("replicas did not agree within {} s after the faults stopped", self.sc.liveness_bound_s),
-                device: lagging,
-                timeline: lagging.map(|d| timeline(self, d)).unwrap_or_default(),
-            });
-        }
-        let reference = self.devices[0].ledger.state().clone();
-        for (d, dev) in self.devices.iter().enumerate() {
-            let s = dev.ledger.state();
-            if s.products != reference.products || s.rights != reference.rights || s.sales != reference.sales {
-                v.push(Violation {
-                    invariant: "replicas_identical",
-                    detail: format!("device {d} differs from device 0"),
-                    device: Some(d as u32),
-                    timeline: timeline(self, d as u32),
-                });
-                break;
-            }
-        }
-        for (id, &idx) in &self.acked_index {
-            for (d, dev) in self.devices.iter().enumerate() {
-                if !dev.ledger.state().sales.contains_key(id) {
-                    let seller = self.acked[idx as usize].device;
-                    v.push(Violation {
-                        invariant: "no_acknowledged_sale_lost",
-                        detail: format!("sale {id}, acknowledged by device {seller}, is missing on device {d}"),
-                        device: Some(seller),
-                        timeline: timeline(self, seller),
-                    });
-                    break;
-                }
-            }
-            if v.len() > 5 {
-                break;
-            }
-        }
-        if reference.sales.len() != self.acked.len() {
-            v.push(Violation {
-                invariant: "no_sale_duplicated_or_invented",
-                detail: format!("{} sales in the state, {} acknowledged", reference.sales.len(), self.acked.len()),
-                device: None,
-                timeline: vec![],
-            });
-        }
-        let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
-        for s in reference.sales.values() {
-            for l in &s.lines {
-                *sold.entry(&l.sku).or_default() += l.qty;
-            }
-        }
-        for (sku, restocked) in &self.restocked {
-            let held = reference.stock(sku).total;
-            let s = sold.get(sku.as_str()).copied().unwrap_or(0);
-            if held + s != *restocked {
-                let broken = self.opts.broken_device;
-                v.push(Violation {
-                    invariant: "no_negative_stock",
-                    detail: format!("{sku}: {restocked} restocked, {s} sold, {held} still held: stock was oversold"),
-                    device: broken,
-                    timeline: broken.map(|d| timeline(self, d)).unwrap_or_default(),
-                });
-                break;
-            }
-        }
-        v
-    }
-
     fn report(&self, wall: Duration) -> Report {
         let mut lags: Vec<f64> = self.acked.iter().filter_map(|s| s.converged_at.map(|t| (t - s.t_ack) as f64 / 1000.0)).collect();
         lags.sort_by(f64::total_cmp);
         let pct = |p: f64| if lags.is_empty() { 0.0 } else { lags[((lags.len() - 1) as f64 * p).round() as usize] };
         let storage: Vec<u64> = self.devices.iter().filter(|d| !d.is_cloud).map(|d| d.storage_bytes).collect();
         let sales = self.acked.len() as u64;
+        let asks = self.devices.iter().map(|d| *d.rebalancer.stats()).fold(self.asks_before_restarts, |a, b| AskStats {
+            for_sale: a.for_sale + b.for_sale,
+            refill: a.refill + b.refill,
+            rate_limited: a.rate_limited + b.rate_limited,
+        });
         let hours_run = ((self.end_of_day_at.max(1) as f64 / (3600.0 * US_PER_S as f64)).ceil() as usize).max(1);
         Report {
             scenario: self.sc.name.clone(),
@@ -1285,8 +1059,12 @@ impl World {
             refused: self.refused.clone(),
             refused_while_reachable_held: self.refused_while_reachable_held,
             refused_while_reachable_idle_held: self.refused_while_reachable_idle_held,
+            refused_while_unreachable_held: self.refused_while_unreachable_held,
             units_unsold: self.restocked.keys().map(|sku| self.devices[0].ledger.state().stock(sku).total).sum(),
             sales_after_waiting_for_rights: self.sales_after_waiting,
+            rights_asks_for_sale: asks.for_sale,
+            rights_asks_refill: asks.refill,
+            rights_asks_rate_limited: asks.rate_limited,
             customers_lost: self.customers_lost,
             convergence_ms_p50: pct(0.5),
             convergence_ms_p99: pct(0.99),
@@ -1307,64 +1085,4 @@ impl World {
             digest: String::new(),
         }
     }
-}
-
-fn fault_at(f: &FaultSpec) -> f64 {
-    match f {
-        FaultSpec::Partition { at_s, .. }
-        | FaultSpec::Asymmetric { at_s, .. }
-        | FaultSpec::Isolate { at_s, .. }
-        | FaultSpec::UplinkOutage { at_s, .. }
-        | FaultSpec::Crash { at_s, .. }
-        | FaultSpec::ClockJump { at_s, .. } => *at_s,
-    }
-}
-
-pub fn fault_kind(f: &FaultSpec) -> &'static str {
-    match f {
-        FaultSpec::Partition { .. } => "partition",
-        FaultSpec::Asymmetric { .. } => "asymmetric",
-        FaultSpec::Isolate { .. } => "isolate",
-        FaultSpec::UplinkOutage { .. } => "uplink_outage",
-        FaultSpec::Crash { .. } => "crash",
-        FaultSpec::ClockJump { .. } => "clock_jump",
-    }
-}
-
-/// Random faults for the whole day, drawn up front from their own stream per device.
-fn random_faults(sc: &Scenario, seed: u64) -> Vec<FaultSpec> {
-    let rf = &sc.random_faults;
-    let day_s = sc.duration_h * 3600.0;
-    let mut out = Vec::new();
-    for d in 0..sc.devices() {
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, "faults", d as u64));
-        let mut draw = |rate_per_h: f64, out: &mut Vec<FaultSpec>, make: &mut dyn FnMut(f64, &mut ChaCha8Rng) -> FaultSpec| {
-            if rate_per_h <= 0.0 {
-                return;
-            }
-            let exp = Exp::new(rate_per_h / 3600.0).expect("positive rate");
-            let mut t = exp.sample(&mut rng);
-            while t < day_s {
-                out.push(make(t, &mut rng));
-                t += exp.sample(&mut rng);
-            }
-        };
-        draw(rf.crashes_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Crash {
-            at_s: t,
-            down_s: rf.crash_down_s.max(1.0),
-            device: d,
-            lose_unsynced: rf.crash_loses_unsynced,
-        });
-        draw(rf.isolations_per_device_per_hour, &mut out, &mut |t, _| FaultSpec::Isolate {
-            at_s: t,
-            duration_s: rf.isolation_s.max(1.0),
-            device: d,
-        });
-        draw(rf.clock_jumps_per_device_per_hour, &mut out, &mut |t, r| FaultSpec::ClockJump {
-            at_s: t,
-            device: d,
-            jump_ms: (r.gen_range(-1.0..=1.0) * rf.clock_jump_max_ms) as i64,
-        });
-    }
-    out
 }

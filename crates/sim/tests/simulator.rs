@@ -1,7 +1,6 @@
 //! The simulator's own specification: determinism, every fault kind firing, and the checker
 //! catching a broken build.
 
-use stallmesh_sim::scenario::FaultSpec;
 use stallmesh_sim::{check_determinism, run, sweep, Options, Scenario};
 
 fn shipped(name: &str) -> Scenario {
@@ -128,7 +127,7 @@ jump_ms = -60000
 
 #[test]
 fn a_partition_strands_stock_and_the_refusals_say_so() {
-    let sc = small(
+    let partitioned = small(
         r#"
 [[faults]]
 kind = "partition"
@@ -137,10 +136,56 @@ duration_s = 1500
 groups = [[0, 2, 4], [1, 3, 5]]
 "#,
     );
-    let r = run(&sc, Options { seed: 5, ..Default::default() });
+    let r = run(&partitioned, Options { seed: 5, ..Default::default() });
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
-    assert!(r.report.refused.get("insufficient_stock_rights").is_some_and(|n| *n > 0), "{}", r.report.table());
-    assert!(matches!(sc.faults[0], FaultSpec::Partition { .. }));
+    let table = r.report.table();
+    assert_eq!(r.report.faults_fired.get("partition"), Some(&1), "{table}");
+    // Refused while the other side of the split held the units, and the report says so.
+    assert!(r.report.refused_while_unreachable_held > 0, "{table}");
+    assert!(r.report.converged_after_faults_stopped_ms.is_some(), "the split healed: {table}");
+    // The same market and seed without the split strands (almost) nothing out of reach.
+    let whole = run(&small(""), Options { seed: 5, ..Default::default() });
+    assert!(whole.violations.is_empty(), "{:#?}", whole.violations);
+    assert!(
+        whole.report.refused_while_unreachable_held * 4 < r.report.refused_while_unreachable_held,
+        "partitioned: {}, whole: {}",
+        r.report.refused_while_unreachable_held,
+        whole.report.refused_while_unreachable_held
+    );
+}
+
+#[test]
+fn a_tablet_running_low_asks_for_a_refill_before_a_customer_has_to_wait() {
+    // The node's low-watermark refill, driven by the same `Rebalancer` in the simulator.
+    let with_refills = shipped("stranded-units.toml");
+    let r = run(&with_refills, Options { seed: 1, ..Default::default() });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    let table = r.report.table();
+    assert!(r.report.rights_asks_refill > 0, "sales that left a tablet low asked for a refill\n{table}");
+    let mut no_refills = with_refills.clone();
+    no_refills.rebalance.refill = 0;
+    let without = run(&no_refills, Options { seed: 1, ..Default::default() });
+    assert_eq!(without.report.rights_asks_refill, 0);
+    eprintln!("waited with refills {}, without {}", r.report.sales_after_waiting_for_rights, without.report.sales_after_waiting_for_rights);
+    assert!(
+        r.report.sales_after_waiting_for_rights < without.report.sales_after_waiting_for_rights,
+        "refills mean fewer customers wait: {} with, {} without",
+        r.report.sales_after_waiting_for_rights,
+        without.report.sales_after_waiting_for_rights
+    );
+}
+
+#[test]
+fn the_scenario_sets_the_rebalancing_numbers() {
+    let sc = Scenario::parse(
+        &std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulations/stranded-units.toml"))
+            .unwrap()
+            .replace("[customers]", "[rebalance]\nmin_keep = 2\nrefill = 3\n\n[customers]"),
+        "stranded-units+rebalance",
+    )
+    .unwrap();
+    assert_eq!(sc.rebalance, stallmesh_sync::rebalance::RebalancePolicy { min_keep: 2, low_watermark: 1, refill: 3 });
+    assert_eq!(shipped("market-day.toml").rebalance, Default::default());
 }
 
 #[test]

@@ -42,6 +42,12 @@ pub const MAX_HEADS_ENTRIES: usize = 4_096;
 pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
 /// Most connected peers a node keeps sessions for (a market has tens of devices).
 pub const MAX_PEERS: usize = 256;
+/// A heartbeat due goes out together with those due within `heartbeat_ms / HEARTBEAT_COALESCE_DIVISOR`
+/// (250 ms of the default second, the node's old fixed tick): peers' heartbeats fall into step, so
+/// a driver woken at [`Sync::poll_timeout`] wakes about once a round instead of once per peer, and
+/// no heartbeat is sent sooner than three quarters of the interval.
+pub const HEARTBEAT_COALESCE_DIVISOR: u64 = 4;
+const _: () = assert!(HEARTBEAT_COALESCE_DIVISOR >= 2, "a heartbeat is never sent sooner than half its interval");
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -219,6 +225,7 @@ pub struct SyncStats {
     pub unconfirmed_expired: u64,
 }
 
+#[derive(Clone)]
 pub struct Sync<P> {
     config: SyncConfig,
     peers: BTreeMap<P, PeerSession>,
@@ -374,6 +381,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                         }
                     }
                 }
+                debug_assert_eq!(session.their_total, session.their_heads.values().sum::<u64>(), "their_total is their heads' sum");
                 let timeout = self.config.liveness_timeout_ms;
                 let asked_lately = session.full_heads_wanted_ms.is_some_and(|at| now_ms.saturating_sub(at) <= timeout);
                 if session.their_total != total && !asked_lately {
@@ -544,7 +552,29 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         out
     }
 
+    /// The earliest `now_ms` at which [`Sync::tick`] does anything: a heartbeat due
+    /// (`last_sent_ms + heartbeat_ms`), a peer silent past the liveness timeout
+    /// (`last_heard_ms + liveness_timeout_ms + 1`: silence is *longer* than the timeout), or served
+    /// changes unconfirmed past it (the oldest `sent_ahead` entry, likewise). Before it `tick` sends
+    /// nothing and changes nothing; a driver sleeps until it (or until bytes arrive) and calls
+    /// `tick` then, and asks again after every call into the core, since each may move it. `None`:
+    /// no peers, nothing will ever be due. A time already past (a clock that jumped forward) means
+    /// tick now. O(peers + unconfirmed devices).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let timeout = self.config.liveness_timeout_ms;
+        self.peers
+            .values()
+            .map(|s| {
+                let heartbeat = s.last_sent_ms.saturating_add(self.config.heartbeat_ms);
+                let silent = s.last_heard_ms.saturating_add(timeout).saturating_add(1);
+                let unconfirmed = s.sent_ahead.values().map(|(_, at)| at.saturating_add(timeout).saturating_add(1)).min();
+                heartbeat.min(silent).min(unconfirmed.unwrap_or(u64::MAX))
+            })
+            .min()
+    }
+
     /// Time passes: heartbeat heads to peers not written to lately; drop peers silent too long.
+    /// Does nothing before [`Sync::poll_timeout`].
     pub fn tick(&mut self, now_ms: u64, mine: &Heads) -> Vec<Output<P>> {
         let mut out = Vec::new();
         let timeout = self.config.liveness_timeout_ms;
@@ -568,12 +598,16 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 s.served_total = None;
             }
         }
-        let due: Vec<P> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| now_ms.saturating_sub(s.last_sent_ms) >= self.config.heartbeat_ms)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let heartbeat_ms = self.config.heartbeat_ms;
+        let since_sent = |s: &PeerSession| now_ms.saturating_sub(s.last_sent_ms);
+        let due: Vec<P> = if self.peers.values().any(|s| since_sent(s) >= heartbeat_ms) {
+            // Peers due soon go out with this one: a driver woken at `poll_timeout` is then woken
+            // about once a round, not once per peer.
+            let early_ms = heartbeat_ms - heartbeat_ms / HEARTBEAT_COALESCE_DIVISOR;
+            self.peers.iter().filter(|(_, s)| since_sent(s) >= early_ms).map(|(p, _)| p.clone()).collect()
+        } else {
+            Vec::new()
+        };
         for p in due {
             // A heartbeat is also a pull; a lost reply must not block the next one.
             self.send_heads(&mut out, &p, mine, now_ms, false);

@@ -28,6 +28,10 @@ struct Net {
     /// Bytes carried per receiving node.
     bytes_to: Vec<usize>,
     changes_to: Vec<usize>,
+    /// The next this many directed messages are lost.
+    lose_sends: usize,
+    /// This node is cut off: every message to or from it is lost.
+    cut: Option<usize>,
 }
 
 impl Net {
@@ -47,7 +51,7 @@ impl Net {
                 node.log.add(e.change);
             }
         }
-        Net { nodes, now: 0, bytes_to: vec![0; n], changes_to: vec![0; n] }
+        Net { nodes, now: 0, bytes_to: vec![0; n], changes_to: vec![0; n], lose_sends: 0, cut: None }
     }
 
     /// Carries out outputs of node `at` until the network is quiet.
@@ -57,6 +61,10 @@ impl Net {
             match o {
                 Output::Send { to, bytes } => {
                     self.nodes[src].sync.acked(&to, bytes.len());
+                    if self.lose_sends > 0 || self.cut.is_some_and(|c| c == src || c == to) {
+                        self.lose_sends = self.lose_sends.saturating_sub(1);
+                        continue;
+                    }
                     self.bytes_to[to] += bytes.len();
                     let n = &mut self.nodes[to];
                     let heads = n.heads();
@@ -66,7 +74,8 @@ impl Net {
                 }
                 Output::Broadcast { bytes } => {
                     for to in 0..self.nodes.len() {
-                        if to != src && self.nodes[src].sync.peers().contains_key(&to) {
+                        let cut = self.cut.is_some_and(|c| c == src || c == to);
+                        if to != src && !cut && self.nodes[src].sync.peers().contains_key(&to) {
                             self.bytes_to[to] += bytes.len();
                             let n = &mut self.nodes[to];
                             let heads = n.heads();
@@ -373,4 +382,141 @@ fn a_lost_change_is_served_again_even_while_newer_changes_of_its_device_keep_flo
     }
     assert_eq!(net.nodes[1].ledger.state().sales.len(), 7, "the lost sale was served again and the rest applied behind it");
     assert_eq!(net.nodes[1].ledger.pending_len(), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Advance(u64),
+    Sell(usize),
+    SellUnannounced(usize),
+    Tick(usize),
+    Lose(usize),
+    Connect(usize, usize),
+    Cut(Option<usize>),
+    /// A driver's loop for this long: wake each node at its `poll_timeout`, tick it, carry out.
+    Drive(u64),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0u64..2_500).prop_map(Step::Advance),
+        (0usize..3).prop_map(Step::Sell),
+        (0usize..3).prop_map(Step::SellUnannounced),
+        (0usize..3).prop_map(Step::Tick),
+        (1usize..4).prop_map(Step::Lose),
+        (0usize..3, 0usize..3).prop_map(|(a, b)| Step::Connect(a, b)),
+        proptest::option::of(0usize..3).prop_map(Step::Cut),
+        (0u64..12_000).prop_map(Step::Drive),
+    ]
+}
+
+/// `poll_timeout` is exact: a tick at any time before it sends nothing and changes nothing, and a
+/// tick at it does something (a heartbeat, a liveness disconnect, or unconfirmed changes expired).
+fn check_poll_timeout(net: &Net, at: usize, probe_fraction: f64) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prelude::*;
+    let node = &net.nodes[at];
+    let heads = node.heads();
+    let Some(due) = node.sync.poll_timeout() else {
+        prop_assert!(node.sync.peers().is_empty(), "None only without peers");
+        let mut idle = node.sync.clone();
+        prop_assert!(idle.tick(net.now + 1_000_000, &heads).is_empty());
+        return Ok(());
+    };
+    let earliest = due.saturating_sub(6_000);
+    let probe = earliest + ((due - earliest) as f64 * probe_fraction) as u64;
+    // A random instant before it, and the last one.
+    for probe in [probe, due.saturating_sub(1)] {
+        if probe >= due {
+            continue;
+        }
+        let mut early = node.sync.clone();
+        let out = early.tick(probe, &heads);
+        prop_assert!(out.is_empty(), "tick at {probe} before poll_timeout {due} sent {out:?}");
+        prop_assert_eq!(early.peers(), node.sync.peers(), "tick at {} before {} changed a session", probe, due);
+        prop_assert_eq!(early.stats(), node.sync.stats());
+    }
+    let mut on_time = node.sync.clone();
+    let out = on_time.tick(due, &heads);
+    prop_assert!(
+        !out.is_empty() || on_time.peers() != node.sync.peers() || on_time.stats() != node.sync.stats(),
+        "tick at poll_timeout {} did nothing",
+        due
+    );
+    Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 48, ..Default::default() })]
+    #[test]
+    fn tick_does_nothing_before_poll_timeout_and_something_at_it(
+        steps in proptest::collection::vec(step(), 1..40),
+        probes in proptest::collection::vec(0.0f64..1.0, 3),
+    ) {
+        let market = TestMarket::new(12);
+        let mut net = Net::new(&market, 3);
+        for (at, _) in probes.iter().enumerate() {
+            proptest::prop_assert_eq!(net.nodes[at].sync.poll_timeout(), None, "no peers, nothing to wake for");
+        }
+        net.connect(0, 1);
+        net.connect(1, 2);
+        stock_up(&mut net, 0);
+        for s in steps {
+            match s {
+                Step::Advance(ms) => net.now += ms,
+                Step::Sell(at) => {
+                    if at == 0 {
+                        net.local(0, sell("honey", 1));
+                    }
+                }
+                Step::SellUnannounced(at) => {
+                    if at == 0 {
+                        sell_unannounced(&mut net);
+                    }
+                }
+                Step::Tick(at) => tick(&mut net, at),
+                Step::Lose(n) => net.lose_sends = n,
+                Step::Connect(a, b) => {
+                    if a != b && !net.nodes[a].sync.peers().contains_key(&b) {
+                        net.nodes[b].sync.disconnected(&a);
+                        net.connect(a, b);
+                    }
+                }
+                Step::Cut(c) => net.cut = c,
+                Step::Drive(ms) => {
+                    let until = net.now + ms;
+                    loop {
+                        let next = (0..3).filter_map(|at| net.nodes[at].sync.poll_timeout().map(|t| (t, at))).min();
+                        let Some((due, at)) = next.filter(|(t, _)| *t <= until) else { break };
+                        net.now = net.now.max(due);
+                        for (n, fraction) in probes.iter().enumerate() {
+                            check_poll_timeout(&net, n, *fraction)?;
+                        }
+                        tick(&mut net, at);
+                    }
+                    net.now = until;
+                }
+            }
+            for (at, fraction) in probes.iter().enumerate() {
+                check_poll_timeout(&net, at, *fraction)?;
+            }
+        }
+    }
+}
+
+#[test]
+fn heartbeats_due_within_a_quarter_interval_go_out_together() {
+    let market = TestMarket::new(13);
+    let mut net = Net::new(&market, 3);
+    net.connect(0, 1);
+    net.now += 200;
+    net.connect(0, 2); // node 0's heartbeat to 2 falls due 200 ms after its heartbeat to 1
+    let heartbeat_ms = SyncConfig::default().heartbeat_ms;
+    assert_eq!(net.nodes[0].sync.poll_timeout(), Some(heartbeat_ms), "the heartbeat to node 1 is due first");
+    net.now = heartbeat_ms;
+    let h = net.nodes[0].heads();
+    let out = net.nodes[0].sync.tick(net.now, &h);
+    let to: Vec<usize> = out.iter().filter_map(|o| if let Output::Send { to, .. } = o { Some(*to) } else { None }).collect();
+    assert_eq!(to, vec![1, 2], "one wake heartbeats both peers");
+    assert_eq!(net.nodes[0].sync.poll_timeout(), Some(2 * heartbeat_ms), "and both fall in step");
 }
