@@ -23,7 +23,7 @@ use libp2p::{identity, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtoco
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, SignedChange};
 use stallmesh_ledger::{EventBody, LocalOp};
-use stallmesh_sync::rebalance::{RebalancePolicy, RECENT_SALES_WINDOW_MS, RIGHTS_REQUEST_INTERVAL_MS, SALE_RIGHTS_REQUEST_INTERVAL_MS};
+use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, RebalancePolicy, Rebalancer};
 use stallmesh_sync::{ChangeLog, Heads, Output, Sync as SyncCore, SyncConfig, MAX_MESSAGE_BYTES};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -36,8 +36,10 @@ pub const MESH_COMMAND_QUEUE: usize = 1_024;
 /// Evidence passed on in one mesh broadcast: half a sync message (`MAX_MESSAGE_BYTES`), leaving
 /// room for its framing.
 pub const MAX_EVIDENCE_BROADCAST_BYTES: usize = MAX_MESSAGE_BYTES / 2;
-/// How often the driver ticks the sync core (heartbeats, liveness) and redials known peers.
-const TICK_MS: u64 = 250;
+/// How often the driver does its own housekeeping: flushes received changes, cuts revoked and
+/// refused peers, steps a recovery, publishes its status. The sync core's timers (heartbeats,
+/// liveness) are not on this clock: the core says when it next needs waking (`poll_timeout`).
+const HOUSEKEEPING_MS: u64 = 250;
 const REDIAL_MS: u64 = 1_000;
 /// A dial (TCP connect + pnet + noise + yamux) that takes longer has failed: during a partition a
 /// SYN is never answered, and a pending dial blocks the next redial.
@@ -56,11 +58,13 @@ pub struct MeshConfig {
     pub rebalance: RebalancePolicy,
 }
 
-/// `WantRights::for_sale`: a customer waits for the rights (asked sooner, and an idle peer gives
-/// its last units). `short`: units the sale lacks; the mesh's policy adds its refill.
+/// From a sale whose customer waits: the mesh's [`Rebalancer`] decides what to ask peers for.
 #[derive(Debug)]
 pub enum MeshCommand {
-    WantRights { sku: String, short: u64, for_sale: bool },
+    /// A sale was refused for rights.
+    Refused { sku: String, requested: u64, held_here: u64, held_elsewhere_total: u64 },
+    /// A waiting sale still lacks `short` units (its ask may have been lost).
+    AskAgain { sku: String, short: u64 },
 }
 
 /// What the HTTP API holds of a running mesh: its status and a way to ask for stock rights.
@@ -72,10 +76,19 @@ pub struct MeshHandle {
 }
 
 impl MeshHandle {
-    /// Asks peers for `short` units of `sku` (plus a refill). A full command queue is counted,
-    /// never waited on: a waiting sale asks again within its wait.
-    pub fn want_rights(&self, sku: &str, short: u64, for_sale: bool) {
-        if self.commands.try_send(MeshCommand::WantRights { sku: sku.to_string(), short, for_sale }).is_err() {
+    /// A sale was refused for rights: peers are asked for what it lacks (and a refill). A full
+    /// command queue is counted, never waited on: a waiting sale asks again within its wait.
+    pub fn refused(&self, sku: &str, requested: u64, held_here: u64, held_elsewhere_total: u64) {
+        self.send(MeshCommand::Refused { sku: sku.to_string(), requested, held_here, held_elsewhere_total });
+    }
+
+    /// A waiting sale still lacks `short` units of `sku`.
+    pub fn ask_again(&self, sku: &str, short: u64) {
+        self.send(MeshCommand::AskAgain { sku: sku.to_string(), short });
+    }
+
+    fn send(&self, command: MeshCommand) {
+        if self.commands.try_send(command).is_err() {
             self.metrics.mesh_queue_full.inc();
         }
     }
@@ -301,13 +314,13 @@ pub fn start(
         swarm,
         topic,
         sync: SyncCore::new(SyncConfig::default()),
+        rebalancer: Rebalancer::new(config.rebalance),
         config,
         certificate,
         verified: BTreeMap::new(),
         refused: BTreeMap::new(),
         known: BTreeMap::new(),
         in_flight: HashMap::new(),
-        rights_asked: HashMap::new(),
         status: status.clone(),
         last_stats: Default::default(),
     };
@@ -330,8 +343,8 @@ struct Driver {
     /// Addresses learnt from mDNS or connections, for redial.
     known: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
     in_flight: HashMap<request_response::OutboundRequestId, (PeerId, usize)>,
-    /// When rights for (SKU, for a waiting sale) were last asked for.
-    rights_asked: HashMap<(String, bool), u64>,
+    /// The rebalancing policy and its memory of recent asks (the same code the simulator runs).
+    rebalancer: Rebalancer,
     status: Arc<Mutex<MeshStatus>>,
     last_stats: stallmesh_sync::SyncStats,
 }
@@ -342,16 +355,22 @@ impl Driver {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<MeshCommand>, mut commits: tokio::sync::broadcast::Receiver<Arc<Commit>>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(HOUSEKEEPING_MS));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_redial = 0;
         loop {
+            // Re-read after every event: whatever the core just did may have moved its deadline.
+            let wake_at_ms = self.sync.poll_timeout();
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
                 command = commands.recv() => match command {
-                    Some(MeshCommand::WantRights { sku, short, for_sale }) => {
-                        let qty = short.saturating_add(self.config.rebalance.refill);
-                        self.want_rights(sku, qty, for_sale)
+                    Some(MeshCommand::Refused { sku, requested, held_here, held_elsewhere_total }) => {
+                        let ask = self.rebalancer.after_refusal(&sku, requested, held_here, held_elsewhere_total, true, now_ms());
+                        self.ask(ask);
+                    }
+                    Some(MeshCommand::AskAgain { sku, short }) => {
+                        let ask = self.rebalancer.ask_again(&sku, short, now_ms());
+                        self.ask(Some(ask));
                     }
                     None => break, // the API is gone
                 },
@@ -364,11 +383,14 @@ impl Driver {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break, // the node is gone
                 },
-                _ = tick.tick() => {
+                _ = sleep_until_ms(wake_at_ms) => {
+                    let heads = self.heads();
+                    let out = self.sync.tick(now_ms(), &heads);
+                    self.execute(out);
+                }
+                _ = housekeeping.tick() => {
                     let now = now_ms();
                     let heads = self.heads();
-                    let out = self.sync.tick(now, &heads);
-                    self.execute(out);
                     self.cut_revoked();
                     self.cut_refused();
                     tokio::task::block_in_place(|| self.recovery_step(now)); // may commit the enrolment
@@ -414,7 +436,6 @@ impl Driver {
 
     /// After a sale here, ask peers for more stock rights when this device runs low on a SKU.
     fn refill_if_low(&mut self, entries: &[stallmesh_ledger::Entry]) {
-        let policy = self.config.rebalance;
         for e in entries {
             let EventBody::Sold { lines, .. } = &e.event.body else { continue };
             for l in lines {
@@ -423,9 +444,8 @@ impl Driver {
                     let here = s.per_device.get(&led.device()).copied().unwrap_or(0);
                     (here, s.total - here)
                 });
-                if here <= policy.low_watermark && elsewhere > 0 {
-                    self.want_rights(l.sku.clone(), policy.refill, false);
-                }
+                let ask = self.rebalancer.after_sale(&l.sku, here, elsewhere, now_ms());
+                self.ask(ask);
             }
         }
     }
@@ -691,23 +711,14 @@ impl Driver {
         }
     }
 
-    /// A waiting sale is limited by its own, shorter interval: a refill asked just before must not
-    /// silence it.
-    fn want_rights(&mut self, sku: String, qty: u64, for_sale: bool) {
-        let now = now_ms();
-        let interval = if for_sale { SALE_RIGHTS_REQUEST_INTERVAL_MS } else { RIGHTS_REQUEST_INTERVAL_MS };
-        // Only asks within the longer interval still matter: the map holds no more SKUs than that.
-        self.rights_asked.retain(|_, t| now.saturating_sub(*t) < RIGHTS_REQUEST_INTERVAL_MS);
-        let key = (sku, for_sale);
-        let m = &self.node.metrics;
-        if self.rights_asked.get(&key).is_some_and(|t| now.saturating_sub(*t) < interval) {
-            m.rights_requests.get_or_create(&Outcome { outcome: "rate_limited" }).inc();
-            return;
+    /// Carries out the rebalancer's decision, counting its outcome (rate-limited asks included).
+    fn ask(&mut self, ask: Option<Ask>) {
+        let Some(ask) = ask else { return };
+        self.node.metrics.rights_requests.get_or_create(&Outcome { outcome: ask.outcome() }).inc();
+        if let Ask::Send { sku, qty, for_sale } = ask {
+            let out = self.sync.want_rights(&sku, qty, for_sale, now_ms());
+            self.execute(out);
         }
-        m.rights_requests.get_or_create(&Outcome { outcome: if for_sale { "for_sale" } else { "refill" } }).inc();
-        let out = self.sync.want_rights(&key.0, qty, for_sale, now);
-        self.rights_asked.insert(key, now);
-        self.execute(out);
     }
 
     /// A peer ran short: give what the policy allows, as a transfer made by this device.
@@ -717,10 +728,9 @@ impl Driver {
         let give = self.node.read(|l| {
             let state = l.state();
             let held = state.rights_of(&sku, &l.device());
-            let recent = |d: &DeviceId| -> u64 {
-                state.sales.values().filter(|s| s.device == *d && s.time_ms.saturating_add(RECENT_SALES_WINDOW_MS) >= now).count() as u64
-            };
-            self.config.rebalance.give(held, qty, recent(&l.device()), recent(&to), for_sale)
+            let since = recent_sales_since_ms(now);
+            let recent = |d: &DeviceId| -> u64 { state.sales.values().filter(|s| s.device == *d && s.time_ms >= since).count() as u64 };
+            self.rebalancer.give(held, qty, recent(&l.device()), recent(&to), for_sale)
         });
         if give == 0 {
             return;
@@ -773,6 +783,14 @@ impl Driver {
         status.refused = self.refused.iter().map(|(p, r)| (p.to_string(), r.clone())).collect();
         status.stats = stats.clone();
         self.last_stats = stats;
+    }
+}
+
+/// Sleeps until the wall-clock time `at_ms` (now if it has passed); forever without a deadline.
+async fn sleep_until_ms(at_ms: Option<u64>) {
+    match at_ms {
+        Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use stallmesh_api::{RecommendationRecord, SaleLineView, SaleRequest, SaleView, SalesList, SalesSummary};
 use stallmesh_ledger::{EventBody, LedgerError, LineRequest, RecommendationShown, Sale};
-use stallmesh_sync::rebalance::{MAX_SALE_ATTEMPTS, SALE_RIGHTS_REQUEST_INTERVAL_MS, SALE_WAIT_FOR_RIGHTS_MS};
+use stallmesh_sync::rebalance::{SaleWait, SaleWaitStep};
 use std::time::Duration;
 
 pub(super) fn sale_view(s: &Sale) -> SaleView {
@@ -40,14 +40,13 @@ pub(super) async fn create_sale(
     let node = &app.node;
     let lines: Vec<LineRequest> = req.lines.into_iter().map(|l| LineRequest { sku: l.sku, qty: l.qty }).collect();
     let recommendation = req.recommendation.map(|r| RecommendationShown { arm: r.arm, skus: r.skus });
+    // The wait's own monotonic clock (ms since the request began): the wall clock may jump.
     let started = tokio::time::Instant::now();
-    let deadline = started + Duration::from_millis(SALE_WAIT_FOR_RIGHTS_MS);
+    let elapsed_ms = || started.elapsed().as_millis() as u64;
+    let mut wait = SaleWait::new(0);
     // Subscribed before the first attempt: a transfer applied right after it still wakes the wait.
     let mut arrived = node.rights_arrived();
-    let mut waited = false;
-    let mut attempts = 0;
     let result = loop {
-        attempts += 1;
         let (lines, client_ref, recommendation) = (lines.clone(), req.client_ref.clone(), recommendation.clone());
         let r = run_blocking(node, move |n| n.try_sell(lines, client_ref, recommendation)).await;
         let Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere, held_elsewhere_total })) =
@@ -56,22 +55,22 @@ pub(super) async fn create_sale(
             break r;
         };
         let Some(mesh) = &app.mesh else { break r };
-        if *held_elsewhere_total > 0 {
-            mesh.want_rights(sku, requested - held_here, true);
-        }
+        mesh.refused(sku, *requested, *held_here, *held_elsewhere_total);
         let reachable = mesh.reachable_devices();
-        if attempts >= MAX_SALE_ATTEMPTS || !held_elsewhere.iter().any(|(d, n)| *n > 0 && reachable.contains(d)) {
+        let reachable_holder = held_elsewhere.iter().any(|(d, n)| *n > 0 && reachable.contains(d));
+        if let Err(end) = wait.refused(sku, *requested, reachable_holder, elapsed_ms()) {
+            tracing::debug!(reason = end.label(), "sale refused for stock rights without waiting further");
             break r;
         }
-        waited = true;
-        if !wait_for_rights(node, mesh, &mut arrived, sku, *requested, deadline).await {
+        if !wait_for_rights(node, mesh, &mut wait, &mut arrived, started).await {
             break r;
         }
     };
+    let waited = wait.waited();
     if waited {
         let outcome = if matches!(result, Err(NodeError::Ledger(LedgerError::InsufficientRights { .. }))) { "refused" } else { "sold" };
         node.metrics.sale_rights_waits.get_or_create(&Outcome { outcome }).inc();
-        tracing::debug!(outcome, attempts, waited_ms = started.elapsed().as_millis() as u64, "sale waited for stock rights");
+        tracing::debug!(outcome, attempts = wait.attempts(), waited_ms = elapsed_ms(), "sale waited for stock rights");
     }
     let (status, id) = match result {
         Ok(recorded) => {
@@ -93,7 +92,7 @@ pub(super) async fn create_sale(
             if let Some(d) = err.body.details.as_mut() {
                 d.held_on_unreachable_devices = Some(unreachable);
                 d.reachable_devices = Some(mesh.reachable_devices().iter().map(|d| d.to_hex()).collect());
-                d.waited_ms = Some(if waited { started.elapsed().as_millis() as u64 } else { 0 });
+                d.waited_ms = Some(if waited { wait.waited_ms(elapsed_ms()) } else { 0 });
             }
             return Err(err);
         }
@@ -102,28 +101,33 @@ pub(super) async fn create_sale(
     Ok((status, Json(node.read(|l| l.state().sales.get(&id).map(sale_view)))))
 }
 
-/// Waits until this device holds `requested` units of `sku`, or `deadline`. Wakes when a transfer
-/// to this device is applied; asks again every `SALE_RIGHTS_REQUEST_INTERVAL_MS` in between (a
-/// lost ask, or the rights moved to another peer meanwhile).
+/// Drives a waiting sale ([`SaleWait`], the policy the simulator runs too) until its units are
+/// here (true: retry the sale) or it gives up. Wakes when a transfer to this device is applied, and
+/// at the wait's own deadlines (asking again in between).
 async fn wait_for_rights(
     node: &Node,
     mesh: &MeshHandle,
+    wait: &mut SaleWait,
     arrived: &mut tokio::sync::watch::Receiver<u64>,
-    sku: &str,
-    requested: u64,
-    deadline: tokio::time::Instant,
+    started: tokio::time::Instant,
 ) -> bool {
+    let sku = wait.sku().expect("a refused sale waits for one SKU").to_string();
     loop {
-        let here = node.read(|l| l.state().rights_of(sku, &l.device()));
-        if here >= requested {
-            return true;
-        }
-        let slice = (tokio::time::Instant::now() + Duration::from_millis(SALE_RIGHTS_REQUEST_INTERVAL_MS)).min(deadline);
-        match tokio::time::timeout_at(slice, arrived.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return false, // the node is shutting down
-            Err(_) if slice >= deadline => return false,
-            Err(_) => mesh.want_rights(sku, requested - here, true),
+        let here = node.read(|l| l.state().rights_of(&sku, &l.device()));
+        match wait.poll(here, started.elapsed().as_millis() as u64) {
+            SaleWaitStep::Retry => return true,
+            SaleWaitStep::GiveUp(end) => {
+                tracing::debug!(reason = end.label(), sku, "sale gave up waiting for stock rights");
+                return false;
+            }
+            SaleWaitStep::AskAgain { short } => mesh.ask_again(&sku, short),
+            SaleWaitStep::Wait => {
+                let at_ms = wait.poll_timeout().expect("a waiting sale has a deadline");
+                let at = started + Duration::from_millis(at_ms);
+                if let Ok(Err(_)) = tokio::time::timeout_at(at, arrived.changed()).await {
+                    return false; // the node is shutting down
+                }
+            }
         }
     }
 }
