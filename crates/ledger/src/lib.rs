@@ -705,8 +705,8 @@ impl Ledger {
             }
             LocalOp::Sell { lines, client_ref, recommendation } => {
                 if let Some(r) = &client_ref {
-                    if let Some(sale) = self.state.sales.values().find(|s| s.device == self.me && s.client_ref.as_ref() == Some(r)) {
-                        return Err(LedgerError::AlreadyRecorded { client_ref: r.clone(), sale_id: sale.id.clone() });
+                    if let Some(sale_id) = self.state.sale_by_client_ref(&self.me, r) {
+                        return Err(LedgerError::AlreadyRecorded { client_ref: r.clone(), sale_id: sale_id.to_string() });
                     }
                 }
                 let mut sale_lines = Vec::with_capacity(lines.len());
