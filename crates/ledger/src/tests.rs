@@ -2,6 +2,8 @@
 
 use super::testkit::{product, sell, TestMarket};
 use super::*;
+use automerge::transaction::Transactable;
+use automerge::{Change, ObjType};
 
 fn stocked(m: &TestMarket, n: u16, sku: &str, qty: u64) -> (Ledger, Vec<Entry>) {
     let (mut l, e0) = m.device(n, "Test Stall");
