@@ -32,6 +32,8 @@ mod journal;
 mod local;
 mod remote;
 pub mod state;
+// Test markets with deterministic keys: for tests, benchmarks and tools, never a node's build.
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod validate;
 
@@ -426,15 +428,6 @@ impl Ledger {
                 j.doc = None;
             }
         }
-    }
-
-    /// Drops every journal document from memory (they are rebuilt on demand).
-    #[cfg(test)]
-    fn drop_docs(&mut self) {
-        for j in self.journals.values_mut() {
-            j.doc = None;
-        }
-        self.open_docs.clear();
     }
 
     fn advanced(&mut self, device: DeviceId) {
