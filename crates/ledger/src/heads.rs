@@ -49,6 +49,11 @@ impl Heads {
             self.by_change.remove(&at);
         }
         self.by_change.insert(self.total, device);
+        // One change index entry per device, and the total is the sum of the entries (O(devices),
+        // debug builds only).
+        debug_assert_eq!(self.by_change.len(), self.map.len());
+        debug_assert_eq!(self.changed_at.len(), self.map.len());
+        debug_assert_eq!(self.total, self.map.values().sum::<u64>(), "heads total is the sum of its entries");
     }
 }
 

@@ -60,6 +60,8 @@ impl Journal {
             self.doc = None;
             self.segment_changes.clear();
         }
+        debug_assert_eq!(self.digests.len() as u64, self.next_seq, "one digest per held change");
+        debug_assert_eq!(self.segment_changes.len(), Self::segment_index(self.next_seq), "the raw changes of the current segment");
     }
 }
 

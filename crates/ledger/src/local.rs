@@ -178,6 +178,8 @@ impl Ledger {
         self.advanced(me);
         self.touch_doc(me);
         self.after_fold(dot, &event);
+        debug_assert_eq!(self.heads.get(&me).copied(), Some(seq + 1), "a local change extends this device's journal by one");
+        debug_assert!(self.unreferenced_transfers_in.is_empty(), "a local change carries every transfer received before it");
         Ok(Entry { change: signed, event })
     }
 }

@@ -24,6 +24,12 @@ impl Ledger {
         self.drain_pending(&mut report);
         report.pending = self.pending.len();
         self.stats.applied_remote += report.applied.len() as u64;
+        debug_assert!(self.pending.len() <= MAX_PENDING_CHANGES, "the pending buffer is bounded");
+        debug_assert!(
+            report.applied.iter().all(|e| e.change.seq < self.heads.get(&e.change.device).copied().unwrap_or(0)),
+            "every applied change is below its device's new head"
+        );
+        debug_assert!(report.applied.iter().all(|e| !self.pending.contains_key(&e.change.dot())), "an applied change no longer waits");
         report
     }
 

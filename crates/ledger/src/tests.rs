@@ -933,3 +933,25 @@ fn a_peers_product_beyond_the_catalogue_clock_limit_is_refused_and_local_upserts
     assert_eq!(d.apply_remote(changes(&[ec0, at_limit])).applied.len(), 2);
     assert!(matches!(d.record(LocalOp::UpsertProduct(product("jam", 100)), 5), Err(LedgerError::Invalid { field: "lamport", .. })));
 }
+
+#[test]
+fn the_largest_sale_the_limits_accept_fits_in_one_change() {
+    let m = TestMarket::new(33);
+    let (mut a, _) = m.device(1, "Test Stall");
+    let sku = |i: usize| format!("{i:03}{}", "S".repeat(MAX_SKU_LEN - 3));
+    for i in 0..MAX_SALE_LINES {
+        a.record(LocalOp::UpsertProduct(product(&sku(i), MAX_PRICE_CENTS)), 1).unwrap();
+        a.record(LocalOp::Restock { sku: sku(i), qty: MAX_QTY }, 2).unwrap();
+    }
+    let sale = LocalOp::Sell {
+        lines: (0..MAX_SALE_LINES).map(|i| LineRequest { sku: sku(i), qty: MAX_QTY }).collect(),
+        client_ref: Some("r".repeat(MAX_CLIENT_REF_LEN)),
+        recommendation: Some(RecommendationShown { arm: "treatment".into(), skus: (0..MAX_RECOMMENDED).map(sku).collect() }),
+    };
+    let entry = a.record(sale, 3).unwrap();
+    let change_bytes = entry.change.change.len();
+    let texts_bytes = (MAX_SALE_LINES + MAX_RECOMMENDED) * MAX_SKU_LEN + MAX_CLIENT_REF_LEN;
+    let per_line_bytes = change_bytes.saturating_sub(texts_bytes) / (MAX_SALE_LINES + MAX_RECOMMENDED);
+    assert!(per_line_bytes <= validate::SALE_LINE_ENVELOPE_BYTES, "{per_line_bytes} bytes a line beyond its SKU ({change_bytes} in all)");
+    assert!(change_bytes <= MAX_CHANGE_BYTES, "{change_bytes}");
+}
