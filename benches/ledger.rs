@@ -6,7 +6,8 @@
 //! - `cold_load/N`: open the redb file, read every entry and rebuild the ledger (node restart).
 //!
 //! Days are built from 20 selling devices, as in `../shared/notes/automerge-costs.md`.
-//! Run: `cargo bench --bench ledger` (set `STALLMESH_BENCH_MAX_SALES=10000` for a quick run).
+//! Run: `cargo bench -p stallmesh-benches --no-default-features --bench ledger` (set
+//! `STALLMESH_BENCH_MAX_SALES=10000` for a quick run).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stallmesh_identity::SignedChange;
