@@ -10,7 +10,7 @@
 //!
 //! The 10k catalogue repeats the 153 real products of `tests/data/market-catalogue.json` with their
 //! real embeddings slightly perturbed: scoring costs do not depend on the values.
-//! Run: `cargo bench --bench inference`.
+//! Run: `cargo bench -p stallmesh-benches --bench inference`.
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
 use stallmesh_inference::recommend::CoPurchase;
@@ -34,8 +34,9 @@ const QUERIES: [&str; 10] = [
     "berries",
 ];
 
+/// The repository root (this package lives in `benches/`): models and test data are there.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("benches/ is inside the repository").to_path_buf()
 }
 
 fn models() -> &'static Models {

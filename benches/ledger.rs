@@ -3,15 +3,20 @@
 //! - `local_sale_commit_durable`: record a sale and commit it to redb (what a tablet waits for);
 //! - `apply_one_remote_sale/N`: verify and apply one sale from a peer when the day holds N sales;
 //! - `apply_remote_batch_100/N`: the same for a batch of 100 (catch-up after a short partition);
-//! - `cold_load/N`: open the redb file, read every entry and rebuild the ledger (node restart).
+//! - `cold_load/N`: open the redb file, read every entry and rebuild the ledger (node restart);
+//! - `local_sale_with_client_ref/N`: record a sale carrying a client_ref on a tablet holding a day
+//!   of N sales (the retry check looks the client_ref up);
+//! - `recent_sales_count/N` and, side by side, `recent_sales_count_scan/N`: the recent sales of one
+//!   device that a giver of stock rights weighs, from the index and by the scan drivers used to run.
 //!
 //! Days are built from 20 selling devices, as in `../shared/notes/automerge-costs.md`.
-//! Run: `cargo bench --bench ledger` (set `STALLMESH_BENCH_MAX_SALES=10000` for a quick run).
+//! Run: `cargo bench -p stallmesh-benches --no-default-features --bench ledger` (set
+//! `STALLMESH_BENCH_MAX_SALES=10000` for a quick run).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stallmesh_identity::SignedChange;
 use stallmesh_ledger::testkit::{product, sell, TestMarket};
-use stallmesh_ledger::{Entry, Ledger, LocalOp};
+use stallmesh_ledger::{Entry, Ledger, LineRequest, LocalOp};
 use stallmesh_store::{Owner, Store};
 use std::time::{Duration, Instant};
 
@@ -235,5 +240,84 @@ fn whole_day_document(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, local_sale, remote_apply, cold_load, whole_day_document);
+/// A tablet holding a day of every device's sales that can sell itself: the day's replica, stocked.
+fn selling_replica(day: &Day) -> Ledger {
+    let mut till = day.replica();
+    till.record(LocalOp::Restock { sku: "SKU-001".into(), qty: 1_000_000 }, day.clock_ms).unwrap();
+    till
+}
+
+fn local_sale_with_client_ref(c: &mut Criterion) {
+    let mut group = c.benchmark_group("local_sale_with_client_ref");
+    group.sample_size(20).measurement_time(Duration::from_secs(5));
+    let mut day = Day::new();
+    for n in sizes().into_iter().filter(|n| *n >= 10_000) {
+        day.sell(n.saturating_sub(day.sales));
+        let mut till = selling_replica(&day);
+        let mut t = day.clock_ms;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                t += 1;
+                let op = LocalOp::Sell {
+                    lines: vec![LineRequest { sku: "SKU-001".into(), qty: 1 }],
+                    client_ref: Some(format!("till-1-{t}")),
+                    recommendation: None,
+                };
+                till.record(op, t).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The window a giver of stock rights looks back over; the bench's day advances 1 ms a sale, so
+/// this is the last half of the day's sales.
+fn recent_since_ms(day: &Day) -> u64 {
+    day.clock_ms - day.sales as u64 / 2
+}
+
+fn recent_sales_count(c: &mut Criterion) {
+    let mut group = c.benchmark_group("recent_sales_count");
+    let mut day = Day::new();
+    for n in sizes().into_iter().filter(|n| *n >= 10_000) {
+        day.sell(n.saturating_sub(day.sales));
+        let replica = day.replica();
+        let device = day.sellers[1].device();
+        let since_ms = recent_since_ms(&day);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| replica.state().sales_of_device_since(std::hint::black_box(&device), since_ms))
+        });
+    }
+    group.finish();
+}
+
+/// The count as drivers computed it before the index: a scan of every sale of the day.
+fn recent_sales_count_scan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("recent_sales_count_scan");
+    let mut day = Day::new();
+    for n in sizes().into_iter().filter(|n| *n >= 10_000) {
+        day.sell(n.saturating_sub(day.sales));
+        let replica = day.replica();
+        let device = day.sellers[1].device();
+        let since_ms = recent_since_ms(&day);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let d = std::hint::black_box(&device);
+                replica.state().sales.values().filter(|s| s.device == *d && s.time_ms >= since_ms).count() as u64
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    local_sale,
+    remote_apply,
+    cold_load,
+    whole_day_document,
+    local_sale_with_client_ref,
+    recent_sales_count,
+    recent_sales_count_scan
+);
 criterion_main!(benches);

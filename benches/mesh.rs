@@ -6,8 +6,9 @@
 //! - catch-up: a node that missed 10,000 sales starts; time until it holds them all, and the sync
 //!   bytes it received against the raw bytes of those changes.
 //!
-//! Run: `cargo bench --bench mesh` (`STALLMESH_BENCH_MESH_SIZES=5` and `STALLMESH_BENCH_CATCHUP=2000`
-//! for a quick run). It prints a table; nothing here is a pass/fail test.
+//! Run: `cargo bench -p stallmesh-benches --bench mesh` (`STALLMESH_BENCH_MESH_SIZES=5` and
+//! `STALLMESH_BENCH_CATCHUP=2000` for a quick run). It prints a table; nothing here is a pass/fail
+//! test.
 
 #[path = "../tests/netns/mod.rs"]
 mod netns;

@@ -729,7 +729,7 @@ impl Driver {
             let state = l.state();
             let held = state.rights_of(&sku, &l.device());
             let since = recent_sales_since_ms(now);
-            let recent = |d: &DeviceId| -> u64 { state.sales.values().filter(|s| s.device == *d && s.time_ms >= since).count() as u64 };
+            let recent = |d: &DeviceId| state.sales_of_device_since(d, since);
             self.rebalancer.give(held, qty, recent(&l.device()), recent(&to), for_sale)
         });
         if give == 0 {

@@ -7,7 +7,7 @@
 use crate::event::{Event, EventBody, Product, RecommendationShown, SaleLine};
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, Dot};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A sale's id is its journal position: unique by construction, so it can never be duplicated.
 pub fn sale_id(dot: Dot) -> String {
@@ -74,11 +74,34 @@ pub struct State {
     pub catalogue_changes: u64,
     pub restocks: u64,
     pub transfers: u64,
+    /// device → client_ref → id of the device's earliest sale carrying it. Derived from `sales` in
+    /// [`State::fold`], so a till's retry is found without scanning the day's sales.
+    client_refs: HashMap<DeviceId, HashMap<String, String>>,
+    /// device → the times of its sales (author's clock), sorted. Derived from `sales` in
+    /// [`State::fold`], so a recent-sales count is a binary search, not a scan of the day.
+    sale_times_ms: HashMap<DeviceId, Vec<u64>>,
 }
 
 impl State {
     pub fn rights_of(&self, sku: &str, device: &DeviceId) -> u64 {
         self.rights.get(sku).and_then(|m| m.get(device)).copied().unwrap_or(0)
+    }
+
+    /// The id of `device`'s sale carrying `client_ref`, if it recorded one: a till's retry is
+    /// answered with the sale already made. Should a device have recorded one client_ref twice (only
+    /// a forged or broken journal can: the local check refuses it), the earliest in its journal is
+    /// named, the same on every replica. O(1).
+    pub fn sale_by_client_ref(&self, device: &DeviceId, client_ref: &str) -> Option<&str> {
+        self.client_refs.get(device)?.get(client_ref).map(String::as_str)
+    }
+
+    /// How many sales `device` recorded at or after `since_ms` (by its own clock, as the sales
+    /// carry): what a giver of stock rights weighs. For the sales of the last window, pass
+    /// `now_ms.saturating_sub(window_ms)`, which counts exactly the sales with
+    /// `time_ms.saturating_add(window_ms) >= now_ms`. O(log n) in the device's sales.
+    pub fn sales_of_device_since(&self, device: &DeviceId, since_ms: u64) -> u64 {
+        let Some(times_ms) = self.sale_times_ms.get(device) else { return 0 };
+        (times_ms.len() - times_ms.partition_point(|t| *t < since_ms)) as u64
     }
 
     /// Checks, without changing anything, that `event` by `dot.device` can be folded.
@@ -179,6 +202,7 @@ impl State {
                     },
                 );
                 assert!(previous.is_none(), "a journal position is folded at most once");
+                self.index_sale(dot, event.time_ms, client_ref.as_deref());
             }
             EventBody::PhotoAttached { sku, jpeg, lamport } => {
                 self.catalogue_changes += 1;
@@ -195,6 +219,24 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Adds a newly folded sale to the indexes derived from `sales`.
+    fn index_sale(&mut self, dot: Dot, time_ms: u64, client_ref: Option<&str>) {
+        if let Some(r) = client_ref {
+            // A device's sales fold in journal order on every replica, so the first one kept is the
+            // earliest: the same answer everywhere.
+            self.client_refs.entry(dot.device).or_default().entry(r.to_string()).or_insert_with(|| sale_id(dot));
+        }
+        let times_ms = self.sale_times_ms.entry(dot.device).or_default();
+        // A device's clock mostly moves forward, so appending is the common case; a clock set back
+        // inserts in order (after any equal times).
+        let at =
+            if times_ms.last().is_none_or(|last| *last <= time_ms) { times_ms.len() } else { times_ms.partition_point(|t| *t <= time_ms) };
+        times_ms.insert(at, time_ms);
+        // Sorted around the new time (checking the whole list would make a day quadratic in tests).
+        debug_assert!(at == 0 || times_ms[at - 1] <= time_ms, "sale times are kept sorted");
+        debug_assert!(times_ms.get(at + 1).is_none_or(|next| time_ms <= *next), "sale times are kept sorted");
     }
 
     fn spend(&mut self, sku: &str, device: &DeviceId, qty: u64) {

@@ -2,6 +2,8 @@
 
 use super::testkit::{product, sell, TestMarket};
 use super::*;
+use automerge::transaction::Transactable;
+use automerge::{Change, ObjType};
 
 fn stocked(m: &TestMarket, n: u16, sku: &str, qty: u64) -> (Ledger, Vec<Entry>) {
     let (mut l, e0) = m.device(n, "Test Stall");
@@ -15,6 +17,15 @@ fn assert_same_business_state(x: &Ledger, y: &Ledger) {
     assert_eq!(x.state().products, y.state().products);
     assert_eq!(x.state().rights, y.state().rights);
     assert_eq!(x.state().sales, y.state().sales);
+}
+
+/// Drops every journal document of `l` from memory (they are rebuilt on demand), as the bound on
+/// open documents does in a large market.
+fn drop_docs(l: &mut Ledger) {
+    for j in l.journals.values_mut() {
+        j.doc = None;
+    }
+    l.open_docs.clear();
 }
 
 fn changes(entries: &[Entry]) -> Vec<SignedChange> {
@@ -211,6 +222,122 @@ fn client_ref_makes_a_retried_sale_idempotent() {
     assert_eq!(a.state().stock("tea").total, 4);
 }
 
+fn sell_with_ref(sku: &str, client_ref: &str) -> LocalOp {
+    LocalOp::Sell { lines: vec![LineRequest { sku: sku.into(), qty: 1 }], client_ref: Some(client_ref.into()), recommendation: None }
+}
+
+#[test]
+fn a_retried_sale_is_recognised_after_a_restart() {
+    let m = TestMarket::new(30);
+    let (mut a, mut ea) = stocked(&m, 1, "tea", 5);
+    let first = a.record(sell_with_ref("tea", "till-7-0001"), 10).unwrap();
+    ea.push(first.clone());
+    ea.push(a.record(sell_with_ref("tea", "till-7-0002"), 11).unwrap());
+
+    let mut restored = Ledger::restore(m.ctx.clone(), m.device_key(1), a.certificate().clone(), ea).unwrap();
+    assert_eq!(restored.state().sale_by_client_ref(&a.device(), "till-7-0001"), Some(sale_id(first.change.dot()).as_str()));
+    match restored.record(sell_with_ref("tea", "till-7-0001"), 12) {
+        Err(LedgerError::AlreadyRecorded { sale_id: id, .. }) => assert_eq!(id, sale_id(first.change.dot())),
+        other => panic!("a retry after a restart must not sell twice: {other:?}"),
+    }
+    assert!(restored.record(sell_with_ref("tea", "till-7-0003"), 13).is_ok(), "a new client_ref sells");
+    assert_eq!(restored.state().stock("tea").total, 2);
+}
+
+#[test]
+fn a_client_ref_belongs_to_the_device_that_recorded_it() {
+    let m = TestMarket::new(31);
+    let (mut a, mut ea) = stocked(&m, 1, "tea", 5);
+    let (mut b, eb) = stocked(&m, 2, "mint", 5);
+    let a_sale = a.record(sell_with_ref("tea", "till-1-0001"), 10).unwrap();
+    ea.push(a_sale.clone());
+    b.apply_remote(changes(&ea));
+    a.apply_remote(changes(&eb));
+
+    // Every replica can name a device's sale by its client_ref ...
+    let id = sale_id(a_sale.change.dot());
+    assert_eq!(b.state().sale_by_client_ref(&a.device(), "till-1-0001"), Some(id.as_str()));
+    assert_eq!(b.state().sale_by_client_ref(&b.device(), "till-1-0001"), None);
+    assert_eq!(b.state().sale_by_client_ref(&a.device(), "till-1-0002"), None);
+    // ... but only the device's own sales make a retry: another till may use the same numbering.
+    assert!(b.record(sell_with_ref("mint", "till-1-0001"), 11).is_ok());
+    assert!(matches!(a.record(sell_with_ref("tea", "till-1-0001"), 12), Err(LedgerError::AlreadyRecorded { .. })));
+}
+
+/// The recent-sales count a driver used to compute by scanning every sale of the day.
+fn scanned_sales_since(state: &State, device: &DeviceId, since_ms: u64) -> u64 {
+    state.sales.values().filter(|s| s.device == *device && s.time_ms >= since_ms).count() as u64
+}
+
+#[test]
+fn recent_sales_are_counted_per_device_at_equal_times_and_with_a_clock_set_back() {
+    let m = TestMarket::new(32);
+    let (mut a, mut ea) = stocked(&m, 1, "tea", 100);
+    let (mut b, eb) = stocked(&m, 2, "mint", 100);
+    // Two sales in one millisecond, then the tablet's clock is set back 150 ms, then forward again.
+    for time_ms in [100, 100, 200, 50, 300] {
+        ea.push(a.record(sell("tea", 1), time_ms).unwrap());
+    }
+    ea.push(a.record(sell("tea", 1), 100).unwrap()); // back again, equal to earlier sales
+    b.record(sell("mint", 1), 200).unwrap();
+    let (a_id, b_id) = (a.device(), b.device());
+
+    let counts =
+        |s: &State, d: &DeviceId| -> Vec<u64> { [0, 50, 51, 100, 101, 200, 300, 301].map(|t| s.sales_of_device_since(d, t)).to_vec() };
+    assert_eq!(counts(a.state(), &a_id), vec![6, 6, 5, 5, 2, 2, 1, 0]);
+    assert_eq!(counts(a.state(), &b_id), vec![0; 8], "b's sale has not reached a");
+    assert_eq!(counts(b.state(), &b_id), vec![1, 1, 1, 1, 1, 1, 0, 0]);
+    for since_ms in 0..=301 {
+        assert_eq!(a.state().sales_of_device_since(&a_id, since_ms), scanned_sales_since(a.state(), &a_id, since_ms), "since {since_ms}");
+    }
+
+    // A replica that applied a's journal, and a's own ledger restored from it, count the same.
+    b.apply_remote(changes(&ea));
+    let restored = Ledger::restore(m.ctx.clone(), m.device_key(1), a.certificate().clone(), ea).unwrap();
+    assert_eq!(counts(b.state(), &a_id), counts(a.state(), &a_id));
+    assert_eq!(counts(restored.state(), &a_id), counts(a.state(), &a_id));
+    assert_eq!(restored.state(), a.state());
+    drop(eb);
+}
+
+proptest::proptest! {
+    /// Whatever the devices' clocks do, the indexes answer what a scan of the day's sales would.
+    #[test]
+    fn the_sale_indexes_agree_with_a_scan_of_the_sales(
+        sales in proptest::collection::vec((0u8..3, 0u64..20, proptest::option::of(0u8..4)), 0..60),
+    ) {
+        let mut state = State::default();
+        let mut next_seq = [1u64; 3];
+        for (n, time_ms, client_ref) in &sales {
+            let dot = Dot { device: DeviceId([*n; 32]), seq: next_seq[*n as usize] };
+            next_seq[*n as usize] += 1;
+            if dot.seq == 1 {
+                state.fold(dot, &Event { time_ms: 0, body: EventBody::Restocked { sku: "tea".into(), qty: 1_000 } });
+                continue;
+            }
+            let client_ref = client_ref.map(|r| format!("till-{r}"));
+            let body = EventBody::Sold { lines: vec![line("tea", 1, 100)], total_cents: 100, currency: "EUR".into(), client_ref, recommendation: None };
+            state.fold(dot, &Event { time_ms: *time_ms, body });
+        }
+        for n in 0..4u8 {
+            let device = DeviceId([n; 32]);
+            for since_ms in 0..=21 {
+                proptest::prop_assert_eq!(state.sales_of_device_since(&device, since_ms), scanned_sales_since(&state, &device, since_ms));
+            }
+            for r in 0..5u8 {
+                let client_ref = format!("till-{r}");
+                let earliest = state
+                    .sales
+                    .values()
+                    .filter(|s| s.device == device && s.client_ref.as_deref() == Some(client_ref.as_str()))
+                    .min_by_key(|s| s.seq)
+                    .map(|s| s.id.as_str());
+                proptest::prop_assert_eq!(state.sale_by_client_ref(&device, &client_ref), earliest);
+            }
+        }
+    }
+}
+
 #[test]
 fn invalid_local_input_is_refused_with_the_field_named() {
     let m = TestMarket::new(11);
@@ -263,8 +390,8 @@ fn journal_documents_dropped_from_memory_are_rebuilt_and_the_journal_continues()
     let (mut b, _) = m.device(2, "Test Stall");
     b.apply_remote(changes(&ea));
     // Both replicas forget every document (as the LRU bound does in a large market).
-    a.drop_docs();
-    b.drop_docs();
+    drop_docs(&mut a);
+    drop_docs(&mut b);
     for t in 0..3 {
         ea.push(a.record(sell("oat", 1), 20 + t).unwrap());
     }
@@ -805,4 +932,26 @@ fn a_peers_product_beyond_the_catalogue_clock_limit_is_refused_and_local_upserts
     let mut d = a_peer(&m);
     assert_eq!(d.apply_remote(changes(&[ec0, at_limit])).applied.len(), 2);
     assert!(matches!(d.record(LocalOp::UpsertProduct(product("jam", 100)), 5), Err(LedgerError::Invalid { field: "lamport", .. })));
+}
+
+#[test]
+fn the_largest_sale_the_limits_accept_fits_in_one_change() {
+    let m = TestMarket::new(33);
+    let (mut a, _) = m.device(1, "Test Stall");
+    let sku = |i: usize| format!("{i:03}{}", "S".repeat(MAX_SKU_LEN - 3));
+    for i in 0..MAX_SALE_LINES {
+        a.record(LocalOp::UpsertProduct(product(&sku(i), MAX_PRICE_CENTS)), 1).unwrap();
+        a.record(LocalOp::Restock { sku: sku(i), qty: MAX_QTY }, 2).unwrap();
+    }
+    let sale = LocalOp::Sell {
+        lines: (0..MAX_SALE_LINES).map(|i| LineRequest { sku: sku(i), qty: MAX_QTY }).collect(),
+        client_ref: Some("r".repeat(MAX_CLIENT_REF_LEN)),
+        recommendation: Some(RecommendationShown { arm: "treatment".into(), skus: (0..MAX_RECOMMENDED).map(sku).collect() }),
+    };
+    let entry = a.record(sale, 3).unwrap();
+    let change_bytes = entry.change.change.len();
+    let texts_bytes = (MAX_SALE_LINES + MAX_RECOMMENDED) * MAX_SKU_LEN + MAX_CLIENT_REF_LEN;
+    let per_line_bytes = change_bytes.saturating_sub(texts_bytes) / (MAX_SALE_LINES + MAX_RECOMMENDED);
+    assert!(per_line_bytes <= validate::SALE_LINE_ENVELOPE_BYTES, "{per_line_bytes} bytes a line beyond its SKU ({change_bytes} in all)");
+    assert!(change_bytes <= MAX_CHANGE_BYTES, "{change_bytes}");
 }

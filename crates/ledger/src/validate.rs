@@ -7,19 +7,43 @@
 
 use crate::event::{EventBody, Product, RecommendationShown, SaleLine};
 use crate::{
-    MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_NAME_LEN, MAX_PHOTO_BYTES, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
-    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN,
+    MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
+    MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED, MAX_PHOTO_BYTES, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
+    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, SEGMENT_CHANGES,
 };
 
 /// Room in a photo change for all but the JPEG: actor, deps, keys, SKU, clocks (184 bytes measured
 /// with a 5-byte SKU, in the test `a_photo_of_the_largest_size_replicates`).
 pub(crate) const PHOTO_CHANGE_ENVELOPE_BYTES: usize = 4 * 1024;
+/// Bytes of one sale line (or recommended SKU) in a change beyond its SKU: keys, quantity, price
+/// (48 measured, the change's own envelope spread over the lines: 13.6 KB for the largest sale, in
+/// the test `the_largest_sale_the_limits_accept_fits_in_one_change`).
+pub(crate) const SALE_LINE_ENVELOPE_BYTES: usize = 64;
+/// Room in a sale change for all but its lines and texts: actor, deps, keys, totals, time.
+pub(crate) const SALE_CHANGE_ENVELOPE_BYTES: usize = 4 * 1024;
 
 // A sale's total, and the units of one SKU in one sale, fit u64 whatever lines pass the limits.
 const _: () = assert!((MAX_QTY as u128) * (MAX_PRICE_CENTS as u128) * (MAX_SALE_LINES as u128) <= u64::MAX as u128);
 const _: () = assert!((MAX_QTY as u128) * (MAX_SALE_LINES as u128) <= u64::MAX as u128);
 // The largest photo fits in one change with room for the rest of the change.
 const _: () = assert!(MAX_PHOTO_BYTES + PHOTO_CHANGE_ENVELOPE_BYTES <= MAX_CHANGE_BYTES);
+// The largest sale the limits accept (every line with a SKU of the longest length, the longest
+// client_ref, the most recommendations) fits in one change: a valid sale is never refused as oversized.
+const _: () = assert!(
+    MAX_SALE_LINES * (MAX_SKU_LEN + SALE_LINE_ENVELOPE_BYTES)
+        + MAX_CLIENT_REF_LEN
+        + MAX_RECOMMENDED * (MAX_SKU_LEN + SALE_LINE_ENVELOPE_BYTES)
+        + SALE_CHANGE_ENVELOPE_BYTES
+        <= MAX_CHANGE_BYTES
+);
+// A stranger's changes cannot fill the pending buffer on their own.
+const _: () = assert!(MAX_PENDING_PER_UNENROLLED < MAX_PENDING_CHANGES);
+// Two conflicting changes at one position are the proof of a fork; the total bound holds one position's.
+const _: () = assert!(MAX_EVIDENCE_PER_POSITION >= 2 && MAX_EVIDENCE_PER_POSITION <= MAX_EVIDENCE_CHANGES);
+// This device's own journal document is always kept open, so the bound must leave room for it.
+const _: () = assert!(MAX_OPEN_SEGMENT_DOCS >= 1 && SEGMENT_CHANGES >= 1);
+// A catalogue clock at its limit can still be incremented by one without wrapping.
+const _: () = assert!(MAX_LAMPORT < u64::MAX);
 
 /// Highest catalogue clock an event may carry: one catalogue change a millisecond for 285,000
 /// years. Bounded so that one forged product cannot push every replica's clock to its end (then no

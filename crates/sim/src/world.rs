@@ -781,7 +781,7 @@ impl World {
                 let reachable = !peer.is_cloud && peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
                 let now = self.dev_now_ms(p);
                 let since = recent_sales_since_ms(now);
-                let recent_sales = state.sales.values().filter(|s| s.device == peer.id && s.time_ms >= since).count();
+                let recent_sales = state.sales_of_device_since(&peer.id, since) as usize;
                 (reachable && held > 0).then_some(Holder { device: p, held, recent_sales })
             })
             .collect()
@@ -1020,7 +1020,7 @@ impl World {
             let me = d.ledger.device();
             let held = state.rights_of(sku, &me);
             let since = recent_sales_since_ms(now);
-            let count = |x: &DeviceId| state.sales.values().filter(|s| s.device == *x && s.time_ms >= since).count() as u64;
+            let count = |x: &DeviceId| state.sales_of_device_since(x, since);
             let give = d.rebalancer.give(held, qty, count(&me), count(&to_id), for_sale);
             (give > 0).then(|| d.ledger.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to: to_id }, now).ok()).flatten()
         })

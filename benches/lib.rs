@@ -1,0 +1,1 @@
+//! Empty: this package holds only benchmarks (`ledger.rs`, `mesh.rs`, `inference.rs`).
