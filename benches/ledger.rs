@@ -9,7 +9,7 @@
 //! - `recent_sales_count/N` and, side by side, `recent_sales_count_scan/N`: the recent sales of one
 //!   device that a giver of stock rights weighs, from the index and by the scan drivers used to run.
 //!
-//! Days are built from 20 selling devices, as in `../shared/notes/automerge-costs.md`.
+//! Days are built from 20 selling devices (a large market).
 //! Run: `cargo bench -p stallmesh-benches --no-default-features --bench ledger` (set
 //! `STALLMESH_BENCH_MAX_SALES=10000` for a quick run).
 

@@ -4,7 +4,7 @@
 //! other markets and strangers cannot complete a handshake) → noise (authenticates the device key:
 //! the libp2p identity *is* the device's ed25519 key) → yamux. No QUIC: pnet cannot cover it.
 //!
-//! What libp2p does not do by itself, and this driver adds (see `../shared/notes` measurements):
+//! What libp2p does not do by itself, and this driver adds:
 //! dial on mDNS discovery, redial known peers every second, drop silent peers (the sync core's
 //! heartbeat and liveness), and catch-up on every (re)connection (the sync core's heads exchange).
 //! A peer takes part only after its enrolment certificate for this market has been verified.
