@@ -124,6 +124,26 @@ impl Config {
     }
 }
 
+/// The `STALLMESH_*` variable names among `names` that set no configuration key: a typo in one
+/// (`STALLMESH_MESH_MDSN`) would otherwise leave the default in force unnoticed. Names the tools
+/// themselves read (tests, benchmarks) are not configuration either, so the caller warns.
+pub fn unknown_env_vars(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let defaults: toml::Table = DEFAULT_CONFIG_TOML.parse().expect("the embedded defaults parse");
+    let mut known = Vec::new();
+    collect_env_names(&defaults, "", &mut known);
+    names.into_iter().filter(|n| n.starts_with(ENV_PREFIX) && !known.contains(n)).collect()
+}
+
+fn collect_env_names(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let path = format!("{prefix}{key}");
+        match value {
+            toml::Value::Table(t) => collect_env_names(t, &format!("{path}."), out),
+            _ => out.push(format!("{ENV_PREFIX}{}", path.replace('.', "_").to_uppercase())),
+        }
+    }
+}
+
 /// Refuses a key the defaults do not have, or a value of another type than the default's.
 fn check_layer(defaults: &toml::Table, layer: &toml::Table, prefix: &str, origin: &str) -> Result<(), ConfigError> {
     for (key, value) in layer {
@@ -239,6 +259,12 @@ mod tests {
         assert!(err.contains("STALLMESH_MESH_REFILL") && err.contains("whole number"), "{err}");
         let err = Config::load(None, |k| (k == "STALLMESH_MESH_MDNS").then(|| "maybe".to_string())).unwrap_err().to_string();
         assert!(err.contains("STALLMESH_MESH_MDNS"), "{err}");
+    }
+
+    #[test]
+    fn an_environment_variable_that_sets_no_key_is_reported() {
+        let names = ["STALLMESH_MESH_MDSN", "STALLMESH_MESH_MDNS", "STALLMESH_HTTP_ADDR", "PATH"].map(String::from);
+        assert_eq!(unknown_env_vars(names), vec!["STALLMESH_MESH_MDSN".to_string()]);
     }
 
     #[test]

@@ -46,6 +46,9 @@ fn up(args: stallmesh_node::cli::UpArgs) -> Result<(), String> {
         config.credentials_dir = c;
     }
     init_tracing(config.log_format);
+    for name in stallmesh_node::config::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
+        tracing::warn!(variable = %name, "environment variable sets no configuration key (a typo?); ignored");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let running = stallmesh_node::start(&config, shutdown_signal()).await.map_err(|e| e.to_string())?;
