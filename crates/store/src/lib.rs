@@ -406,17 +406,23 @@ impl Store {
             tx.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
         }
-        let mut position = self.next_position;
+        let start = self.next_position;
+        let mut position = start;
         {
             let mut journal = tx.open_table(JOURNAL).map_err(self.err())?;
             let mut by_dot = tx.open_table(BY_DOT).map_err(self.err())?;
             for entry in entries {
-                journal.insert(position, &frame(entry)[..]).map_err(self.err())?;
-                by_dot.insert((&entry.change.device.0[..], entry.change.seq), position).map_err(self.err())?;
+                let replaced = journal.insert(position, &frame(entry)[..]).map_err(self.err())?.is_some();
+                // The ledger hands over each journal position once: a second row for one (device,
+                // seq), or a position written twice, would make the store disagree with the ledger.
+                assert!(!replaced, "journal position {position} written twice");
+                let earlier = by_dot.insert((&entry.change.device.0[..], entry.change.seq), position).map_err(self.err())?;
+                assert!(earlier.is_none(), "change {}:{} appended twice", entry.change.device, entry.change.seq);
                 position += 1;
             }
         }
         tx.commit().map_err(self.err())?;
+        debug_assert_eq!(position, start + entries.len() as u64, "one row per entry");
         self.next_position = position;
         self.unflushed = !durable;
         Ok(())
