@@ -47,6 +47,17 @@ const DIAL_TIMEOUT_MS: u64 = 2_000;
 /// Peers remembered for redial (and refused peers remembered not to redial): a market has tens;
 /// the bound keeps a stranger announcing many peer ids over mDNS from growing memory.
 const MAX_KNOWN_PEERS: usize = 1_024;
+/// mDNS: a query every 5 s and a 60 s record lifetime let a healed or restarted peer be found again
+/// within seconds (measured; the library's defaults, 5 and 6 minutes, leave a tablet alone that long).
+const MDNS_QUERY_INTERVAL_MS: u64 = 5_000;
+const MDNS_TTL_MS: u64 = 60_000;
+/// gossipsub's own mesh maintenance (its default): broadcasts do not wait for it.
+const GOSSIP_HEARTBEAT_MS: u64 = 1_000;
+/// A sync or hello message not acknowledged by then has failed (the sync core serves it again).
+const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// A connection with no stream open is closed after this: the sync heartbeat keeps live peers busy.
+const IDLE_CONNECTION_TIMEOUT_MS: u64 = 60_000;
+const _: () = assert!(REQUEST_TIMEOUT_MS > DIAL_TIMEOUT_MS && IDLE_CONNECTION_TIMEOUT_MS > REQUEST_TIMEOUT_MS);
 /// Addresses remembered per peer (a tablet has one or two interfaces).
 const MAX_ADDRS_PER_PEER: usize = 8;
 
@@ -254,7 +265,7 @@ fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: boo
         .map_err(|e| err(&e))?
         .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
             let gossip_config = gossipsub::ConfigBuilder::default()
-                .heartbeat_interval(Duration::from_secs(1))
+                .heartbeat_interval(Duration::from_millis(GOSSIP_HEARTBEAT_MS))
                 .max_transmit_size(MAX_MESSAGE_BYTES)
                 // The same change relayed along two paths is one message.
                 .message_id_fn(|m: &gossipsub::Message| {
@@ -264,14 +275,16 @@ fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: boo
                 .build()?;
             let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
             let mdns = if mdns_on {
-                // Measured here: 5 s queries and a 60 s TTL let a healed or restarted peer be
-                // rediscovered quickly (library defaults: 5 min and 6 min).
-                let cfg = mdns::Config { ttl: Duration::from_secs(60), query_interval: Duration::from_secs(5), ..Default::default() };
+                let cfg = mdns::Config {
+                    ttl: Duration::from_millis(MDNS_TTL_MS),
+                    query_interval: Duration::from_millis(MDNS_QUERY_INTERVAL_MS),
+                    ..Default::default()
+                };
                 Some(mdns::tokio::Behaviour::new(cfg, key.public().to_peer_id())?)
             } else {
                 None
             };
-            let rr_config = request_response::Config::default().with_request_timeout(Duration::from_secs(10));
+            let rr_config = request_response::Config::default().with_request_timeout(Duration::from_millis(REQUEST_TIMEOUT_MS));
             Ok(Behaviour {
                 gossipsub,
                 mdns: mdns.into(),
@@ -283,7 +296,7 @@ fn build_swarm(secret: [u8; 32], psk: [u8; 32], topic: &IdentTopic, mdns_on: boo
             })
         })
         .map_err(|e| err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_millis(IDLE_CONNECTION_TIMEOUT_MS)))
         .build();
     swarm.behaviour_mut().gossipsub.subscribe(topic).map_err(|e| err(&e))?;
     Ok(swarm)

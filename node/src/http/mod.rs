@@ -33,6 +33,9 @@ pub const MAX_CHANGES_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_CHANGES_PER_REQUEST: usize = 5_000;
 /// Most sales listed by one request.
 pub const MAX_SALES_LISTED: usize = 10_000;
+/// Sales listed when the request does not say: a busy stall's day.
+pub const DEFAULT_SALES_LISTED: usize = 1_000;
+const _: () = assert!(DEFAULT_SALES_LISTED <= MAX_SALES_LISTED);
 
 /// What the handlers are given: the node, its mesh (if it runs) and its inference service.
 #[derive(Clone)]

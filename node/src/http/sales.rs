@@ -1,7 +1,7 @@
 //! Sales: `POST /api/v1/sales` (with the wait for stock rights a reachable peer holds) and the
 //! day's sales with their summary.
 
-use super::{run_blocking, until_indexed, ApiError, ApiResult, AppState, Index, MAX_SALES_LISTED};
+use super::{run_blocking, until_indexed, ApiError, ApiResult, AppState, Index, DEFAULT_SALES_LISTED, MAX_SALES_LISTED};
 use crate::mesh::MeshHandle;
 use crate::metrics::Outcome;
 use crate::runtime::{Node, NodeError};
@@ -139,7 +139,7 @@ pub(super) struct SalesQuery {
 }
 
 pub(super) async fn list_sales(State(node): State<Node>, Query(q): Query<SalesQuery>) -> Json<SalesList> {
-    let limit = q.limit.unwrap_or(1_000).min(MAX_SALES_LISTED);
+    let limit = q.limit.unwrap_or(DEFAULT_SALES_LISTED).min(MAX_SALES_LISTED);
     Json(node.read(|l| {
         let mut sales: Vec<&Sale> = l.state().sales.values().collect();
         sales.sort_by(|a, b| (b.time_ms, &b.id).cmp(&(a.time_ms, &a.id)));

@@ -17,6 +17,10 @@ use stallmesh_api::{
 use stallmesh_inference::search::{Hit, MAX_RESULTS};
 use stallmesh_inference::InferenceError;
 
+/// Results when the request does not say: a screenful of search hits, a row of suggestions.
+const DEFAULT_SEARCH_HITS: usize = 10;
+const DEFAULT_IMAGE_HITS: usize = 5;
+const DEFAULT_RECOMMENDATIONS: usize = 5;
 /// Longest customer session id accepted for the experiment's arm.
 const MAX_SESSION_BYTES: usize = 128;
 
@@ -61,7 +65,7 @@ pub(super) async fn search(State(app): State<AppState>, Query(q): Query<SearchQu
             format!("query is {} bytes; at most {MAX_QUERY_BYTES}", query.len()),
         ));
     }
-    let k = result_count(q.k, 10)?;
+    let k = result_count(q.k, DEFAULT_SEARCH_HITS)?;
     let looked_up = inference.query_vector(&query).await.map_err(|e| {
         node.metrics.search_requests.get_or_create(&Outcome { outcome: "refused" }).inc();
         ApiError::from(e)
@@ -91,7 +95,7 @@ pub(super) async fn search_image(
 ) -> ApiResult<Json<ImageSearchResults>> {
     let started = std::time::Instant::now();
     let body = image_body(body)?;
-    let k = result_count(q.k, 5)?;
+    let k = result_count(q.k, DEFAULT_IMAGE_HITS)?;
     let pool = app.inference.pool().cloned().ok_or(InferenceError::ModelUnavailable("image"))?;
     let vector = pool.embed_image(body.to_vec()).await?;
     let hits = app.inference.index().search_image(&vector, k);
@@ -126,7 +130,7 @@ pub(super) async fn recommendations(State(app): State<AppState>, Query(q): Query
     if let Some(unknown) = node.read(|l| basket.iter().find(|s| !l.state().products.contains_key(*s)).cloned()) {
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_sku", format!("unknown SKU {unknown:?}")));
     }
-    let k = result_count(q.k, 5)?.min(stallmesh_ledger::MAX_RECOMMENDED);
+    let k = result_count(q.k, DEFAULT_RECOMMENDATIONS)?.min(stallmesh_ledger::MAX_RECOMMENDED);
     let session = q.session.unwrap_or_else(|| basket.join(","));
     if session.len() > MAX_SESSION_BYTES {
         return Err(ApiError::new(
