@@ -213,8 +213,7 @@ impl Inference {
             };
             (items, photos)
         });
-        // Index what is known at once (lexical works immediately), then embed what is missing.
-        self.rebuild(&items);
+        // One rebuild, after embedding: a request that added a product waits for this anyway.
         let complete = self.embed_missing(&items, photos).await;
         self.rebuild(&items);
         if complete {

@@ -72,8 +72,9 @@ pub struct MeshConfig {
 /// From a sale whose customer waits: the mesh's [`Rebalancer`] decides what to ask peers for.
 #[derive(Debug)]
 pub enum MeshCommand {
-    /// A sale was refused for rights.
-    Refused { sku: String, requested: u64, held_here: u64, held_elsewhere_total: u64 },
+    /// An operation was refused for rights; `for_sale`: a customer waits (a sale), else a refill
+    /// (a transfer that fell short).
+    Refused { sku: String, requested: u64, held_here: u64, held_elsewhere_total: u64, for_sale: bool },
     /// A waiting sale still lacks `short` units (its ask may have been lost).
     AskAgain { sku: String, short: u64 },
 }
@@ -87,10 +88,10 @@ pub struct MeshHandle {
 }
 
 impl MeshHandle {
-    /// A sale was refused for rights: peers are asked for what it lacks (and a refill). A full
-    /// command queue is counted, never waited on: a waiting sale asks again within its wait.
-    pub fn refused(&self, sku: &str, requested: u64, held_here: u64, held_elsewhere_total: u64) {
-        self.send(MeshCommand::Refused { sku: sku.to_string(), requested, held_here, held_elsewhere_total });
+    /// An operation was refused for rights: peers are asked for what it lacks (and a refill). A
+    /// full command queue is counted, never waited on: a waiting sale asks again within its wait.
+    pub fn refused(&self, sku: &str, requested: u64, held_here: u64, held_elsewhere_total: u64, for_sale: bool) {
+        self.send(MeshCommand::Refused { sku: sku.to_string(), requested, held_here, held_elsewhere_total, for_sale });
     }
 
     /// A waiting sale still lacks `short` units of `sku`.
@@ -377,8 +378,8 @@ impl Driver {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
                 command = commands.recv() => match command {
-                    Some(MeshCommand::Refused { sku, requested, held_here, held_elsewhere_total }) => {
-                        let ask = self.rebalancer.after_refusal(&sku, requested, held_here, held_elsewhere_total, true, now_ms());
+                    Some(MeshCommand::Refused { sku, requested, held_here, held_elsewhere_total, for_sale }) => {
+                        let ask = self.rebalancer.after_refusal(&sku, requested, held_here, held_elsewhere_total, for_sale, now_ms());
                         self.ask(ask);
                     }
                     Some(MeshCommand::AskAgain { sku, short }) => {

@@ -410,6 +410,8 @@ pub struct PeerView {
     pub bytes_out: u64,
     pub changes_in: u64,
     pub changes_out: u64,
+    /// Bytes sent to the peer and not yet reported delivered.
+    pub in_flight_bytes: usize,
 }
 
 /// Counters of the mesh since the node started.
@@ -425,6 +427,12 @@ pub struct MeshCounters {
     pub protocol_errors: BTreeMap<String, u64>,
     pub liveness_disconnects: u64,
     pub peers_refused: u64,
+    /// Serves paused because a peer had too many bytes in flight.
+    pub serving_paused: u64,
+    /// Peer heads views that did not add up (a lost heads message), repaired by one full heads.
+    pub full_heads_wanted: u64,
+    /// Changes served and not confirmed within the liveness timeout (served again).
+    pub unconfirmed_expired: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

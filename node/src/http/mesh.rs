@@ -45,6 +45,7 @@ pub(super) async fn mesh(State(app): State<AppState>) -> ApiResult<Json<MeshView
                 bytes_out: p.session.bytes_out,
                 changes_in: p.session.changes_in,
                 changes_out: p.session.changes_out,
+                in_flight_bytes: p.session.in_flight_bytes,
             })
             .collect(),
         refused: s.refused,
@@ -58,6 +59,9 @@ pub(super) async fn mesh(State(app): State<AppState>) -> ApiResult<Json<MeshView
             protocol_errors: st.protocol_errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             liveness_disconnects: st.liveness_disconnects,
             peers_refused: st.peers_refused,
+            serving_paused: st.serving_paused,
+            full_heads_wanted: st.full_heads_wanted,
+            unconfirmed_expired: st.unconfirmed_expired,
         },
     }))
 }
@@ -173,7 +177,6 @@ pub(super) async fn push_changes(State(node): State<Node>, body: Bytes) -> ApiRe
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct ChangesQuery {
     device: String,
     #[serde(default)]

@@ -55,7 +55,7 @@ pub(super) async fn create_sale(
             break r;
         };
         let Some(mesh) = &app.mesh else { break r };
-        mesh.refused(sku, *requested, *held_here, *held_elsewhere_total);
+        mesh.refused(sku, *requested, *held_here, *held_elsewhere_total, true);
         let reachable = mesh.reachable_devices();
         let reachable_holder = held_elsewhere.iter().any(|(d, n)| *n > 0 && reachable.contains(d));
         if let Err(end) = wait.refused(sku, *requested, reachable_holder, elapsed_ms()) {
@@ -133,7 +133,6 @@ async fn wait_for_rights(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct SalesQuery {
     limit: Option<usize>,
 }

@@ -37,7 +37,6 @@ fn hit_view(h: Hit) -> SearchHit {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct SearchQuery {
     q: Option<String>,
     k: Option<usize>,
@@ -104,7 +103,6 @@ pub(super) async fn search_image(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RecommendationQuery {
     basket: Option<String>,
     k: Option<usize>,

@@ -1,13 +1,15 @@
 //! Stock and stock rights: `/api/v1/stock`, `/api/v1/restocks`, `/api/v1/transfers`.
 
-use super::{blocking, ApiError, ApiResult};
+use super::{blocking, run_blocking, ApiError, ApiResult, AppState};
 use crate::runtime::Node;
+use crate::runtime::NodeError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use stallmesh_api::{RestockRequest, StockList, StockMovement, StockRow, TransferRequest};
 use stallmesh_identity::DeviceId;
+use stallmesh_ledger::LedgerError;
 use stallmesh_ledger::LocalOp;
 use std::collections::BTreeSet;
 
@@ -44,16 +46,31 @@ pub(super) async fn restock(
     Ok((StatusCode::CREATED, Json(StockMovement { sku, qty, to_device: None, seq: entry.change.seq, rights_here })))
 }
 
+/// A transfer short of rights asks peers for them (as a refill: nobody waits at a till), and is
+/// refused now; the organiser can try again once they arrive.
 pub(super) async fn transfer(
-    State(node): State<Node>,
+    State(app): State<AppState>,
     body: Result<Json<TransferRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<StockMovement>)> {
     let Json(t) = body?;
+    let node = &app.node;
     let to = DeviceId::from_hex(&t.to_device).map_err(|e| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", format!("to_device must be 64 hex characters: {e}"))
     })?;
     let (sku, qty) = (t.sku.clone(), t.qty);
-    let entry = blocking(&node, move |n| n.execute(LocalOp::Transfer { sku: t.sku, qty: t.qty, to })).await?;
+    let entry = match run_blocking(node, move |n| n.execute(LocalOp::Transfer { sku: t.sku, qty: t.qty, to })).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            if let (
+                NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, .. }),
+                Some(mesh),
+            ) = (&e, &app.mesh)
+            {
+                mesh.refused(sku, *requested, *held_here, *held_elsewhere_total, false);
+            }
+            return Err(e.into());
+        }
+    };
     let rights_here = node.read(|l| l.state().rights_of(&sku, &l.device()));
     Ok((StatusCode::CREATED, Json(StockMovement { sku, qty, to_device: Some(to.to_hex()), seq: entry.change.seq, rights_here })))
 }
