@@ -427,7 +427,7 @@ async fn follow(inference: Arc<Inference>, node: Node, role: Follower) {
         Follower::Sales => ("inference_sales", inference.sales_progress.clone()),
         Follower::Catalogue => ("inference_catalogue", inference.catalogue_progress.clone()),
     };
-    let (mut commits, through, ()) = node.subscribe(|_| ());
+    let (mut commits, through) = node.subscribe();
     let mut retry_at = match role {
         Follower::Sales => {
             inference.refresh_sales(&node);

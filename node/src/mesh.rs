@@ -321,7 +321,7 @@ pub fn start(
     let status = Arc::new(Mutex::new(MeshStatus { peer_id: swarm.local_peer_id().to_string(), ..Default::default() }));
     // Subscribed before the first tick: whatever is recorded from now on is broadcast; what was
     // recorded before reaches peers by catch-up (heads) as they connect.
-    let (commits, _, ()) = node.subscribe(|_| ());
+    let (commits, _) = node.subscribe();
     let handle = MeshHandle { commands: tx, status: status.clone(), metrics: node.metrics.clone() };
     let driver = Driver {
         node,

@@ -399,12 +399,12 @@ impl Node {
     }
 
     /// Subscribes to the commit pipeline; also returns the number of the last commit published
-    /// before the subscription, so a subscriber that reads the ledger now and then follows the
-    /// pipeline misses nothing and counts nothing twice (both happen under the ledger lock).
-    pub fn subscribe<R>(&self, snapshot: impl FnOnce(&Ledger) -> R) -> (tokio::sync::broadcast::Receiver<Arc<Commit>>, u64, R) {
+    /// before the subscription (both under the ledger lock). A subscriber that then reads the ledger
+    /// misses nothing: whatever it reads is either in it or arrives on the pipeline; what is in both
+    /// it takes in twice, so what it derives must be idempotent (sales are counted by id).
+    pub fn subscribe(&self) -> (tokio::sync::broadcast::Receiver<Arc<Commit>>, u64) {
         let inner = self.lock();
-        let rx = inner.commits.subscribe();
-        (rx, inner.commits.last(), snapshot(&inner.ledger))
+        (inner.commits.subscribe(), inner.commits.last())
     }
 
     /// Records a local operation; returns once its entry is durable.
