@@ -114,6 +114,8 @@ pub enum MarketCmd {
 pub enum RoleArg {
     Seller,
     Organiser,
+    /// The market's cloud ingest (register it with `stallmesh cloud market add`).
+    Cloud,
 }
 
 #[derive(Subcommand, Debug)]

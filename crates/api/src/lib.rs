@@ -343,6 +343,49 @@ pub struct Status {
     pub journal: JournalView,
     pub equivocations: usize,
     pub store_set_aside: Option<SetAsideView>,
+    /// What the cloud holds, as its latest watermark says (replicated through the mesh, so a tablet
+    /// that never had connectivity shows it too), and this tablet's own uplink, if configured.
+    pub cloud: CloudStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudStatus {
+    /// `None`: no watermark has reached this tablet yet.
+    pub watermark: Option<CloudWatermarkView>,
+    /// This device's sales the cloud does not hold yet (by the watermark; all of them without one).
+    pub sales_not_uploaded: u64,
+    /// Journal entries of all devices held here that the watermark does not cover.
+    pub entries_not_uploaded: u64,
+    /// `None`: this tablet has no `cloud.url`.
+    pub uplink: Option<UplinkView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudWatermarkView {
+    /// The cloud device that recorded it.
+    pub cloud_device: String,
+    /// When the cloud recorded it (the cloud's clock).
+    pub recorded_at_ms: u64,
+    /// Entries in the cloud's reconciled log of this market.
+    pub offset: u64,
+    /// The newest of this device's changes the cloud holds, by this device's clock: "the cloud
+    /// holds everything up to 14:32".
+    pub this_device_through_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UplinkView {
+    pub url: String,
+    /// `"connected"` (last request succeeded), `"retrying"` or `"starting"`.
+    pub state: String,
+    pub last_success_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    /// Entries this tablet holds that the cloud lacks, by the cloud's last reply.
+    pub lacking: u64,
+    pub changes_uploaded: u64,
+    pub duplicates_reported: u64,
+    pub refused_by_cloud: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -490,6 +533,7 @@ pub enum EventView {
     Transfer { sku: String, qty: u64, to_device: String },
     Photo { sku: String },
     Revocation { device: String },
+    CloudWatermark { offset: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -531,6 +575,8 @@ pub struct Equivocations {
 pub struct Revoked {
     pub revoked: String,
 }
+
+pub mod cloud;
 
 #[cfg(test)]
 mod tests {

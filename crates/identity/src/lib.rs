@@ -20,6 +20,7 @@ const CERT_DOMAIN: &[u8] = b"stallmesh/enrolment/v1\0";
 const REVOCATION_DOMAIN: &[u8] = b"stallmesh/revocation/v1\0";
 const CHANGE_DOMAIN: &[u8] = b"stallmesh/change/v1\0";
 const MESH_PSK_DOMAIN: &[u8] = b"stallmesh/mesh-psk/v1\0";
+const CLOUD_REQUEST_DOMAIN: &[u8] = b"stallmesh/cloud-request/v1\0";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum IdentityError {
@@ -252,6 +253,39 @@ impl DeviceKey {
     }
 }
 
+/// What a device signs to authenticate one request to the cloud: the market, the request's path,
+/// the device's clock and the SHA-256 of the body. A replay within the cloud's clock window can only
+/// repeat an upload of signed changes, which the cloud de-duplicates anyway.
+fn cloud_request_bytes(market: MarketId, path: &str, time_ms: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CLOUD_REQUEST_DOMAIN.len() + 16 + 8 + path.len() + 8 + 32);
+    m.extend_from_slice(CLOUD_REQUEST_DOMAIN);
+    m.extend_from_slice(&market.0);
+    m.extend_from_slice(&(path.len() as u64).to_le_bytes());
+    m.extend_from_slice(path.as_bytes());
+    m.extend_from_slice(&time_ms.to_le_bytes());
+    m.extend_from_slice(&Sha256::digest(body));
+    m
+}
+
+impl DeviceKey {
+    /// Signs a request to the cloud (see [`verify_cloud_request`]).
+    pub fn sign_cloud_request(&self, market: MarketId, path: &str, time_ms: u64, body: &[u8]) -> SignatureBytes {
+        SignatureBytes(self.0.sign(&cloud_request_bytes(market, path, time_ms, body)).to_bytes())
+    }
+}
+
+/// Checks that `device` signed this request to the cloud.
+pub fn verify_cloud_request(
+    device: &DeviceId,
+    market: MarketId,
+    path: &str,
+    time_ms: u64,
+    body: &[u8],
+    signature: &SignatureBytes,
+) -> Result<(), IdentityError> {
+    verify(&device.verifying_key()?, &cloud_request_bytes(market, path, time_ms, body), signature)
+}
+
 impl fmt::Debug for DeviceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DeviceKey(device={})", self.device_id())
@@ -265,6 +299,8 @@ pub enum Role {
     Seller,
     /// May also edit the catalogue of any stall.
     Organiser,
+    /// The market's cloud ingest: records only what the cloud holds (its watermark), never sells.
+    Cloud,
 }
 
 /// The market's statement that a device belongs to it.
@@ -289,6 +325,7 @@ impl Certificate {
         m.push(match self.role {
             Role::Seller => 1,
             Role::Organiser => 2,
+            Role::Cloud => 3,
         });
         m.extend_from_slice(&self.expires_at_ms.to_le_bytes());
         m
@@ -425,6 +462,22 @@ mod tests {
         assert!(postcard::from_bytes::<DeviceId>(&wire[..20]).is_err(), "truncated");
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<DeviceId>(&json).unwrap(), id, "hex when human-readable");
+    }
+
+    #[test]
+    fn a_cloud_request_signature_covers_market_path_time_and_body() {
+        let market = MarketKey::generate().unwrap().market_id();
+        let device = DeviceKey::generate().unwrap();
+        let id = device.device_id();
+        let sig = device.sign_cloud_request(market, "/v1/markets/m/sync", 5, b"body");
+        assert_eq!(verify_cloud_request(&id, market, "/v1/markets/m/sync", 5, b"body", &sig), Ok(()));
+        let bad = Err(IdentityError::BadSignature);
+        assert_eq!(verify_cloud_request(&id, MarketId([9; 16]), "/v1/markets/m/sync", 5, b"body", &sig), bad);
+        assert_eq!(verify_cloud_request(&id, market, "/v1/markets/m/events", 5, b"body", &sig), bad);
+        assert_eq!(verify_cloud_request(&id, market, "/v1/markets/m/sync", 6, b"body", &sig), bad);
+        assert_eq!(verify_cloud_request(&id, market, "/v1/markets/m/sync", 5, b"bodY", &sig), bad);
+        let other = DeviceKey::generate().unwrap().device_id();
+        assert_eq!(verify_cloud_request(&other, market, "/v1/markets/m/sync", 5, b"body", &sig), bad);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum EventBody {
     PhotoAttached { sku: String, jpeg: Vec<u8>, lamport: u64 },
     /// The market's revocation of a device, recorded by whichever device learnt of it.
     Revoked { revocation: Revocation },
+    /// The cloud's watermark, recorded only by a device of role `cloud`: its reconciled log holds
+    /// `offset` entries, and of each device's journal the first `heads` entries.
+    CloudHolds { offset: u64, heads: Vec<(DeviceId, u64)> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +149,12 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
         EventBody::Revoked { revocation } => {
             tx.put(&map, "kind", "revoked")?;
             tx.put(&map, "revocation", postcard::to_allocvec(revocation).expect("serializable"))?;
+        }
+        EventBody::CloudHolds { offset, heads } => {
+            tx.put(&map, "kind", "cloud_holds")?;
+            tx.put(&map, "offset", *offset)?;
+            // One scalar rather than a list of maps: a watermark of a big market stays one small op.
+            tx.put(&map, "heads", postcard::to_allocvec(heads).expect("serializable"))?;
         }
     }
     Ok(())
@@ -277,6 +286,10 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
             lamport: get_u64(doc, &map, "lamport")?,
         },
         "revoked" => EventBody::Revoked { revocation: decode_postcard(&get_bytes(doc, &map, "revocation")?, "revocation")? },
+        "cloud_holds" => EventBody::CloudHolds {
+            offset: get_u64(doc, &map, "offset")?,
+            heads: decode_postcard(&get_bytes(doc, &map, "heads")?, "heads")?,
+        },
         other => return Err(DecodeError { field: "kind", problem: format!("unknown kind {other:?}") }),
     };
     Ok(Event { time_ms, body })

@@ -40,7 +40,7 @@ pub mod validate;
 pub use event::{DecodeError, Event, EventBody, Product, RecommendationShown, SaleLine};
 pub use heads::Heads;
 pub use journal::decode_change_event;
-pub use state::{sale_id, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
+pub use state::{sale_id, CloudWatermark, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
 
 use journal::Journal;
 use stallmesh_identity::{Certificate, ChangeDigest, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
@@ -75,6 +75,9 @@ pub const MAX_CLIENT_REF_LEN: usize = 64;
 /// Largest product photo in the journal: it must fit in one change ([`MAX_CHANGE_BYTES`]) with room
 /// for the signature and ids. Nodes shrink photos to a 256-pixel JPEG (10–30 KB) before recording.
 pub const MAX_PHOTO_BYTES: usize = 48 * 1024;
+/// Devices one cloud watermark lists: far above any market (tens of tablets), and what fits one
+/// change (asserted in `validate.rs`).
+pub const MAX_WATERMARK_DEVICES: usize = 1_024;
 /// Most recommended SKUs recorded on one sale.
 pub const MAX_RECOMMENDED: usize = 20;
 /// Different changes kept as evidence for one journal position: two is proof; a few more show how
@@ -128,6 +131,8 @@ pub enum LocalOp {
         jpeg: Vec<u8>,
     },
     Revoke(Revocation),
+    /// The cloud's watermark (only a device of role `cloud` records it): see [`EventBody::CloudHolds`].
+    RecordCloudHolds { offset: u64, heads: Vec<(DeviceId, u64)> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -166,6 +171,8 @@ pub enum LedgerError {
     Certificate(stallmesh_identity::IdentityError),
     #[error("revocation: {0}")]
     BadRevocation(stallmesh_identity::IdentityError),
+    #[error("a device of role {role} cannot record {what}")]
+    RoleForbids { role: &'static str, what: &'static str },
     #[error("this device is an organiser-less seller of stall {own:?} and cannot change products of stall {other:?}")]
     OtherStall { own: String, other: String },
 }

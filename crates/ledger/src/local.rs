@@ -47,7 +47,26 @@ impl Ledger {
         let next_lamport = || {
             self.lamport.checked_add(1).ok_or(LedgerError::Invalid { field: "lamport", problem: "the catalogue clock is exhausted".into() })
         };
+        let is_cloud = self.certificate.role == stallmesh_identity::Role::Cloud;
+        let what = match &op {
+            LocalOp::RecordCloudHolds { .. } => "watermarks",
+            LocalOp::Revoke(_) => "revocations",
+            LocalOp::UpsertProduct(_) | LocalOp::AttachPhoto { .. } => "catalogue changes",
+            LocalOp::Restock { .. } | LocalOp::Transfer { .. } => "stock changes",
+            LocalOp::Sell { .. } => "sales",
+        };
+        match &op {
+            LocalOp::RecordCloudHolds { .. } if !is_cloud => return Err(LedgerError::RoleForbids { role: "seller or organiser", what }),
+            LocalOp::RecordCloudHolds { .. } | LocalOp::Revoke(_) => {}
+            _ if is_cloud => return Err(LedgerError::RoleForbids { role: "cloud", what }),
+            _ => {}
+        }
         Ok(match op {
+            LocalOp::RecordCloudHolds { offset, heads } => {
+                let body = EventBody::CloudHolds { offset, heads };
+                limits(&body)?;
+                body
+            }
             LocalOp::UpsertProduct(p) => {
                 let stall = p.stall.clone();
                 let body = EventBody::ProductUpserted { product: p, lamport: next_lamport()? };

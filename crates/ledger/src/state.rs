@@ -51,6 +51,19 @@ pub struct PhotoRecord {
     pub author: DeviceId,
 }
 
+/// What one cloud device last said its reconciled log holds (its latest [`EventBody::CloudHolds`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CloudWatermark {
+    /// The cloud's journal position of this watermark: a later one supersedes it.
+    pub seq: u64,
+    /// When the cloud recorded it (the cloud's clock).
+    pub time_ms: u64,
+    /// Entries in the cloud's reconciled log of this market.
+    pub offset: u64,
+    /// device → entries of its journal the cloud holds.
+    pub heads: BTreeMap<DeviceId, u64>,
+}
+
 /// Why an event cannot be folded into the state. For a remote change this is a protocol violation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum FoldError {
@@ -74,6 +87,9 @@ pub struct State {
     pub catalogue_changes: u64,
     pub restocks: u64,
     pub transfers: u64,
+    /// Cloud device → its latest watermark. Per device, the highest journal position wins, so the
+    /// result does not depend on arrival order.
+    pub cloud_watermarks: BTreeMap<DeviceId, CloudWatermark>,
     /// device → client_ref → id of the device's earliest sale carrying it. Derived from `sales` in
     /// [`State::fold`], so a till's retry is found without scanning the day's sales.
     client_refs: HashMap<DeviceId, HashMap<String, String>>,
@@ -120,8 +136,23 @@ impl State {
             _ => {}
         }
         crate::validate::check_event_body(&event.body).map_err(|e| FoldError::Invalid(e.to_string()))?;
+        // What a role may record, checked here so every replica (and the cloud) applies one rule.
+        let role = match &event.body {
+            EventBody::Enrolled { certificate } => certificate.role,
+            _ => self.devices.get(&dot.device).map(|d| d.certificate.role).ok_or_else(|| FoldError::Invalid("author is not enrolled".into()))?,
+        };
+        let is_cloud = role == stallmesh_identity::Role::Cloud;
+        match &event.body {
+            EventBody::CloudHolds { .. } if !is_cloud => {
+                return Err(FoldError::Invalid("only a device of role cloud records what the cloud holds".into()))
+            }
+            EventBody::Enrolled { .. } | EventBody::CloudHolds { .. } | EventBody::Revoked { .. } => {}
+            _ if is_cloud => return Err(FoldError::Invalid("a device of role cloud records only enrolments, revocations and watermarks".into())),
+            _ => {}
+        }
         match &event.body {
             EventBody::Enrolled { .. }
+            | EventBody::CloudHolds { .. }
             | EventBody::ProductUpserted { .. }
             | EventBody::PhotoAttached { .. }
             | EventBody::Revoked { .. } => Ok(()),
@@ -209,6 +240,14 @@ impl State {
                 let newer = self.photos.get(sku).is_none_or(|cur| (*lamport, dot.device) > (cur.lamport, cur.author));
                 if newer {
                     self.photos.insert(sku.clone(), PhotoRecord { jpeg: jpeg.clone(), lamport: *lamport, author: dot.device });
+                }
+            }
+            EventBody::CloudHolds { offset, heads } => {
+                let newer = self.cloud_watermarks.get(&dot.device).is_none_or(|w| dot.seq > w.seq);
+                if newer {
+                    let mark =
+                        CloudWatermark { seq: dot.seq, time_ms: event.time_ms, offset: *offset, heads: heads.iter().copied().collect() };
+                    self.cloud_watermarks.insert(dot.device, mark);
                 }
             }
             EventBody::Revoked { revocation } => {

@@ -9,7 +9,7 @@ use crate::event::{EventBody, Product, RecommendationShown, SaleLine};
 use crate::{
     MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
     MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED, MAX_PHOTO_BYTES, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
-    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, SEGMENT_CHANGES,
+    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, MAX_WATERMARK_DEVICES, SEGMENT_CHANGES,
 };
 
 /// Room in a photo change for all but the JPEG: actor, deps, keys, SKU, clocks (184 bytes measured
@@ -38,6 +38,9 @@ const _: () = assert!(
 );
 // A stranger's changes cannot fill the pending buffer on their own.
 const _: () = assert!(MAX_PENDING_PER_UNENROLLED < MAX_PENDING_CHANGES);
+/// A watermark of the largest market fits one change: each device costs its 32-byte id and a
+/// varint count (at most 10 bytes), plus automerge's framing.
+const _: () = assert!(MAX_WATERMARK_DEVICES * (32 + 10) + 1024 <= MAX_CHANGE_BYTES);
 // Two conflicting changes at one position are the proof of a fork; the total bound holds one position's.
 const _: () = assert!(MAX_EVIDENCE_PER_POSITION >= 2 && MAX_EVIDENCE_PER_POSITION <= MAX_EVIDENCE_CHANGES);
 // This device's own journal document is always kept open, so the bound must leave room for it.
@@ -76,6 +79,15 @@ pub fn check_event_body(body: &EventBody) -> Checked {
     match body {
         // Verified against the market key by whoever records or applies them.
         EventBody::Enrolled { .. } | EventBody::Revoked { .. } => Ok(()),
+        EventBody::CloudHolds { heads, .. } => {
+            if heads.len() > MAX_WATERMARK_DEVICES {
+                return Err(invalid("heads", format!("a watermark lists at most {MAX_WATERMARK_DEVICES} devices")));
+            }
+            if heads.windows(2).any(|w| w[0].0 >= w[1].0) {
+                return Err(invalid("heads", "devices must be listed once each, in order"));
+            }
+            Ok(())
+        }
         EventBody::ProductUpserted { product, lamport } => {
             check_lamport(*lamport)?;
             check_product(product)

@@ -122,6 +122,61 @@ pub trait ChangeLog {
     fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, String>;
 }
 
+/// Changes read per device per round of [`missing`]: small enough that one busy device cannot
+/// take a whole batch while another device's changes (which it may depend on) wait.
+pub const MISSING_ROUND_CHANGES: usize = 64;
+
+/// What a holder of `mine` has that a peer holding `theirs` lacks, at most `max_changes` changes
+/// and `max_bytes` of them, and whether more remain. Devices take turns, [`MISSING_ROUND_CHANGES`]
+/// at a time, so a bounded batch advances every lacking device: a change waiting for another
+/// device's transfer (its `causal`) finds it in the same batch or the next. Used where the peer
+/// keeps no session between batches (the cloud, and the uplink serving it).
+pub fn missing(
+    mine: &Heads,
+    theirs: &BTreeMap<DeviceId, u64>,
+    log: &impl ChangeLog,
+    max_changes: usize,
+    max_bytes: usize,
+) -> Result<(Vec<SignedChange>, bool), String> {
+    let mut cursors: Vec<(DeviceId, u64, u64)> = mine
+        .iter()
+        .filter_map(|(d, &n)| {
+            let held = theirs.get(d).copied().unwrap_or(0);
+            (held < n).then_some((*d, held, n))
+        })
+        .collect();
+    let mut changes = Vec::new();
+    let mut bytes = 0usize;
+    while !cursors.is_empty() {
+        let mut next_round = Vec::with_capacity(cursors.len());
+        for (device, from, until) in cursors {
+            let room = max_changes - changes.len();
+            if room == 0 {
+                return Ok((changes, true));
+            }
+            let want = room.min(MISSING_ROUND_CHANGES).min((until - from) as usize);
+            let batch = log.changes_since(&device, from, want)?;
+            let mut at = from;
+            for c in batch {
+                let size = c.encoded_len() + 8;
+                if bytes + size > max_bytes {
+                    return Ok((changes, true));
+                }
+                bytes += size;
+                at = c.seq + 1;
+                changes.push(c);
+            }
+            // A log holding less than its heads say (a read racing a write) is looked at again next time.
+            if at < until && at > from {
+                next_round.push((device, at, until));
+            }
+        }
+        cursors = next_round;
+    }
+    debug_assert!(changes.len() <= max_changes && bytes <= max_bytes);
+    Ok((changes, false))
+}
+
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output<P> {

@@ -93,6 +93,7 @@ fn event_view(change: &SignedChange, body: &EventBody) -> EventView {
         EventBody::Transferred { sku, qty, to } => EventView::Transfer { sku: sku.clone(), qty: *qty, to_device: to.to_hex() },
         EventBody::PhotoAttached { sku, .. } => EventView::Photo { sku: sku.clone() },
         EventBody::Revoked { revocation } => EventView::Revocation { device: revocation.device.to_hex() },
+        EventBody::CloudHolds { offset, .. } => EventView::CloudWatermark { offset: *offset },
     }
 }
 

@@ -58,6 +58,7 @@ pub(super) async fn status(State(node): State<Node>) -> Json<Status> {
         role: match info.role {
             Role::Seller => "seller",
             Role::Organiser => "organiser",
+            Role::Cloud => "cloud",
         }
         .into(),
         demo: info.demo,

@@ -1,0 +1,64 @@
+//! A log record as consumers read it: the ledger's event mapped to the API's [`LogEvent`], so no
+//! automerge or postcard internals reach a consumer. The PostgreSQL tables are built from the same
+//! mapping (`store/postgres.rs`).
+
+use stallmesh_api::cloud::{LogBody, LogEvent, RecommendationRecord};
+use stallmesh_api::SaleLineView;
+use stallmesh_identity::{MarketId, Role};
+use stallmesh_ingest::LogRecord;
+use stallmesh_ledger::{sale_id, EventBody};
+
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Seller => "seller",
+        Role::Organiser => "organiser",
+        Role::Cloud => "cloud",
+    }
+}
+
+pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
+    let change = &record.entry.change;
+    let event = &record.entry.event;
+    let body = match &event.body {
+        EventBody::Enrolled { certificate } => LogBody::Enrolment {
+            stall: certificate.stall.clone(),
+            role: role_name(certificate.role).into(),
+            expires_at_ms: certificate.expires_at_ms,
+        },
+        EventBody::ProductUpserted { product, lamport } => LogBody::Product {
+            sku: product.sku.clone(),
+            name: product.name.clone(),
+            price_cents: product.price_cents,
+            currency: product.currency.clone(),
+            stall: product.stall.clone(),
+            tags: product.tags.clone(),
+            lamport: *lamport,
+        },
+        EventBody::Restocked { sku, qty } => LogBody::Restock { sku: sku.clone(), qty: *qty },
+        EventBody::Transferred { sku, qty, to } => LogBody::Transfer { sku: sku.clone(), qty: *qty, to_device: to.to_hex() },
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => LogBody::Sale {
+            sale_id: sale_id(change.dot()),
+            lines: lines.iter().map(|l| SaleLineView { sku: l.sku.clone(), qty: l.qty, price_cents: l.price_cents }).collect(),
+            total_cents: *total_cents,
+            currency: currency.clone(),
+            client_ref: client_ref.clone(),
+            recommendation: recommendation.as_ref().map(|r| RecommendationRecord { arm: r.arm.clone(), skus: r.skus.clone() }),
+        },
+        EventBody::PhotoAttached { sku, jpeg, lamport } => LogBody::Photo { sku: sku.clone(), jpeg_bytes: jpeg.len() as u64, lamport: *lamport },
+        EventBody::Revoked { revocation } => {
+            LogBody::Revocation { device: revocation.device.to_hex(), revoked_at_ms: revocation.revoked_at_ms }
+        }
+        EventBody::CloudHolds { offset, heads } => {
+            LogBody::CloudWatermark { offset: *offset, heads: heads.iter().map(|(d, n)| (d.to_hex(), *n)).collect() }
+        }
+    };
+    LogEvent {
+        market: market.to_hex(),
+        offset: record.offset,
+        device: change.device.to_hex(),
+        seq: change.seq,
+        time_ms: event.time_ms,
+        digest: change.digest().to_hex(),
+        body,
+    }
+}

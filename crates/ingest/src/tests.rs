@@ -1,0 +1,270 @@
+//! Specifications of the ingest core and the uplink core, driven in memory.
+
+use super::*;
+use crate::uplink::{Uplink, BACKOFF_MAX_MS};
+use crate::wire::CloudReply;
+use stallmesh_identity::Role;
+use stallmesh_ledger::testkit::{product, sell, TestMarket};
+use stallmesh_sync::{MemoryLog, Message};
+
+fn cloud_of(market: &TestMarket, n: u16) -> (DeviceKey, Certificate) {
+    let key = market.device_key(n);
+    let cert = market.key.enrol(key.device_id(), "cloud", Role::Cloud, u64::MAX);
+    (key, cert)
+}
+
+/// A tablet with a product and stock, and `sales` sales.
+fn tablet(market: &TestMarket, n: u16, sales: usize) -> (Ledger, Vec<SignedChange>) {
+    let (mut l, enrol) = market.device(n, "Test Stall");
+    let mut out = vec![enrol.change];
+    let sku = format!("SKU-{n}");
+    out.push(l.record(LocalOp::UpsertProduct(product(&sku, 250)), 1).unwrap().change);
+    out.push(l.record(LocalOp::Restock { sku: sku.clone(), qty: 10_000 }, 2).unwrap().change);
+    for i in 0..sales {
+        out.push(l.record(sell(&sku, 1), 10 + i as u64).unwrap().change);
+    }
+    (l, out)
+}
+
+fn offsets(b: &Batch) -> Vec<u64> {
+    b.records.iter().map(|r| r.offset).collect()
+}
+
+#[test]
+fn accepted_changes_get_gapless_offsets_and_each_change_is_logged_once() {
+    let m = TestMarket::new(1);
+    let (key, cert) = cloud_of(&m, 100);
+    let (mut cloud, first) = MarketIngest::create(m.ctx.clone(), key, cert, 0).unwrap();
+    assert_eq!(offsets(&first), vec![1], "the log starts with the cloud device's own enrolment");
+    let (_, a) = tablet(&m, 1, 5);
+    let (_, b) = tablet(&m, 2, 3);
+    let one = cloud.ingest(a[..4].to_vec(), 10);
+    // A second tablet uploads an overlapping set of the same changes, plus its own.
+    let two = cloud.ingest(a.iter().chain(&b).cloned().collect(), 20);
+    let logged: Vec<u64> = one.records.iter().chain(&two.records).map(|r| r.offset).collect();
+    assert_eq!(logged, (2..2 + logged.len() as u64).collect::<Vec<_>>(), "offsets continue without gaps");
+    assert_eq!(two.duplicates, 4, "what was logged already is counted, not logged again");
+    let dots: std::collections::BTreeSet<Dot> =
+        one.records.iter().chain(&two.records).filter(|r| r.entry.change.device != cloud.cloud_device()).map(|r| r.entry.change.dot()).collect();
+    assert_eq!(dots.len(), a.len() + b.len(), "every change of both tablets, once");
+    assert_eq!(cloud.offset(), 1 + logged.len() as u64);
+}
+
+#[test]
+fn the_cloud_refuses_exactly_what_a_tablet_refuses_and_names_the_reason() {
+    let m = TestMarket::new(2);
+    let (key, cert) = cloud_of(&m, 100);
+    let (mut cloud, _) = MarketIngest::create(m.ctx.clone(), key, cert, 0).unwrap();
+    let (_, a) = tablet(&m, 1, 2);
+    let mut forged = a[3].clone();
+    forged.change = bytes_of(&forged.change, 7);
+    let other_market = TestMarket::new(9);
+    let (_, stranger) = tablet(&other_market, 1, 0);
+    let batch = cloud.ingest(vec![a[0].clone(), a[1].clone(), a[2].clone(), forged.clone(), stranger[0].clone()], 5);
+    let reasons: Vec<&str> = batch.rejected.iter().map(|r| r.reason.as_str()).collect();
+    assert_eq!(reasons, vec!["bad_signature", "wrong_market"]);
+    assert_eq!(batch.records.iter().filter(|r| r.entry.change.device == a[0].device).count(), 3, "the good ones are logged");
+    assert_eq!(cloud.stats().rejected.get("bad_signature"), Some(&1));
+    // A tablet's ledger given the same changes refuses the same ones.
+    let (mut peer, _) = m.device(50, "Peer");
+    let report = peer.apply_remote(vec![a[0].clone(), a[1].clone(), a[2].clone(), forged, stranger[0].clone()]);
+    let labels: Vec<&str> = report.rejected.iter().map(|(_, r)| r.label()).collect();
+    assert_eq!(labels, reasons);
+}
+
+fn bytes_of(b: &[u8], flip: usize) -> bytes::Bytes {
+    let mut v = b.to_vec();
+    let i = flip % v.len();
+    v[i] ^= 0x40;
+    v.into()
+}
+
+#[test]
+fn a_watermark_is_recorded_at_most_once_per_interval_and_only_for_new_changes() {
+    let m = TestMarket::new(3);
+    let (key, cert) = cloud_of(&m, 100);
+    let (cloud, created) = MarketIngest::create(m.ctx.clone(), key, cert, 0).unwrap();
+    let mut cloud = cloud.with_watermark_interval_ms(1_000);
+    let (_, a) = tablet(&m, 1, 4);
+    let marks = |b: &Batch| b.records.iter().filter(|r| matches!(r.entry.event.body, EventBody::CloudHolds { .. })).count();
+    let first = cloud.ingest(a[..3].to_vec(), 100);
+    assert_eq!(marks(&first), 1, "the first batch is covered at once");
+    let EventBody::CloudHolds { offset, heads } = &first.records.last().unwrap().entry.event.body else { panic!("watermark last") };
+    assert_eq!(*offset, 4, "it covers the log before it: enrolment + 3 changes");
+    assert_eq!(heads, &vec![(a[0].device, 3)]);
+    let second = cloud.ingest(a[3..5].to_vec(), 500);
+    assert_eq!(marks(&second), 0, "within the interval");
+    assert_eq!(cloud.poll_timeout(), Some(1_100), "the core says when the next one is due");
+    assert!(cloud.tick(900).is_none());
+    let due = cloud.tick(1_100).expect("due");
+    assert_eq!(marks(&due), 1);
+    assert_eq!(cloud.poll_timeout(), None, "nothing new to cover");
+    assert!(cloud.tick(10_000).is_none());
+    // Replicated to a tablet, the watermark is part of its state.
+    let (mut peer, _) = m.device(50, "Peer");
+    let all: Vec<SignedChange> =
+        [&created, &first, &second, &due].iter().flat_map(|b| b.records.iter()).map(|r| r.entry.change.clone()).collect();
+    let report = peer.apply_remote(all);
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let mark = peer.state().cloud_watermarks.get(&cloud.cloud_device()).expect("watermark held");
+    assert_eq!(mark.heads.get(&a[0].device), Some(&5));
+}
+
+#[test]
+fn only_a_cloud_device_records_watermarks_and_a_cloud_device_records_nothing_else() {
+    let m = TestMarket::new(4);
+    let (mut seller, _) = m.device(1, "Test Stall");
+    assert!(matches!(
+        seller.record(LocalOp::RecordCloudHolds { offset: 1, heads: vec![] }, 5),
+        Err(LedgerError::RoleForbids { .. })
+    ));
+    let (key, cert) = cloud_of(&m, 100);
+    let mut own = Ledger::new(m.ctx.clone(), key, cert);
+    own.enrol_self(0).unwrap();
+    assert!(matches!(own.record(LocalOp::UpsertProduct(product("X", 1)), 5), Err(LedgerError::RoleForbids { .. })));
+    assert!(matches!(own.record(LocalOp::Restock { sku: "X".into(), qty: 1 }, 5), Err(LedgerError::RoleForbids { .. })));
+}
+
+#[test]
+fn a_second_process_catches_up_from_the_shared_log_before_appending() {
+    let m = TestMarket::new(5);
+    let (key, cert) = cloud_of(&m, 100);
+    let (mut a, created) = MarketIngest::create(m.ctx.clone(), key, cert.clone(), 0).unwrap();
+    let mut log: Vec<LogRecord> = created.records.clone();
+    let mut b = MarketIngest::restore(m.ctx.clone(), m.device_key(100), cert, log.clone()).unwrap();
+    let (_, t1) = tablet(&m, 1, 3);
+    let (_, t2) = tablet(&m, 2, 3);
+    let from_a = a.ingest(t1.clone(), 10);
+    log.extend(from_a.records.clone());
+    // B holds the row lock next: it first takes in what A appended, then appends after it.
+    b.catch_up(log[b.next_offset() as usize - 1..].to_vec()).unwrap();
+    let from_b = b.ingest(t1.iter().chain(&t2).cloned().collect(), 20);
+    assert_eq!(from_b.records.first().map(|r| r.offset), Some(a.next_offset()), "B continues A's offsets");
+    assert_eq!(from_b.duplicates, t1.len() as u64, "what A logged is a duplicate for B too");
+    log.extend(from_b.records.clone());
+    a.catch_up(log[a.next_offset() as usize - 1..].to_vec()).unwrap();
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.offset(), b.offset());
+    // Both cloud processes sign with one device key; catching up first means neither forks it.
+    let w = a.tick(10_000).expect("a watermark is due");
+    assert!(w.records.iter().all(|r| r.offset > b.offset()));
+    log.extend(w.records);
+    b.catch_up(log[b.next_offset() as usize - 1..].to_vec()).unwrap();
+    assert!(b.ledger().evidence().is_empty(), "no equivocation of the cloud device");
+}
+
+#[test]
+fn a_restored_log_must_be_gapless() {
+    let m = TestMarket::new(6);
+    let (key, cert) = cloud_of(&m, 100);
+    let (mut a, created) = MarketIngest::create(m.ctx.clone(), key, cert.clone(), 0).unwrap();
+    let key = m.device_key(100);
+    let (_, t1) = tablet(&m, 1, 1);
+    let mut log = created.records;
+    log.extend(a.ingest(t1, 5).records);
+    log.remove(2);
+    assert!(matches!(MarketIngest::restore(m.ctx.clone(), key, cert, log), Err(IngestError::OffsetGap { expected: 3, found: 4 })));
+}
+
+fn reply_from(cloud: &mut MarketIngest, body: &[u8], now_ms: u64, cloud_log: &mut MemoryLog) -> CloudReply {
+    let mut reply = CloudReply::default();
+    match Message::decode(body).unwrap() {
+        Message::Heads { heads, .. } => {
+            let theirs = heads.into_iter().collect();
+            let (changes, more) = cloud.missing_for(&theirs, cloud_log).unwrap();
+            reply.changes = changes;
+            reply.more = more;
+        }
+        Message::Changes { changes, .. } => {
+            let b = cloud.ingest(changes, now_ms);
+            reply.accepted = b.records.len() as u64;
+            reply.duplicates = b.duplicates;
+            for r in b.records {
+                cloud_log.add(r.entry.change);
+            }
+        }
+        other => panic!("not an uplink message: {other:?}"),
+    }
+    reply.heads = cloud.heads().iter().map(|(d, n)| (*d, *n)).collect();
+    reply.offset = cloud.offset();
+    reply
+}
+
+#[test]
+fn one_tablet_uploads_every_devices_journal_in_bounded_batches_and_gets_the_watermark_back() {
+    let m = TestMarket::new(7);
+    let (key, cert) = cloud_of(&m, 100);
+    let (mut cloud, created) = MarketIngest::create(m.ctx.clone(), key, cert, 0).unwrap();
+    let mut cloud_log = MemoryLog::default();
+    for r in created.records {
+        cloud_log.add(r.entry.change);
+    }
+    // The uploading tablet holds its own journal and another tablet's (replicated over the mesh).
+    let (mut me, mine) = tablet(&m, 1, 2_500);
+    let (_, theirs) = tablet(&m, 2, 1_000);
+    assert!(me.apply_remote(theirs.clone()).rejected.is_empty());
+    let mut log = MemoryLog::default();
+    for c in mine.iter().chain(&theirs) {
+        log.add(c.clone());
+    }
+    let mut up = Uplink::new(1);
+    let mut now = 0;
+    let mut uploads = Vec::new();
+    for _ in 0..20 {
+        let Some(out) = up.poll(now, me.heads_ref(), &log) else { break };
+        uploads.push(out.changes);
+        let reply = reply_from(&mut cloud, &out.body, now, &mut cloud_log);
+        let back = up.on_reply(reply, out.changes, now);
+        assert!(me.apply_remote(back).rejected.is_empty());
+        now += 1;
+    }
+    assert_eq!(uploads[0], 0, "the cloud's heads come first");
+    assert!(uploads.iter().all(|n| *n <= uplink::UPLOAD_MAX_CHANGES), "bounded batches");
+    assert_eq!(uploads.iter().sum::<usize>(), mine.len() + theirs.len(), "both journals, each change once");
+    assert_eq!(up.lacking(me.heads_ref()), 0);
+    assert_eq!(up.poll(now, me.heads_ref(), &log), None, "nothing to send until the refresh interval");
+    // The cloud records its watermark when due; the next heads refresh brings it to the tablet.
+    now += uplink::HEADS_REFRESH_MS;
+    for r in cloud.tick(now).expect("a watermark is due").records {
+        cloud_log.add(r.entry.change);
+    }
+    let out = up.poll(now, me.heads_ref(), &log).expect("the refresh is due");
+    let reply = reply_from(&mut cloud, &out.body, now, &mut cloud_log);
+    assert!(me.apply_remote(up.on_reply(reply, 0, now)).rejected.is_empty());
+    let mark = me.state().cloud_watermarks.get(&cloud.cloud_device()).expect("the watermark came back with a heads reply");
+    assert_eq!(mark.heads.get(&mine[0].device), Some(&(mine.len() as u64)), "it covers all this tablet uploaded");
+    assert_eq!(mark.heads.get(&theirs[0].device), Some(&(theirs.len() as u64)), "and the other tablet's journal");
+}
+
+#[test]
+fn failures_back_off_exponentially_with_jitter_up_to_the_ceiling_and_resume_from_the_cloud_heads() {
+    let m = TestMarket::new(8);
+    let (me, mine) = tablet(&m, 1, 3);
+    let mut log = MemoryLog::default();
+    for c in &mine {
+        log.add(c.clone());
+    }
+    let mut waits = Vec::new();
+    let mut up = Uplink::new(42);
+    let mut now = 0;
+    for _ in 0..12 {
+        let out = up.poll(now, me.heads_ref(), &log).expect("due after its wait");
+        assert_eq!(out.changes, 0, "after a failure the uplink asks the cloud's heads again");
+        up.on_failure(now, "connection refused".into());
+        let at = up.poll_timeout(me.heads_ref()).unwrap();
+        assert_eq!(up.poll(at - 1, me.heads_ref(), &log), None, "nothing before the backoff ends");
+        waits.push(at - now);
+        now = at;
+    }
+    assert!(waits[0] >= 250 && waits[0] <= 500, "{waits:?}");
+    assert!(waits[3] >= 2_000 && waits[3] <= 4_000, "{waits:?}");
+    assert!(waits.iter().all(|w| *w <= BACKOFF_MAX_MS), "{waits:?}");
+    assert!(waits[11] >= BACKOFF_MAX_MS / 2, "{waits:?}");
+    let mut other = Uplink::new(43);
+    other.poll(0, me.heads_ref(), &log);
+    other.on_failure(0, "x".into());
+    let mut again = Uplink::new(42);
+    again.poll(0, me.heads_ref(), &log);
+    again.on_failure(0, "x".into());
+    assert_eq!(again.poll_timeout(me.heads_ref()), Some(waits[0]), "deterministic for a seed");
+}

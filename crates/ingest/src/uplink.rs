@@ -1,0 +1,234 @@
+//! The uplink core: what a tablet sends its cloud next, and when.
+//!
+//! A tablet holds the whole market's ledger, so it uploads what the cloud lacks of **every**
+//! device's journal: one tablet with 4G is enough for the market. The cloud's heads say what it
+//! lacks; uploads are bounded batches ([`stallmesh_sync::missing`]); a failure backs off
+//! exponentially with jitter and, since the cloud may have moved meanwhile (other tablets upload
+//! too), the next attempt starts again from the cloud's heads.
+
+use crate::wire::CloudReply;
+use crate::RejectedChange;
+use stallmesh_identity::{DeviceId, SignedChange};
+use stallmesh_ledger::Heads;
+use stallmesh_sync::{ChangeLog, Message, MAX_CHANGES_PER_MESSAGE, MAX_CHANGE_BYTES_PER_MESSAGE};
+use std::collections::BTreeMap;
+
+/// First retry after a failure; doubles per failure up to [`BACKOFF_MAX_MS`].
+pub const BACKOFF_BASE_MS: u64 = 500;
+/// Longest wait between attempts: a tablet whose 4G came back uploads within half a minute.
+pub const BACKOFF_MAX_MS: u64 = 30_000;
+/// With nothing to upload, ask the cloud's heads this often: other tablets' uploads and the cloud's
+/// watermark come back this way, so a tablet whose own uploads are done still learns them.
+pub const HEADS_REFRESH_MS: u64 = 5_000;
+/// Changes in one upload: one sync message.
+pub const UPLOAD_MAX_CHANGES: usize = MAX_CHANGES_PER_MESSAGE;
+pub const UPLOAD_MAX_BYTES: usize = MAX_CHANGE_BYTES_PER_MESSAGE;
+
+/// A request for the driver to send (then call [`Uplink::on_reply`], [`Uplink::on_rejected`] or
+/// [`Uplink::on_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// A sync protocol message ([`Message::encode`]).
+    pub body: Vec<u8>,
+    /// Changes it uploads (0 for a heads request).
+    pub changes: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkStats {
+    pub requests: u64,
+    pub failures: u64,
+    pub changes_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub changes_downloaded: u64,
+    pub rejected: u64,
+    /// Duplicates the cloud reported: another tablet (or a lost reply's retry) uploaded them first.
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// What the cloud said it holds, from its last reply; `None`: ask before uploading.
+    cloud_heads: Option<BTreeMap<DeviceId, u64>>,
+    /// The cloud's log length at its last reply.
+    cloud_offset: Option<u64>,
+    in_flight: bool,
+    /// Consecutive failures, and no attempt before `retry_at_ms`.
+    failures: u32,
+    retry_at_ms: u64,
+    last_heads_ms: Option<u64>,
+    last_success_ms: Option<u64>,
+    last_error: Option<String>,
+    /// device → first position the cloud refused: nothing of that device from there on is sent
+    /// again (it would be refused again) until the tablet restarts. Counted and shown in status.
+    refused: BTreeMap<DeviceId, u64>,
+    rng: u64,
+    stats: UplinkStats,
+}
+
+impl Uplink {
+    /// `seed` varies the jitter between tablets (the node passes its device id's bytes; the
+    /// simulator its own stream), so tablets whose 4G returns together do not retry in step.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            cloud_heads: None,
+            cloud_offset: None,
+            in_flight: false,
+            failures: 0,
+            retry_at_ms: 0,
+            last_heads_ms: None,
+            last_success_ms: None,
+            last_error: None,
+            refused: BTreeMap::new(),
+            rng: seed | 1,
+            stats: UplinkStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &UplinkStats {
+        &self.stats
+    }
+    pub fn cloud_heads(&self) -> Option<&BTreeMap<DeviceId, u64>> {
+        self.cloud_heads.as_ref()
+    }
+    pub fn cloud_offset(&self) -> Option<u64> {
+        self.cloud_offset
+    }
+    pub fn last_success_ms(&self) -> Option<u64> {
+        self.last_success_ms
+    }
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+    pub fn refused(&self) -> &BTreeMap<DeviceId, u64> {
+        &self.refused
+    }
+
+    /// The cloud's heads with refused journals counted as held, so they are not offered again.
+    fn effective_cloud_heads(&self) -> Option<BTreeMap<DeviceId, u64>> {
+        let mut heads = self.cloud_heads.clone()?;
+        for d in self.refused.keys() {
+            heads.insert(*d, u64::MAX);
+        }
+        Some(heads)
+    }
+
+    /// Changes this tablet holds that the cloud lacks (by the cloud's last heads).
+    pub fn lacking(&self, mine: &Heads) -> u64 {
+        let Some(cloud) = self.effective_cloud_heads() else { return 0 };
+        mine.iter().map(|(d, n)| n.saturating_sub(cloud.get(d).copied().unwrap_or(0))).sum()
+    }
+
+    /// When [`Uplink::poll`] next has something to send, given this tablet's heads.
+    pub fn poll_timeout(&self, mine: &Heads) -> Option<u64> {
+        if self.in_flight {
+            return None;
+        }
+        if self.cloud_heads.is_none() || self.lacking(mine) > 0 {
+            return Some(self.retry_at_ms);
+        }
+        Some(self.retry_at_ms.max(self.last_heads_ms.unwrap_or(0).saturating_add(HEADS_REFRESH_MS)))
+    }
+
+    /// The next request, if one is due: the cloud's heads first (after a start, an outage or a
+    /// refresh interval), then uploads of what it lacks.
+    pub fn poll(&mut self, now_ms: u64, mine: &Heads, log: &impl ChangeLog) -> Option<Outgoing> {
+        if self.in_flight || now_ms < self.retry_at_ms {
+            return None;
+        }
+        let refresh_due = self.last_heads_ms.is_none_or(|t| now_ms >= t.saturating_add(HEADS_REFRESH_MS));
+        let cloud = match self.effective_cloud_heads() {
+            Some(c) => c,
+            None => return Some(self.heads_request(now_ms, mine)),
+        };
+        let (changes, _more) = match stallmesh_sync::missing(mine, &cloud, log, UPLOAD_MAX_CHANGES, UPLOAD_MAX_BYTES) {
+            Ok(found) => found,
+            Err(e) => {
+                // The tablet's own store failed to read: try again later, like a network failure.
+                self.on_failure(now_ms, format!("reading changes to upload: {e}"));
+                return None;
+            }
+        };
+        if changes.is_empty() {
+            return refresh_due.then(|| self.heads_request(now_ms, mine));
+        }
+        let n = changes.len();
+        let body = Message::Changes { changes, more: false }.encode();
+        self.in_flight = true;
+        self.stats.requests += 1;
+        self.stats.bytes_uploaded += body.len() as u64;
+        Some(Outgoing { body, changes: n })
+    }
+
+    fn heads_request(&mut self, now_ms: u64, mine: &Heads) -> Outgoing {
+        self.in_flight = true;
+        self.last_heads_ms = Some(now_ms);
+        self.stats.requests += 1;
+        let heads = mine.iter().map(|(d, n)| (*d, *n)).collect();
+        Outgoing { body: Message::Heads { heads, full: true, total: mine.total() }.encode(), changes: 0 }
+    }
+
+    /// The cloud answered `sent` (the request's change count). Returns the changes the cloud sent
+    /// for this tablet to apply through its ledger (verified there like any peer's).
+    pub fn on_reply(&mut self, reply: CloudReply, sent: usize, now_ms: u64) -> Vec<SignedChange> {
+        debug_assert!(self.in_flight, "a reply answers a request");
+        self.in_flight = false;
+        self.failures = 0;
+        self.retry_at_ms = now_ms;
+        self.last_success_ms = Some(now_ms);
+        self.last_error = None;
+        self.stats.changes_uploaded += sent as u64;
+        self.stats.duplicates += reply.duplicates;
+        self.stats.changes_downloaded += reply.changes.len() as u64;
+        // The cloud's word is what it holds now: heads from a reply replace the old view (another
+        // process or tablet may have moved them; a restored cloud may even hold less).
+        self.cloud_heads = Some(reply.heads.into_iter().collect());
+        self.cloud_offset = Some(reply.offset);
+        if reply.more {
+            self.last_heads_ms = None; // ask again at once for the rest
+        }
+        reply.changes
+    }
+
+    /// The cloud refused some of the uploaded changes (HTTP 422): they are not offered again.
+    pub fn on_rejected(&mut self, rejected: &[RejectedChange], now_ms: u64) {
+        self.in_flight = false;
+        self.failures = 0;
+        self.retry_at_ms = now_ms;
+        self.stats.rejected += rejected.len() as u64;
+        for r in rejected {
+            let seq = self.refused.entry(r.device).or_insert(r.seq);
+            *seq = (*seq).min(r.seq);
+        }
+        self.last_error = rejected.first().map(|r| format!("the cloud refused {}:{}: {}", r.device.short(), r.seq, r.message));
+        // What the cloud holds after a partial acceptance is not known: ask.
+        self.cloud_heads = None;
+    }
+
+    /// The request failed (no connection, timeout, a 5xx, a reply that does not decode): back off
+    /// with jitter, then start again from the cloud's heads.
+    pub fn on_failure(&mut self, now_ms: u64, error: String) {
+        self.in_flight = false;
+        self.failures = self.failures.saturating_add(1);
+        self.stats.failures += 1;
+        self.last_error = Some(error);
+        self.cloud_heads = None;
+        let ceiling = BACKOFF_BASE_MS.saturating_mul(1u64 << self.failures.saturating_sub(1).min(16)).min(BACKOFF_MAX_MS);
+        // "Equal jitter": at least half the ceiling, so a flapping link is not hammered.
+        let jitter = self.next_random() % (ceiling / 2 + 1);
+        self.retry_at_ms = now_ms.saturating_add(ceiling / 2 + jitter);
+        debug_assert!(self.retry_at_ms - now_ms <= BACKOFF_MAX_MS);
+    }
+
+    /// splitmix64: deterministic for a seed, so the simulator replays the same retries.
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
