@@ -22,6 +22,9 @@ pub enum Command {
     Device(DeviceCmd),
     /// Run a node: HTTP API, ledger and store. With no credentials, starts a demo market.
     Up(UpArgs),
+    /// The cloud ingest service, for head office: run it, register markets, follow a market's log.
+    #[command(subcommand)]
+    Cloud(CloudCmd),
     /// Record a sale on a running node: `stallmesh sell HNY-500:2 JAM-STR`.
     Sell {
         /// SKU[:QTY] for each line (QTY defaults to 1).
@@ -149,6 +152,65 @@ pub enum DeviceCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum CloudCmd {
+    /// Run the cloud ingest (embedded store by default; `--postgres-url` for PostgreSQL).
+    Up(CloudUpArgs),
+    /// Register markets with a running cloud.
+    #[command(subcommand)]
+    Market(CloudMarketCmd),
+    /// Print a market's reconciled log as NDJSON, one event per line, from offset AFTER on.
+    Tail {
+        /// Market id (32 hex characters).
+        #[arg(long)]
+        market: String,
+        /// Print events after this offset (0: from the start).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep waiting for new events.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
+        cloud: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CloudMarketCmd {
+    /// Register a market, given the directory `stallmesh device enroll --role cloud --out DIR` wrote.
+    Add {
+        /// The cloud device's directory (device.key, certificate.json, market.json).
+        dir: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
+        cloud: String,
+        /// The cloud's admin token; default: read from DATA_DIR/admin.token.
+        #[arg(long, env = "STALLMESH_CLOUD_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The cloud's data directory, where it wrote admin.token.
+        #[arg(long, default_value = "stallmesh-cloud")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CloudUpArgs {
+    /// TOML config file (the `[cloud_service]` table; defaults in config/stallmesh.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides `cloud_service.listen`, e.g. 127.0.0.1:7880.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Overrides `cloud_service.data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Overrides `cloud_service.postgres_url`: keep the reconciled log in PostgreSQL.
+    #[arg(long)]
+    pub postgres_url: Option<String>,
+    /// Overrides `cloud_service.nats_url`: publish the log to NATS JetStream.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// TOML config file (defaults are in config/stallmesh.toml, embedded).
@@ -163,6 +225,9 @@ pub struct UpArgs {
     /// Overrides `credentials_dir` (written by `stallmesh device enroll`).
     #[arg(long)]
     pub credentials: Option<PathBuf>,
+    /// Overrides `cloud.url`: upload the market's changes to this cloud, e.g. http://127.0.0.1:7880.
+    #[arg(long)]
+    pub cloud_url: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -483,7 +548,7 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let r = Client::new(&node.url).post("/api/v1/revocations", &json!(rev))?;
             println!("revoked {}", r["revoked"].as_str().unwrap_or("?"));
         }
-        Command::Market(_) | Command::Device(_) | Command::Up(_) | Command::Sim(_) => unreachable!("not a client verb"),
+        Command::Market(_) | Command::Device(_) | Command::Up(_) | Command::Sim(_) | Command::Cloud(_) => unreachable!("not a client verb"),
     }
     Ok(())
 }

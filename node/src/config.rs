@@ -17,6 +17,17 @@ pub struct Config {
     pub log_format: LogFormat,
     pub mesh: MeshSettings,
     pub inference: InferenceSettings,
+    pub cloud: CloudSettings,
+    /// What `stallmesh cloud up` runs (not the tablet).
+    pub cloud_service: stallmesh_cloud::CloudConfig,
+}
+
+/// The `[cloud]` table: this tablet's uplink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSettings {
+    /// Empty: no uplink.
+    pub url: String,
 }
 
 /// The `[inference]` table.
@@ -96,6 +107,10 @@ impl Config {
                 "inference",
                 format!("workers must be 1..={} and queue_len at least 1", stallmesh_inference::pool::MAX_WORKERS),
             ));
+        }
+        let url = &config.cloud.url;
+        if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid("cloud.url", format!("{url:?} is not an http:// or https:// address")));
         }
         for addr in config.mesh.listen.iter().chain(&config.mesh.bootstrap) {
             addr.parse::<libp2p::Multiaddr>().map_err(|e| invalid("mesh", format!("{addr:?} is not a multiaddr: {e}")))?;

@@ -1,6 +1,7 @@
 //! The stallmesh node: configuration, the runtime around the ledger and store, and the HTTP API.
 
 pub mod cli;
+pub mod cloud_cli;
 pub mod config;
 pub mod http;
 pub mod inference;
@@ -11,11 +12,22 @@ pub mod pipeline;
 pub mod recovery;
 pub mod runtime;
 pub mod sim_cli;
+pub mod uplink;
 
 pub use config::Config;
 pub use runtime::{Node, NodeError};
 
 use std::net::SocketAddr;
+
+/// Logs to stderr, as text or JSON lines (`log_format`), filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => builder.init(),
+    }
+}
 
 /// A node serving its API: the address it bound (useful with port 0) and its server task.
 pub struct Running {
@@ -39,7 +51,13 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
         None
     };
     let inference = inference::start(&node, config);
-    let app = http::router(http::AppState { node: node.clone(), mesh, inference });
+    let uplink = if config.cloud.url.is_empty() {
+        None
+    } else {
+        tracing::info!(cloud = %config.cloud.url, "uploading the market's changes to the cloud whenever it is reachable");
+        Some(uplink::start(node.clone(), config.cloud.url.clone()))
+    };
+    let app = http::router(http::AppState { node: node.clone(), mesh, inference, uplink });
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
     Ok(Running { node, addr, server })

@@ -2,18 +2,10 @@ use clap::Parser;
 use stallmesh_identity::files::{self, DeviceCredentials};
 use stallmesh_identity::{DeviceId, DeviceKey, Role};
 use stallmesh_node::cli::{run_client, Cli, ClientError, Command, DeviceCmd, MarketCmd, RoleArg};
-use stallmesh_node::config::{Config, LogFormat};
+use stallmesh_node::config::Config;
+use stallmesh_node::init_tracing;
 use stallmesh_node::runtime::now_ms;
 use std::process::ExitCode;
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
 
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -44,6 +36,9 @@ fn up(args: stallmesh_node::cli::UpArgs) -> Result<(), String> {
     }
     if let Some(c) = args.credentials {
         config.credentials_dir = c;
+    }
+    if let Some(u) = args.cloud_url {
+        config.cloud.url = u;
     }
     init_tracing(config.log_format);
     for name in stallmesh_node::config::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
@@ -107,6 +102,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cloud(cmd) => stallmesh_node::cloud_cli::run(cmd, shutdown_signal()),
         cmd @ (Command::Market(_) | Command::Device(_)) => admin(cmd),
         cmd => match run_client(cmd) {
             Ok(()) => Ok(()),

@@ -63,6 +63,10 @@ pub struct Metrics {
     pub inference_rejected: Counter,
     pub pipeline_lagged: Family<Subscriber, Counter>,
     pub index_wait_timeouts: Counter,
+    pub uplink_requests: Family<Outcome, Counter>,
+    pub uplink_changes_uploaded: Counter,
+    pub cloud_entries_not_uploaded: Gauge,
+    pub cloud_sales_not_uploaded: Gauge,
 }
 
 impl Metrics {
@@ -101,6 +105,10 @@ impl Metrics {
             inference_rejected: Counter::default(),
             pipeline_lagged: Family::default(),
             index_wait_timeouts: Counter::default(),
+            uplink_requests: Family::default(),
+            uplink_changes_uploaded: Counter::default(),
+            cloud_entries_not_uploaded: Gauge::default(),
+            cloud_sales_not_uploaded: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales recorded by this device", m.sales.clone());
@@ -175,6 +183,18 @@ impl Metrics {
             "index_wait_timeouts",
             "Requests that answered before the search index had taken in what they recorded (it is taken in later)",
             m.index_wait_timeouts.clone(),
+        );
+        registry.register("uplink_requests", "Requests of this tablet's uplink to the cloud: ok, rejected (some changes refused), failed", m.uplink_requests.clone());
+        registry.register("uplink_changes_uploaded", "Changes this tablet uploaded to the cloud (any device's)", m.uplink_changes_uploaded.clone());
+        registry.register(
+            "cloud_entries_not_uploaded",
+            "Journal entries held here that the cloud's latest watermark does not cover",
+            m.cloud_entries_not_uploaded.clone(),
+        );
+        registry.register(
+            "cloud_sales_not_uploaded",
+            "This device's sales that the cloud's latest watermark does not cover",
+            m.cloud_sales_not_uploaded.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -449,6 +449,7 @@ impl Node {
             LocalOp::UpsertProduct(_) => "product",
             LocalOp::AttachPhoto { .. } => "photo",
             LocalOp::Revoke(_) => "revocation",
+            LocalOp::RecordCloudHolds { .. } => "cloud_watermark",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
         let result = self.with_write_as(true, |l| {

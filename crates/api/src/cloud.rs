@@ -43,7 +43,9 @@ pub enum LogBody {
     },
     Photo { sku: String, jpeg_bytes: u64, lamport: u64 },
     Revocation { device: String, revoked_at_ms: u64 },
-    CloudWatermark { offset: u64, heads: BTreeMap<String, u64> },
+    /// The cloud's watermark: its log held `covers_offset` entries, and of each device's journal the
+    /// first `heads` entries (named apart from the event's own `offset`, which it flattens beside).
+    CloudWatermark { covers_offset: u64, heads: BTreeMap<String, u64> },
 }
 
 impl LogBody {
@@ -87,4 +89,84 @@ pub struct MarketView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MarketList {
     pub markets: Vec<MarketView>,
+}
+
+/// `POST /v1/markets` (with the cloud's admin token): register a market with the credentials of
+/// the cloud's own device of it, as `stallmesh device enroll --role cloud` wrote them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterMarket {
+    pub name: String,
+    /// The market's public key, 64 hex characters.
+    pub market_public_key: String,
+    /// The cloud device's enrolment certificate, hex of its binary (postcard) form.
+    pub certificate: String,
+    /// The cloud device's secret key, 64 hex characters.
+    pub device_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MarketRegistered {
+    pub market: String,
+    pub cloud_device: String,
+    /// `false`: it was registered already, with this same device; nothing changed.
+    pub created: bool,
+}
+
+/// Every error answer of the cloud: a stable code, a sentence, and for a partly refused upload
+/// what was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudErrorBody {
+    pub error: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<UploadRefused>,
+}
+
+/// `changes_rejected` (HTTP 422): the upload's good changes were logged, these were not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadRefused {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub offset: u64,
+    pub rejected: Vec<RejectedView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedView {
+    pub device: String,
+    pub seq: u64,
+    /// Stable label: `bad_signature`, `wrong_market`, `unenrolled`, `revoked`, `equivocation`, …
+    pub reason: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_log_event_round_trips_through_its_ndjson_line_with_no_field_named_twice() {
+        let bodies = vec![
+            LogBody::CloudWatermark { covers_offset: 2, heads: BTreeMap::from([("ab".to_string(), 1)]) },
+            LogBody::Sale {
+                sale_id: "s".into(),
+                lines: vec![SaleLineView { sku: "X".into(), qty: 1, price_cents: 5 }],
+                total_cents: 5,
+                currency: "EUR".into(),
+                client_ref: None,
+                recommendation: Some(RecommendationRecord { arm: "control".into(), skus: vec!["Y".into()] }),
+            },
+            LogBody::Enrolment { stall: "s".into(), role: "cloud".into(), expires_at_ms: 1 },
+        ];
+        for body in bodies {
+            let event = LogEvent { market: "m".into(), offset: 7, device: "d".into(), seq: 3, time_ms: 9, digest: "h".into(), body };
+            let line = serde_json::to_string(&event).unwrap();
+            // A flattened body must not shadow the envelope's fields (a consumer resuming from
+            // `offset` would read the wrong one).
+            let keys: Vec<&str> = line.match_indices("\"offset\":").map(|(i, _)| &line[i..i + 9]).collect();
+            assert_eq!(keys.len(), 1, "{line}");
+            assert_eq!(serde_json::from_str::<LogEvent>(&line).unwrap(), event);
+        }
+    }
 }

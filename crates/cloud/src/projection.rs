@@ -49,7 +49,7 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
             LogBody::Revocation { device: revocation.device.to_hex(), revoked_at_ms: revocation.revoked_at_ms }
         }
         EventBody::CloudHolds { offset, heads } => {
-            LogBody::CloudWatermark { offset: *offset, heads: heads.iter().map(|(d, n)| (d.to_hex(), *n)).collect() }
+            LogBody::CloudWatermark { covers_offset: *offset, heads: heads.iter().map(|(d, n)| (d.to_hex(), *n)).collect() }
         }
     };
     LogEvent {

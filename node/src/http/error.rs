@@ -56,6 +56,7 @@ impl From<NodeError> for ApiError {
                         (StatusCode::FORBIDDEN, "device_not_allowed")
                     }
                     LedgerError::OtherStall { .. } => (StatusCode::FORBIDDEN, "other_stall"),
+                    LedgerError::RoleForbids { .. } => (StatusCode::FORBIDDEN, "role_forbids"),
                     LedgerError::Cloned => (StatusCode::SERVICE_UNAVAILABLE, "device_cloned"),
                 };
                 let mut err = ApiError::new(status, code, message);

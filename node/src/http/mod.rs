@@ -43,6 +43,7 @@ pub struct AppState {
     pub node: Node,
     pub mesh: Option<MeshHandle>,
     pub inference: Arc<Inference>,
+    pub uplink: Option<crate::uplink::UplinkHandle>,
 }
 
 impl FromRef<AppState> for Node {

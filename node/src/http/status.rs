@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use stallmesh_api::{Health, IndexView, InferenceHealth, JournalView, ModelView, NodeView, RecoveryView, SetAsideView, Status};
+use stallmesh_api::{CloudStatus, CloudWatermarkView, Health, IndexView, UplinkView, InferenceHealth, JournalView, ModelView, NodeView, RecoveryView, SetAsideView, Status};
 use stallmesh_identity::Role;
 use stallmesh_ledger::LedgerError;
 
@@ -47,7 +47,66 @@ fn journal_view(node: &Node) -> JournalView {
     JournalView { state: "ready".into(), message: None, recovery: None }
 }
 
-pub(super) async fn status(State(node): State<Node>) -> Json<Status> {
+/// What the cloud holds as far as this tablet knows: the newest watermark any cloud device of the
+/// market recorded (it arrives through whichever tablet uploads), measured against what is held here.
+pub(crate) fn cloud_status(node: &Node, uplink: Option<&crate::uplink::UplinkHandle>) -> CloudStatus {
+    let (watermark, sales_not_uploaded, entries_not_uploaded, through_seq) = node.read(|l| {
+        let me = l.device();
+        let state = l.state();
+        let latest = state.cloud_watermarks.iter().max_by_key(|(_, w)| (w.time_ms, w.offset));
+        let held_by_cloud = |d: &stallmesh_identity::DeviceId| latest.and_then(|(_, w)| w.heads.get(d).copied()).unwrap_or(0);
+        let mine_held = held_by_cloud(&me);
+        let sales = state.sales.values().filter(|s| s.device == me && s.seq >= mine_held).count() as u64;
+        let entries: u64 = l
+            .heads_ref()
+            .iter()
+            .filter(|(d, _)| !state.cloud_watermarks.contains_key(*d))
+            .map(|(d, n)| n.saturating_sub(held_by_cloud(d)))
+            .sum();
+        let view = latest.map(|(device, w)| CloudWatermarkView {
+            cloud_device: device.to_hex(),
+            recorded_at_ms: w.time_ms,
+            offset: w.offset,
+            this_device_through_ms: None,
+        });
+        (view, sales, entries, mine_held.checked_sub(1))
+    });
+    // The time of the newest own change the cloud holds, read from the store outside the ledger lock.
+    let watermark = watermark.map(|mut w| {
+        w.this_device_through_ms = through_seq.and_then(|seq| {
+            let me = node.read(|l| l.device());
+            let change = node.changes_since(&me, seq, 1).ok()?.into_iter().next()?;
+            stallmesh_ledger::decode_change_event(&change).ok().map(|e| e.time_ms)
+        });
+        w
+    });
+    node.metrics.cloud_sales_not_uploaded.set(sales_not_uploaded as i64);
+    node.metrics.cloud_entries_not_uploaded.set(entries_not_uploaded as i64);
+    let uplink = uplink.map(|u| {
+        let s = u.snapshot();
+        let state = match (s.started, s.failures, s.last_success_ms) {
+            (_, 0, Some(_)) => "connected",
+            (true, f, _) if f > 0 => "retrying",
+            _ => "starting",
+        };
+        UplinkView {
+            url: s.url,
+            state: state.into(),
+            last_success_ms: s.last_success_ms,
+            last_error: s.last_error,
+            consecutive_failures: s.failures,
+            lacking: s.lacking,
+            changes_uploaded: s.changes_uploaded,
+            duplicates_reported: s.duplicates,
+            refused_by_cloud: s.refused,
+        }
+    });
+    CloudStatus { watermark, sales_not_uploaded, entries_not_uploaded, uplink }
+}
+
+pub(super) async fn status(State(app): State<AppState>) -> Json<Status> {
+    let node = app.node.clone();
+    let cloud = cloud_status(&node, app.uplink.as_ref());
     let info = node.info.clone();
     let journal = journal_view(&node);
     let view = NodeView {
@@ -74,6 +133,7 @@ pub(super) async fn status(State(node): State<Node>) -> Json<Status> {
         journal,
         equivocations: l.evidence().values().map(Vec::len).sum(),
         store_set_aside: set_aside_view(&info),
+        cloud,
     }))
 }
 
@@ -118,6 +178,8 @@ pub(super) async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<He
 
 pub(super) async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let node = &app.node;
+    // Sets the not-uploaded gauges.
+    let _ = cloud_status(node, app.uplink.as_ref());
     if let Some(pool) = app.inference.pool() {
         let st = pool.stats();
         node.metrics.inference_queued.set(st.queued as i64);

@@ -1,0 +1,329 @@
+//! The markets this process serves: each an ingest core ([`MarketIngest`]) rebuilt from the store
+//! on first use, behind one async lock per market, and the driver steps around it: authenticate,
+//! take the store's offset lock, catch up with what other processes appended, ingest, commit, and
+//! only then answer. Any store failure drops the market's core, so the next request rebuilds it
+//! from what the store holds: this process keeps no state that the store does not.
+
+use crate::metrics::{CloudMetrics, MarketLabel, ReasonLabel};
+use crate::store::{MarketRegistration, Registered, Store, StoreError};
+use stallmesh_identity::{DeviceId, MarketId, SignedChange};
+use stallmesh_ingest::wire::{AuthError, CloudReply, RequestAuth};
+use stallmesh_ingest::{IngestError, LogRecord, MarketIngest, RejectedChange};
+use stallmesh_ledger::MarketContext;
+use stallmesh_sync::{MemoryLog, Message, ProtocolError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Markets one process keeps loaded. A cloud serves many markets; each loaded one holds its log's
+/// changes in memory (about 5 MB for a 10,000-sale day). Beyond it, requests are refused with 503
+/// and counted rather than evicting a market mid-batch.
+pub const MAX_LOADED_MARKETS: usize = 1_024;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("market {0} is not registered with this cloud")]
+    UnknownMarket(MarketId),
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("device {0} was revoked by the market")]
+    Revoked(DeviceId),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the cloud accepts Heads and Changes messages only, not {0}")]
+    WrongMessage(&'static str),
+    #[error("{rejected} of the uploaded changes were refused")]
+    Rejected { rejected: usize, reply: Box<CloudReply> },
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Ingest(#[from] IngestError),
+    #[error("this process serves at most {MAX_LOADED_MARKETS} markets at once")]
+    TooManyMarkets,
+}
+
+impl SyncError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            SyncError::UnknownMarket(_) => "unknown_market",
+            SyncError::Auth(a) => a.label(),
+            SyncError::Revoked(_) => "revoked",
+            SyncError::Protocol(_) => "malformed_message",
+            SyncError::WrongMessage(_) => "wrong_message",
+            SyncError::Rejected { .. } => "changes_rejected",
+            SyncError::Store(StoreError::UnknownMarket(_)) => "unknown_market",
+            SyncError::Store(_) | SyncError::Ingest(_) => "store_unavailable",
+            SyncError::TooManyMarkets => "too_many_markets",
+        }
+    }
+}
+
+struct Loaded {
+    ingest: MarketIngest,
+    /// Every logged change, to serve what a tablet lacks (the sync core reads a [`ChangeLog`]).
+    ///
+    /// [`ChangeLog`]: stallmesh_sync::ChangeLog
+    log: MemoryLog,
+}
+
+pub struct MarketSlot {
+    pub registration: MarketRegistration,
+    loaded: Option<Loaded>,
+}
+
+pub struct Markets {
+    pub store: Store,
+    slots: Mutex<BTreeMap<MarketId, Arc<tokio::sync::Mutex<MarketSlot>>>>,
+    /// Per market, the log length this process last saw: long-polling consumers wait on it.
+    offsets: Mutex<BTreeMap<MarketId, watch::Sender<u64>>>,
+    pub metrics: CloudMetrics,
+    watermark_interval_ms: u64,
+}
+
+impl Markets {
+    pub fn new(store: Store, metrics: CloudMetrics, watermark_interval_ms: u64) -> Self {
+        Self { store, slots: Mutex::new(BTreeMap::new()), offsets: Mutex::new(BTreeMap::new()), metrics, watermark_interval_ms }
+    }
+
+    /// Registers a market with its cloud device's credentials (role `cloud`, checked by the caller).
+    pub async fn register(&self, registration: MarketRegistration) -> Result<Registered, SyncError> {
+        let ctx = MarketContext::new(registration.market_key);
+        let (_, created) = MarketIngest::create(ctx, registration.device_key(), registration.certificate.clone(), now_ms())?;
+        let outcome = self.store.register(&registration, &created.records).await?;
+        tracing::info!(market = %registration.market, name = %registration.name, ?outcome, "market registered");
+        Ok(outcome)
+    }
+
+    async fn slot(&self, market: &MarketId) -> Result<Arc<tokio::sync::Mutex<MarketSlot>>, SyncError> {
+        if let Some(s) = self.slots.lock().expect("slots lock").get(market) {
+            return Ok(s.clone());
+        }
+        let registration = self.store.market(market).await?.ok_or(SyncError::UnknownMarket(*market))?;
+        let mut slots = self.slots.lock().expect("slots lock");
+        if slots.len() >= MAX_LOADED_MARKETS && !slots.contains_key(market) {
+            return Err(SyncError::TooManyMarkets);
+        }
+        Ok(slots.entry(*market).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(MarketSlot { registration, loaded: None }))).clone())
+    }
+
+    /// The loaded slots, for the watermark ticker.
+    pub fn loaded_markets(&self) -> Vec<MarketId> {
+        self.slots.lock().expect("slots lock").keys().copied().collect()
+    }
+
+    /// The watch of a market's log length (created on first use).
+    pub fn offset_watch(&self, market: &MarketId) -> watch::Receiver<u64> {
+        self.offsets.lock().expect("offsets lock").entry(*market).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn published(&self, market: &MarketId, offset: u64) {
+        let mut offsets = self.offsets.lock().expect("offsets lock");
+        let tx = offsets.entry(*market).or_insert_with(|| watch::channel(0).0);
+        tx.send_if_modified(|o| {
+            let moved = offset > *o;
+            *o = (*o).max(offset);
+            moved
+        });
+        self.metrics.offset.get_or_create(&MarketLabel { market: market.to_hex() }).set(offset as i64);
+    }
+
+    /// Rebuilds the market's core from the store if it is not loaded, then takes in whatever other
+    /// processes appended since (reads only committed records).
+    async fn refresh(&self, slot: &mut MarketSlot) -> Result<(), SyncError> {
+        let market = slot.registration.market;
+        if slot.loaded.is_none() {
+            let records = self.store.load_log(&market, 0).await?;
+            let mut log = MemoryLog::default();
+            for r in &records {
+                log.add(r.entry.change.clone());
+            }
+            let reg = &slot.registration;
+            let ingest = MarketIngest::restore(MarketContext::new(reg.market_key), reg.device_key(), reg.certificate.clone(), records)?
+                .with_watermark_interval_ms(self.watermark_interval_ms);
+            tracing::info!(%market, offset = ingest.offset(), "market loaded from the store");
+            slot.loaded = Some(Loaded { ingest, log });
+        }
+        let loaded = slot.loaded.as_mut().expect("just loaded");
+        let stored = self.store.next_offset(&market).await?;
+        if stored > loaded.ingest.next_offset() {
+            let records = self.store.load_log(&market, loaded.ingest.offset()).await?;
+            Self::take_in(loaded, records)?;
+        }
+        let offset = loaded.ingest.offset();
+        self.published(&market, offset);
+        Ok(())
+    }
+
+    fn take_in(loaded: &mut Loaded, records: Vec<LogRecord>) -> Result<(), IngestError> {
+        let changes: Vec<SignedChange> = records.iter().map(|r| r.entry.change.clone()).collect();
+        loaded.ingest.catch_up(records)?;
+        for c in changes {
+            loaded.log.add(c);
+        }
+        Ok(())
+    }
+
+    /// One authenticated sync request of a tablet: `Heads` → what the tablet lacks; `Changes` →
+    /// ingest. `path` and `body` are exactly what the device signed.
+    pub async fn sync(&self, market: &MarketId, path: &str, auth: Result<RequestAuth, AuthError>, body: &[u8]) -> Result<CloudReply, SyncError> {
+        let result = self.sync_inner(market, path, auth, body).await;
+        match &result {
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.requests_refused.get_or_create(&ReasonLabel { reason: e.label().to_string() }).inc();
+                tracing::warn!(%market, reason = e.label(), error = %e, "sync request refused");
+            }
+        }
+        result
+    }
+
+    async fn sync_inner(&self, market: &MarketId, path: &str, auth: Result<RequestAuth, AuthError>, body: &[u8]) -> Result<CloudReply, SyncError> {
+        let slot = self.slot(market).await?;
+        let auth = auth?;
+        let now = now_ms();
+        auth.verify(&slot.lock().await.registration.market_key, path, body, now)?;
+        let message = Message::decode(body)?;
+        let mut slot = slot.lock().await;
+        if let Err(e) = self.refresh(&mut slot).await {
+            slot.loaded = None;
+            return Err(e);
+        }
+        let loaded = slot.loaded.as_ref().expect("refreshed");
+        let revoked = loaded.ingest.ledger().state().devices.get(&auth.device).is_some_and(|d| d.revoked_at_ms.is_some());
+        if revoked {
+            return Err(SyncError::Revoked(auth.device));
+        }
+        match message {
+            Message::Heads { heads, .. } => {
+                let theirs: BTreeMap<DeviceId, u64> = heads.into_iter().collect();
+                let (changes, more) = loaded.ingest.missing_for(&theirs, &loaded.log).map_err(StoreError::Unavailable)?;
+                self.metrics.changes_served.inc_by(changes.len() as u64);
+                Ok(Self::reply(&loaded.ingest, changes, more))
+            }
+            Message::Changes { changes, .. } => {
+                let n = changes.len();
+                let (reply, rejected) = match self.ingest(&mut slot, changes, now).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        slot.loaded = None; // the core may hold what the store refused: rebuild
+                        return Err(e);
+                    }
+                };
+                tracing::debug!(%market, uploaded = n, accepted = reply.accepted, duplicates = reply.duplicates, "upload ingested");
+                if rejected > 0 {
+                    return Err(SyncError::Rejected { rejected, reply: Box::new(reply) });
+                }
+                Ok(reply)
+            }
+            Message::HeadsWanted => Err(SyncError::WrongMessage("HeadsWanted")),
+            Message::RightsWanted { .. } => Err(SyncError::WrongMessage("RightsWanted")),
+        }
+    }
+
+    fn reply(ingest: &MarketIngest, changes: Vec<SignedChange>, more: bool) -> CloudReply {
+        CloudReply {
+            offset: ingest.offset(),
+            heads: ingest.heads().iter().map(|(d, n)| (*d, *n)).collect(),
+            changes,
+            more,
+            ..Default::default()
+        }
+    }
+
+    /// Ingests under the store's offset lock and commits before answering.
+    async fn ingest(&self, slot: &mut MarketSlot, changes: Vec<SignedChange>, now: u64) -> Result<(CloudReply, usize), SyncError> {
+        let market = slot.registration.market;
+        let loaded = slot.loaded.as_mut().expect("refreshed by the caller");
+        let mut tx = self.store.begin(&market).await?;
+        if tx.next_offset() != loaded.ingest.next_offset() {
+            // Another process appended between our refresh and the lock: take it in first, so
+            // offsets continue its log and the cloud device never signs one position twice.
+            let records = tx.load_after(loaded.ingest.offset()).await?;
+            Self::take_in(loaded, records)?;
+            if tx.next_offset() != loaded.ingest.next_offset() {
+                return Err(StoreError::OffsetMoved { market, expected: loaded.ingest.next_offset(), found: tx.next_offset() }.into());
+            }
+        }
+        let batch = loaded.ingest.ingest(changes, now);
+        tx.commit(&batch.records, &batch.rejected, &batch.evidence, now).await?;
+        self.count(&market, batch.records.len(), batch.duplicates, &batch.rejected);
+        // The cloud's own changes of this batch (its watermark) go back to the uploader at once.
+        let me = loaded.ingest.cloud_device();
+        let own: Vec<SignedChange> = batch.records.iter().filter(|r| r.entry.change.device == me).map(|r| r.entry.change.clone()).collect();
+        for r in &batch.records {
+            loaded.log.add(r.entry.change.clone());
+        }
+        let mut reply = Self::reply(&loaded.ingest, own, false);
+        reply.accepted = batch.records.len() as u64;
+        reply.duplicates = batch.duplicates;
+        reply.pending = batch.pending;
+        let rejected = batch.rejected.len();
+        reply.rejected = batch.rejected;
+        let offset = loaded.ingest.offset();
+        self.published(&market, offset);
+        Ok((reply, rejected))
+    }
+
+    fn count(&self, market: &MarketId, accepted: usize, duplicates: u64, rejected: &[RejectedChange]) {
+        let label = MarketLabel { market: market.to_hex() };
+        self.metrics.accepted.get_or_create(&label).inc_by(accepted as u64);
+        self.metrics.duplicates.get_or_create(&label).inc_by(duplicates);
+        for r in rejected {
+            self.metrics.rejected.get_or_create(&ReasonLabel { reason: r.reason.clone() }).inc();
+        }
+    }
+
+    /// Records due watermarks of loaded markets; returns the earliest next wake-up.
+    pub async fn tick(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        for market in self.loaded_markets() {
+            let Ok(slot) = self.slot(&market).await else { continue };
+            let mut slot = slot.lock().await;
+            let Some(loaded) = slot.loaded.as_ref() else { continue };
+            let now = now_ms();
+            match loaded.ingest.poll_timeout() {
+                Some(t) if t <= now => {}
+                Some(t) => {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                    continue;
+                }
+                None => continue,
+            }
+            if let Err(e) = self.refresh(&mut slot).await {
+                tracing::warn!(%market, error = %e, "cannot refresh the market to record a watermark");
+                slot.loaded = None;
+                continue;
+            }
+            if let Err(e) = self.ingest(&mut slot, Vec::new(), now).await {
+                tracing::warn!(%market, error = %e, "cannot record the watermark");
+                slot.loaded = None;
+            }
+        }
+        next
+    }
+
+    /// A market's view for `GET /v1/markets/{market}`.
+    pub async fn view(&self, market: &MarketId) -> Result<stallmesh_api::cloud::MarketView, SyncError> {
+        let slot = self.slot(market).await?;
+        let mut slot = slot.lock().await;
+        if let Err(e) = self.refresh(&mut slot).await {
+            slot.loaded = None;
+            return Err(e);
+        }
+        let loaded = slot.loaded.as_ref().expect("refreshed");
+        let stats = loaded.ingest.stats();
+        Ok(stallmesh_api::cloud::MarketView {
+            market: market.to_hex(),
+            name: slot.registration.name.clone(),
+            cloud_device: loaded.ingest.cloud_device().to_hex(),
+            offset: loaded.ingest.offset(),
+            heads: loaded.ingest.heads().iter().map(|(d, n)| (d.to_hex(), *n)).collect(),
+            rejected: stats.rejected.clone(),
+            duplicates: stats.duplicates,
+        })
+    }
+}

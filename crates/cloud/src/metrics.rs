@@ -1,0 +1,71 @@
+//! Prometheus metrics of the cloud service (`GET /metrics`, prefix `stallmesh_cloud_`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MarketLabel {
+    pub market: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone)]
+pub struct CloudMetrics {
+    registry: Arc<Registry>,
+    pub accepted: Family<MarketLabel, Counter>,
+    pub duplicates: Family<MarketLabel, Counter>,
+    /// Changes refused by the ledger's verification, by reason.
+    pub rejected: Family<ReasonLabel, Counter>,
+    /// Requests refused before any change was looked at (authentication, bad bodies, unknown markets).
+    pub requests_refused: Family<ReasonLabel, Counter>,
+    pub changes_served: Counter,
+    pub offset: Family<MarketLabel, Gauge>,
+    pub nats_published: Counter,
+    pub nats_failures: Counter,
+}
+
+impl CloudMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("stallmesh_cloud");
+        let m = CloudMetrics {
+            registry: Arc::new(Registry::default()),
+            accepted: Family::default(),
+            duplicates: Family::default(),
+            rejected: Family::default(),
+            requests_refused: Family::default(),
+            changes_served: Counter::default(),
+            offset: Family::default(),
+            nats_published: Counter::default(),
+            nats_failures: Counter::default(),
+        };
+        registry.register("changes_accepted", "Changes verified and appended to a market's log", m.accepted.clone());
+        registry.register("changes_duplicate", "Uploaded changes the log already held (several tablets upload)", m.duplicates.clone());
+        registry.register("changes_rejected", "Uploaded changes the market's ledger refused, by reason", m.rejected.clone());
+        registry.register("requests_refused", "Requests refused before ingest, by reason", m.requests_refused.clone());
+        registry.register("changes_served", "Changes sent to tablets that lacked them", m.changes_served.clone());
+        registry.register("log_offset", "Entries in each market's reconciled log", m.offset.clone());
+        registry.register("nats_published", "Log events published to NATS JetStream", m.nats_published.clone());
+        registry.register("nats_failures", "Failed attempts to publish to NATS JetStream", m.nats_failures.clone());
+        CloudMetrics { registry: Arc::new(registry), ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for CloudMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

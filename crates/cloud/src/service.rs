@@ -1,0 +1,250 @@
+//! The cloud's HTTP endpoints (under `/v1`). Every error is `{"error", "message", "details"}` with
+//! a stable code; nothing a tablet or a consumer sends can panic the service.
+//!
+//! - `POST /v1/markets/{market}/sync` — a tablet's signed sync request (`stallmesh-ingest::wire`).
+//! - `GET  /v1/markets/{market}/events?after=&limit=&wait_ms=` — the reconciled log, NDJSON.
+//! - `GET  /v1/markets`, `GET /v1/markets/{market}` — registered markets, offsets, counters.
+//! - `POST /v1/markets` — register a market (admin token).
+//! - `GET  /metrics`, `GET /healthz`.
+
+use crate::markets::{Markets, SyncError};
+use crate::store::{MarketRegistration, Registered, StoreError};
+use axum::body::Bytes;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use stallmesh_api::cloud::{CloudErrorBody, MarketList, MarketRegistered, RegisterMarket, RejectedView, UploadRefused};
+use stallmesh_identity::{Certificate, MarketId, MarketPublicKey, Role};
+use stallmesh_ingest::wire::{self, RequestAuth, MAX_BODY_BYTES};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Events one consumer request returns at most: a page a consumer processes in well under a second.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+/// Events returned when the consumer names no limit.
+pub const DEFAULT_EVENTS_PER_REQUEST: usize = 1_000;
+/// Longest long-poll: below common proxy idle timeouts (60 s).
+pub const MAX_WAIT_MS: u64 = 55_000;
+/// While long-polling, how often the store is read too: another cloud process may have appended.
+pub const EVENTS_POLL_MS: u64 = 200;
+/// Largest JSON body (market registration).
+pub const MAX_JSON_BODY_BYTES: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct CloudState {
+    pub markets: Arc<Markets>,
+    pub admin_token: Arc<String>,
+}
+
+pub struct CloudError {
+    status: StatusCode,
+    body: CloudErrorBody,
+}
+
+impl CloudError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: CloudErrorBody { error: code.into(), message: message.into(), details: None } }
+    }
+}
+
+impl IntoResponse for CloudError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<SyncError> for CloudError {
+    fn from(e: SyncError) -> Self {
+        let status = match &e {
+            SyncError::UnknownMarket(_) | SyncError::Store(StoreError::UnknownMarket(_)) => StatusCode::NOT_FOUND,
+            SyncError::Auth(a) => match a {
+                wire::AuthError::NotEnrolled(_) => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            },
+            SyncError::Revoked(_) => StatusCode::FORBIDDEN,
+            SyncError::Protocol(_) | SyncError::WrongMessage(_) => StatusCode::BAD_REQUEST,
+            SyncError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            SyncError::Store(_) | SyncError::Ingest(_) | SyncError::TooManyMarkets => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut err = CloudError::new(status, e.label(), e.to_string());
+        if let SyncError::Rejected { reply, .. } = e {
+            let rejected = reply
+                .rejected
+                .iter()
+                .map(|r| RejectedView { device: r.device.to_hex(), seq: r.seq, reason: r.reason.clone(), message: r.message.clone() })
+                .collect();
+            err.body.details = Some(UploadRefused { accepted: reply.accepted, duplicates: reply.duplicates, offset: reply.offset, rejected });
+        }
+        err
+    }
+}
+
+impl From<StoreError> for CloudError {
+    fn from(e: StoreError) -> Self {
+        SyncError::Store(e).into()
+    }
+}
+
+impl From<QueryRejection> for CloudError {
+    fn from(r: QueryRejection) -> Self {
+        CloudError::new(StatusCode::BAD_REQUEST, "bad_query", r.body_text())
+    }
+}
+
+impl From<JsonRejection> for CloudError {
+    fn from(r: JsonRejection) -> Self {
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
+        CloudError::new(r.status(), code, r.body_text())
+    }
+}
+
+type CloudResult<T> = Result<T, CloudError>;
+
+fn market_id(text: &str) -> CloudResult<MarketId> {
+    MarketId::from_hex(text).map_err(|e| CloudError::new(StatusCode::BAD_REQUEST, "bad_market_id", format!("market id {text:?}: {e}")))
+}
+
+pub fn router(state: CloudState) -> Router {
+    let sync = Router::new().route("/v1/markets/{market}/sync", post(sync)).layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    Router::new()
+        .route("/v1/markets", get(list_markets).post(register_market))
+        .route("/v1/markets/{market}", get(market_view))
+        .route("/v1/markets/{market}/events", get(events))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .merge(sync)
+        .fallback(|| async { CloudError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            CloudError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+        })
+        .with_state(state)
+}
+
+async fn sync(State(state): State<CloudState>, Path(market): Path<String>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> CloudResult<Response> {
+    let body = body.map_err(|r| {
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
+        state.markets.metrics.requests_refused.get_or_create(&crate::metrics::ReasonLabel { reason: code.into() }).inc();
+        CloudError::new(r.status(), code, r.body_text())
+    })?;
+    let id = market_id(&market)?;
+    let path = wire::sync_path(&id);
+    let auth = RequestAuth::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    let reply = state.markets.sync(&id, &path, auth, &body).await?;
+    Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE)], reply.encode()).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+    wait_ms: Option<u64>,
+}
+
+async fn events(State(state): State<CloudState>, Path(market): Path<String>, query: Result<Query<EventsQuery>, QueryRejection>) -> CloudResult<Response> {
+    let Query(q) = query?;
+    let id = market_id(&market)?;
+    let after = q.after.unwrap_or(0);
+    let limit = q.limit.unwrap_or(DEFAULT_EVENTS_PER_REQUEST);
+    if limit == 0 || limit > MAX_EVENTS_PER_REQUEST {
+        return Err(CloudError::new(StatusCode::BAD_REQUEST, "bad_query", format!("limit must be 1..={MAX_EVENTS_PER_REQUEST}")));
+    }
+    let wait_ms = q.wait_ms.unwrap_or(0);
+    if wait_ms > MAX_WAIT_MS {
+        return Err(CloudError::new(StatusCode::BAD_REQUEST, "bad_query", format!("wait_ms must be at most {MAX_WAIT_MS}")));
+    }
+    if state.markets.store.market(&id).await?.is_none() {
+        return Err(SyncError::UnknownMarket(id).into());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    let mut offsets = state.markets.offset_watch(&id);
+    let found = loop {
+        let found = state.markets.store.events(&id, after, limit).await?;
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            break found;
+        }
+        // Woken by this process's commits at once, and by other processes' within the poll interval.
+        let poll = tokio::time::Instant::now() + Duration::from_millis(EVENTS_POLL_MS);
+        let _ = tokio::time::timeout_at(poll.min(deadline), offsets.changed()).await;
+    };
+    let mut body = String::new();
+    for e in &found {
+        body.push_str(&serde_json::to_string(e).expect("events serialize"));
+        body.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+async fn list_markets(State(state): State<CloudState>) -> CloudResult<Json<MarketList>> {
+    let mut markets = Vec::new();
+    for reg in state.markets.store.markets().await? {
+        markets.push(state.markets.view(&reg.market).await?);
+    }
+    Ok(Json(MarketList { markets }))
+}
+
+async fn market_view(State(state): State<CloudState>, Path(market): Path<String>) -> CloudResult<Json<stallmesh_api::cloud::MarketView>> {
+    let id = market_id(&market)?;
+    Ok(Json(state.markets.view(&id).await?))
+}
+
+async fn metrics(State(state): State<CloudState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.markets.metrics.encode())
+}
+
+fn invalid(message: impl Into<String>) -> CloudError {
+    CloudError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_registration", message)
+}
+
+async fn register_market(State(state): State<CloudState>, headers: HeaderMap, body: Result<Json<RegisterMarket>, JsonRejection>) -> CloudResult<Response> {
+    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in full whatever the length: the token is long and random, so timing says nothing useful.
+    if token.is_none_or(|t| !constant_time_eq(t.as_bytes(), state.admin_token.as_bytes())) {
+        return Err(CloudError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "registering a market takes the cloud's admin token (Authorization: Bearer …)"));
+    }
+    let Json(req) = body?;
+    let market_key = MarketPublicKey::from_hex(&req.market_public_key).map_err(|e| invalid(format!("market_public_key: {e}")))?;
+    let cert_bytes = hex::decode(&req.certificate).map_err(|e| invalid(format!("certificate: {e}")))?;
+    let certificate: Certificate = postcard::from_bytes(&cert_bytes).map_err(|e| invalid(format!("certificate: {e}")))?;
+    let mut device_secret = [0u8; 32];
+    hex::decode_to_slice(&req.device_key, &mut device_secret).map_err(|e| invalid(format!("device_key: {e}")))?;
+    let market = market_key.market_id();
+    certificate.verify(&market_key, crate::markets::now_ms()).map_err(|e| invalid(format!("the certificate is not this market's: {e}")))?;
+    if certificate.role != Role::Cloud {
+        return Err(invalid("the certificate is not for a device of role cloud: enrol one with `stallmesh device enroll --role cloud`"));
+    }
+    let registration = MarketRegistration {
+        market,
+        name: req.name,
+        market_key,
+        device_secret,
+        certificate,
+        registered_at_ms: crate::markets::now_ms(),
+    };
+    if registration.device_key().device_id() != registration.certificate.device {
+        return Err(invalid("the device key does not match the certificate"));
+    }
+    let cloud_device = registration.certificate.device.to_hex();
+    let created = match state.markets.register(registration).await {
+        Ok(Registered::New) => true,
+        Ok(Registered::Already) => false,
+        Err(SyncError::Store(StoreError::Conflict(m))) => {
+            return Err(CloudError::new(StatusCode::CONFLICT, "market_exists", format!("market {m} is registered with another cloud device")))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(MarketRegistered { market: market.to_hex(), cloud_device, created })).into_response())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}

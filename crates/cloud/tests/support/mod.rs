@@ -1,0 +1,3 @@
+//! Helpers shared by the cloud's integration tests.
+
+pub mod pg;

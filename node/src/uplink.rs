@@ -1,0 +1,205 @@
+//! The uplink driver: carries out what the uplink core (`stallmesh_ingest::uplink::Uplink`) asks —
+//! signed HTTP requests to the cloud — on a thread of its own, woken by the commit pipeline (a
+//! commit may give the cloud something to take) and at the core's `poll_timeout`. What the cloud
+//! sends back (its watermark, other tablets' uploads) is applied like any peer's changes, so it
+//! reaches the rest of the mesh from here.
+
+use crate::runtime::{now_ms, Node};
+use stallmesh_api::cloud::CloudErrorBody;
+use stallmesh_identity::{DeviceId, DeviceKey, SignedChange};
+use stallmesh_ingest::uplink::{Uplink, HEADS_REFRESH_MS};
+use stallmesh_ingest::wire::{self, CloudReply, RequestAuth};
+use stallmesh_ingest::RejectedChange;
+use stallmesh_sync::ChangeLog;
+use std::io::Read;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Time to open a connection to the cloud: a dead 4G link is given up on quickly, then backed off.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Time for a whole request and reply: a full batch (2 MB) over a slow 4G link.
+pub const REQUEST_TIMEOUT_MS: u64 = 60_000;
+
+/// What the status endpoint shows of the uplink.
+#[derive(Debug, Clone, Default)]
+pub struct UplinkSnapshot {
+    pub url: String,
+    pub started: bool,
+    pub last_success_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    pub lacking: u64,
+    pub changes_uploaded: u64,
+    pub duplicates: u64,
+    pub refused: u64,
+}
+
+#[derive(Clone)]
+pub struct UplinkHandle {
+    snapshot: Arc<Mutex<UplinkSnapshot>>,
+}
+
+impl UplinkHandle {
+    pub fn snapshot(&self) -> UplinkSnapshot {
+        self.snapshot.lock().expect("uplink snapshot").clone()
+    }
+}
+
+/// The node's store, as the core reads changes to upload.
+struct NodeLog<'a>(&'a Node);
+
+impl ChangeLog for NodeLog<'_> {
+    fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, String> {
+        self.0.changes_since(device, from_seq, limit).map_err(|e| e.to_string())
+    }
+}
+
+/// Starts the uplink to `url` (e.g. `http://127.0.0.1:7880`).
+pub fn start(node: Node, url: String) -> UplinkHandle {
+    let url = url.trim_end_matches('/').to_string();
+    let snapshot = Arc::new(Mutex::new(UplinkSnapshot { url: url.clone(), ..Default::default() }));
+    let handle = UplinkHandle { snapshot: snapshot.clone() };
+    // A commit wakes the thread; one pending wake-up is enough, so the channel holds one.
+    let (wake, woken) = mpsc::sync_channel::<()>(1);
+    let (mut commits, _) = node.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match commits.recv().await {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = wake.try_send(());
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    std::thread::Builder::new()
+        .name("uplink".into())
+        .spawn(move || run(node, url, snapshot, woken))
+        .expect("spawning the uplink thread");
+    handle
+}
+
+fn run(node: Node, url: String, snapshot: Arc<Mutex<UplinkSnapshot>>, woken: mpsc::Receiver<()>) {
+    let (secret, _) = node.mesh_secrets();
+    let key = DeviceKey::from_secret(secret);
+    let certificate = node.read(|l| l.certificate().clone());
+    let path = wire::sync_path(&certificate.market);
+    let endpoint = format!("{url}{path}");
+    let seed = u64::from_le_bytes(key.device_id().0[..8].try_into().expect("8 bytes"));
+    let mut core = Uplink::new(seed);
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+        .build();
+    let _span = tracing::info_span!("uplink", cloud = %url).entered();
+    tracing::info!("uplink to the cloud started");
+    loop {
+        let heads = node.read(|l| l.heads());
+        let now = now_ms();
+        if let Some(out) = core.poll(now, &heads, &NodeLog(&node)) {
+            let auth = RequestAuth::sign(&key, &certificate, &path, now, &out.body);
+            let mut request = agent.post(&endpoint).set("content-type", wire::CONTENT_TYPE);
+            for (name, value) in auth.headers() {
+                request = request.set(name, &value);
+            }
+            let outcome = request.send_bytes(&out.body);
+            let now = now_ms();
+            match outcome {
+                Ok(response) => match read_reply(response) {
+                    Ok(reply) => {
+                        let back = core.on_reply(reply, out.changes, now);
+                        node.metrics.uplink_requests.get_or_create(&crate::metrics::Outcome { outcome: "ok" }).inc();
+                        node.metrics.uplink_changes_uploaded.inc_by(out.changes as u64);
+                        if !back.is_empty() {
+                            apply_from_cloud(&node, back);
+                        }
+                    }
+                    Err(e) => fail(&node, &mut core, now, e),
+                },
+                Err(ureq::Error::Status(422, response)) => {
+                    let rejected = read_rejections(response);
+                    tracing::warn!(rejected = rejected.len(), "the cloud refused some changes this tablet holds");
+                    node.metrics.uplink_requests.get_or_create(&crate::metrics::Outcome { outcome: "rejected" }).inc();
+                    core.on_rejected(&rejected, now);
+                }
+                Err(ureq::Error::Status(code, response)) => {
+                    let body: Option<CloudErrorBody> = response.into_json().ok();
+                    let why = body.map_or_else(|| format!("HTTP {code}"), |b| format!("HTTP {code} {}: {}", b.error, b.message));
+                    fail(&node, &mut core, now, why);
+                }
+                Err(e) => fail(&node, &mut core, now, e.to_string()),
+            }
+            publish(&snapshot, &core, &heads);
+            continue;
+        }
+        publish(&snapshot, &core, &heads);
+        let wait_ms = core.poll_timeout(&heads).map_or(HEADS_REFRESH_MS, |t| t.saturating_sub(now)).min(HEADS_REFRESH_MS);
+        match woken.recv_timeout(Duration::from_millis(wait_ms)) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                tracing::info!("uplink stops: the node shut down");
+                return;
+            }
+        }
+    }
+}
+
+fn fail(node: &Node, core: &mut Uplink, now: u64, why: String) {
+    if core.failures() == 0 {
+        tracing::warn!(error = %why, "cloud unreachable; retrying with backoff");
+    } else {
+        tracing::debug!(error = %why, failures = core.failures(), "cloud still unreachable");
+    }
+    node.metrics.uplink_requests.get_or_create(&crate::metrics::Outcome { outcome: "failed" }).inc();
+    core.on_failure(now, why);
+}
+
+fn read_reply(response: ureq::Response) -> Result<CloudReply, String> {
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells an oversized reply apart from one exactly at the limit.
+    response.into_reader().take(wire::MAX_BODY_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(|e| format!("reading the reply: {e}"))?;
+    CloudReply::decode(&bytes).map_err(|e| format!("the cloud's reply: {e}"))
+}
+
+fn read_rejections(response: ureq::Response) -> Vec<RejectedChange> {
+    let body: Option<CloudErrorBody> = response.into_json().ok();
+    body.and_then(|b| b.details)
+        .map(|d| {
+            d.rejected
+                .into_iter()
+                .filter_map(|r| {
+                    let device = DeviceId::from_hex(&r.device).ok()?;
+                    Some(RejectedChange { device, seq: r.seq, reason: r.reason, message: r.message })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The cloud's changes are verified by this tablet's ledger like any peer's, and made durable.
+fn apply_from_cloud(node: &Node, changes: Vec<SignedChange>) {
+    match node.ingest(changes) {
+        Ok(report) => {
+            if !report.rejected.is_empty() {
+                tracing::warn!(rejected = report.rejected.len(), "changes from the cloud refused by this tablet's ledger");
+            }
+            if let Err(e) = node.flush() {
+                tracing::error!(error = %e, "cannot make the cloud's changes durable");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot apply the cloud's changes"),
+    }
+}
+
+fn publish(snapshot: &Mutex<UplinkSnapshot>, core: &Uplink, heads: &stallmesh_ledger::Heads) {
+    let mut s = snapshot.lock().expect("uplink snapshot");
+    s.started = true;
+    s.last_success_ms = core.last_success_ms();
+    s.last_error = core.last_error().map(str::to_string);
+    s.failures = core.failures();
+    s.lacking = core.lacking(heads);
+    s.changes_uploaded = core.stats().changes_uploaded;
+    s.duplicates = core.stats().duplicates;
+    s.refused = core.stats().rejected;
+}

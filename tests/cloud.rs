@@ -1,0 +1,468 @@
+//! Cloud reconciliation end to end: real `stallmesh up` tablets meshed over loopback (libp2p, the
+//! peers' addresses given), a real `stallmesh cloud up`, and — for the PostgreSQL test — the
+//! machine's PostgreSQL. A tablet's uplink goes through a proxy the test can cut, as a dead 4G
+//! link is cut: connections refused.
+
+#[path = "../crates/cloud/tests/support/pg.rs"]
+mod pg;
+
+use serde_json::{json, Value};
+use stallmesh_identity::files;
+use stallmesh_identity::{DeviceKey, MarketKey, Role, SignedChange};
+use stallmesh_ingest::wire::{self, RequestAuth};
+use stallmesh_sync::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CONVERGE: Duration = Duration::from_secs(40);
+
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("stallmesh");
+    assert!(bin.exists(), "{} missing: run `cargo test --workspace` (it builds the node binary)", bin.display());
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn get(url: &str) -> Value {
+    ureq::get(url).timeout(Duration::from_secs(10)).call().unwrap_or_else(|e| panic!("GET {url}: {e}")).into_json().unwrap()
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    match ureq::post(url).timeout(Duration::from_secs(10)).send_json(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("POST {url}: {e}"),
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP forwarder standing in for the 4G link: `cut` refuses and drops connections.
+struct Link {
+    addr: String,
+    up: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn to(target: String) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            use std::io::{Read, Write};
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) if flag.load(Ordering::SeqCst) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Link { addr: format!("http://{addr}"), up }
+    }
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+    }
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    cloud: Option<Proc>,
+    cloud_url: String,
+    tablets: Vec<Option<Proc>>,
+    http: Vec<String>,
+    mesh_ports: Vec<u16>,
+    market_id: String,
+}
+
+impl World {
+    fn new(n: usize) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new(binary()).args(args).current_dir(dir.path()).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&["market", "init", "--dir", "market", "--name", "Saturday Market"]);
+        for k in 1..=n {
+            run(&["device", "enroll", "--market", "market", "--stall", &format!("Stall {k}"), "--role", "organiser", "--out", &format!("tablet{k}")]);
+        }
+        run(&["device", "enroll", "--market", "market", "--stall", "cloud", "--role", "cloud", "--out", "cloud-device"]);
+        let market_id = files::load_market_info(&dir.path().join("market")).unwrap().market_id.to_hex();
+        World {
+            dir,
+            cloud: None,
+            cloud_url: String::new(),
+            tablets: (0..=n).map(|_| None).collect(),
+            http: (0..=n).map(|_| String::new()).collect(),
+            mesh_ports: (0..=n).map(|_| free_port()).collect(),
+            market_id,
+        }
+    }
+
+    fn start_cloud(&mut self, postgres_url: Option<&str>) {
+        let port = free_port();
+        let mut cmd = Command::new(binary());
+        cmd.args(["cloud", "up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(self.dir.path().join("cloud"));
+        if let Some(u) = postgres_url {
+            cmd.args(["--postgres-url", u]);
+        }
+        let log = std::fs::File::create(self.dir.path().join("cloud.log")).unwrap();
+        let child = cmd.env("STALLMESH_CLOUD_SERVICE_WATERMARK_INTERVAL_MS", "500").stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.cloud = Some(Proc(child));
+        self.cloud_url = format!("http://127.0.0.1:{port}");
+        let health = format!("{}/healthz", self.cloud_url);
+        eventually(Duration::from_secs(30), "the cloud answers", || ureq::get(&health).call().is_ok());
+    }
+
+    fn register_market(&self) {
+        let out = Command::new(binary())
+            .args(["cloud", "market", "add", "cloud-device", "--cloud", &self.cloud_url, "--data-dir", "cloud"])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "market add: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn start_tablet(&mut self, k: usize, cloud_url: Option<&str>) {
+        let http_port = free_port();
+        let others: Vec<String> =
+            (1..self.tablets.len()).filter(|j| *j != k).map(|j| format!("/ip4/127.0.0.1/tcp/{}", self.mesh_ports[j])).collect();
+        let mut cmd = Command::new(binary());
+        cmd.args(["up", "--credentials"])
+            .arg(self.dir.path().join(format!("tablet{k}")))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("data{k}")))
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .env("STALLMESH_MESH_LISTEN", format!("/ip4/127.0.0.1/tcp/{}", self.mesh_ports[k]))
+            .env("STALLMESH_MESH_BOOTSTRAP", others.join(","))
+            .env("STALLMESH_MESH_MDNS", "false")
+            .env("STALLMESH_INFERENCE_ENABLED", "false")
+            .env("RUST_LOG", "info");
+        if let Some(u) = cloud_url {
+            cmd.args(["--cloud-url", u]);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("tablet{k}.log"))).unwrap();
+        self.tablets[k] = Some(Proc(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()));
+        self.http[k] = format!("http://127.0.0.1:{http_port}");
+        let health = format!("{}/healthz", self.http[k]);
+        eventually(Duration::from_secs(30), &format!("tablet {k} up"), || ureq::get(&health).call().is_ok());
+    }
+
+    fn stop_tablet(&mut self, k: usize) {
+        self.tablets[k].take();
+    }
+
+    fn tablet(&self, k: usize, path: &str) -> Value {
+        get(&format!("{}{path}", self.http[k]))
+    }
+
+    fn device(&self, k: usize) -> String {
+        self.tablet(k, "/api/v1/status")["node"]["device"].as_str().unwrap().to_string()
+    }
+
+    /// The cloud's log, read as a consumer does (pages of `after=`).
+    fn cloud_log(&self) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        loop {
+            let after = out.last().map_or(0, |e| e["offset"].as_u64().unwrap());
+            let url = format!("{}/v1/markets/{}/events?after={after}&limit=1000", self.cloud_url, self.market_id);
+            let text = ureq::get(&url).call().unwrap().into_string().unwrap();
+            let page: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            if page.is_empty() {
+                return out;
+            }
+            assert!(page.iter().all(|e| e["offset"].as_u64().unwrap() > after), "a page after {after} starts after it");
+            out.extend(page);
+        }
+    }
+
+    fn cloud_sale_ids(&self) -> Vec<String> {
+        self.cloud_log().iter().filter(|e| e["kind"] == "sale").map(|e| e["sale_id"].as_str().unwrap().to_string()).collect()
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+fn sell(w: &World, k: usize, sku: &str) -> String {
+    let (status, sale) = post(&format!("{}/api/v1/sales", w.http[k]), &json!({ "lines": [{ "sku": sku, "qty": 1 }] }));
+    assert_eq!(status, 201, "sale on tablet {k}: {sale}");
+    sale["id"].as_str().unwrap().to_string()
+}
+
+/// The log holds each (device, seq) once, with offsets 1, 2, 3, … and every sale in `sold` once.
+fn assert_log_exact(w: &World, sold: &BTreeSet<String>) {
+    let log = w.cloud_log();
+    let offsets: Vec<u64> = log.iter().map(|e| e["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (1..=log.len() as u64).collect::<Vec<_>>(), "gapless offsets");
+    let dots: BTreeSet<(String, u64)> = log.iter().map(|e| (e["device"].as_str().unwrap().to_string(), e["seq"].as_u64().unwrap())).collect();
+    assert_eq!(dots.len(), log.len(), "each change once");
+    let ids = w.cloud_sale_ids();
+    let unique: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique.len(), ids.len(), "no sale twice in the log");
+    assert!(sold.is_subset(&unique), "missing from the cloud: {:?}", sold.difference(&unique).collect::<Vec<_>>());
+}
+
+/// Three tablets, one with an uplink: every sale reaches the cloud once; a cut uplink catches up;
+/// a second uplink adds no duplicates; every tablet shows the cloud's watermark.
+fn market_day(postgres_url: Option<&str>) -> World {
+    let mut w = World::new(3);
+    w.start_cloud(postgres_url);
+    w.register_market();
+    let link = Link::to(w.cloud_url.trim_start_matches("http://").to_string());
+    w.start_tablet(1, Some(&link.addr));
+    w.start_tablet(2, None);
+    w.start_tablet(3, None);
+    for k in 1..=3 {
+        eventually(CONVERGE, &format!("tablet {k} meshed"), || w.tablet(k, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len) >= 2);
+    }
+    let p = json!({ "sku": "HNY-500", "name": "Heather honey", "price_cents": 850, "currency": "EUR", "stall": "Stall 1" });
+    assert_eq!(post(&format!("{}/api/v1/products", w.http[1]), &p).0, 201);
+    assert_eq!(post(&format!("{}/api/v1/restocks", w.http[1]), &json!({ "sku": "HNY-500", "qty": 300 })).0, 201);
+    for k in 2..=3 {
+        let to = w.device(k);
+        eventually(CONVERGE, "enrolments spread", || {
+            post(&format!("{}/api/v1/transfers", w.http[1]), &json!({ "sku": "HNY-500", "qty": 100, "to_device": to })).0 == 201
+        });
+    }
+    eventually(CONVERGE, "rights arrive", || (2..=3).all(|k| w.tablet(k, "/api/v1/stock")["stock"][0]["this_device"] == 100));
+
+    let mut sold = BTreeSet::new();
+    for round in 0..5 {
+        for k in 1..=3 {
+            sold.insert(sell(&w, k, "HNY-500"));
+        }
+        let _ = round;
+    }
+    eventually(CONVERGE, "every sale in the cloud", || w.cloud_sale_ids().len() >= sold.len());
+    assert_log_exact(&w, &sold);
+
+    // The 4G dies: the tablets sell on; the uplink says it is retrying.
+    link.cut();
+    let before = w.cloud_log().len();
+    let mut offline = BTreeSet::new();
+    for k in 1..=3 {
+        for _ in 0..3 {
+            offline.insert(sell(&w, k, "HNY-500"));
+        }
+    }
+    eventually(CONVERGE, "the uplink notices", || w.tablet(1, "/api/v1/status")["cloud"]["uplink"]["state"] == "retrying");
+    let cut_status = w.tablet(1, "/api/v1/status");
+    assert!(cut_status["cloud"]["uplink"]["lacking"].as_u64().unwrap() > 0 || cut_status["cloud"]["sales_not_uploaded"].as_u64().unwrap() > 0, "{cut_status}");
+    assert!(w.cloud_sale_ids().iter().all(|id| !offline.contains(id)), "nothing crossed a cut link");
+    assert!(w.cloud_log().len() <= before + 1, "only a watermark may have been recorded meanwhile");
+    link.restore();
+    sold.extend(offline);
+    eventually(Duration::from_secs(60), "caught up after the link returned", || w.cloud_sale_ids().len() >= sold.len());
+    assert_log_exact(&w, &sold);
+
+    // A second tablet gets 4G too: both upload, the cloud keeps each change once.
+    w.stop_tablet(2);
+    let direct = w.cloud_url.clone();
+    w.start_tablet(2, Some(&direct));
+    eventually(CONVERGE, "tablet 2 meshed again", || w.tablet(2, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len) >= 2);
+    for k in 1..=3 {
+        for _ in 0..3 {
+            sold.insert(sell(&w, k, "HNY-500"));
+        }
+    }
+    eventually(CONVERGE, "the last sales in the cloud", || w.cloud_sale_ids().len() >= sold.len());
+    assert_log_exact(&w, &sold);
+
+    // Every tablet, including the one that never had an uplink, learns what the cloud holds.
+    for k in 1..=3 {
+        eventually(CONVERGE, &format!("tablet {k} shows the cloud holds all its sales"), || {
+            let s = w.tablet(k, "/api/v1/status");
+            s["cloud"]["watermark"]["offset"].as_u64().is_some_and(|o| o > 0) && s["cloud"]["sales_not_uploaded"] == 0
+        });
+    }
+    let s3 = w.tablet(3, "/api/v1/status");
+    assert!(s3["cloud"]["uplink"].is_null(), "tablet 3 has no uplink of its own: {s3}");
+    assert!(s3["cloud"]["watermark"]["this_device_through_ms"].as_u64().is_some(), "{s3}");
+    let metrics = ureq::get(&format!("{}/metrics", w.http[3])).call().unwrap().into_string().unwrap();
+    assert!(metrics.contains("stallmesh_cloud_sales_not_uploaded 0"), "{metrics}");
+    w
+}
+
+#[test]
+fn every_sale_of_three_tablets_reaches_the_embedded_cloud_once_through_one_uplink() {
+    let w = market_day(None);
+    let m = get(&format!("{}/v1/markets/{}", w.cloud_url, w.market_id));
+    assert_eq!(m["offset"].as_u64().unwrap() as usize, w.cloud_log().len(), "{m}");
+    eprintln!("cloud counters: duplicates {} rejected {}", m["duplicates"], m["rejected"]);
+}
+
+#[test]
+fn every_sale_lands_in_postgresql_once_with_its_lines_and_totals() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let Some(db) = rt.block_on(pg::fresh_database("every_sale_lands_in_postgresql_once_with_its_lines_and_totals")) else { return };
+    let w = market_day(Some(&db.url));
+    let sale_ids: BTreeSet<String> = w.cloud_sale_ids().into_iter().collect();
+    rt.block_on(async {
+        let client = db.client().await;
+        let m = &w.market_id;
+        let sales: i64 = client.query_one("SELECT count(*) FROM sales WHERE market = $1", &[m]).await.unwrap().get(0);
+        assert_eq!(sales as usize, sale_ids.len(), "one row per sale");
+        let distinct: i64 = client.query_one("SELECT count(DISTINCT sale_id) FROM sales WHERE market = $1", &[m]).await.unwrap().get(0);
+        assert_eq!(distinct, sales);
+        let revenue: i64 = client.query_one("SELECT sum(total_cents)::bigint FROM sales WHERE market = $1", &[m]).await.unwrap().get(0);
+        assert_eq!(revenue, 850 * sales, "every sale was one jar at 8.50");
+        let lines: i64 = client
+            .query_one("SELECT count(*) FROM sale_lines WHERE market = $1 AND sku = 'HNY-500' AND qty = 1 AND price_cents = 850", &[m])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(lines, sales);
+        let events: i64 = client.query_one("SELECT count(*) FROM events WHERE market = $1", &[m]).await.unwrap().get(0);
+        assert_eq!(events as usize, w.cloud_log().len(), "the tables and the log agree");
+        let next: i64 = client.query_one("SELECT next_offset FROM markets WHERE id = $1", &[m]).await.unwrap().get(0);
+        assert_eq!(next, events + 1);
+        let per_stall = client
+            .query(
+                "SELECT d.stall, count(*) FROM sales s JOIN devices d ON d.market = s.market AND d.device = s.device \
+                 WHERE s.market = $1 GROUP BY d.stall ORDER BY d.stall",
+                &[m],
+            )
+            .await
+            .unwrap();
+        let stalls: Vec<String> = per_stall.iter().map(|r| r.get::<_, String>(0)).collect();
+        assert_eq!(stalls, vec!["Stall 1", "Stall 2", "Stall 3"], "sales attributed to the selling tablet's stall");
+    });
+    drop(w);
+    drop(db);
+}
+
+/// A signed request from `key`/`cert` with `body` to the cloud's sync endpoint.
+fn sync_request(cloud: &str, market: &stallmesh_identity::MarketId, key: &DeviceKey, cert: &stallmesh_identity::Certificate, body: &[u8]) -> (u16, Value) {
+    let path = wire::sync_path(market);
+    let auth = RequestAuth::sign(key, cert, &path, stallmesh_node::runtime::now_ms(), body);
+    let mut req = ureq::post(&format!("{cloud}{path}")).set("content-type", wire::CONTENT_TYPE);
+    for (name, value) in auth.headers() {
+        req = req.set(name, &value);
+    }
+    match req.send_bytes(body) {
+        Ok(r) => (r.status(), Value::Null),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("sync request: {e}"),
+    }
+}
+
+#[test]
+fn forged_unregistered_unenrolled_and_malformed_uploads_get_a_precise_error_and_store_nothing() {
+    let mut w = World::new(1);
+    w.start_cloud(None);
+    w.register_market();
+    let creds = files::load_device(&w.dir.path().join("tablet1")).unwrap();
+    let market = creds.certificate.market;
+    // What tablets put in the log (the cloud's own enrolment and watermarks aside).
+    let offset = || w.cloud_log().iter().filter(|e| e["kind"] != "cloud_watermark" && e["body"]["role"] != "cloud").filter(|e| e["role"] != "cloud").count() as u64;
+    let start = offset();
+    // A real tablet's journal: its enrolment, then a product.
+    let mut ledger = stallmesh_ledger::Ledger::new(stallmesh_ledger::MarketContext::new(creds.market.public_key), DeviceKey::from_secret(creds.key.secret()), creds.certificate.clone());
+    let enrol = ledger.enrol_self(stallmesh_node::runtime::now_ms()).unwrap().unwrap().change;
+    let product = stallmesh_ledger::Product { sku: "X".into(), name: "X".into(), price_cents: 1, currency: "EUR".into(), stall: "Stall 1".into(), tags: vec![] };
+    let mut forged = ledger.record(stallmesh_ledger::LocalOp::UpsertProduct(product), stallmesh_node::runtime::now_ms()).unwrap().change;
+    forged.signature.0[5] ^= 1;
+    let changes = |c: Vec<SignedChange>| Message::Changes { changes: c, more: false }.encode();
+
+    let (status, body) = sync_request(&w.cloud_url, &market, &creds.key, &creds.certificate, &changes(vec![enrol.clone(), forged]));
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"], "changes_rejected");
+    assert_eq!(body["details"]["rejected"][0]["reason"], "bad_signature", "{body}");
+    assert_eq!(offset(), start + 1, "the good change (the enrolment) was logged, the forged one not");
+
+    // An unregistered market.
+    let other = MarketKey::generate().unwrap();
+    let stranger = DeviceKey::generate().unwrap();
+    let stranger_cert = other.enrol(stranger.device_id(), "x", Role::Seller, u64::MAX);
+    let (status, body) = sync_request(&w.cloud_url, &other.market_id(), &stranger, &stranger_cert, &changes(vec![]));
+    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_market")), "{body}");
+    // A device of another market, uploading to this one.
+    let (status, body) = sync_request(&w.cloud_url, &market, &stranger, &stranger_cert, &changes(vec![enrol.clone()]));
+    assert_eq!((status, body["error"].as_str()), (403, Some("not_enrolled")), "{body}");
+    // Malformed and oversized bodies, and a request without its signature headers.
+    let (status, body) = sync_request(&w.cloud_url, &market, &creds.key, &creds.certificate, b"\x03garbage");
+    assert_eq!((status, body["error"].as_str()), (400, Some("malformed_message")), "{body}");
+    let big = vec![0u8; wire::MAX_BODY_BYTES + 1];
+    let r = ureq::post(&format!("{}{}", w.cloud_url, wire::sync_path(&market))).send_bytes(&big);
+    match r {
+        Err(ureq::Error::Status(s, r)) => {
+            let b: Value = r.into_json().unwrap();
+            assert_eq!((s, b["error"].as_str()), (413, Some("body_too_large")), "{b}");
+        }
+        // The server may close the connection once it refused the body.
+        Err(ureq::Error::Transport(_)) => {}
+        Ok(r) => panic!("oversized body accepted: {}", r.status()),
+    }
+    let r = ureq::post(&format!("{}{}", w.cloud_url, wire::sync_path(&market))).send_bytes(&changes(vec![enrol]));
+    let Err(ureq::Error::Status(401, r)) = r else { panic!("unsigned upload not refused with 401") };
+    assert_eq!(r.into_json::<Value>().unwrap()["error"], "unauthenticated");
+    // Consumer and admin endpoints refuse bad input in JSON too.
+    for (url, code, error) in [
+        (format!("{}/v1/markets/{}/events?limit=abc", w.cloud_url, w.market_id), 400, "bad_query"),
+        (format!("{}/v1/markets/{}/events?limit=0", w.cloud_url, w.market_id), 400, "bad_query"),
+        (format!("{}/v1/markets/zz/events", w.cloud_url), 400, "bad_market_id"),
+        (format!("{}/v1/nothing", w.cloud_url), 404, "not_found"),
+    ] {
+        let Err(ureq::Error::Status(s, r)) = ureq::get(&url).call() else { panic!("{url} accepted") };
+        assert_eq!((s, r.into_json::<Value>().unwrap()["error"].as_str().map(str::to_string)), (code, Some(error.to_string())), "{url}");
+    }
+    let (status, body) = post(&format!("{}/v1/markets", w.cloud_url), &json!({}));
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthenticated")), "registering needs the admin token");
+    assert_eq!(offset(), start + 1, "nothing else was stored");
+    let metrics = ureq::get(&format!("{}/metrics", w.cloud_url)).call().unwrap().into_string().unwrap();
+    for reason in ["unknown_market", "not_enrolled", "malformed_message", "unauthenticated"] {
+        assert!(metrics.contains(&format!("stallmesh_cloud_requests_refused_total{{reason=\"{reason}\"}}")), "{reason} counted: {metrics}");
+    }
+    assert!(metrics.contains("stallmesh_cloud_changes_rejected_total{reason=\"bad_signature\"} 1"), "{metrics}");
+    let _ = w.log("cloud.log");
+    let _ = BTreeMap::<u8, u8>::new();
+}
