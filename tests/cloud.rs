@@ -466,3 +466,236 @@ fn forged_unregistered_unenrolled_and_malformed_uploads_get_a_precise_error_and_
     let _ = w.log("cloud.log");
     let _ = BTreeMap::<u8, u8>::new();
 }
+
+/// Tablets' journals built in the test process, enrolled in the market the CLI made.
+fn journals(w: &World, tablets: u16, sales: usize) -> Vec<(DeviceKey, stallmesh_identity::Certificate, Vec<SignedChange>)> {
+    let (market_key, _) = files::load_market(&w.dir.path().join("market")).unwrap();
+    let ctx = stallmesh_ledger::MarketContext::new(market_key.public());
+    let now = stallmesh_node::runtime::now_ms();
+    (0..tablets)
+        .map(|n| {
+            let key = DeviceKey::generate().unwrap();
+            let cert = market_key.enrol(key.device_id(), &format!("Stall {n}"), Role::Organiser, u64::MAX);
+            let mut l = stallmesh_ledger::Ledger::new(ctx.clone(), DeviceKey::from_secret(key.secret()), cert.clone());
+            let mut out = vec![l.enrol_self(now).unwrap().unwrap().change];
+            let sku = format!("SKU-{n}");
+            let product = stallmesh_ledger::Product { sku: sku.clone(), name: sku.clone(), price_cents: 100, currency: "EUR".into(), stall: format!("Stall {n}"), tags: vec![] };
+            out.push(l.record(stallmesh_ledger::LocalOp::UpsertProduct(product), now).unwrap().change);
+            out.push(l.record(stallmesh_ledger::LocalOp::Restock { sku: sku.clone(), qty: 100_000 }, now).unwrap().change);
+            for i in 0..sales {
+                let sale = stallmesh_ledger::LocalOp::Sell {
+                    lines: vec![stallmesh_ledger::LineRequest { sku: sku.clone(), qty: 1 }],
+                    client_ref: None,
+                    recommendation: None,
+                };
+                out.push(l.record(sale, now + i as u64).unwrap().change);
+            }
+            (key, cert, out)
+        })
+        .collect()
+}
+
+/// Uploads `changes` as `key` in batches of `batch` (as an uplink would), retrying a refused
+/// connection (a cloud being restarted) until `limit`.
+fn upload(cloud: &str, market: &stallmesh_identity::MarketId, key: &DeviceKey, cert: &stallmesh_identity::Certificate, changes: &[SignedChange], batch: usize) {
+    for chunk in changes.chunks(batch) {
+        let body = Message::Changes { changes: chunk.to_vec(), more: false }.encode();
+        let start = Instant::now();
+        loop {
+            let path = wire::sync_path(market);
+            let auth = RequestAuth::sign(key, cert, &path, stallmesh_node::runtime::now_ms(), &body);
+            let mut req = ureq::post(&format!("{cloud}{path}")).timeout(Duration::from_secs(30));
+            for (name, value) in auth.headers() {
+                req = req.set(name, &value);
+            }
+            match req.send_bytes(&body) {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(start.elapsed() < CONVERGE, "upload kept failing: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn two_cloud_processes_on_one_postgresql_log_overlapping_uploads_of_five_uploaders_exactly_once() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let who = "two_cloud_processes_on_one_postgresql_log_overlapping_uploads_of_five_uploaders_exactly_once";
+    let Some(db) = rt.block_on(pg::fresh_database(who)) else { return };
+    let mut a = World::new(0);
+    a.start_cloud(Some(&db.url));
+    a.register_market();
+    // A second process on the same database, with a data directory of its own.
+    let mut b = World { dir: tempfile::tempdir().unwrap(), cloud: None, cloud_url: String::new(), tablets: vec![], http: vec![], mesh_ports: vec![], market_id: a.market_id.clone() };
+    b.start_cloud(Some(&db.url));
+    let journals = journals(&a, 5, 300);
+    let market = journals[0].1.market;
+    let all: Vec<SignedChange> = journals.iter().flat_map(|j| j.2.clone()).collect();
+    // A consumer follows the log from process B while the uploads run.
+    let follow_url = format!("{}/v1/markets/{}/events", b.cloud_url, a.market_id);
+    let expected = all.len();
+    let consumer = std::thread::spawn(move || {
+        let mut seen: Vec<Value> = Vec::new();
+        let start = Instant::now();
+        while seen.iter().filter(|e| e["kind"] != "cloud_watermark" && e["role"] != "cloud").count() < expected {
+            assert!(start.elapsed() < Duration::from_secs(120), "the consumer did not see everything: {} of {expected}", seen.len());
+            let after = seen.last().map_or(0, |e| e["offset"].as_u64().unwrap());
+            let text = ureq::get(&follow_url).query("after", &after.to_string()).query("wait_ms", "2000").call().unwrap().into_string().unwrap();
+            seen.extend(text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+        }
+        seen
+    });
+    // Five uploaders, each with an overlapping share (every tablet's journal is sent by two or three
+    // of them), alternating between the two cloud processes.
+    let clouds = [a.cloud_url.clone(), b.cloud_url.clone()];
+    let threads: Vec<_> = (0..5)
+        .map(|u| {
+            let mine: Vec<SignedChange> = journals.iter().enumerate().filter(|(t, _)| (t + u) % 5 < 3).flat_map(|(_, j)| j.2.clone()).collect();
+            let cloud = clouds[u % 2].clone();
+            // Each uploader is one of the tablets (any enrolled device may upload any journal).
+            let key = DeviceKey::from_secret(journals[u].0.secret());
+            let cert = journals[u].1.clone();
+            std::thread::spawn(move || upload(&cloud, &market, &key, &cert, &mine, 200))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let seen = consumer.join().unwrap();
+    let offsets: Vec<u64> = seen.iter().map(|e| e["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (1..=seen.len() as u64).collect::<Vec<_>>(), "the consumer saw offsets 1, 2, 3, … each once, in order");
+    let log = a.cloud_log();
+    let dots: BTreeSet<(String, u64)> = log.iter().map(|e| (e["device"].as_str().unwrap().to_string(), e["seq"].as_u64().unwrap())).collect();
+    assert_eq!(dots.len(), log.len(), "each change once in the log");
+    for c in &all {
+        assert!(dots.contains(&(c.device.to_hex(), c.seq)), "{}:{} missing", c.device, c.seq);
+    }
+    assert_eq!(b.cloud_log(), log, "both processes serve one log");
+    let dup = |w: &World| get(&format!("{}/v1/markets/{}", w.cloud_url, w.market_id))["duplicates"].as_u64().unwrap();
+    assert!(dup(&a) + dup(&b) > 0, "overlapping uploads are counted as duplicates");
+    rt.block_on(async {
+        let client = db.client().await;
+        let events: i64 = client.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+        assert_eq!(events as usize, log.len());
+        let sales: i64 = client.query_one("SELECT count(*) FROM sales", &[]).await.unwrap().get(0);
+        assert_eq!(sales, 5 * 300);
+    });
+    drop((a, b));
+    drop(db);
+}
+
+#[test]
+fn a_cloud_killed_mid_upload_and_a_tablet_killed_mid_batch_lose_nothing_and_duplicate_nothing() {
+    let mut w = World::new(1);
+    w.start_cloud(None);
+    w.register_market();
+    let journals = journals(&w, 3, 400);
+    let market = journals[0].1.market;
+    let cloud = w.cloud_url.clone();
+    let uploads: Vec<_> = journals
+        .iter()
+        .map(|(key, cert, changes)| {
+            let (key, cert, changes, cloud) = (DeviceKey::from_secret(key.secret()), cert.clone(), changes.clone(), cloud.clone());
+            std::thread::spawn(move || upload(&cloud, &market, &key, &cert, &changes, 50))
+        })
+        .collect();
+    // kill -9 while the batches arrive, then start it again on the same data directory and port.
+    eventually(CONVERGE, "some batches arrive", || w.cloud_log().len() > 100);
+    let port = w.cloud_url.rsplit(':').next().unwrap().to_string();
+    w.cloud.take(); // SIGKILL
+    let mut cmd = Command::new(binary());
+    cmd.args(["cloud", "up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(w.dir.path().join("cloud"));
+    let log = std::fs::OpenOptions::new().append(true).open(w.dir.path().join("cloud.log")).unwrap();
+    w.cloud = Some(Proc(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()));
+    for u in uploads {
+        u.join().unwrap();
+    }
+    let all: BTreeSet<(String, u64)> = journals.iter().flat_map(|j| j.2.iter().map(|c| (c.device.to_hex(), c.seq))).collect();
+    let check = |w: &World| {
+        let log = w.cloud_log();
+        let offsets: Vec<u64> = log.iter().map(|e| e["offset"].as_u64().unwrap()).collect();
+        assert_eq!(offsets, (1..=log.len() as u64).collect::<Vec<_>>(), "gapless after the kill");
+        let dots: BTreeSet<(String, u64)> = log.iter().map(|e| (e["device"].as_str().unwrap().to_string(), e["seq"].as_u64().unwrap())).collect();
+        assert_eq!(dots.len(), log.len(), "nothing twice");
+        dots
+    };
+    assert!(check(&w).is_superset(&all), "every acknowledged upload survived the kill");
+
+    // A tablet with a day's sales gets its uplink and is killed while it uploads, then restarted.
+    w.start_tablet(1, None);
+    let p = json!({ "sku": "JAM", "name": "Jam", "price_cents": 400, "currency": "EUR", "stall": "Stall 1" });
+    assert_eq!(post(&format!("{}/api/v1/products", w.http[1]), &p).0, 201);
+    assert_eq!(post(&format!("{}/api/v1/restocks", w.http[1]), &json!({ "sku": "JAM", "qty": 1000 })).0, 201);
+    let mut sold = BTreeSet::new();
+    for _ in 0..300 {
+        sold.insert(sell(&w, 1, "JAM"));
+    }
+    w.stop_tablet(1);
+    let url = w.cloud_url.clone();
+    w.start_tablet(1, Some(&url));
+    std::thread::sleep(Duration::from_millis(30));
+    w.tablets[1].take(); // SIGKILL, mid-upload or just before
+    w.start_tablet(1, Some(&url));
+    eventually(CONVERGE, "the restarted uplink resumes", || {
+        let ids: BTreeSet<String> = w.cloud_sale_ids().into_iter().collect();
+        sold.is_subset(&ids)
+    });
+    check(&w);
+    assert_log_exact(&w, &sold);
+}
+
+#[test]
+fn the_log_is_published_to_jetstream_once_per_event_and_a_restarted_publisher_resumes() {
+    let nats_url = "nats://127.0.0.1:4222";
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = match rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), async_nats::connect(nats_url)).await }) {
+        Ok(Ok(c)) => c,
+        other => {
+            let msg = format!("SKIPPED the JetStream test: no NATS server on {nats_url} ({other:?})");
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{msg}; under CI=true it must run");
+            eprintln!("\n!!! {msg}\n");
+            return;
+        }
+    };
+    let stream = format!("STALLMESH_TEST_{}", std::process::id());
+    let mut w = World::new(0);
+    let start = |w: &mut World| {
+        let port = free_port();
+        let mut cmd = Command::new(binary());
+        cmd.args(["cloud", "up", "--listen", &format!("127.0.0.1:{port}"), "--nats-url", nats_url, "--data-dir"]).arg(w.dir.path().join("cloud"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(w.dir.path().join("cloud.log")).unwrap();
+        w.cloud = Some(Proc(cmd.env("STALLMESH_CLOUD_SERVICE_NATS_STREAM", &stream).stdout(Stdio::null()).stderr(log).spawn().unwrap()));
+        w.cloud_url = format!("http://127.0.0.1:{port}");
+        let health = format!("{}/healthz", w.cloud_url);
+        eventually(Duration::from_secs(30), "the cloud answers", || ureq::get(&health).call().is_ok());
+    };
+    start(&mut w);
+    w.register_market();
+    let journals = journals(&w, 2, 100);
+    let market = journals[0].1.market;
+    let (key, cert, changes) = &journals[0];
+    upload(&w.cloud_url, &market, key, cert, changes, 40);
+    let subject = format!("{stream}.events.{}", w.market_id);
+    let js = rt.block_on(async { async_nats::jetstream::new(client) });
+    let published = |rt: &tokio::runtime::Runtime| -> u64 {
+        rt.block_on(async {
+            let mut s = js.get_stream(&stream).await.unwrap();
+            s.info().await.unwrap().state.messages
+        })
+    };
+    eventually(CONVERGE, "the first upload is published", || published(&rt) as usize == w.cloud_log().len());
+    // A restart (kill -9) of the cloud: the publisher resumes from the stream's last offset.
+    w.cloud.take();
+    start(&mut w);
+    let (key, cert, changes) = &journals[1];
+    upload(&w.cloud_url, &market, key, cert, changes, 40);
+    eventually(CONVERGE, "everything is published", || published(&rt) as usize == w.cloud_log().len());
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert_eq!(published(&rt) as usize, w.cloud_log().len(), "each event exactly once in the stream");
+    let last = rt.block_on(async { js.get_stream(&stream).await.unwrap().get_last_raw_message_by_subject(&subject).await.unwrap() });
+    let offset: u64 = last.headers.get("Stallmesh-Offset").unwrap().as_str().parse().unwrap();
+    assert_eq!(offset as usize, w.cloud_log().len(), "the last message is the log's last event");
+    rt.block_on(async { js.delete_stream(&stream).await.unwrap() });
+}

@@ -1,5 +1,5 @@
 //! Publishing each market's reconciled log to NATS JetStream: one message per event on
-//! `stallmesh.events.<market>`, with `Nats-Msg-Id` = market/device/seq so the stream drops a
+//! `<stream>.events.<market>` (so two streams, say a test's and production's, never overlap), with `Nats-Msg-Id` = market/device/seq so the stream drops a
 //! repeat (a restart, or two cloud processes publishing), and `Stallmesh-Offset`, from which a
 //! restarted publisher resumes: it reads the last message of the market's subject.
 
@@ -20,8 +20,8 @@ pub const RETRY_MS: u64 = 1_000;
 pub const MARKETS_RESCAN_MS: u64 = 2_000;
 pub const OFFSET_HEADER: &str = "Stallmesh-Offset";
 
-pub fn subject(market: &MarketId) -> String {
-    format!("stallmesh.events.{}", market.to_hex())
+pub fn subject(stream: &str, market: &MarketId) -> String {
+    format!("{stream}.events.{}", market.to_hex())
 }
 
 /// Connects, makes sure the stream exists, and spawns one publisher per market.
@@ -30,7 +30,7 @@ pub async fn spawn(url: String, stream: String, markets: Arc<Markets>) -> Result
     let js = jetstream::new(client);
     js.get_or_create_stream(jetstream::stream::Config {
         name: stream.clone(),
-        subjects: vec!["stallmesh.events.>".into()],
+        subjects: vec![format!("{stream}.events.>")],
         duplicate_window: Duration::from_secs(DUPLICATE_WINDOW_S),
         ..Default::default()
     })
@@ -59,10 +59,10 @@ pub async fn spawn(url: String, stream: String, markets: Arc<Markets>) -> Result
 /// The offset of the last event of `market` the stream holds (0: none).
 async fn last_published(js: &jetstream::Context, stream: &str, market: &MarketId) -> Result<u64, String> {
     let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    match s.get_last_raw_message_by_subject(&subject(market)).await {
+    match s.get_last_raw_message_by_subject(&subject(stream, market)).await {
         Ok(m) => {
             let offset = m.headers.get(OFFSET_HEADER).and_then(|v| v.as_str().parse::<u64>().ok());
-            offset.ok_or_else(|| format!("the last message on {} has no {OFFSET_HEADER} header", subject(market)))
+            offset.ok_or_else(|| format!("the last message on {} has no {OFFSET_HEADER} header", subject(stream, market)))
         }
         Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
         Err(e) => Err(e.to_string()),
@@ -109,7 +109,7 @@ async fn publish_market(js: jetstream::Context, stream: String, markets: Arc<Mar
             headers.insert("Nats-Msg-Id", format!("{}/{}/{}", e.market, e.device, e.seq).as_str());
             headers.insert(OFFSET_HEADER, e.offset.to_string().as_str());
             let payload = serde_json::to_vec(e).expect("events serialize");
-            match js.publish_with_headers(subject(&market), headers, payload.into()).await {
+            match js.publish_with_headers(subject(&stream, &market), headers, payload.into()).await {
                 Ok(ack) => acks.push((e.offset, ack)),
                 Err(err) => {
                     tracing::warn!(%market, error = %err, "publish failed");
