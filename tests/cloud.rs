@@ -699,3 +699,101 @@ fn the_log_is_published_to_jetstream_once_per_event_and_a_restarted_publisher_re
     assert_eq!(offset as usize, w.cloud_log().len(), "the last message is the log's last event");
     rt.block_on(async { js.delete_stream(&stream).await.unwrap() });
 }
+
+/// A PostgreSQL server of the test's own (initdb + pg_ctl in a temporary directory), so the test
+/// can crash and restart it. As root it runs as the `postgres` user (PostgreSQL refuses root).
+struct OwnPostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    as_user: Option<&'static str>,
+}
+
+impl OwnPostgres {
+    fn start(who: &str) -> Option<OwnPostgres> {
+        let found = Command::new("initdb").arg("--version").output().is_ok_and(|o| o.status.success());
+        if !found {
+            let msg = format!("SKIPPED {who}: initdb/pg_ctl (PostgreSQL server binaries) not on PATH");
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{msg}; under CI=true it must run");
+            eprintln!("\n!!! {msg}\n");
+            return None;
+        }
+        let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let as_user = is_root.then_some("postgres");
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(u) = as_user {
+            assert!(Command::new("chown").args([u, dir.path().to_str().unwrap()]).status().unwrap().success());
+        }
+        let pg = OwnPostgres { dir, port: free_port(), as_user };
+        let data = pg.data();
+        pg.run(&["initdb", "-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
+        pg.ctl_start();
+        pg.run(&["psql", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", "CREATE DATABASE stallmesh"]);
+        Some(pg)
+    }
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+    fn run(&self, args: &[&str]) {
+        let out = match self.as_user {
+            Some(u) => Command::new("runuser").args(["-u", u, "--"]).args(args).current_dir("/").output().unwrap(),
+            None => Command::new(args[0]).args(&args[1..]).output().unwrap(),
+        };
+        assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    fn ctl_start(&self) {
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let log = self.dir.path().join("pg.log").display().to_string();
+        self.run(&["pg_ctl", "-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"]);
+    }
+    /// The server dies as in a power cut: no shutdown checkpoint, clients cut off.
+    fn crash(&self) {
+        self.run(&["pg_ctl", "-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/stallmesh", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser").args(["-u", "postgres", "--", "pg_ctl", "-D", &self.data(), "-m", "immediate", "stop"]).output();
+        let _ = Command::new("pg_ctl").args(["-D", &self.data(), "-m", "immediate", "stop"]).output();
+    }
+}
+
+#[test]
+fn a_postgresql_restart_mid_ingest_loses_nothing_duplicates_nothing_and_the_uplink_resumes_by_itself() {
+    let Some(pg) = OwnPostgres::start("a_postgresql_restart_mid_ingest…") else { return };
+    let mut w = World::new(1);
+    w.start_cloud(Some(&pg.url()));
+    w.register_market();
+    let url = w.cloud_url.clone();
+    w.start_tablet(1, Some(&url));
+    let p = json!({ "sku": "JAM", "name": "Jam", "price_cents": 400, "currency": "EUR", "stall": "Stall 1" });
+    assert_eq!(post(&format!("{}/api/v1/products", w.http[1]), &p).0, 201);
+    assert_eq!(post(&format!("{}/api/v1/restocks", w.http[1]), &json!({ "sku": "JAM", "qty": 1000 })).0, 201);
+    let mut sold = BTreeSet::new();
+    for _ in 0..60 {
+        sold.insert(sell(&w, 1, "JAM"));
+    }
+    eventually(CONVERGE, "the first sales are in PostgreSQL", || w.cloud_sale_ids().len() >= 30);
+    // The database dies while the tablet sells on and uploads.
+    pg.crash();
+    for _ in 0..60 {
+        sold.insert(sell(&w, 1, "JAM"));
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    let status = w.tablet(1, "/api/v1/status");
+    assert!(status["cloud"]["uplink"]["state"] != "connected" || status["cloud"]["uplink"]["lacking"] != 0 || w.cloud_sale_ids().len() >= sold.len(), "{status}");
+    pg.ctl_start();
+    for _ in 0..30 {
+        sold.insert(sell(&w, 1, "JAM"));
+    }
+    eventually(Duration::from_secs(90), "the uplink resumed by itself", || {
+        let ids: BTreeSet<String> = w.cloud_sale_ids().into_iter().collect();
+        sold.is_subset(&ids)
+    });
+    assert_log_exact(&w, &sold);
+    let cloud_log = w.log("cloud.log");
+    assert!(cloud_log.contains("unavailable") || cloud_log.contains("store"), "the outage was logged: {cloud_log}");
+}

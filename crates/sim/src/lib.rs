@@ -1,14 +1,15 @@
-//! The market simulator: a whole market day from a seed, in virtual time, running the real ledger
-//! and sync code (the same `stallmesh-ledger` and `stallmesh-sync` state machines the node drives),
-//! with faults and invariant checks. See `simulations/README.md` for the scenario format.
+//! The market simulator: a whole market day from a seed, in virtual time, running the real ledger,
+//! sync and cloud code (the same `stallmesh-ledger`, `stallmesh-sync` and `stallmesh-ingest` state
+//! machines the node and the cloud drive), with faults and invariant checks. See
+//! `simulations/README.md` for the scenario format.
 
 pub mod report;
 pub mod scenario;
 pub mod world;
 
-pub use report::Report;
+pub use report::{CloudReport, Report};
 pub use scenario::Scenario;
-pub use world::{Options, RunResult, Violation};
+pub use world::{BrokenCloud, Options, RunResult, Violation, CLOUD_INVARIANT, UPLINK_REQUEST_TIMEOUT_MS};
 
 /// Runs one scenario with one seed.
 pub fn run(scenario: &Scenario, opts: Options) -> RunResult {

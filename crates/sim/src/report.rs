@@ -13,6 +13,33 @@ pub struct HourStats {
     pub lag_ms_max: f64,
 }
 
+/// The cloud's side of the run: its ingest core's counters, the tablets' uplink cores' counters
+/// (those discarded by crashes included), and how long sales took to reach the cloud's log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloudReport {
+    /// Entries in the cloud's log at the end (offsets 1..=log_entries), the day's opening
+    /// entries included.
+    pub log_entries: u64,
+    /// Changes the ingest core logged during the run (its own watermarks included), duplicates it
+    /// was sent again, changes it refused by reason, watermarks it recorded.
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub watermarks: u64,
+    /// Requests the uplinks sent (heads and uploads), those that failed (lost, timed out, cut by
+    /// an outage), changes and bytes they uploaded, changes they brought back to the mesh.
+    pub uplink_requests: u64,
+    pub uplink_failures: u64,
+    pub uplink_changes_uploaded: u64,
+    pub uplink_bytes_uploaded: u64,
+    pub uplink_changes_downloaded: u64,
+    /// Per sale, from its acknowledgement until the cloud logged it.
+    pub upload_lag_ms_p50: f64,
+    pub upload_lag_ms_p99: f64,
+    pub upload_lag_ms_max: f64,
+    pub sales_not_in_cloud_by_end: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -57,6 +84,7 @@ pub struct Report {
     pub protocol_ms: f64,
     pub engine_ms: f64,
     pub per_hour: Vec<HourStats>,
+    pub cloud: CloudReport,
     pub digest: String,
 }
 
@@ -94,6 +122,27 @@ impl Report {
         row(
             "storage per device mean / max",
             format!("{:.1} / {:.1} KB", self.storage_bytes_per_device_mean / 1e3, self.storage_bytes_per_device_max as f64 / 1e3),
+        );
+        let c = &self.cloud;
+        row("cloud log / accepted / dup / watermarks", format!("{} / {} / {} / {}", c.log_entries, c.accepted, c.duplicates, c.watermarks));
+        row("cloud refused", format!("{} {:?}", c.rejected.values().sum::<u64>(), c.rejected));
+        row(
+            "uplink requests / failures / bytes",
+            format!(
+                "{} / {} / {:.1} KB ({} changes up, {} down)",
+                c.uplink_requests,
+                c.uplink_failures,
+                c.uplink_bytes_uploaded as f64 / 1e3,
+                c.uplink_changes_uploaded,
+                c.uplink_changes_downloaded
+            ),
+        );
+        row(
+            "upload lag p50 / p99 / max",
+            format!(
+                "{:.1} / {:.1} / {:.1} ms ({} sales not in the cloud)",
+                c.upload_lag_ms_p50, c.upload_lag_ms_p99, c.upload_lag_ms_max, c.sales_not_in_cloud_by_end
+            ),
         );
         row("faults fired", format!("{:?}", self.faults_fired));
         row("wall time (engine / protocol)", format!("{:.0} ms ({:.0} / {:.0} ms)", self.wall_ms, self.engine_ms, self.protocol_ms));

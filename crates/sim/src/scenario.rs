@@ -54,7 +54,8 @@ pub struct MarketSpec {
     pub products_per_stall: u32,
     /// Units of each product restocked at the start (by the stall's first device, then shared out).
     pub initial_stock: u64,
-    /// Devices with a cloud uplink (4G): a fraction of all devices, from the first.
+    /// Devices with a cloud uplink (4G): a fraction of all devices (rounded), from the first.
+    /// Each runs the uplink core against the cloud's ingest core; 0 = none ever reaches the cloud.
     #[serde(default = "one")]
     pub uplink_fraction: f64,
 }
@@ -106,7 +107,8 @@ pub struct NetworkSpec {
     pub liveness_timeout_ms: u64,
     /// Delay before a lost connection is redialled.
     pub redial_ms: u64,
-    /// Latency of the cloud uplink, milliseconds.
+    /// One-way latency of the cloud uplink (each request and each reply), milliseconds, plus the
+    /// same tail as the Wi-Fi; `loss` applies too (a lost request or reply is a timeout).
     pub uplink_latency_ms: f64,
 }
 
@@ -157,11 +159,15 @@ impl Default for StorageSpec {
 pub enum FaultSpec {
     /// Split the Wi-Fi: `groups` lists device numbers per side; devices not listed join side 0.
     Partition { at_s: f64, duration_s: f64, groups: Vec<Vec<u32>> },
+    /// The tablet walks to `side` of the Wi-Fi split (an index into a partition's `groups`): from
+    /// `at_s` until its next move or the end of the day, every partition puts it on that side,
+    /// whatever its `groups` say. Its uplink, if it has one, goes with it.
+    Move { at_s: f64, device: u32, side: usize },
     /// One-way: messages from `from` devices to `to` devices are lost.
     Asymmetric { at_s: f64, duration_s: f64, from: Vec<u32>, to: Vec<u32> },
     /// Cut one device off the Wi-Fi.
     Isolate { at_s: f64, duration_s: f64, device: u32 },
-    /// Every cloud uplink is down.
+    /// Every cloud uplink is down: requests and replies are lost, each a timeout for its uplink.
     UplinkOutage { at_s: f64, duration_s: f64 },
     /// The device crashes and restarts after `down_s`; with `lose_unsynced`, changes not yet
     /// durable are lost.
@@ -229,6 +235,16 @@ impl Scenario {
                     check_device(*device)?
                 }
                 FaultSpec::UplinkOutage { .. } => {}
+                FaultSpec::Move { device, side, .. } => {
+                    check_device(*device)?;
+                    let mut sides = self.faults.iter().filter_map(|f| match f {
+                        FaultSpec::Partition { groups, .. } => Some(groups.len()),
+                        _ => None,
+                    });
+                    if !sides.any(|n| *side < n) {
+                        return Err(format!("move of device {device} to side {side}: no partition has that many sides"));
+                    }
+                }
             }
         }
         Ok(())

@@ -9,7 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp};
 use sha2::{Digest, Sha256};
-use stallmesh_identity::{Certificate, DeviceId, DeviceKey, MarketKey, Role};
+use stallmesh_identity::{Certificate, DeviceId, DeviceKey, Dot, MarketKey, Role, SignedChange};
+use stallmesh_ingest::uplink::{Uplink, UplinkStats};
+use stallmesh_ingest::{LogRecord, MarketIngest};
 use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
 use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, AskStats, Rebalancer, SaleWait, SaleWaitStep};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
@@ -28,9 +30,11 @@ const PROTOCOL_TIMING_SAMPLE: u64 = 16;
 pub const MAX_EVENTS: u64 = 2_000_000_000;
 
 mod checker;
+mod cloud;
 mod faults;
 mod network;
 
+pub use checker::CLOUD_INVARIANT;
 pub use faults::fault_kind;
 use faults::{fault_at, random_faults};
 
@@ -41,6 +45,17 @@ const DEVICE_EPOCH_MS: u64 = 1_800_000_000_000;
 /// far off on the virtual clock; waking sooner only finds nothing due and looks again.
 const MAX_WAKE_AHEAD_US: u64 = 60 * US_PER_S;
 const US_PER_S: u64 = 1_000_000;
+/// An uplink request with no reply after this long has failed (an HTTP client's timeout on 4G): a
+/// lost request or reply, or an outage, reaches the uplink core as `on_failure`, so it backs off.
+pub const UPLINK_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// How often the checker looks at acknowledged sales not yet in the cloud's log: deadlines of the
+/// cloud invariant are measured to within this.
+const CLOUD_CHECK_INTERVAL_US: u64 = US_PER_S;
+/// After an outage the uplinks are back once each can have tried again: its last request's
+/// timeout, then its longest backoff (the uplink core's contract: within half a minute).
+const UPLINK_RECOVERY_US: u64 = (UPLINK_REQUEST_TIMEOUT_MS + stallmesh_ingest::uplink::BACKOFF_MAX_MS) * US_PER_MS;
+/// Violations of the cloud invariant recorded during the run (the first ones explain the rest).
+const MAX_CLOUD_VIOLATIONS: usize = 5;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -53,7 +68,19 @@ pub struct Options {
     pub trace_file: Option<std::path::PathBuf>,
     /// The deliberately broken build: this device may spend stock rights it does not hold.
     pub broken_device: Option<u32>,
+    /// A deliberately broken cloud path (tests of the cloud invariant).
+    pub broken_cloud: Option<BrokenCloud>,
     pub progress: bool,
+}
+
+/// Deliberately broken cloud paths: the cloud invariant must catch each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokenCloud {
+    /// The cloud's driver leaves the first acknowledged sale it accepts out of the committed log
+    /// (a lost store write): the ingest core holds it, the log does not.
+    DropsOneSale,
+    /// Uplinks upload only their own tablet's journal, never the other devices' they hold.
+    UploadsOwnJournalOnly,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -107,6 +134,33 @@ enum Ev {
     SaleWait {
         id: u64,
     },
+    /// The tablet's uplink core asked to be woken now (`Uplink::poll_timeout`); stale unless it is
+    /// the uplink's `wake_at`.
+    UplinkWake {
+        dev: u32,
+    },
+    /// Uplink request `id` of tablet `dev` reaches the cloud.
+    CloudRequest {
+        dev: u32,
+        id: u64,
+        body: Vec<u8>,
+    },
+    /// The cloud's reply to request `id` reaches tablet `dev`.
+    CloudReply {
+        dev: u32,
+        id: u64,
+        body: Vec<u8>,
+    },
+    /// Request `id` is unanswered after `UPLINK_REQUEST_TIMEOUT_MS`; stale if answered.
+    UplinkTimeout {
+        dev: u32,
+        id: u64,
+    },
+    /// The ingest core asked to be woken now (`MarketIngest::poll_timeout`); stale unless it is
+    /// the cloud's `wake_at`.
+    CloudWake,
+    /// The cloud invariant's periodic look at sales not yet in the cloud's log.
+    CloudCheck,
 }
 
 struct Item {
@@ -135,7 +189,6 @@ impl Ord for Item {
 struct Device {
     id: DeviceId,
     stall: u32,
-    is_cloud: bool,
     key_secret: [u8; 32],
     cert: Certificate,
     ledger: Ledger,
@@ -145,7 +198,10 @@ struct Device {
     unsynced: Vec<Rc<Entry>>,
     commit_scheduled: bool,
     up: bool,
-    uplink: bool,
+    /// The tablet has 4G: it runs an uplink core against the cloud.
+    has_uplink: bool,
+    /// Its uplink core while it is up (a restart starts a new one, as a restarted node does).
+    uplink: Option<UplinkSide>,
     rng: ChaCha8Rng,
     clock_offset_us: i64,
     drift_ppm: f64,
@@ -160,6 +216,35 @@ struct Device {
     broken: bool,
     /// Broadcasts already seen (gossipsub's duplicate cache): content hash → first seen (virtual µs).
     seen: BTreeMap<u64, u64>,
+}
+
+/// A tablet's uplink: the real uplink core (`stallmesh-ingest`) and its request in flight.
+struct UplinkSide {
+    core: Uplink,
+    /// The pending `Ev::UplinkWake` (virtual µs); others are stale.
+    wake_at: Option<u64>,
+    /// The request in flight: its number (a reply or timeout for another one is stale) and the
+    /// changes it uploads.
+    in_flight: Option<(u64, usize)>,
+}
+
+/// The market's cloud: the real ingest core, enrolled with role `cloud`, and the log its driver
+/// commits. It is not on the Wi-Fi: tablets with 4G reach it over the uplink, one request at a time.
+struct Cloud {
+    key_secret: [u8; 32],
+    cert: Certificate,
+    ingest: MarketIngest,
+    /// Each committed (device, seq) → its offset: one committed twice is a violation.
+    logged: BTreeMap<Dot, u64>,
+    /// The offset of the last committed record, and how many were committed: offsets must run
+    /// 1, 2, 3, … without a gap.
+    last_offset: u64,
+    records: u64,
+    /// The pending `Ev::CloudWake` (virtual µs); others are stale.
+    wake_at: Option<u64>,
+    /// `BrokenCloud::DropsOneSale` has dropped its sale.
+    dropped_one: bool,
+    timeline: VecDeque<String>,
 }
 
 struct Conn {
@@ -192,8 +277,11 @@ struct Holder {
 struct AckedSale {
     t_ack: u64,
     device: u32,
+    dot: Dot,
     holders: u32,
     converged_at: Option<u64>,
+    /// When the cloud committed it to its log.
+    in_cloud_at: Option<u64>,
 }
 
 pub struct World {
@@ -202,10 +290,14 @@ pub struct World {
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<Item>>,
+    /// The tablets, numbered 0.. in stall order.
     devices: Vec<Device>,
+    cloud: Cloud,
     ctx: MarketContext,
     faults: Vec<FaultSpec>,
     active_faults: BTreeSet<usize>,
+    /// Tablets walked to another side of the Wi-Fi split (`move` faults): device → side.
+    moved: BTreeMap<u32, usize>,
     conns: BTreeMap<(u32, u32), Conn>,
     wanted: BTreeSet<(u32, u32)>,
     epochs: u64,
@@ -220,6 +312,16 @@ pub struct World {
     restocked: BTreeMap<String, u64>,
     /// Ask outcomes of rebalancers that a crash discarded (the live ones are in each device).
     asks_before_restarts: AskStats,
+    /// Counters of uplink cores that a crash discarded.
+    uplinks_before_restarts: UplinkStats,
+    next_request_id: u64,
+    /// Acknowledged sales not yet in the cloud's log → since when the cloud could have had them
+    /// (an uplink up, no outage, the sale on its side of the Wi-Fi), while that lasts.
+    not_in_cloud: BTreeMap<u32, Option<u64>>,
+    /// Violations of the cloud invariant found during the run.
+    cloud_violations: Vec<Violation>,
+    /// When the uplinks are back after the last outage (its end + `UPLINK_RECOVERY_US`).
+    uplinks_back_at: u64,
     day_over: bool,
     end_of_day_at: u64,
     converged_after_heal: Option<u64>,
@@ -276,6 +378,13 @@ fn fnv_bytes(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
 
+fn push_timeline(tl: &mut VecDeque<String>, line: String) {
+    if tl.len() == TIMELINE_LINES {
+        tl.pop_front();
+    }
+    tl.push_back(line);
+}
+
 fn pair(a: u32, b: u32) -> (u32, u32) {
     (a.min(b), a.max(b))
 }
@@ -288,14 +397,13 @@ impl World {
         let market_key = MarketKey::from_secret(mix(0, "market", 0).to_le_bytes().repeat(4).try_into().expect("32 bytes"));
         let ctx = MarketContext::new(market_key.public());
         let uplinks = (sc.market.uplink_fraction * n as f64).round() as u32;
-        let mut devices = Vec::with_capacity(n as usize + 1);
-        for d in 0..=n {
-            let is_cloud = d == n;
-            let secret: [u8; 32] = mix(0, "device", d as u64).to_le_bytes().repeat(4).try_into().expect("32 bytes");
+        let mut devices = Vec::with_capacity(n as usize);
+        let secret_of = |d: u32| -> [u8; 32] { mix(0, "device", d as u64).to_le_bytes().repeat(4).try_into().expect("32 bytes") };
+        for d in 0..n {
+            let secret = secret_of(d);
             let key = DeviceKey::from_secret(secret);
-            let stall = if is_cloud { u32::MAX } else { d / sc.market.devices_per_stall };
-            let stall_name = if is_cloud { "cloud".to_string() } else { format!("Stall {stall}") };
-            let cert = market_key.enrol(key.device_id(), &stall_name, Role::Organiser, u64::MAX);
+            let stall = d / sc.market.devices_per_stall;
+            let cert = market_key.enrol(key.device_id(), &format!("Stall {stall}"), Role::Organiser, u64::MAX);
             let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, "device-rng", d as u64));
             let clock_offset_us = (rng.gen_range(-1.0..=1.0) * sc.clock.max_offset_ms * 1000.0) as i64;
             let drift_ppm = rng.gen_range(-1.0..=1.0) * sc.clock.max_drift_ppm;
@@ -304,7 +412,6 @@ impl World {
             devices.push(Device {
                 id: DeviceId(ledger.device().0),
                 stall,
-                is_cloud,
                 key_secret: secret,
                 cert,
                 ledger,
@@ -316,7 +423,8 @@ impl World {
                 unsynced: Vec::new(),
                 commit_scheduled: false,
                 up: true,
-                uplink: d < uplinks,
+                has_uplink: d < uplinks,
+                uplink: None,
                 rng,
                 clock_offset_us,
                 drift_ppm,
@@ -329,6 +437,23 @@ impl World {
                 seen: BTreeMap::new(),
             });
         }
+        // The cloud's device: number n (after the tablets), role `cloud`. Its ingest core is built
+        // again in `setup`, from the day's opening entries.
+        let cloud_secret = secret_of(n);
+        let cloud_key = DeviceKey::from_secret(cloud_secret);
+        let cloud_cert = market_key.enrol(cloud_key.device_id(), "cloud", Role::Cloud, u64::MAX);
+        let (ingest, _) = MarketIngest::create(ctx.clone(), cloud_key, cloud_cert.clone(), DEVICE_EPOCH_MS).expect("a cloud certificate");
+        let cloud = Cloud {
+            key_secret: cloud_secret,
+            cert: cloud_cert,
+            ingest,
+            logged: BTreeMap::new(),
+            last_offset: 0,
+            records: 0,
+            wake_at: None,
+            dropped_one: false,
+            timeline: VecDeque::new(),
+        };
         let stall_rngs = (0..sc.market.stalls).map(|s| ChaCha8Rng::seed_from_u64(mix(seed, "stall", s as u64))).collect();
         let products = (0..sc.market.stalls)
             .map(|s| {
@@ -350,6 +475,13 @@ impl World {
         faults.extend(random_faults(&sc, seed));
         let mut w = World {
             asks_before_restarts: AskStats::default(),
+            uplinks_before_restarts: UplinkStats::default(),
+            next_request_id: 0,
+            not_in_cloud: BTreeMap::new(),
+            cloud_violations: Vec::new(),
+            uplinks_back_at: 0,
+            cloud,
+            moved: BTreeMap::new(),
             sc,
             opts,
             now: 0,
@@ -413,8 +545,9 @@ impl World {
         self.sc.devices()
     }
 
-    fn cloud(&self) -> u32 {
-        self.n()
+    /// The cloud's clock (NTP-synchronised: virtual time), in ms.
+    fn cloud_now_ms(&self) -> u64 {
+        self.now / US_PER_MS + DEVICE_EPOCH_MS
     }
 
     fn push(&mut self, t: u64, ev: Ev) {
@@ -429,8 +562,22 @@ impl World {
         (t.max(0.0) / 1000.0) as u64 + DEVICE_EPOCH_MS
     }
 
+    /// A trace line of the cloud (`cloud` in the device column), kept in its own timeline.
+    fn trace_cloud(&mut self, line: String) {
+        let full = self.trace_line("cloud", line);
+        push_timeline(&mut self.cloud.timeline, full);
+    }
+
     fn trace(&mut self, dev: Option<u32>, line: String) {
-        let full = format!("{} {} {}", self.now, dev.map_or("-".to_string(), |d| d.to_string()), line);
+        let full = self.trace_line(&dev.map_or("-".to_string(), |d| d.to_string()), line);
+        if let Some(d) = dev {
+            push_timeline(&mut self.devices[d as usize].timeline, full);
+        }
+    }
+
+    /// Hashes and writes one trace line; returns it.
+    fn trace_line(&mut self, who: &str, line: String) -> String {
+        let full = format!("{} {who} {line}", self.now);
         self.hasher.update(full.as_bytes());
         self.hasher.update(b"\n");
         if self.opts.keep_event_hashes {
@@ -443,13 +590,7 @@ impl World {
             use std::io::Write;
             let _ = writeln!(out, "{full}");
         }
-        if let Some(d) = dev {
-            let tl = &mut self.devices[d as usize].timeline;
-            if tl.len() == TIMELINE_LINES {
-                tl.pop_front();
-            }
-            tl.push_back(full);
-        }
+        full
     }
 
     fn hour(&mut self) -> &mut HourStats {
@@ -468,11 +609,15 @@ impl World {
         };
         // Everyone enrols (a first meeting before the day).
         let mut shared: Vec<Entry> = Vec::new();
-        for d in 0..=n {
+        for d in 0..n {
             let now = self.dev_now_ms(d);
             let e = self.devices[d as usize].ledger.enrol_self(now).expect("valid certificate").expect("first enrolment");
             shared.push(e);
         }
+        // The cloud's device enrols with them (its journal will hold only its watermarks).
+        let cloud_key = DeviceKey::from_secret(self.cloud.key_secret);
+        let mut cloud_ledger = Ledger::new(self.ctx.clone(), cloud_key, self.cloud.cert.clone());
+        shared.push(cloud_ledger.enrol_self(self.cloud_now_ms()).expect("valid certificate").expect("first enrolment"));
         let enrolments = shared.clone();
         // Each stall's first device adds its catalogue and stock, and shares the stock out evenly.
         let dps = self.sc.market.devices_per_stall;
@@ -499,14 +644,25 @@ impl World {
         // were made by the simulation's own ledgers, and checked when the authors recorded them).
         let shared_rc: Vec<Rc<Entry>> = shared.iter().map(|e| self.intern(e.clone())).collect();
         let setup_bytes: u64 = shared.iter().map(|e| e.change.encoded_len() as u64).sum();
-        for d in 0..=n {
+        for d in 0..n {
             let ledger = restore(self, d, &shared);
             let dev = &mut self.devices[d as usize];
             dev.ledger = ledger;
             dev.durable = shared_rc.clone();
             dev.storage_bytes = setup_bytes;
         }
-        // Topology: the stall's own devices, plus random others, plus the cloud for uplinked devices.
+        // The cloud's log starts the day with the same entries, at offsets 1.. in this order (it
+        // registered the market and took in the meeting's entries before the day).
+        let records = shared.iter().enumerate().map(|(i, e)| LogRecord { offset: i as u64 + 1, entry: e.clone() });
+        let cloud_key = DeviceKey::from_secret(self.cloud.key_secret);
+        self.cloud.ingest =
+            MarketIngest::restore(self.ctx.clone(), cloud_key, self.cloud.cert.clone(), records).expect("setup log restores");
+        for (i, e) in shared.iter().enumerate() {
+            self.cloud.logged.insert(e.change.dot(), i as u64 + 1);
+        }
+        self.cloud.last_offset = shared.len() as u64;
+        self.cloud.records = shared.len() as u64;
+        // Topology: the stall's own devices, plus random others. The cloud is not on the Wi-Fi.
         let per = self.sc.network.peers_per_device;
         for a in 0..n {
             if per == 0 {
@@ -531,9 +687,6 @@ impl World {
                     }
                 }
             }
-            if self.devices[a as usize].uplink {
-                self.wanted.insert((a, n));
-            }
         }
         let wanted: Vec<(u32, u32)> = self.wanted.iter().copied().collect();
         for (a, b) in wanted {
@@ -549,6 +702,11 @@ impl World {
         }
         let end = (self.sc.duration_h * 3600.0 * US_PER_S as f64) as u64;
         self.push(end, Ev::EndOfDay);
+        for d in 0..n {
+            self.start_uplink(d);
+        }
+        self.schedule_cloud_wake();
+        self.push(CLOUD_CHECK_INTERVAL_US, Ev::CloudCheck);
     }
 
     fn next_arrival(&mut self, stall: u32, now: u64) -> u64 {
@@ -626,6 +784,12 @@ impl World {
             Ev::EndOfDay => self.end_of_day(),
             Ev::LivenessCheck => self.liveness_check(),
             Ev::SaleWait { id } => self.on_sale_wait(id),
+            Ev::UplinkWake { dev } => self.on_uplink_wake(dev),
+            Ev::CloudRequest { dev, id, body } => self.on_cloud_request(dev, id, body),
+            Ev::CloudReply { dev, id, body } => self.on_cloud_reply(dev, id, body),
+            Ev::UplinkTimeout { dev, id } => self.on_uplink_timeout(dev, id),
+            Ev::CloudWake => self.on_cloud_wake(),
+            Ev::CloudCheck => self.cloud_check(),
         }
     }
 
@@ -689,8 +853,10 @@ impl World {
                 let id = sale_id(entry.change.dot());
                 self.trace(Some(dev), format!("sale {id} acked"));
                 let idx = self.acked.len() as u32;
-                self.acked.push(AckedSale { t_ack: self.now, device: dev, holders: 0, converged_at: None });
+                let dot = entry.change.dot();
+                self.acked.push(AckedSale { t_ack: self.now, device: dev, dot, holders: 0, converged_at: None, in_cloud_at: None });
                 self.acked_index.insert(id, idx);
+                self.not_in_cloud.insert(idx, None);
                 self.hour().sales += 1;
                 if wait.is_some() {
                     self.sales_after_waiting += 1;
@@ -752,8 +918,8 @@ impl World {
         let holders = short_of.map(|sku| self.reachable_holders(dev, sku)).unwrap_or_default();
         if holders.is_empty() {
             let me = self.devices[dev as usize].id;
-            let held_elsewhere = short_of
-                .is_some_and(|sku| self.devices.iter().any(|d| !d.is_cloud && d.id != me && d.ledger.state().rights_of(sku, &d.id) > 0));
+            let held_elsewhere =
+                short_of.is_some_and(|sku| self.devices.iter().any(|d| d.id != me && d.ledger.state().rights_of(sku, &d.id) > 0));
             if held_elsewhere {
                 self.refused_while_unreachable_held += 1;
             }
@@ -778,7 +944,7 @@ impl World {
                 let peer = &self.devices[p as usize];
                 let state = peer.ledger.state();
                 let held = state.rights_of(sku, &peer.id);
-                let reachable = !peer.is_cloud && peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
+                let reachable = peer.up && !self.blocked(dev, p) && !self.blocked(p, dev);
                 let now = self.dev_now_ms(p);
                 let since = recent_sales_since_ms(now);
                 let recent_sales = state.sales_of_device_since(&peer.id, since) as usize;
@@ -875,6 +1041,7 @@ impl World {
             }
         }
         self.execute(dev, out);
+        self.schedule_uplink(dev);
     }
 
     fn note_held(&mut self, dev: u32, entry: &Entry) {
@@ -883,9 +1050,6 @@ impl World {
         }
         let Some(&idx) = self.acked_index.get(&sale_id(entry.change.dot())) else { return };
         let d = &mut self.devices[dev as usize];
-        if d.is_cloud {
-            return;
-        }
         let (word, bit) = (idx as usize / 64, idx % 64);
         if d.held.len() <= word {
             d.held.resize(word + 1, 0);
@@ -921,26 +1085,11 @@ impl World {
                     }
                 }
                 Output::Apply { from, changes } => {
-                    let report = self.protocol(|w| w.devices[dev as usize].ledger.apply_remote(changes));
-                    for (dot, why) in &report.rejected {
-                        self.trace(Some(dev), format!("rejected {}:{} from {from}: {}", dot.device.short(), dot.seq, why.label()));
-                    }
-                    if !report.applied.is_empty() {
-                        self.trace(Some(dev), format!("applied {} from {from}", report.applied.len()));
-                    }
-                    let me = self.devices[dev as usize].id;
-                    let rights_arrived =
-                        report.applied.iter().any(|e| matches!(&e.event.body, EventBody::Transferred { to, .. } if *to == me));
-                    for e in report.applied {
-                        self.note_held(dev, &e);
-                        let e = self.intern(e);
-                        self.devices[dev as usize].unsynced.push(e);
-                    }
-                    self.schedule_commit(dev);
+                    let (pending, rights_arrived) = self.apply_changes(dev, from, changes);
                     let now = self.dev_now_ms(dev);
                     let more = self.protocol(|w| {
                         let d = &mut w.devices[dev as usize];
-                        d.sync.applied(&from, report.pending, now, d.ledger.heads_ref())
+                        d.sync.applied(&from, pending, now, d.ledger.heads_ref())
                     });
                     queue.extend(more);
                     if rights_arrived {
@@ -960,6 +1109,32 @@ impl World {
             }
         }
         self.schedule_wake(dev);
+    }
+
+    /// Verifies and applies changes from a peer or the cloud through the device's ledger; what it
+    /// applies becomes durable after the group commit. Returns the changes left pending and whether
+    /// stock rights for this device arrived.
+    fn apply_changes(&mut self, dev: u32, from: impl std::fmt::Display, changes: Vec<SignedChange>) -> (usize, bool) {
+        let report = self.protocol(|w| w.devices[dev as usize].ledger.apply_remote(changes));
+        for (dot, why) in &report.rejected {
+            self.trace(Some(dev), format!("rejected {}:{} from {from}: {}", dot.device.short(), dot.seq, why.label()));
+        }
+        if !report.applied.is_empty() {
+            self.trace(Some(dev), format!("applied {} from {from}", report.applied.len()));
+        }
+        let me = self.devices[dev as usize].id;
+        let rights_arrived = report.applied.iter().any(|e| matches!(&e.event.body, EventBody::Transferred { to, .. } if *to == me));
+        let grew = !report.applied.is_empty();
+        for e in report.applied {
+            self.note_held(dev, &e);
+            let e = self.intern(e);
+            self.devices[dev as usize].unsynced.push(e);
+        }
+        self.schedule_commit(dev);
+        if grew {
+            self.schedule_uplink(dev);
+        }
+        (report.pending, rights_arrived)
     }
 
     /// Every call into a device's sync core ends here (through `execute`): it may have moved the
@@ -1009,9 +1184,6 @@ impl World {
     }
 
     fn give_rights(&mut self, dev: u32, to: u32, sku: &str, qty: u64, for_sale: bool) -> Option<Entry> {
-        if self.devices[dev as usize].is_cloud || self.devices[to as usize].is_cloud {
-            return None;
-        }
         let now = self.dev_now_ms(dev);
         let to_id = self.devices[to as usize].id;
         self.protocol(|w| {
@@ -1041,7 +1213,7 @@ impl World {
         let mut lags: Vec<f64> = self.acked.iter().filter_map(|s| s.converged_at.map(|t| (t - s.t_ack) as f64 / 1000.0)).collect();
         lags.sort_by(f64::total_cmp);
         let pct = |p: f64| if lags.is_empty() { 0.0 } else { lags[((lags.len() - 1) as f64 * p).round() as usize] };
-        let storage: Vec<u64> = self.devices.iter().filter(|d| !d.is_cloud).map(|d| d.storage_bytes).collect();
+        let storage: Vec<u64> = self.devices.iter().map(|d| d.storage_bytes).collect();
         let sales = self.acked.len() as u64;
         let asks = self.devices.iter().map(|d| *d.rebalancer.stats()).fold(self.asks_before_restarts, |a, b| AskStats {
             for_sale: a.for_sale + b.for_sale,
@@ -1082,6 +1254,7 @@ impl World {
             protocol_ms: self.protocol_time.as_secs_f64() * 1000.0,
             engine_ms: (wall.saturating_sub(self.protocol_time)).as_secs_f64() * 1000.0,
             per_hour: self.hours[..hours_run.min(self.hours.len())].to_vec(),
+            cloud: self.cloud_report(),
             digest: String::new(),
         }
     }

@@ -1,7 +1,8 @@
 //! The simulator's own specification: determinism, every fault kind firing, and the checker
-//! catching a broken build.
+//! catching a broken build (a tablet overspending; a cloud losing a sale; an uplink uploading only
+//! its own journal).
 
-use stallmesh_sim::{check_determinism, run, sweep, Options, Scenario};
+use stallmesh_sim::{check_determinism, run, sweep, BrokenCloud, Options, Scenario, CLOUD_INVARIANT};
 
 fn shipped(name: &str) -> Scenario {
     Scenario::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulations").join(name)).unwrap()
@@ -113,16 +114,82 @@ kind = "clock_jump"
 at_s = 1100
 device = 3
 jump_ms = -60000
+[[faults]]
+kind = "partition"
+at_s = 1200
+duration_s = 200
+groups = [[0, 1, 2], [3, 4, 5]]
+[[faults]]
+kind = "move"
+at_s = 1250
+device = 0
+side = 1
 "#;
     let sc = small(faults);
     let r = run(&sc, Options { seed: 11, ..Default::default() });
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
-    for kind in ["partition", "asymmetric", "isolate", "uplink_outage", "crash", "clock_jump"] {
+    for kind in ["partition", "asymmetric", "isolate", "uplink_outage", "crash", "clock_jump", "move"] {
         assert!(r.report.faults_fired.get(kind).is_some_and(|n| *n > 0), "{kind} did not fire: {:?}", r.report.faults_fired);
     }
     assert_eq!(r.report.faults_fired["crash"], 2);
     assert!(r.report.converged_after_faults_stopped_ms.is_some());
     assert!(r.report.sales > 10, "{}", r.report.table());
+    // The outage made uplink requests fail (and back off); every sale still reached the cloud.
+    assert!(r.report.cloud.uplink_failures > 0, "{}", r.report.table());
+    assert_eq!(r.report.cloud.sales_not_in_cloud_by_end, 0, "{}", r.report.table());
+}
+
+#[test]
+fn the_cloud_gets_every_sale_of_both_sides_through_the_one_walking_tablet() {
+    let sc = shipped("walking-4g.toml");
+    assert_eq!((sc.market.uplink_fraction * sc.devices() as f64).round(), 1.0, "one tablet has 4G");
+    for (seed, report, violations) in sweep(&sc, 1..4, 2) {
+        let table = report.table();
+        assert!(violations.is_empty(), "seed {seed}: {violations:#?}\n{table}");
+        assert_eq!(report.faults_fired.get("move"), Some(&6), "{table}");
+        assert_eq!(report.cloud.sales_not_in_cloud_by_end, 0, "{table}");
+        assert_eq!(report.cloud.rejected, Default::default(), "{table}");
+        // The far side's sales waited minutes for the walker, never longer than it stays away
+        // (10 minutes, plus its way back and the uplink's backoff): without the walks they would
+        // wait for the split to heal, over an hour. The near side's went up at once.
+        assert!(report.cloud.upload_lag_ms_max > 120_000.0, "{table}");
+        assert!(report.cloud.upload_lag_ms_max < 700_000.0, "{table}");
+        assert!(report.cloud.upload_lag_ms_p50 < 1_000.0, "{table}");
+        // The cloud's watermarks came back down the uplink (and on through the mesh: replicas agree).
+        assert!(report.cloud.watermarks > 0 && report.cloud.uplink_changes_downloaded > 0, "{table}");
+        assert!(report.cloud.uplink_failures > 0, "the outage and the crash cut the uplink\n{table}");
+    }
+}
+
+#[test]
+fn the_cloud_invariant_catches_a_cloud_that_loses_an_accepted_sale() {
+    let sc = small("");
+    let fine = run(&sc, Options { seed: 2, ..Default::default() });
+    assert!(fine.violations.is_empty(), "{:#?}", fine.violations);
+    let r = run(&sc, Options { seed: 2, broken_cloud: Some(BrokenCloud::DropsOneSale), ..Default::default() });
+    // The ingest core holds the sale and passes it on, so every replica agrees: only the cloud's
+    // log lacks it, and only the cloud invariant can tell.
+    let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
+    assert!(!names.is_empty() && names.iter().all(|n| *n == CLOUD_INVARIANT), "{:#?}", r.violations);
+    let details: Vec<&str> = r.violations.iter().map(|v| v.detail.as_str()).collect();
+    assert!(details.iter().any(|d| d.contains("jumps from offset")), "{details:#?}");
+    assert!(details.iter().any(|d| d.contains("not in the cloud's log at the end")), "{details:#?}");
+    assert_eq!(r.report.cloud.sales_not_in_cloud_by_end, 1, "{}", r.report.table());
+}
+
+#[test]
+fn the_cloud_invariant_catches_an_uplink_that_uploads_only_its_own_journal() {
+    // Half the tablets have 4G: the other half's sales reach the cloud only through them. (The
+    // uplinks' own sales that spend others' transfers stay pending at the cloud and are uploaded
+    // again after every reply: a short day keeps that cheap.)
+    let mut sc = small("");
+    sc.duration_h = 0.15;
+    let r = run(&sc, Options { seed: 3, broken_cloud: Some(BrokenCloud::UploadsOwnJournalOnly), ..Default::default() });
+    let v = r.violations.iter().find(|v| v.invariant == CLOUD_INVARIANT).unwrap_or_else(|| panic!("{:#?}", r.violations));
+    // Caught during the day, a liveness bound after an uplink held the sale, not only at the end.
+    assert!(v.detail.contains("after an uplink could carry it"), "{}", v.detail);
+    assert!(!v.timeline.is_empty(), "the uplinked tablet's timeline is attached");
+    assert!(r.report.cloud.sales_not_in_cloud_by_end > 0, "{}", r.report.table());
 }
 
 #[test]

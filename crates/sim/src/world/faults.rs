@@ -1,5 +1,6 @@
-//! Faults: partitions, one-way loss, isolation, uplink outages, crashes (losing what was not yet
-//! durable) and restarts from the store, clock jumps; the end of the day, when they all stop.
+//! Faults: partitions, tablets walking between their sides, one-way loss, isolation, uplink
+//! outages, crashes (losing what was not yet durable) and restarts from the store, clock jumps; the
+//! end of the day, when they all stop.
 
 use super::*;
 
@@ -21,6 +22,12 @@ impl World {
             FaultSpec::ClockJump { device, jump_ms, .. } => {
                 self.devices[device as usize].clock_offset_us += jump_ms * 1000;
             }
+            // Instantaneous, as a partition's start: sessions to the old side go silent and time
+            // out; the new side's, refused while blocked, are redialled.
+            FaultSpec::Move { device, side, .. } => {
+                self.moved.insert(device, side);
+                self.trace(Some(device), format!("walked to side {side}"));
+            }
             FaultSpec::Partition { duration_s, .. }
             | FaultSpec::Asymmetric { duration_s, .. }
             | FaultSpec::Isolate { duration_s, .. }
@@ -35,6 +42,9 @@ impl World {
     pub(super) fn fault_end(&mut self, i: usize) {
         if self.active_faults.remove(&i) {
             self.trace(None, format!("fault end {}", fault_kind(&self.faults[i])));
+            if matches!(self.faults[i], FaultSpec::UplinkOutage { .. }) {
+                self.uplinks_back_at = self.now + UPLINK_RECOVERY_US;
+            }
         }
     }
 
@@ -56,6 +66,7 @@ impl World {
             self.teardown(a, b);
         }
         self.drop_waiting(Some(dev));
+        self.stop_uplink(dev);
         let policy = self.sc.rebalance;
         let d = &mut self.devices[dev as usize];
         let lost = std::mem::replace(&mut d.rebalancer, Rebalancer::new(policy));
@@ -93,6 +104,7 @@ impl World {
         });
         d.up = true;
         self.trace(Some(dev), "restart".into());
+        self.start_uplink(dev);
         let pairs: Vec<(u32, u32)> = self.wanted.iter().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
         for (a, b) in pairs {
             self.push(self.now, Ev::Dial { a, b });
@@ -104,7 +116,11 @@ impl World {
         self.end_of_day_at = self.now;
         self.trace(None, "end of day: faults stop, liveness phase".into());
         self.drop_waiting(None);
+        if self.uplink_outage() {
+            self.uplinks_back_at = self.now + UPLINK_RECOVERY_US;
+        }
         self.active_faults.clear();
+        self.moved.clear();
         for d in 0..self.n() {
             if !self.devices[d as usize].up {
                 self.restart(d);
@@ -125,7 +141,8 @@ pub(super) fn fault_at(f: &FaultSpec) -> f64 {
         | FaultSpec::Isolate { at_s, .. }
         | FaultSpec::UplinkOutage { at_s, .. }
         | FaultSpec::Crash { at_s, .. }
-        | FaultSpec::ClockJump { at_s, .. } => *at_s,
+        | FaultSpec::ClockJump { at_s, .. }
+        | FaultSpec::Move { at_s, .. } => *at_s,
     }
 }
 
@@ -137,6 +154,7 @@ pub fn fault_kind(f: &FaultSpec) -> &'static str {
         FaultSpec::UplinkOutage { .. } => "uplink_outage",
         FaultSpec::Crash { .. } => "crash",
         FaultSpec::ClockJump { .. } => "clock_jump",
+        FaultSpec::Move { .. } => "move",
     }
 }
 

@@ -1,25 +1,33 @@
 //! The simulated network: ordered streams with latency, loss and bandwidth, gossip-like
-//! broadcasts with duplicates and reordering, dialling, and stream resets.
+//! broadcasts with duplicates and reordering, dialling, and stream resets. The Wi-Fi joins the
+//! tablets; the 4G uplink to the cloud is apart (`world/cloud.rs`): only outages and the tablet's
+//! own crashes cut it.
 
 use super::*;
 
 impl World {
-    /// Whether the network currently drops messages from `from` to `to`.
+    /// Whether the Wi-Fi currently drops messages from tablet `from` to tablet `to`.
     pub(super) fn blocked(&self, from: u32, to: u32) -> bool {
-        let cloud = self.cloud();
         self.active_faults.iter().any(|&i| match &self.faults[i] {
             FaultSpec::Partition { groups, .. } => {
-                if from == cloud || to == cloud {
-                    return false; // the uplink is not the Wi-Fi
-                }
-                let side = |d: u32| groups.iter().position(|g| g.contains(&d)).unwrap_or(0);
+                // A tablet that walked (`move`) is on the side it walked to, whatever `groups` says.
+                let side = |d: u32| self.moved.get(&d).copied().unwrap_or_else(|| groups.iter().position(|g| g.contains(&d)).unwrap_or(0));
                 side(from) != side(to)
             }
             FaultSpec::Asymmetric { from: f, to: t, .. } => f.contains(&from) && t.contains(&to),
-            FaultSpec::Isolate { device, .. } => (from == *device || to == *device) && from != cloud && to != cloud,
-            FaultSpec::UplinkOutage { .. } => from == cloud || to == cloud,
+            FaultSpec::Isolate { device, .. } => from == *device || to == *device,
             _ => false,
         })
+    }
+
+    /// Whether every 4G uplink is down.
+    pub(super) fn uplink_outage(&self) -> bool {
+        self.active_faults.iter().any(|&i| matches!(self.faults[i], FaultSpec::UplinkOutage { .. }))
+    }
+
+    /// Whether tablet `dev` cannot reach the cloud: an outage, or the tablet is down.
+    pub(super) fn uplink_cut(&self, dev: u32) -> bool {
+        !self.devices[dev as usize].up || self.uplink_outage()
     }
 
     pub(super) fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, ordered: bool) {
@@ -33,7 +41,6 @@ impl World {
             return; // the cable is cut: the bytes sit in a buffer that never drains
         }
         let net = &self.sc.network;
-        let is_uplink = from == self.cloud() || to == self.cloud();
         let rng = &mut self.devices[from as usize].rng;
         if rng.gen_bool(net.loss) {
             if ordered {
@@ -42,7 +49,7 @@ impl World {
             }
             return;
         }
-        let base = if is_uplink { net.uplink_latency_ms } else { net.latency_ms };
+        let base = net.latency_ms;
         let tail = if net.latency_tail_ms > 0.0 { Exp::new(1.0 / net.latency_tail_ms).expect("positive").sample(rng) } else { 0.0 };
         let serialize_ms = bytes.len() as f64 * 8.0 / net.bandwidth_kbps.max(1.0);
         let mut delay_us = ((base + tail + serialize_ms) * 1000.0) as u64 + 1;
