@@ -134,7 +134,12 @@ async fn sync(State(state): State<CloudState>, Path(market): Path<String>, heade
     let id = market_id(&market)?;
     let path = wire::sync_path(&id);
     let auth = RequestAuth::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()));
-    let reply = state.markets.sync(&id, &path, auth, &body).await?;
+    // On a task of its own: a tablet that hangs up mid-request must not cancel a commit halfway,
+    // leaving the core in memory ahead of the store.
+    let markets = state.markets.clone();
+    let reply = tokio::spawn(async move { markets.sync(&id, &path, auth, &body).await })
+        .await
+        .map_err(|e| CloudError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the ingest task failed: {e}")))??;
     Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE)], reply.encode()).into_response())
 }
 

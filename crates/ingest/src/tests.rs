@@ -146,7 +146,7 @@ fn a_second_process_catches_up_from_the_shared_log_before_appending() {
     assert_eq!(a.heads(), b.heads());
     assert_eq!(a.offset(), b.offset());
     // Both cloud processes sign with one device key; catching up first means neither forks it.
-    let w = a.tick(10_000).expect("a watermark is due");
+    let w = a.tick(10 * DEFAULT_WATERMARK_INTERVAL_MS).expect("a watermark is due");
     assert!(w.records.iter().all(|r| r.offset > b.offset()));
     log.extend(w.records);
     b.catch_up(log[b.next_offset() as usize - 1..].to_vec()).unwrap();
@@ -224,7 +224,7 @@ fn one_tablet_uploads_every_devices_journal_in_bounded_batches_and_gets_the_wate
     assert_eq!(up.lacking(me.heads_ref()), 0);
     assert_eq!(up.poll(now, me.heads_ref(), &log), None, "nothing to send until the refresh interval");
     // The cloud records its watermark when due; the next heads refresh brings it to the tablet.
-    now += uplink::HEADS_REFRESH_MS;
+    now += uplink::HEADS_REFRESH_MS.max(DEFAULT_WATERMARK_INTERVAL_MS);
     for r in cloud.tick(now).expect("a watermark is due").records {
         cloud_log.add(r.entry.change);
     }

@@ -153,6 +153,11 @@ impl Uplink {
             }
         };
         if changes.is_empty() {
+            if !refresh_due && self.lacking(mine) > 0 {
+                // The heads say the cloud lacks something the store did not return (a read racing
+                // a write): look again shortly rather than at once, so a driver cannot spin.
+                self.retry_at_ms = now_ms.saturating_add(BACKOFF_BASE_MS);
+            }
             return refresh_due.then(|| self.heads_request(now_ms, mine));
         }
         let n = changes.len();
@@ -182,6 +187,14 @@ impl Uplink {
         self.last_error = None;
         self.stats.changes_uploaded += sent as u64;
         self.stats.duplicates += reply.duplicates;
+        if sent > 0 && reply.accepted == 0 && reply.duplicates == 0 && reply.pending > 0 {
+            // The cloud holds the whole batch waiting for changes this tablet does not have (another
+            // device's, not yet here): sending it again at once would only repeat that. Back off
+            // and ask again; the missing changes come from another tablet or over the mesh.
+            self.failures = self.failures.saturating_add(1);
+            let wait = self.backoff_ms();
+            self.retry_at_ms = now_ms.saturating_add(wait);
+        }
         self.stats.changes_downloaded += reply.changes.len() as u64;
         // The cloud's word is what it holds now: heads from a reply replace the old view (another
         // process or tablet may have moved them; a restored cloud may even hold less).
@@ -216,11 +229,19 @@ impl Uplink {
         self.stats.failures += 1;
         self.last_error = Some(error);
         self.cloud_heads = None;
+        let wait = self.backoff_ms();
+        self.retry_at_ms = now_ms.saturating_add(wait);
+    }
+
+    /// The wait after `failures` consecutive failures: exponential from [`BACKOFF_BASE_MS`] up to
+    /// [`BACKOFF_MAX_MS`], with "equal jitter" (at least half the ceiling, so a flapping link is
+    /// not hammered and tablets whose link returned together spread out).
+    fn backoff_ms(&mut self) -> u64 {
         let ceiling = BACKOFF_BASE_MS.saturating_mul(1u64 << self.failures.saturating_sub(1).min(16)).min(BACKOFF_MAX_MS);
-        // "Equal jitter": at least half the ceiling, so a flapping link is not hammered.
         let jitter = self.next_random() % (ceiling / 2 + 1);
-        self.retry_at_ms = now_ms.saturating_add(ceiling / 2 + jitter);
-        debug_assert!(self.retry_at_ms - now_ms <= BACKOFF_MAX_MS);
+        let wait = ceiling / 2 + jitter;
+        debug_assert!(wait <= BACKOFF_MAX_MS);
+        wait
     }
 
     /// splitmix64: deterministic for a seed, so the simulator replays the same retries.

@@ -82,7 +82,7 @@ impl RequestAuth {
             (HEADER_DEVICE, self.device.to_hex()),
             (HEADER_CERTIFICATE, hex::encode(&cert)),
             (HEADER_TIME_MS, self.time_ms.to_string()),
-            (HEADER_SIGNATURE, hex::encode(&self.signature.0)),
+            (HEADER_SIGNATURE, hex::encode(self.signature.0)),
         ]
     }
 

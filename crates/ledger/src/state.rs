@@ -90,6 +90,10 @@ pub struct State {
     /// Cloud device → its latest watermark. Per device, the highest journal position wins, so the
     /// result does not depend on arrival order.
     pub cloud_watermarks: BTreeMap<DeviceId, CloudWatermark>,
+    /// Revocations of devices whose enrolment this replica has not folded yet (earliest time per
+    /// device): the revocation and the enrolment are in different journals, so either may arrive
+    /// first, and the device must end up revoked either way.
+    early_revocations: BTreeMap<DeviceId, u64>,
     /// device → client_ref → id of the device's earliest sale carrying it. Derived from `sales` in
     /// [`State::fold`], so a till's retry is found without scanning the day's sales.
     client_refs: HashMap<DeviceId, HashMap<String, String>>,
@@ -137,11 +141,13 @@ impl State {
         }
         crate::validate::check_event_body(&event.body).map_err(|e| FoldError::Invalid(e.to_string()))?;
         // What a role may record, checked here so every replica (and the cloud) applies one rule.
+        // The ledger folds a device's enrolment (entry 0) before anything else it signed, so the
+        // author's role is known; an unknown one can record no watermark.
         let role = match &event.body {
-            EventBody::Enrolled { certificate } => certificate.role,
-            _ => self.devices.get(&dot.device).map(|d| d.certificate.role).ok_or_else(|| FoldError::Invalid("author is not enrolled".into()))?,
+            EventBody::Enrolled { certificate } => Some(certificate.role),
+            _ => self.devices.get(&dot.device).map(|d| d.certificate.role),
         };
-        let is_cloud = role == stallmesh_identity::Role::Cloud;
+        let is_cloud = role == Some(stallmesh_identity::Role::Cloud);
         match &event.body {
             EventBody::CloudHolds { .. } if !is_cloud => {
                 return Err(FoldError::Invalid("only a device of role cloud records what the cloud holds".into()))
@@ -186,7 +192,8 @@ impl State {
     pub fn fold(&mut self, dot: Dot, event: &Event) {
         match &event.body {
             EventBody::Enrolled { certificate } => {
-                self.devices.entry(dot.device).or_insert_with(|| DeviceRecord { certificate: certificate.clone(), revoked_at_ms: None });
+                let revoked_at_ms = self.early_revocations.remove(&dot.device);
+                self.devices.entry(dot.device).or_insert_with(|| DeviceRecord { certificate: certificate.clone(), revoked_at_ms });
             }
             EventBody::ProductUpserted { product, lamport } => {
                 self.catalogue_changes += 1;
@@ -251,10 +258,14 @@ impl State {
                 }
             }
             EventBody::Revoked { revocation } => {
-                if let Some(d) = self.devices.get_mut(&revocation.device) {
-                    // The earliest revocation wins, so the result does not depend on arrival order.
-                    let t = d.revoked_at_ms.map_or(revocation.revoked_at_ms, |t| t.min(revocation.revoked_at_ms));
-                    d.revoked_at_ms = Some(t);
+                // The earliest revocation wins, so the result does not depend on arrival order.
+                let earliest = |held: Option<u64>| held.map_or(revocation.revoked_at_ms, |t| t.min(revocation.revoked_at_ms));
+                match self.devices.get_mut(&revocation.device) {
+                    Some(d) => d.revoked_at_ms = Some(earliest(d.revoked_at_ms)),
+                    None => {
+                        let t = earliest(self.early_revocations.get(&revocation.device).copied());
+                        self.early_revocations.insert(revocation.device, t);
+                    }
                 }
             }
         }

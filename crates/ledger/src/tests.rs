@@ -172,6 +172,43 @@ fn a_revoked_device_is_cut_off_everywhere_the_revocation_arrives() {
 }
 
 #[test]
+fn every_replica_refuses_a_watermark_from_a_device_that_is_not_the_cloud_and_a_sale_from_one_that_is() {
+    let m = TestMarket::new(18);
+    let (seller, e_seller) = m.device(1, "Test Stall");
+    let cloud_key = m.device_key(2);
+    let cloud_cert = m.key.enrol(cloud_key.device_id(), "cloud", stallmesh_identity::Role::Cloud, u64::MAX);
+    let mut state = State::default();
+    state.fold(e_seller.change.dot(), &e_seller.event);
+    let cloud_enrolment = Event { time_ms: 0, body: EventBody::Enrolled { certificate: cloud_cert } };
+    let cloud = Dot { device: cloud_key.device_id(), seq: 0 };
+    state.check(cloud, &cloud_enrolment).unwrap();
+    state.fold(cloud, &cloud_enrolment);
+    let mark = Event { time_ms: 1, body: EventBody::CloudHolds { offset: 3, heads: vec![(seller.device(), 1)] } };
+    assert!(matches!(state.check(Dot { device: seller.device(), seq: 1 }, &mark), Err(FoldError::Invalid(_))), "a seller's watermark");
+    assert_eq!(state.check(Dot { device: cloud.device, seq: 1 }, &mark), Ok(()));
+    let restock = Event { time_ms: 1, body: EventBody::Restocked { sku: "X".into(), qty: 1 } };
+    assert!(matches!(state.check(Dot { device: cloud.device, seq: 1 }, &restock), Err(FoldError::Invalid(_))), "the cloud's restock");
+}
+
+#[test]
+fn a_revocation_that_arrives_before_the_devices_enrolment_still_revokes_it() {
+    let m = TestMarket::new(17);
+    let (mut a, ea) = m.device(1, "Test Stall");
+    let (mut b, eb) = m.device(2, "Test Stall");
+    let (mut c, _) = m.device(3, "Test Stall");
+    b.apply_remote(changes(&[ea.clone()]));
+    let rev = b.record(LocalOp::Revoke(m.key.revoke(a.device(), 50)), 50).unwrap();
+    // C hears of the revocation (in B's journal) before A's enrolment; A the other way round.
+    c.apply_remote(changes(&[eb.clone(), rev.clone()]));
+    c.apply_remote(changes(&[ea.clone()]));
+    a.apply_remote(changes(&[eb, rev]));
+    let revoked = |l: &Ledger| l.state().devices.get(&a.device()).and_then(|d| d.revoked_at_ms);
+    assert_eq!(revoked(&c), Some(50), "the early revocation is applied when the enrolment arrives");
+    assert_eq!(revoked(&c), revoked(&b));
+    assert_eq!(revoked(&a), revoked(&c));
+}
+
+#[test]
 fn restore_from_entries_gives_the_same_state_and_continues_the_journal() {
     let m = TestMarket::new(8);
     let (mut a, mut ea) = stocked(&m, 1, "kale", 1_000);
