@@ -112,7 +112,8 @@ fn run(node: Node, url: String, snapshot: Arc<Mutex<UplinkSnapshot>>, woken: mps
                         node.metrics.uplink_requests.get_or_create(&crate::metrics::Outcome { outcome: "ok" }).inc();
                         node.metrics.uplink_changes_uploaded.inc_by(out.changes as u64);
                         if !back.is_empty() {
-                            apply_from_cloud(&node, back);
+                            let refused = apply_from_cloud(&node, back);
+                            core.refuse_downloads(refused);
                         }
                     }
                     Err(e) => fail(&node, &mut core, now, e),
@@ -178,7 +179,8 @@ fn read_rejections(response: ureq::Response) -> Vec<RejectedChange> {
 }
 
 /// The cloud's changes are verified by this tablet's ledger like any peer's, and made durable.
-fn apply_from_cloud(node: &Node, changes: Vec<SignedChange>) {
+/// Returns the journals (and first positions) the ledger refused, not to be downloaded again.
+fn apply_from_cloud(node: &Node, changes: Vec<SignedChange>) -> Vec<(DeviceId, u64)> {
     match node.ingest(changes) {
         Ok(report) => {
             if !report.rejected.is_empty() {
@@ -187,8 +189,12 @@ fn apply_from_cloud(node: &Node, changes: Vec<SignedChange>) {
             if let Err(e) = node.flush() {
                 tracing::error!(error = %e, "cannot make the cloud's changes durable");
             }
+            report.rejected.iter().filter(|(_, why)| why.label() != "pending_full").map(|(dot, _)| (dot.device, dot.seq)).collect()
         }
-        Err(e) => tracing::error!(error = %e, "cannot apply the cloud's changes"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot apply the cloud's changes");
+            Vec::new()
+        }
     }
 }
 

@@ -234,10 +234,19 @@ impl Markets {
         }
     }
 
-    /// Ingests under the store's offset lock and commits before answering.
+    /// Ingests under the store's offset lock and commits before answering. The core is taken out
+    /// of the slot meanwhile and put back only after the commit: an error or a panic on the way
+    /// leaves the slot empty, so the next request rebuilds it from the store.
     async fn ingest(&self, slot: &mut MarketSlot, changes: Vec<SignedChange>, now: u64) -> Result<(CloudReply, usize), SyncError> {
-        let market = slot.registration.market;
-        let loaded = slot.loaded.as_mut().expect("refreshed by the caller");
+        let mut taken = slot.loaded.take().expect("refreshed by the caller");
+        let result = self.ingest_into(slot.registration.market, &mut taken, changes, now).await;
+        if result.is_ok() {
+            slot.loaded = Some(taken);
+        }
+        result
+    }
+
+    async fn ingest_into(&self, market: MarketId, loaded: &mut Loaded, changes: Vec<SignedChange>, now: u64) -> Result<(CloudReply, usize), SyncError> {
         let mut tx = self.store.begin(&market).await?;
         if tx.next_offset() != loaded.ingest.next_offset() {
             // Another process appended between our refresh and the lock: take it in first, so

@@ -133,8 +133,10 @@ async fn publish_market(js: jetstream::Context, stream: String, markets: Arc<Mar
             }
         }
         if failed {
+            // Resume after the last offset acknowledged in order (not the stream's last message,
+            // which may be past one lost in a reconnect): repeats are dropped by the stream's
+            // de-duplication on Nats-Msg-Id.
             markets.metrics.nats_failures.inc();
-            after = None; // resume from what the stream holds
             tokio::time::sleep(Duration::from_millis(RETRY_MS)).await;
         }
     }

@@ -268,3 +268,63 @@ fn failures_back_off_exponentially_with_jitter_up_to_the_ceiling_and_resume_from
     again.on_failure(0, "x".into());
     assert_eq!(again.poll_timeout(me.heads_ref()), Some(waits[0]), "deterministic for a seed");
 }
+
+#[test]
+fn an_upload_that_moves_none_of_the_cloud_heads_backs_off_growing_instead_of_repeating_at_once() {
+    let m = TestMarket::new(10);
+    let (me, mine) = tablet(&m, 1, 3);
+    let mut log = MemoryLog::default();
+    for c in &mine {
+        log.add(c.clone());
+    }
+    let mut up = Uplink::new(5);
+    let mut now = 0;
+    let out = up.poll(now, me.heads_ref(), &log).unwrap();
+    // The cloud holds nothing of this tablet and keeps holding nothing (say every change waits
+    // there for one of another device's).
+    up.on_reply(CloudReply::default(), out.changes, now);
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let out = up.poll(now, me.heads_ref(), &log).expect("an upload is due");
+        assert!(out.changes > 0);
+        up.on_reply(CloudReply::default(), out.changes, now);
+        let at = up.poll_timeout(me.heads_ref()).unwrap();
+        assert!(up.poll(at - 1, me.heads_ref(), &log).is_none(), "not before the backoff");
+        waits.push(at - now);
+        now = at;
+    }
+    assert!(waits[0] >= uplink::BACKOFF_BASE_MS / 2, "{waits:?}");
+    assert!(waits[3] > waits[0], "the wait grows while nothing moves: {waits:?}");
+    // Progress resets it: the cloud took the batch.
+    let out = up.poll(now, me.heads_ref(), &log).unwrap();
+    let heads = me.heads_ref().iter().map(|(d, n)| (*d, *n)).collect();
+    up.on_reply(CloudReply { heads, ..Default::default() }, out.changes, now);
+    assert_eq!(up.lacking(me.heads_ref()), 0);
+}
+
+#[test]
+fn a_temporary_refusal_is_offered_again_and_a_lasting_one_is_not() {
+    let m = TestMarket::new(11);
+    let (me, mine) = tablet(&m, 1, 3);
+    let mut log = MemoryLog::default();
+    for c in &mine {
+        log.add(c.clone());
+    }
+    let device = mine[0].device;
+    let refusal = |reason: &str| RejectedChange { device, seq: 1, reason: reason.into(), message: reason.into() };
+    let mut up = Uplink::new(6);
+    up.poll(0, me.heads_ref(), &log).unwrap();
+    up.on_reply(CloudReply::default(), 0, 0);
+    up.poll(0, me.heads_ref(), &log).unwrap();
+    up.on_rejected(&[refusal("pending_full")], 0);
+    assert!(up.refused().is_empty(), "a full pending buffer passes");
+    let at = up.poll_timeout(me.heads_ref()).unwrap();
+    up.poll(at, me.heads_ref(), &log).expect("asks the heads again");
+    up.on_reply(CloudReply::default(), 0, at);
+    assert!(up.poll(at, me.heads_ref(), &log).is_some_and(|o| o.changes > 0), "and offers the journal again");
+    up.on_rejected(&[refusal("bad_signature")], at);
+    assert_eq!(up.refused().get(&device), Some(&1));
+    up.poll(at, me.heads_ref(), &log).unwrap();
+    up.on_reply(CloudReply::default(), 0, at);
+    assert_eq!(up.lacking(me.heads_ref()), 0, "a forged journal is not offered again");
+}

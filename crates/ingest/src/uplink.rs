@@ -24,6 +24,10 @@ pub const HEADS_REFRESH_MS: u64 = 5_000;
 pub const UPLOAD_MAX_CHANGES: usize = MAX_CHANGES_PER_MESSAGE;
 pub const UPLOAD_MAX_BYTES: usize = MAX_CHANGE_BYTES_PER_MESSAGE;
 
+/// The ledger's refusal labels that pass with time (`Rejection::label`): the cloud's pending
+/// buffer was full, or it had not seen the author's enrolment yet.
+pub const TEMPORARY_REFUSALS: [&str; 2] = ["pending_full", "unenrolled"];
+
 /// A request for the driver to send (then call [`Uplink::on_reply`], [`Uplink::on_rejected`] or
 /// [`Uplink::on_failure`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +66,11 @@ pub struct Uplink {
     /// device → first position the cloud refused: nothing of that device from there on is sent
     /// again (it would be refused again) until the tablet restarts. Counted and shown in status.
     refused: BTreeMap<DeviceId, u64>,
+    /// Journals whose changes from the cloud this tablet's ledger refused (a revoked or forked
+    /// device): told to the cloud as held, so it does not send them again on every refresh.
+    refused_downloads: BTreeMap<DeviceId, u64>,
+    /// Consecutive uploads that moved none of the cloud's heads.
+    stalled: u32,
     rng: u64,
     stats: UplinkStats,
 }
@@ -80,6 +89,8 @@ impl Uplink {
             last_success_ms: None,
             last_error: None,
             refused: BTreeMap::new(),
+            refused_downloads: BTreeMap::new(),
+            stalled: 0,
             rng: seed | 1,
             stats: UplinkStats::default(),
         }
@@ -172,8 +183,21 @@ impl Uplink {
         self.in_flight = true;
         self.last_heads_ms = Some(now_ms);
         self.stats.requests += 1;
-        let heads = mine.iter().map(|(d, n)| (*d, *n)).collect();
-        Outgoing { body: Message::Heads { heads, full: true, total: mine.total() }.encode(), changes: 0 }
+        let mut heads: BTreeMap<DeviceId, u64> = mine.iter().map(|(d, n)| (*d, *n)).collect();
+        for d in self.refused_downloads.keys() {
+            heads.insert(*d, u64::MAX);
+        }
+        let total = heads.values().fold(0u64, |t, n| t.saturating_add(*n));
+        Outgoing { body: Message::Heads { heads: heads.into_iter().collect(), full: true, total }.encode(), changes: 0 }
+    }
+
+    /// This tablet's ledger refused changes of these journals that the cloud sent: ask for no more
+    /// of them (until a restart), so a revoked or forked journal is not downloaded every refresh.
+    pub fn refuse_downloads(&mut self, devices: impl IntoIterator<Item = (DeviceId, u64)>) {
+        for (d, seq) in devices {
+            let s = self.refused_downloads.entry(d).or_insert(seq);
+            *s = (*s).min(seq);
+        }
     }
 
     /// The cloud answered `sent` (the request's change count). Returns the changes the cloud sent
@@ -185,22 +209,29 @@ impl Uplink {
         self.retry_at_ms = now_ms;
         self.last_success_ms = Some(now_ms);
         self.last_error = None;
-        self.stats.changes_uploaded += sent as u64;
-        self.stats.duplicates += reply.duplicates;
-        if sent > 0 && reply.accepted == 0 && reply.duplicates == 0 && reply.pending > 0 {
-            // The cloud holds the whole batch waiting for changes this tablet does not have (another
-            // device's, not yet here): sending it again at once would only repeat that. Back off
-            // and ask again; the missing changes come from another tablet or over the mesh.
-            self.failures = self.failures.saturating_add(1);
-            let wait = self.backoff_ms();
+        self.stats.changes_uploaded = self.stats.changes_uploaded.saturating_add(sent as u64);
+        self.stats.duplicates = self.stats.duplicates.saturating_add(reply.duplicates);
+        self.stats.changes_downloaded = self.stats.changes_downloaded.saturating_add(reply.changes.len() as u64);
+        let new_heads: BTreeMap<DeviceId, u64> = reply.heads.into_iter().collect();
+        // An upload that moved none of the cloud's heads made no progress: the cloud holds it all
+        // waiting for changes this tablet does not have (another device's, not here yet). Sending
+        // it again at once would only repeat that: back off, growing, until heads move.
+        let progress = match &self.cloud_heads {
+            None => true,
+            Some(old) => new_heads.iter().any(|(d, n)| old.get(d).is_none_or(|o| n > o)),
+        };
+        if sent > 0 && !progress {
+            self.stalled = self.stalled.saturating_add(1);
+            let wait = self.backoff_ms(self.stalled);
             self.retry_at_ms = now_ms.saturating_add(wait);
+        } else if sent > 0 {
+            self.stalled = 0;
         }
-        self.stats.changes_downloaded += reply.changes.len() as u64;
         // The cloud's word is what it holds now: heads from a reply replace the old view (another
         // process or tablet may have moved them; a restored cloud may even hold less).
-        self.cloud_heads = Some(reply.heads.into_iter().collect());
+        self.cloud_heads = Some(new_heads);
         self.cloud_offset = Some(reply.offset);
-        if reply.more {
+        if reply.more && !reply.changes.is_empty() {
             self.last_heads_ms = None; // ask again at once for the rest
         }
         reply.changes
@@ -209,12 +240,19 @@ impl Uplink {
     /// The cloud refused some of the uploaded changes (HTTP 422): they are not offered again.
     pub fn on_rejected(&mut self, rejected: &[RejectedChange], now_ms: u64) {
         self.in_flight = false;
-        self.failures = 0;
         self.retry_at_ms = now_ms;
-        self.stats.rejected += rejected.len() as u64;
-        for r in rejected {
+        self.stats.rejected = self.stats.rejected.saturating_add(rejected.len() as u64);
+        // Only lasting refusals stop a journal's uploads; a full pending buffer or an enrolment the
+        // cloud has not seen yet pass, so those are offered again (after the usual backoff).
+        let lasting = rejected.iter().filter(|r| !TEMPORARY_REFUSALS.contains(&r.reason.as_str()));
+        for r in lasting {
             let seq = self.refused.entry(r.device).or_insert(r.seq);
             *seq = (*seq).min(r.seq);
+        }
+        if rejected.iter().any(|r| TEMPORARY_REFUSALS.contains(&r.reason.as_str())) {
+            self.failures = self.failures.saturating_add(1);
+            let wait = self.backoff_ms(self.failures);
+            self.retry_at_ms = now_ms.saturating_add(wait);
         }
         self.last_error = rejected.first().map(|r| format!("the cloud refused {}:{}: {}", r.device.short(), r.seq, r.message));
         // What the cloud holds after a partial acceptance is not known: ask.
@@ -229,15 +267,15 @@ impl Uplink {
         self.stats.failures += 1;
         self.last_error = Some(error);
         self.cloud_heads = None;
-        let wait = self.backoff_ms();
+        let wait = self.backoff_ms(self.failures);
         self.retry_at_ms = now_ms.saturating_add(wait);
     }
 
     /// The wait after `failures` consecutive failures: exponential from [`BACKOFF_BASE_MS`] up to
     /// [`BACKOFF_MAX_MS`], with "equal jitter" (at least half the ceiling, so a flapping link is
     /// not hammered and tablets whose link returned together spread out).
-    fn backoff_ms(&mut self) -> u64 {
-        let ceiling = BACKOFF_BASE_MS.saturating_mul(1u64 << self.failures.saturating_sub(1).min(16)).min(BACKOFF_MAX_MS);
+    fn backoff_ms(&mut self, failures: u32) -> u64 {
+        let ceiling = BACKOFF_BASE_MS.saturating_mul(1u64 << failures.saturating_sub(1).min(16)).min(BACKOFF_MAX_MS);
         let jitter = self.next_random() % (ceiling / 2 + 1);
         let wait = ceiling / 2 + jitter;
         debug_assert!(wait <= BACKOFF_MAX_MS);

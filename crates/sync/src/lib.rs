@@ -147,6 +147,7 @@ pub fn missing(
         .collect();
     let mut changes = Vec::new();
     let mut bytes = 0usize;
+    let mut more = false;
     while !cursors.is_empty() {
         let mut next_round = Vec::with_capacity(cursors.len());
         for (device, from, until) in cursors {
@@ -157,24 +158,29 @@ pub fn missing(
             let want = room.min(MISSING_ROUND_CHANGES).min((until - from) as usize);
             let batch = log.changes_since(&device, from, want)?;
             let mut at = from;
+            let mut full = false;
             for c in batch {
                 let size = c.encoded_len() + 8;
                 if bytes + size > max_bytes {
-                    return Ok((changes, true));
+                    // This device's next change does not fit: the others still take their turn
+                    // (one device of large changes must not crowd out the one it depends on).
+                    full = true;
+                    more = true;
+                    break;
                 }
                 bytes += size;
                 at = c.seq + 1;
                 changes.push(c);
             }
             // A log holding less than its heads say (a read racing a write) is looked at again next time.
-            if at < until && at > from {
+            if !full && at < until && at > from {
                 next_round.push((device, at, until));
             }
         }
         cursors = next_round;
     }
     debug_assert!(changes.len() <= max_changes && bytes <= max_bytes);
-    Ok((changes, false))
+    Ok((changes, more))
 }
 
 /// What the driver must do.

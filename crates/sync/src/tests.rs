@@ -520,3 +520,42 @@ fn heartbeats_due_within_a_quarter_interval_go_out_together() {
     assert_eq!(to, vec![1, 2], "one wake heartbeats both peers");
     assert_eq!(net.nodes[0].sync.poll_timeout(), Some(2 * heartbeat_ms), "and both fall in step");
 }
+
+#[test]
+fn a_bounded_batch_of_what_a_peer_lacks_gives_every_journal_its_turn() {
+    let market = TestMarket::new(14);
+    let mut log = MemoryLog::default();
+    let mut heads = BTreeMap::new();
+    // One journal of large changes (photos of 30 KB) and one of small sales; the byte budget holds
+    // three photos. The small journal must still advance: it may hold what the other depends on.
+    let mut photo = vec![0xFF, 0xD8, 0xFF];
+    photo.resize(30 * 1024, 7);
+    let mut small = 0;
+    for n in [1u16, 2] {
+        let (mut l, e0) = market.device(n, "Test Stall");
+        log.add(e0.change);
+        let sku = format!("S{n}");
+        log.add(l.record(LocalOp::UpsertProduct(product(&sku, 5)), 1).unwrap().change);
+        log.add(l.record(LocalOp::Restock { sku: sku.clone(), qty: 1_000 }, 1).unwrap().change);
+        for i in 0..10u64 {
+            let op = if n == 1 { LocalOp::AttachPhoto { sku: sku.clone(), jpeg: photo.clone() } } else { sell(&sku, 1) };
+            let c = l.record(op, 2 + i).unwrap().change;
+            if n == 2 {
+                small += c.encoded_len() + 8;
+            }
+            log.add(c);
+        }
+        heads.insert(l.device(), 13);
+    }
+    let mine: Heads = heads.iter().map(|(d, n)| (*d, *n)).collect();
+    let budget = 3 * (photo.len() + 1024) + small + 4 * 1024;
+    let (changes, more) = missing(&mine, &BTreeMap::new(), &log, MAX_CHANGES_PER_MESSAGE, budget).unwrap();
+    assert!(more, "the budget cut the batch short");
+    let count = |d: &DeviceId| changes.iter().filter(|c| c.device == *d).count();
+    let (photos, sales) = (market.device_key(1).device_id(), market.device_key(2).device_id());
+    assert_eq!(count(&sales), 13, "the small journal came whole although the large one filled the budget first");
+    assert!(count(&photos) >= 3 && count(&photos) < 13, "{}", count(&photos));
+    assert!(changes.iter().map(|c| c.encoded_len() + 8).sum::<usize>() <= budget);
+    // What the peer already holds is not sent again.
+    assert_eq!(missing(&mine, &heads, &log, MAX_CHANGES_PER_MESSAGE, budget).unwrap(), (vec![], false));
+}

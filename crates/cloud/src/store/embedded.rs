@@ -73,12 +73,18 @@ impl EmbeddedStore {
     }
 
     pub fn register(&self, reg: &MarketRegistration, first: &[LogRecord]) -> Result<Registered, StoreError> {
-        if let Some(row) = self.row(&reg.market)? {
-            return if row.certificate.device == reg.certificate.device { Ok(Registered::Already) } else { Err(StoreError::Conflict(reg.market)) };
-        }
+        // Checked inside the write transaction (redb has one writer at a time), so two concurrent
+        // registrations cannot both write a first enrolment of the cloud device.
         let tx = self.db.begin_write().map_err(unavailable)?;
         {
             let mut markets = tx.open_table(MARKETS).map_err(unavailable)?;
+            let existing: Option<MarketRow> = match markets.get(&reg.market.0[..]).map_err(unavailable)? {
+                Some(v) => Some(postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+                None => None,
+            };
+            if let Some(row) = existing {
+                return if row.certificate.device == reg.certificate.device { Ok(Registered::Already) } else { Err(StoreError::Conflict(reg.market)) };
+            }
             let mut log = tx.open_table(LOG).map_err(unavailable)?;
             for r in first {
                 log.insert((&reg.market.0[..], r.offset), &encode_entry(&r.entry)[..]).map_err(unavailable)?;
@@ -126,7 +132,8 @@ impl EmbeddedStore {
     fn records(&self, market: &MarketId, after: u64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(unavailable)?;
         let t = tx.open_table(LOG).map_err(unavailable)?;
-        let from = after.checked_add(1).ok_or_else(|| StoreError::Corrupt("offset past u64".into()))?;
+        // Nothing comes after the last possible offset.
+        let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in t.range((&market.0[..], from)..=(&market.0[..], u64::MAX)).map_err(unavailable)?.take(limit) {
             let (k, v) = item.map_err(unavailable)?;
