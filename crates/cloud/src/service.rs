@@ -10,7 +10,7 @@
 use crate::markets::{Markets, SyncError};
 use crate::store::{MarketRegistration, Registered, StoreError};
 use axum::body::Bytes;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -95,6 +95,12 @@ impl From<QueryRejection> for CloudError {
     }
 }
 
+impl From<PathRejection> for CloudError {
+    fn from(r: PathRejection) -> Self {
+        CloudError::new(StatusCode::BAD_REQUEST, "bad_path", r.body_text())
+    }
+}
+
 impl From<JsonRejection> for CloudError {
     fn from(r: JsonRejection) -> Self {
         let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
@@ -103,6 +109,15 @@ impl From<JsonRejection> for CloudError {
 }
 
 type CloudResult<T> = Result<T, CloudError>;
+
+/// Counts a refused request of the consumer and admin endpoints (sync requests are counted where
+/// they are handled, in `markets.rs`).
+fn counted<T>(state: &CloudState, result: CloudResult<T>) -> CloudResult<T> {
+    if let Err(e) = &result {
+        state.markets.metrics.requests_refused.get_or_create(&crate::metrics::ReasonLabel { reason: e.body.error.clone() }).inc();
+    }
+    result
+}
 
 fn market_id(text: &str) -> CloudResult<MarketId> {
     MarketId::from_hex(text).map_err(|e| CloudError::new(StatusCode::BAD_REQUEST, "bad_market_id", format!("market id {text:?}: {e}")))
@@ -125,13 +140,14 @@ pub fn router(state: CloudState) -> Router {
         .with_state(state)
 }
 
-async fn sync(State(state): State<CloudState>, Path(market): Path<String>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> CloudResult<Response> {
+async fn sync(State(state): State<CloudState>, market: Result<Path<String>, PathRejection>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> CloudResult<Response> {
     let body = body.map_err(|r| {
         let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
         state.markets.metrics.requests_refused.get_or_create(&crate::metrics::ReasonLabel { reason: code.into() }).inc();
         CloudError::new(r.status(), code, r.body_text())
     })?;
-    let id = market_id(&market)?;
+    let Path(market) = counted(&state, market.map_err(CloudError::from))?;
+    let id = counted(&state, market_id(&market))?;
     let path = wire::sync_path(&id);
     let auth = RequestAuth::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()));
     // On a task of its own: a tablet that hangs up mid-request must not cancel a commit halfway,
@@ -150,7 +166,21 @@ struct EventsQuery {
     wait_ms: Option<u64>,
 }
 
-async fn events(State(state): State<CloudState>, Path(market): Path<String>, query: Result<Query<EventsQuery>, QueryRejection>) -> CloudResult<Response> {
+async fn events(
+    State(state): State<CloudState>,
+    market: Result<Path<String>, PathRejection>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> CloudResult<Response> {
+    let result = events_inner(&state, market, query).await;
+    counted(&state, result)
+}
+
+async fn events_inner(
+    state: &CloudState,
+    market: Result<Path<String>, PathRejection>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> CloudResult<Response> {
+    let Path(market) = market?;
     let Query(q) = query?;
     let id = market_id(&market)?;
     let after = q.after.unwrap_or(0);
@@ -185,16 +215,28 @@ async fn events(State(state): State<CloudState>, Path(market): Path<String>, que
 }
 
 async fn list_markets(State(state): State<CloudState>) -> CloudResult<Json<MarketList>> {
-    let mut markets = Vec::new();
-    for reg in state.markets.store.markets().await? {
-        markets.push(state.markets.view(&reg.market).await?);
+    let result = async {
+        let mut markets = Vec::new();
+        for reg in state.markets.store.markets().await? {
+            markets.push(state.markets.view(&reg.market).await?);
+        }
+        Ok(Json(MarketList { markets }))
     }
-    Ok(Json(MarketList { markets }))
+    .await;
+    counted(&state, result)
 }
 
-async fn market_view(State(state): State<CloudState>, Path(market): Path<String>) -> CloudResult<Json<stallmesh_api::cloud::MarketView>> {
-    let id = market_id(&market)?;
-    Ok(Json(state.markets.view(&id).await?))
+async fn market_view(
+    State(state): State<CloudState>,
+    market: Result<Path<String>, PathRejection>,
+) -> CloudResult<Json<stallmesh_api::cloud::MarketView>> {
+    let result = async {
+        let Path(market) = market?;
+        let id = market_id(&market)?;
+        Ok(Json(state.markets.view(&id).await?))
+    }
+    .await;
+    counted(&state, result)
 }
 
 async fn metrics(State(state): State<CloudState>) -> impl IntoResponse {
@@ -206,6 +248,11 @@ fn invalid(message: impl Into<String>) -> CloudError {
 }
 
 async fn register_market(State(state): State<CloudState>, headers: HeaderMap, body: Result<Json<RegisterMarket>, JsonRejection>) -> CloudResult<Response> {
+    let result = register_inner(&state, headers, body).await;
+    counted(&state, result)
+}
+
+async fn register_inner(state: &CloudState, headers: HeaderMap, body: Result<Json<RegisterMarket>, JsonRejection>) -> CloudResult<Response> {
     let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     // Compared in full whatever the length: the token is long and random, so timing says nothing useful.
     if token.is_none_or(|t| !constant_time_eq(t.as_bytes(), state.admin_token.as_bytes())) {
