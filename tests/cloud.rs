@@ -3,8 +3,13 @@
 //! machine's PostgreSQL. A tablet's uplink goes through a proxy the test can cut, as a dead 4G
 //! link is cut: connections refused.
 
+// The tablets here run on loopback (peers' addresses given, mDNS off), not in namespaces; the
+// helpers for finding the binary and waiting are the mesh tests'.
+mod netns;
 #[path = "../crates/cloud/tests/support/pg.rs"]
 mod pg;
+
+use netns::{binary, eventually};
 
 use serde_json::{json, Value};
 use stallmesh_identity::files;
@@ -13,7 +18,6 @@ use stallmesh_ingest::wire::{self, RequestAuth};
 use stallmesh_sync::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,23 +25,8 @@ use std::time::{Duration, Instant};
 
 const CONVERGE: Duration = Duration::from_secs(40);
 
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("stallmesh");
-    assert!(bin.exists(), "{} missing: run `cargo test --workspace` (it builds the node binary)", bin.display());
-    bin
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn get(url: &str) -> Value {

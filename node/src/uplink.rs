@@ -125,7 +125,7 @@ fn run(node: Node, url: String, snapshot: Arc<Mutex<UplinkSnapshot>>, woken: mps
                     core.on_rejected(&rejected, now);
                 }
                 Err(ureq::Error::Status(code, response)) => {
-                    let body: Option<CloudErrorBody> = response.into_json().ok();
+                    let body = read_error(response);
                     let why = body.map_or_else(|| format!("HTTP {code}"), |b| format!("HTTP {code} {}: {}", b.error, b.message));
                     fail(&node, &mut core, now, why);
                 }
@@ -163,9 +163,16 @@ fn read_reply(response: ureq::Response) -> Result<CloudReply, String> {
     CloudReply::decode(&bytes).map_err(|e| format!("the cloud's reply: {e}"))
 }
 
+/// An error body of the cloud, read within the reply limit (a 422 lists up to a batch of refusals).
+fn read_error(response: ureq::Response) -> Option<CloudErrorBody> {
+    let mut bytes = Vec::new();
+    response.into_reader().take(wire::MAX_BODY_BYTES as u64).read_to_end(&mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 fn read_rejections(response: ureq::Response) -> Vec<RejectedChange> {
-    let body: Option<CloudErrorBody> = response.into_json().ok();
-    body.and_then(|b| b.details)
+    read_error(response)
+        .and_then(|b| b.details)
         .map(|d| {
             d.rejected
                 .into_iter()
