@@ -3,7 +3,7 @@
 
 mod netns;
 
-use netns::{eventually, in_netns, Lan};
+use netns::{eventually, free_port, in_netns, Lan};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -318,16 +318,13 @@ impl Loopback {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
         let url = format!("http://127.0.0.1:{http}");
-        eventually(Duration::from_secs(20), "node up", || ureq::get(&format!("{url}/healthz")).call().is_ok());
+        netns::wait_up(&mut child, &url, &self.dir.path().join(format!("{creds}.log")));
         (KillOnDrop(child), url)
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn loopback_peers(u: &str) -> usize {
     netns::get(u, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len)

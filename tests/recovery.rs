@@ -3,7 +3,7 @@
 
 mod netns;
 
-use netns::eventually;
+use netns::{eventually, free_port};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -26,9 +26,6 @@ struct Tablet {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 impl Market {
     fn new() -> Market {
@@ -67,9 +64,10 @@ impl Market {
             .stderr(log)
             .spawn()
             .unwrap();
-        t.child = Some(child);
         let url = t.url();
-        eventually(Duration::from_secs(20), "node up", || ureq::get(&format!("{url}/healthz")).call().is_ok());
+        let log = self.path(&format!("{}.log", t.data));
+        t.child = Some(child);
+        netns::wait_up(t.child.as_mut().unwrap(), &url, &log);
     }
 
     fn log(&self, t: &Tablet) -> String {

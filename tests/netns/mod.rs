@@ -56,7 +56,7 @@ fn run_isolated(test_name: &str, args: &[&str], body: impl FnOnce()) {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{msg} Under CI=true they must run.");
         }
-        eprintln!("\n!!! {msg}\n");
+        skipped(&msg);
         return;
     };
     let exe = std::env::current_exe().unwrap();
@@ -284,4 +284,58 @@ pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -
         assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// First port handed out by [`free_port`]: below Linux's ephemeral range (32768–60999 by default), so
+/// no outgoing connection of a node (a dial to a peer that is not up yet, say) can take a port a test
+/// reserved for a node that starts later. Asking the kernel for port 0 instead hands out exactly the
+/// ports those dials use, which made a node fail to bind now and then under load.
+const TEST_PORT_FIRST: u16 = 20_000;
+/// Ports per test process: tests of one binary share a process and take ports from one counter.
+const TEST_PORT_SPAN: u16 = 12_000;
+const _: () = assert!(TEST_PORT_FIRST as u32 + TEST_PORT_SPAN as u32 <= 32_768);
+
+/// A loopback TCP port no one listens on now, never handed out twice by this process.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries run one after another; start each at its own place so a leftover of one does not
+    // meet the next one's first ports.
+    let base = (std::process::id() % u32::from(TEST_PORT_SPAN)) as u16;
+    for _ in 0..TEST_PORT_SPAN {
+        let offset = (base + NEXT.fetch_add(1, Ordering::Relaxed) % TEST_PORT_SPAN) % TEST_PORT_SPAN;
+        let port = TEST_PORT_FIRST + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORT_FIRST}..{}", TEST_PORT_FIRST + TEST_PORT_SPAN);
+}
+
+/// Waits until the node started as `child` answers `/healthz` at `url`; if it exits first, or does not
+/// answer in time, fails with its log (the file at `log`) rather than a bare timeout.
+pub fn wait_up(child: &mut Child, url: &str, log: &Path) {
+    let start = Instant::now();
+    loop {
+        if ureq::get(&format!("{url}/healthz")).timeout(Duration::from_secs(5)).call().is_ok() {
+            return;
+        }
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || start.elapsed() > NODE_START_LIMIT {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("node at {url} not up after {:?} (exit: {exited:?}); its log:\n{text}", start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long a node may take to answer after start: a debug build on 2 busy cores loads its models and
+/// opens its store in a few seconds; a minute is for the slowest CI moments, not the normal case.
+pub const NODE_START_LIMIT: Duration = Duration::from_secs(60);
+
+/// Says loudly that a test did not run: straight to the terminal, past the test harness's capture
+/// (which hides `eprintln!` of a passing test, so a skip would look like a pass).
+pub fn skipped(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n!!! {msg}\n");
 }

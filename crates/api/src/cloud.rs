@@ -71,7 +71,7 @@ pub struct RecommendationRecord {
     pub skus: Vec<String>,
 }
 
-/// A registered market, as `GET /v1/markets` and `GET /v1/markets/{market}` show it.
+/// A registered market, as `GET /v1/markets/{market}` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MarketView {
     pub market: String,
@@ -88,7 +88,18 @@ pub struct MarketView {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MarketList {
-    pub markets: Vec<MarketView>,
+    pub markets: Vec<MarketSummary>,
+}
+
+/// One market in `GET /v1/markets`: read from the store alone, so listing a cloud of many markets
+/// loads none of their logs (`GET /v1/markets/{market}` has the heads and counts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MarketSummary {
+    pub market: String,
+    pub name: String,
+    pub cloud_device: String,
+    /// Entries in the reconciled log.
+    pub offset: u64,
 }
 
 /// `POST /v1/markets` (with the cloud's admin token): register a market with the credentials of

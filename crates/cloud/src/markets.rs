@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// Markets one process keeps loaded. A cloud serves many markets; each loaded one holds its log's
-/// changes in memory (about 5 MB for a 10,000-sale day). Beyond it, requests are refused with 503
-/// and counted rather than evicting a market mid-batch.
+/// changes in memory (about 5 MB for a 10,000-sale day). At the limit an idle market (no request
+/// holds it) is unloaded to make room, which loses nothing: the store holds all of it. Only when
+/// every loaded market is in use is a request refused with 503, counted, rather than unloading a
+/// market mid-batch.
 pub const MAX_LOADED_MARKETS: usize = 1_024;
 
 pub fn now_ms() -> u64 {
@@ -105,7 +107,13 @@ impl Markets {
         let registration = self.store.market(market).await?.ok_or(SyncError::UnknownMarket(*market))?;
         let mut slots = self.slots.lock().expect("slots lock");
         if slots.len() >= MAX_LOADED_MARKETS && !slots.contains_key(market) {
-            return Err(SyncError::TooManyMarkets);
+            // A slot is handed out only under this lock, so one whose Arc nobody else holds is idle
+            // and stays so while we hold the lock.
+            let idle = slots.iter().find(|(_, s)| Arc::strong_count(s) == 1).map(|(m, _)| *m);
+            let Some(idle) = idle else { return Err(SyncError::TooManyMarkets) };
+            slots.remove(&idle);
+            self.metrics.markets_unloaded.inc();
+            tracing::info!(unloaded = %idle, loading = %market, "market limit reached: an idle market is unloaded");
         }
         Ok(slots.entry(*market).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(MarketSlot { registration, loaded: None }))).clone())
     }

@@ -30,6 +30,8 @@ pub struct CloudMetrics {
     pub offset: Family<MarketLabel, Gauge>,
     pub nats_published: Counter,
     pub nats_failures: Counter,
+    /// Idle markets unloaded to make room for another (the store holds everything; reloaded on use).
+    pub markets_unloaded: Counter,
 }
 
 impl CloudMetrics {
@@ -45,6 +47,7 @@ impl CloudMetrics {
             offset: Family::default(),
             nats_published: Counter::default(),
             nats_failures: Counter::default(),
+            markets_unloaded: Counter::default(),
         };
         registry.register("changes_accepted", "Changes verified and appended to a market's log", m.accepted.clone());
         registry.register("changes_duplicate", "Uploaded changes the log already held (several tablets upload)", m.duplicates.clone());
@@ -54,6 +57,11 @@ impl CloudMetrics {
         registry.register("log_offset", "Entries in each market's reconciled log", m.offset.clone());
         registry.register("nats_published", "Log events published to NATS JetStream", m.nats_published.clone());
         registry.register("nats_failures", "Failed attempts to publish to NATS JetStream", m.nats_failures.clone());
+        registry.register(
+            "markets_unloaded",
+            "Idle markets unloaded from memory to make room for another (reloaded from the store on use)",
+            m.markets_unloaded.clone(),
+        );
         CloudMetrics { registry: Arc::new(registry), ..m }
     }
 

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use stallmesh_api::cloud::{CloudErrorBody, MarketList, MarketRegistered, RegisterMarket, RejectedView, UploadRefused};
+use stallmesh_api::cloud::{CloudErrorBody, MarketList, MarketRegistered, MarketSummary, RegisterMarket, RejectedView, UploadRefused};
 use stallmesh_identity::{Certificate, MarketId, MarketPublicKey, Role};
 use stallmesh_ingest::wire::{self, RequestAuth, MAX_BODY_BYTES};
 use std::sync::Arc;
@@ -155,7 +155,10 @@ async fn sync(State(state): State<CloudState>, market: Result<Path<String>, Path
     let markets = state.markets.clone();
     let reply = tokio::spawn(async move { markets.sync(&id, &path, auth, &body).await })
         .await
-        .map_err(|e| CloudError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the ingest task failed: {e}")))??;
+        .map_err(|e| {
+            state.markets.metrics.requests_refused.get_or_create(&crate::metrics::ReasonLabel { reason: "internal".into() }).inc();
+            CloudError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the ingest task failed: {e}"))
+        })??;
     Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE)], reply.encode()).into_response())
 }
 
@@ -218,7 +221,13 @@ async fn list_markets(State(state): State<CloudState>) -> CloudResult<Json<Marke
     let result = async {
         let mut markets = Vec::new();
         for reg in state.markets.store.markets().await? {
-            markets.push(state.markets.view(&reg.market).await?);
+            let next = state.markets.store.next_offset(&reg.market).await?;
+            markets.push(MarketSummary {
+                market: reg.market.to_hex(),
+                name: reg.name.clone(),
+                cloud_device: reg.certificate.device.to_hex(),
+                offset: next.saturating_sub(1),
+            });
         }
         Ok(Json(MarketList { markets }))
     }

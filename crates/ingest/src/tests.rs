@@ -328,3 +328,24 @@ fn a_temporary_refusal_is_offered_again_and_a_lasting_one_is_not() {
     up.on_reply(CloudReply::default(), 0, at);
     assert_eq!(up.lacking(me.heads_ref()), 0, "a forged journal is not offered again");
 }
+
+#[test]
+fn a_refusal_that_names_no_change_backs_off_instead_of_retrying_at_once() {
+    let m = TestMarket::new(12);
+    let (me, mine) = tablet(&m, 1, 3);
+    let mut log = MemoryLog::default();
+    for c in &mine {
+        log.add(c.clone());
+    }
+    let mut up = Uplink::new(7);
+    up.poll(0, me.heads_ref(), &log).unwrap();
+    up.on_reply(CloudReply::default(), 0, 0);
+    up.poll(0, me.heads_ref(), &log).expect("an upload");
+    // A 422 whose body did not parse (a proxy's page): the driver passes no refused change.
+    up.on_rejected(&[], 0);
+    assert_eq!(up.failures(), 1, "counted as a failure");
+    assert!(up.poll(0, me.heads_ref(), &log).is_none(), "no request at once");
+    let at = up.poll_timeout(me.heads_ref()).unwrap();
+    assert!(at >= uplink::BACKOFF_BASE_MS / 2, "waits the backoff: {at}");
+    assert!(up.refused().is_empty());
+}

@@ -239,6 +239,11 @@ impl Uplink {
 
     /// The cloud refused some of the uploaded changes (HTTP 422): they are not offered again.
     pub fn on_rejected(&mut self, rejected: &[RejectedChange], now_ms: u64) {
+        if rejected.is_empty() {
+            // A 422 naming nothing (a proxy's page, a body cut short): nothing to stop offering, so
+            // retrying at once would loop; it is a failure like any unreadable reply.
+            return self.on_failure(now_ms, "the cloud refused the upload without naming a refused change".into());
+        }
         self.in_flight = false;
         self.retry_at_ms = now_ms;
         self.stats.rejected = self.stats.rejected.saturating_add(rejected.len() as u64);

@@ -82,7 +82,11 @@ pub async fn fresh_database(who: &str) -> Option<TestDb> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI=true and no PostgreSQL for {who}: {why}");
     }
-    eprintln!("SKIPPED: no PostgreSQL on 127.0.0.1:5432 (or ${SERVER_ENV}) for {who}: {why}");
+    // Straight to the terminal, past the test harness's capture, which hides a passing test's eprintln!.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("\n!!! SKIPPED: no PostgreSQL on 127.0.0.1:5432 (or ${SERVER_ENV}) for {who}: {why}\n\n").as_bytes(),
+    );
     None
 }
 
