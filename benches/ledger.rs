@@ -262,6 +262,7 @@ fn local_sale_with_client_ref(c: &mut Criterion) {
                     lines: vec![LineRequest { sku: "SKU-001".into(), qty: 1 }],
                     client_ref: Some(format!("till-1-{t}")),
                     recommendation: None,
+                    loyalty: None,
                 };
                 till.record(op, t).unwrap()
             })

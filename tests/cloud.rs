@@ -549,6 +549,7 @@ fn journals(w: &World, tablets: u16, sales: usize) -> Vec<(DeviceKey, stallmesh_
                     lines: vec![stallmesh_ledger::LineRequest { sku: sku.clone(), qty: 1 }],
                     client_ref: None,
                     recommendation: None,
+                    loyalty: None,
                 };
                 out.push(l.record(sale, now + i as u64).unwrap().change);
             }

@@ -33,9 +33,18 @@ pub enum Command {
         /// Idempotency key: retrying with the same value never records the sale twice.
         #[arg(long)]
         client_ref: Option<String>,
+        /// A loyalty card's QR text (or a file holding it): the sale earns points on it.
+        #[arg(long)]
+        card: Option<String>,
+        /// Points of the card to redeem for a discount on this sale.
+        #[arg(long, default_value_t = 0, requires = "card")]
+        redeem: u64,
         #[command(flatten)]
         node: NodeAddr,
     },
+    /// Loyalty cards and vouchers on a running node.
+    #[command(subcommand)]
+    Loyalty(LoyaltyCmd),
     /// Add stock: gives this device stock rights for QTY units of SKU.
     Restock {
         sku: String,
@@ -96,6 +105,56 @@ pub enum Command {
     Revoke {
         /// Revocation file.
         file: PathBuf,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LoyaltyCmd {
+    /// Issue a loyalty card on this device: prints its id and QR text.
+    Issue {
+        /// The customer's phone wallet public key (64 hex characters); without it, a bearer card.
+        #[arg(long)]
+        phone_key: Option<String>,
+        /// Days until it expires (default: never).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Also write the QR code as an SVG image to this file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// A card's balance, where its points are held, and its sales: by id or QR text.
+    Card {
+        card: String,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Mint single-use vouchers held by this device ("Free coffee"; --count N for an edition).
+    Mint {
+        label: String,
+        #[arg(long, default_value_t = 0)]
+        value_cents: u64,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// List the market's vouchers and their state.
+    Vouchers {
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Redeem a voucher (16 hex characters).
+    Redeem {
+        voucher: String,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Points and vouchers spent twice under a partition, with the redemptions that did it.
+    Exposures {
         #[command(flatten)]
         node: NodeAddr,
     },
@@ -445,12 +504,89 @@ fn euros(cents: u64) -> String {
     format!("{}.{:02}", cents / 100, cents % 100)
 }
 
+/// A card's QR text as given, or read from a file that holds it (a scanner's output).
+fn card_text(card: &str) -> Result<String, ClientError> {
+    if card.trim().starts_with("SMC1:") {
+        return Ok(card.trim().to_string());
+    }
+    std::fs::read_to_string(card).map(|t| t.trim().to_string()).map_err(|e| ClientError::Usage(format!("{card:?} is neither a card's QR text nor a readable file: {e}")))
+}
+
+/// Percent-encodes a path segment (a card's QR text holds spaces, `/`, `%`, `+`).
+fn path_segment(text: &str) -> String {
+    text.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+fn run_loyalty(cmd: LoyaltyCmd) -> Result<(), ClientError> {
+    match cmd {
+        LoyaltyCmd::Issue { phone_key, days, svg, node } => {
+            let c = Client::new(&node.url).post("/api/v1/loyalty/cards", &json!({ "holder_public_key": phone_key, "expires_in_days": days }))?;
+            println!("card {}{}", c["id"].as_str().unwrap_or("?"), if c["phone_wallet"] == true { " (phone wallet)" } else { "" });
+            println!("{}", c["qr_text"].as_str().unwrap_or(""));
+            if let Some(path) = svg {
+                std::fs::write(&path, c["qr_svg"].as_str().unwrap_or("")).map_err(|e| ClientError::Usage(format!("{}: {e}", path.display())))?;
+                eprintln!("QR code written to {}", path.display());
+            }
+        }
+        LoyaltyCmd::Card { card, node } => {
+            let key = if card.trim().starts_with("SMC1:") || card.trim().len() == 16 { card.trim().to_string() } else { card_text(&card)? };
+            let c = Client::new(&node.url).get(&format!("/api/v1/loyalty/cards/{}", path_segment(&key)))?;
+            println!("card {}: {} points ({} earned, {} redeemed, {} without proof)", c["id"].as_str().unwrap_or("?"), c["balance_points"], c["points_earned"], c["points_redeemed"], c["points_unproven"]);
+            for (device, n) in c["held"].as_object().into_iter().flatten() {
+                println!("  {n:>8} held by {}", device.chars().take(16).collect::<String>());
+            }
+            if let Some(e) = c.get("exposure").filter(|e| !e.is_null()) {
+                println!("  EXPOSED: {} points spent twice over {} redemptions", e["units"], e["redemptions"]);
+            }
+        }
+        LoyaltyCmd::Mint { label, value_cents, count, node } => {
+            let r = Client::new(&node.url).post("/api/v1/loyalty/vouchers", &json!({ "label": label, "value_cents": value_cents, "count": count }))?;
+            for v in r["vouchers"].as_array().into_iter().flatten() {
+                println!("voucher {}  {}", v["id"].as_str().unwrap_or("?"), v["label"].as_str().unwrap_or(""));
+            }
+        }
+        LoyaltyCmd::Vouchers { node } => {
+            let r = Client::new(&node.url).get("/api/v1/loyalty/vouchers")?;
+            for v in r["vouchers"].as_array().into_iter().flatten() {
+                println!("{}  {:<9} {}", v["id"].as_str().unwrap_or("?"), v["status"].as_str().unwrap_or("?"), v["label"].as_str().unwrap_or(""));
+            }
+        }
+        LoyaltyCmd::Redeem { voucher, node } => {
+            let v = Client::new(&node.url).post(&format!("/api/v1/loyalty/vouchers/{}/redeem", path_segment(voucher.trim())), &json!({}))?;
+            let proven = v["redemptions"].as_array().and_then(|r| r.last()).is_some_and(|r| r["proven"] == true);
+            println!("redeemed {} ({}){}", v["id"].as_str().unwrap_or("?"), v["label"].as_str().unwrap_or(""), if proven { "" } else { " from this tablet's offline budget" });
+        }
+        LoyaltyCmd::Exposures { node } => {
+            let r = Client::new(&node.url).get("/api/v1/loyalty/exposures")?;
+            println!("{} points and {} voucher redemptions spent twice", r["points_exposed"], r["vouchers_exposed"]);
+            for e in r["exposures"].as_array().into_iter().flatten() {
+                println!("  {} {}: {} over {} redemptions", e["asset"].as_str().unwrap_or("?"), e["id"].as_str().unwrap_or("?"), e["units"], e["redemptions"]);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs a client verb and prints its result for a person.
 pub fn run_client(cmd: Command) -> Result<(), ClientError> {
     match cmd {
-        Command::Sell { lines, client_ref, node } => {
+        Command::Sell { lines, client_ref, card, redeem, node } => {
             let lines = lines.iter().map(|l| parse_line(l)).collect::<Result<Vec<_>, _>>()?;
-            let sale = Client::new(&node.url).post("/api/v1/sales", &json!({ "lines": lines, "client_ref": client_ref }))?;
+            let mut body = json!({ "lines": lines, "client_ref": client_ref });
+            if let Some(card) = card {
+                body["loyalty"] = json!({ "card": card_text(&card)?, "redeem_points": redeem });
+            }
+            let sale = Client::new(&node.url).post("/api/v1/sales", &body)?;
+            if let Some(l) = sale.get("loyalty").filter(|l| !l.is_null()) {
+                println!(
+                    "card {}: +{} points, {} redeemed ({} without proof), discount {}",
+                    l["card"].as_str().unwrap_or("?"),
+                    l["points_earned"],
+                    l["points_redeemed"].as_u64().unwrap_or(0).saturating_add(l["points_unproven"].as_u64().unwrap_or(0)),
+                    l["points_unproven"],
+                    euros(l["discount_cents"].as_u64().unwrap_or(0))
+                );
+            }
             println!(
                 "sale {}  total {} {}",
                 sale["id"].as_str().unwrap_or("?"),
@@ -543,6 +679,7 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let r = Client::new(&node.url).get("/api/v1/status")?;
             println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
         }
+        Command::Loyalty(cmd) => run_loyalty(cmd)?,
         Command::Revoke { file, node } => {
             let rev = stallmesh_identity::files::read_revocation(&file).map_err(|e| ClientError::Usage(e.to_string()))?;
             let r = Client::new(&node.url).post("/api/v1/revocations", &json!(rev))?;

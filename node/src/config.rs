@@ -18,6 +18,7 @@ pub struct Config {
     pub mesh: MeshSettings,
     pub inference: InferenceSettings,
     pub cloud: CloudSettings,
+    pub loyalty: LoyaltySettings,
     /// What `stallmesh cloud up` runs (not the tablet).
     pub cloud_service: stallmesh_cloud::CloudConfig,
 }
@@ -28,6 +29,50 @@ pub struct Config {
 pub struct CloudSettings {
     /// Empty: no uplink.
     pub url: String,
+}
+
+/// The `[loyalty]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoyaltySettings {
+    pub cents_per_point: u64,
+    pub point_value_cents: u64,
+    pub stall_multipliers: Vec<String>,
+    pub offline_points_per_card: u64,
+    pub offline_points_per_device: u64,
+    pub offline_vouchers_per_device: u64,
+    pub ask_wait_ms: u64,
+}
+
+/// Highest offline budget: a typo guard (a budget is what a tablet may give away unproven).
+pub const MAX_OFFLINE_BUDGET: u64 = 1_000_000;
+/// Longest wait for a holder's transfer: a customer stands at the till.
+pub const MAX_LOYALTY_ASK_WAIT_MS: u64 = 10_000;
+
+impl LoyaltySettings {
+    /// The earning rule; `stall_multipliers` were checked by [`Config::load`].
+    pub fn earning_rule(&self) -> stallmesh_loyalty::EarningRule {
+        let stall_multipliers = self.stall_multipliers.iter().filter_map(|s| parse_multiplier(s).ok()).collect();
+        stallmesh_loyalty::EarningRule { cents_per_point: self.cents_per_point, stall_multipliers, point_value_cents: self.point_value_cents }
+    }
+
+    pub fn offline_budget(&self) -> stallmesh_loyalty::OfflineBudget {
+        stallmesh_loyalty::OfflineBudget {
+            points_per_card: self.offline_points_per_card,
+            points_per_device: self.offline_points_per_device,
+            vouchers_per_device: self.offline_vouchers_per_device,
+        }
+    }
+}
+
+/// `"Stall name=2"` → ("Stall name", 2).
+fn parse_multiplier(text: &str) -> Result<(String, u64), String> {
+    let (stall, m) = text.rsplit_once('=').ok_or_else(|| format!("{text:?} is not \"Stall name=multiplier\""))?;
+    let m: u64 = m.trim().parse().map_err(|_| format!("{text:?}: the multiplier is not a whole number"))?;
+    if stall.trim().is_empty() || !(1..=stallmesh_loyalty::MAX_STALL_MULTIPLIER).contains(&m) {
+        return Err(format!("{text:?}: a stall name and a multiplier 1..={}", stallmesh_loyalty::MAX_STALL_MULTIPLIER));
+    }
+    Ok((stall.trim().to_string(), m))
 }
 
 /// The `[inference]` table.
@@ -107,6 +152,24 @@ impl Config {
                 "inference",
                 format!("workers must be 1..={} and queue_len at least 1", stallmesh_inference::pool::MAX_WORKERS),
             ));
+        }
+        let loyalty = &config.loyalty;
+        let mut stalls = std::collections::BTreeSet::new();
+        for m in &loyalty.stall_multipliers {
+            let (stall, _) = parse_multiplier(m).map_err(|e| invalid("loyalty.stall_multipliers", e))?;
+            if !stalls.insert(stall.clone()) {
+                return Err(invalid("loyalty.stall_multipliers", format!("stall {stall:?} is listed twice")));
+            }
+        }
+        if loyalty.cents_per_point == 0 || loyalty.point_value_cents == 0 {
+            return Err(invalid("loyalty", "cents_per_point and point_value_cents must be at least 1".into()));
+        }
+        let budgets = [loyalty.offline_points_per_card, loyalty.offline_points_per_device, loyalty.offline_vouchers_per_device];
+        if budgets.iter().any(|b| *b > MAX_OFFLINE_BUDGET) {
+            return Err(invalid("loyalty.offline_*", format!("at most {MAX_OFFLINE_BUDGET}: the market's exposure is these times its tablets")));
+        }
+        if loyalty.ask_wait_ms > MAX_LOYALTY_ASK_WAIT_MS {
+            return Err(invalid("loyalty.ask_wait_ms", format!("at most {MAX_LOYALTY_ASK_WAIT_MS} (a customer waits)")));
         }
         let url = &config.cloud.url;
         if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {

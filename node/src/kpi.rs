@@ -46,6 +46,7 @@ mod tests {
             time_ms: 0,
             client_ref: None,
             recommendation: arm.map(|a| RecommendationShown { arm: a.into(), skus: vec![recommended.into()] }),
+            loyalty: None,
         }
     }
 

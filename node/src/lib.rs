@@ -57,7 +57,8 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
         tracing::info!(cloud = %config.cloud.url, "uploading the market's changes to the cloud whenever it is reachable");
         Some(uplink::start(node.clone(), config.cloud.url.clone()))
     };
-    let app = http::router(http::AppState { node: node.clone(), mesh, inference, uplink });
+    let loyalty = std::sync::Arc::new(http::loyalty::LoyaltyDesk::new(&config.loyalty));
+    let app = http::router(http::AppState { node: node.clone(), mesh, inference, uplink, loyalty });
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
     Ok(Running { node, addr, server })

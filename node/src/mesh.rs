@@ -22,7 +22,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identity, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, Transport};
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, SignedChange};
-use stallmesh_ledger::{EventBody, LocalOp};
+use stallmesh_ledger::{EventBody, LocalOp, LoyaltyAsset};
 use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, RebalancePolicy, Rebalancer};
 use stallmesh_sync::{ChangeLog, Heads, Output, Sync as SyncCore, SyncConfig, MAX_MESSAGE_BYTES};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -77,6 +77,8 @@ pub enum MeshCommand {
     Refused { sku: String, requested: u64, held_here: u64, held_elsewhere_total: u64, for_sale: bool },
     /// A waiting sale still lacks `short` units (its ask may have been lost).
     AskAgain { sku: String, short: u64 },
+    /// A redemption lacks `qty` of a card's points or a voucher: ask the peers.
+    LoyaltyWanted { asset: LoyaltyAsset, qty: u64 },
 }
 
 /// What the HTTP API holds of a running mesh: its status and a way to ask for stock rights.
@@ -97,6 +99,11 @@ impl MeshHandle {
     /// A waiting sale still lacks `short` units of `sku`.
     pub fn ask_again(&self, sku: &str, short: u64) {
         self.send(MeshCommand::AskAgain { sku: sku.to_string(), short });
+    }
+
+    /// A redemption lacks `qty` of `asset`: peers holding it are asked to transfer it here.
+    pub fn want_loyalty(&self, asset: LoyaltyAsset, qty: u64) {
+        self.send(MeshCommand::LoyaltyWanted { asset, qty });
     }
 
     fn send(&self, command: MeshCommand) {
@@ -385,6 +392,10 @@ impl Driver {
                     Some(MeshCommand::AskAgain { sku, short }) => {
                         let ask = self.rebalancer.ask_again(&sku, short, now_ms());
                         self.ask(Some(ask));
+                    }
+                    Some(MeshCommand::LoyaltyWanted { asset, qty }) => {
+                        let out = self.sync.want_loyalty(asset, qty, now_ms());
+                        self.execute(out);
                     }
                     None => break, // the API is gone
                 },
@@ -721,6 +732,7 @@ impl Driver {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
                 Output::RightsWanted { from, sku, qty, for_sale } => self.give_rights(from, sku, qty, for_sale),
+                Output::LoyaltyWanted { from, asset, qty } => self.give_loyalty(from, asset, qty),
             }
         }
     }
@@ -754,6 +766,31 @@ impl Driver {
         match result {
             Ok(_) => tracing::info!(%sku, qty = give, to = %to, for_sale, "gave stock rights to a peer that ran short"),
             Err(e) => tracing::warn!(%sku, error = %e, "could not give stock rights"),
+        }
+    }
+
+    /// A peer redeems a card's points or a voucher this device holds: transfer what it holds, up
+    /// to what was asked (a card's points are worth nothing where they sit).
+    fn give_loyalty(&mut self, from: PeerId, asset: LoyaltyAsset, qty: u64) {
+        let Some(to) = device_of(&from) else { return };
+        let cap = match asset {
+            LoyaltyAsset::Points(_) => stallmesh_ledger::validate::MAX_LOYALTY_TRANSFER_POINTS,
+            LoyaltyAsset::Voucher(_) => 1,
+        };
+        let give = self.node.read(|l| l.state().loyalty.rights_of(&asset, &l.device())).min(qty).min(cap);
+        if give == 0 {
+            return;
+        }
+        let node = self.node.clone();
+        let result = tokio::task::block_in_place(|| node.execute(LocalOp::TransferLoyalty { asset, qty: give, to }));
+        let outcome = match &result {
+            Ok(_) => "given",
+            Err(_) => "failed",
+        };
+        self.node.metrics.loyalty_gives.get_or_create(&Outcome { outcome }).inc();
+        match result {
+            Ok(_) => tracing::info!(?asset, qty = give, to = %to, "gave loyalty rights to a peer redeeming them"),
+            Err(e) => tracing::warn!(?asset, error = %e, "could not give loyalty rights"),
         }
     }
 

@@ -54,6 +54,12 @@ pub struct Metrics {
     pub mesh_queue_full: Counter,
     pub rights_requests: Family<Outcome, Counter>,
     pub sale_rights_waits: Family<Outcome, Counter>,
+    pub loyalty_gives: Family<Outcome, Counter>,
+    pub loyalty_redemptions: Family<Outcome, Counter>,
+    pub loyalty_cards_refused: Family<Reason, Counter>,
+    pub loyalty_exposures: Gauge,
+    pub loyalty_points_exposed: Gauge,
+    pub loyalty_vouchers_exposed: Gauge,
     pub sync_lag_ms: Histogram,
     pub search_requests: Family<Outcome, Counter>,
     pub search_seconds: Histogram,
@@ -94,6 +100,12 @@ impl Metrics {
             mesh_queue_full: Counter::default(),
             rights_requests: Family::default(),
             sale_rights_waits: Family::default(),
+            loyalty_gives: Family::default(),
+            loyalty_redemptions: Family::default(),
+            loyalty_cards_refused: Family::default(),
+            loyalty_exposures: Gauge::default(),
+            loyalty_points_exposed: Gauge::default(),
+            loyalty_vouchers_exposed: Gauge::default(),
             // 1 ms .. ~65 s: from a sale on one tablet to its arrival here.
             sync_lag_ms: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             search_requests: Family::default(),
@@ -159,6 +171,20 @@ impl Metrics {
             "Sales that waited for rights a reachable peer held: sold (they arrived in time), refused",
             m.sale_rights_waits.clone(),
         );
+        registry.register("loyalty_gives", "Cards' points or vouchers transferred to a peer that was redeeming them: given, failed", m.loyalty_gives.clone());
+        registry.register(
+            "loyalty_redemptions",
+            "Redemptions recorded here: points_proven, points_unproven (offline budget), voucher_proven, voucher_unproven, refused",
+            m.loyalty_redemptions.clone(),
+        );
+        registry.register("loyalty_cards_refused", "Loyalty cards refused, by reason (forged_token, expired_token, …)", m.loyalty_cards_refused.clone());
+        registry.register(
+            "loyalty_exposures",
+            "Cards' points or vouchers spent twice (under a partition), as every replica holding the same changes sees them",
+            m.loyalty_exposures.clone(),
+        );
+        registry.register("loyalty_points_exposed", "Points redeemed beyond what their cards earned", m.loyalty_points_exposed.clone());
+        registry.register("loyalty_vouchers_exposed", "Voucher redemptions beyond each voucher's one", m.loyalty_vouchers_exposed.clone());
         registry.register("sync_lag_ms", "Time from a sale being recorded elsewhere to its arrival here, ms", m.sync_lag_ms.clone());
         registry.register("search_requests", "Search requests, by mode (hybrid, lexical, image) or refused", m.search_requests.clone());
         registry.register("search_seconds", "Text search latency, query embedding included", m.search_seconds.clone());

@@ -450,6 +450,9 @@ impl Node {
             LocalOp::AttachPhoto { .. } => "photo",
             LocalOp::Revoke(_) => "revocation",
             LocalOp::RecordCloudHolds { .. } => "cloud_watermark",
+            LocalOp::TransferLoyalty { .. } => "loyalty_transfer",
+            LocalOp::MintVoucher { .. } => "voucher_mint",
+            LocalOp::RedeemVoucher { .. } => "voucher_redemption",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
         let result = self.with_write_as(true, |l| {
@@ -474,6 +477,10 @@ impl Node {
                     NodeError::Ledger(LedgerError::Cloned) => "device_cloned",
                     NodeError::Ledger(LedgerError::UnknownSku(_)) => "unknown_sku",
                     NodeError::Ledger(LedgerError::AlreadyRecorded { .. }) => "already_recorded",
+                    NodeError::Ledger(LedgerError::InsufficientPoints { .. }) => "insufficient_points",
+                    NodeError::Ledger(LedgerError::VoucherRedeemed { .. }) => "already_redeemed",
+                    NodeError::Ledger(LedgerError::VoucherHeldElsewhere { .. }) => "held_elsewhere",
+                    NodeError::Ledger(LedgerError::UnknownVoucher(_)) => "unknown_voucher",
                     NodeError::Ledger(_) => "invalid",
                     NodeError::ProductExists(_) => "exists",
                     NodeError::UnknownProduct(_) => "unknown_sku",
@@ -515,7 +522,7 @@ impl Node {
         client_ref: Option<String>,
         recommendation: Option<stallmesh_ledger::RecommendationShown>,
     ) -> Result<Entry, NodeError> {
-        self.execute(LocalOp::Sell { lines, client_ref, recommendation })
+        self.execute(LocalOp::Sell { lines, client_ref, recommendation, loyalty: None })
     }
 
     /// As [`Node::sell`], for a caller that waits for missing rights and retries: a refusal for
@@ -525,8 +532,15 @@ impl Node {
         lines: Vec<LineRequest>,
         client_ref: Option<String>,
         recommendation: Option<stallmesh_ledger::RecommendationShown>,
+        loyalty: Option<stallmesh_ledger::LoyaltyOnSale>,
     ) -> Result<Recorded, NodeError> {
-        self.execute_as(LocalOp::Sell { lines, client_ref, recommendation }, false)
+        self.execute_as(LocalOp::Sell { lines, client_ref, recommendation, loyalty }, false)
+    }
+
+    /// Records a loyalty operation (a voucher's mint or redemption, a transfer of loyalty rights).
+    pub fn record_loyalty(&self, op: LocalOp) -> Result<Recorded, NodeError> {
+        debug_assert!(matches!(op, LocalOp::MintVoucher { .. } | LocalOp::RedeemVoucher { .. } | LocalOp::TransferLoyalty { .. }));
+        self.execute_as(op, true)
     }
 
     /// Verifies and applies changes from a peer; persists what was applied.
@@ -546,7 +560,11 @@ impl Node {
         if !report.evidence.is_empty() {
             self.keep_evidence(&report.evidence)?;
         }
-        if report.applied.iter().any(|e| matches!(&e.event.body, stallmesh_ledger::EventBody::Transferred { to, .. } if Some(*to) == me)) {
+        let to_me = |e: &&Entry| match &e.event.body {
+            stallmesh_ledger::EventBody::Transferred { to, .. } | stallmesh_ledger::EventBody::LoyaltyTransferred { to, .. } => Some(*to) == me,
+            _ => false,
+        };
+        if report.applied.iter().any(|e| to_me(&e)) {
             self.rights_arrived.send_modify(|n| *n += 1);
         }
         let arrived_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);

@@ -40,12 +40,18 @@ pub enum LogBody {
         client_ref: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recommendation: Option<RecommendationRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loyalty: Option<crate::SaleLoyaltyView>,
     },
     Photo { sku: String, jpeg_bytes: u64, lamport: u64 },
     Revocation { device: String, revoked_at_ms: u64 },
     /// The cloud's watermark: its log held `covers_offset` entries, and of each device's journal the
     /// first `heads` entries (named apart from the event's own `offset`, which it flattens beside).
     CloudWatermark { covers_offset: u64, heads: BTreeMap<String, u64> },
+    /// Loyalty rights moved: `asset` is `points` (of `card`) or `voucher`.
+    LoyaltyTransfer { asset: String, id: String, qty: u64, to_device: String },
+    VoucherMinted { voucher: String, label: String, value_cents: u64 },
+    VoucherRedeemed { voucher: String, proven: bool },
 }
 
 impl LogBody {
@@ -60,6 +66,9 @@ impl LogBody {
             LogBody::Photo { .. } => "photo",
             LogBody::Revocation { .. } => "revocation",
             LogBody::CloudWatermark { .. } => "cloud_watermark",
+            LogBody::LoyaltyTransfer { .. } => "loyalty_transfer",
+            LogBody::VoucherMinted { .. } => "voucher_minted",
+            LogBody::VoucherRedeemed { .. } => "voucher_redeemed",
         }
     }
 }
@@ -167,7 +176,16 @@ mod tests {
                 currency: "EUR".into(),
                 client_ref: None,
                 recommendation: Some(RecommendationRecord { arm: "control".into(), skus: vec!["Y".into()] }),
+                loyalty: Some(crate::SaleLoyaltyView {
+                    card: "0101010101010101".into(),
+                    points_earned: 5,
+                    points_redeemed: 1,
+                    points_unproven: 2,
+                    discount_cents: 3,
+                }),
             },
+            LogBody::VoucherRedeemed { voucher: "v".into(), proven: false },
+            LogBody::LoyaltyTransfer { asset: "points".into(), id: "c".into(), qty: 4, to_device: "t".into() },
             LogBody::Enrolment { stall: "s".into(), role: "cloud".into(), expires_at_ms: 1 },
         ];
         for body in bodies {

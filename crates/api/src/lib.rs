@@ -9,7 +9,10 @@
 //!
 //! Requests are strict: a JSON object with exactly the documented keys (see [`strict`]).
 
+pub mod loyalty;
 pub mod strict;
+
+pub use loyalty::{SaleLoyaltyRequest, SaleLoyaltyView};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -23,6 +26,9 @@ pub struct ErrorBody {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Box<RightsShortfall>>,
+    /// `insufficient_points`: where the card's points are held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<Box<loyalty::PointsShortfall>>,
 }
 
 /// `insufficient_stock_rights`: who holds the units this device lacks.
@@ -173,6 +179,9 @@ request! {
         /// The `record` from `GET /api/v1/recommendations`, when recommendations were asked for.
         #[serde(default)]
         pub recommendation: Option<RecommendationRecord>,
+        /// A loyalty card on the sale: it earns points, and may redeem some for a discount.
+        #[serde(default)]
+        pub loyalty: Option<SaleLoyaltyRequest>,
     }
 }
 
@@ -196,6 +205,8 @@ pub struct SaleView {
     pub client_ref: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recommendation: Option<RecommendationRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loyalty: Option<SaleLoyaltyView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -534,6 +545,10 @@ pub enum EventView {
     Photo { sku: String },
     Revocation { device: String },
     CloudWatermark { offset: u64 },
+    /// `asset`: `points` (of card `id`) or `voucher` (`id`).
+    LoyaltyTransfer { asset: String, id: String, qty: u64, to_device: String },
+    VoucherMinted { voucher: String },
+    VoucherRedeemed { voucher: String, proven: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -229,6 +229,7 @@ impl Markets {
             }
             Message::HeadsWanted => Err(SyncError::WrongMessage("HeadsWanted")),
             Message::RightsWanted { .. } => Err(SyncError::WrongMessage("RightsWanted")),
+            Message::LoyaltyWanted { .. } => Err(SyncError::WrongMessage("LoyaltyWanted")),
         }
     }
 

@@ -6,7 +6,18 @@ use stallmesh_api::cloud::{LogBody, LogEvent, RecommendationRecord};
 use stallmesh_api::SaleLineView;
 use stallmesh_identity::{MarketId, Role};
 use stallmesh_ingest::LogRecord;
-use stallmesh_ledger::{sale_id, EventBody};
+use stallmesh_ledger::{sale_id, EventBody, LoyaltyAsset, SaleLoyalty};
+
+/// A sale's loyalty as the API shows it (tablets and the cloud alike).
+pub fn sale_loyalty_view(l: &SaleLoyalty) -> stallmesh_api::SaleLoyaltyView {
+    stallmesh_api::SaleLoyaltyView {
+        card: l.card.to_hex(),
+        points_earned: l.points_earned,
+        points_redeemed: l.points_redeemed,
+        points_unproven: l.points_unproven,
+        discount_cents: l.discount_cents,
+    }
+}
 
 pub fn role_name(role: Role) -> &'static str {
     match role {
@@ -36,13 +47,14 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
         },
         EventBody::Restocked { sku, qty } => LogBody::Restock { sku: sku.clone(), qty: *qty },
         EventBody::Transferred { sku, qty, to } => LogBody::Transfer { sku: sku.clone(), qty: *qty, to_device: to.to_hex() },
-        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => LogBody::Sale {
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => LogBody::Sale {
             sale_id: sale_id(change.dot()),
             lines: lines.iter().map(|l| SaleLineView { sku: l.sku.clone(), qty: l.qty, price_cents: l.price_cents }).collect(),
             total_cents: *total_cents,
             currency: currency.clone(),
             client_ref: client_ref.clone(),
             recommendation: recommendation.as_ref().map(|r| RecommendationRecord { arm: r.arm.clone(), skus: r.skus.clone() }),
+            loyalty: loyalty.as_ref().map(sale_loyalty_view),
         },
         EventBody::PhotoAttached { sku, jpeg, lamport } => LogBody::Photo { sku: sku.clone(), jpeg_bytes: jpeg.len() as u64, lamport: *lamport },
         EventBody::Revoked { revocation } => {
@@ -51,6 +63,17 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
         EventBody::CloudHolds { offset, heads } => {
             LogBody::CloudWatermark { covers_offset: *offset, heads: heads.iter().map(|(d, n)| (d.to_hex(), *n)).collect() }
         }
+        EventBody::LoyaltyTransferred { asset, qty, to } => {
+            let (asset, id) = match asset {
+                LoyaltyAsset::Points(c) => ("points", c.to_hex()),
+                LoyaltyAsset::Voucher(v) => ("voucher", v.to_hex()),
+            };
+            LogBody::LoyaltyTransfer { asset: asset.into(), id, qty: *qty, to_device: to.to_hex() }
+        }
+        EventBody::VoucherMinted { voucher, label, value_cents } => {
+            LogBody::VoucherMinted { voucher: voucher.to_hex(), label: label.clone(), value_cents: *value_cents }
+        }
+        EventBody::VoucherRedeemed { voucher, proven } => LogBody::VoucherRedeemed { voucher: voucher.to_hex(), proven: *proven },
     };
     LogEvent {
         market: market.to_hex(),

@@ -148,6 +148,7 @@ async fn a_batch_commits_the_log_and_its_projections_together() {
         lines: vec![LineRequest { sku: "SKU-1".into(), qty: 2 }, LineRequest { sku: "SKU-1".into(), qty: 1 }],
         client_ref: Some("till-7".into()),
         recommendation: Some(rec.clone()),
+        loyalty: None,
     };
     fish_changes.push(fish.record(two_lines, DAY_MS + 10 * HOUR_MS).unwrap().change);
     fish_changes.push(fish.record(sell("SKU-1", 4), DAY_MS + 11 * HOUR_MS).unwrap().change);
@@ -524,7 +525,7 @@ async fn odd_values_a_device_may_sign_never_stop_the_ingest() {
     changes.push(l.record(LocalOp::UpsertProduct(odd), DAY_MS).unwrap().change);
     changes.push(l.record(LocalOp::Restock { sku: "ODD".into(), qty: 10 }, DAY_MS).unwrap().change);
     let far =
-        LocalOp::Sell { lines: vec![LineRequest { sku: "ODD".into(), qty: 1 }], client_ref: Some("x\0y".into()), recommendation: None };
+        LocalOp::Sell { lines: vec![LineRequest { sku: "ODD".into(), qty: 1 }], client_ref: Some("x\0y".into()), recommendation: None, loyalty: None };
     changes.push(l.record(far, u64::MAX).unwrap().change);
     let batch = cm.upload(&store, changes, DAY_MS).await;
     assert!(batch.rejected.is_empty(), "{:?}", batch.rejected);

@@ -21,6 +21,8 @@ const REVOCATION_DOMAIN: &[u8] = b"stallmesh/revocation/v1\0";
 const CHANGE_DOMAIN: &[u8] = b"stallmesh/change/v1\0";
 const MESH_PSK_DOMAIN: &[u8] = b"stallmesh/mesh-psk/v1\0";
 const CLOUD_REQUEST_DOMAIN: &[u8] = b"stallmesh/cloud-request/v1\0";
+const LOYALTY_CARD_DOMAIN: &[u8] = b"stallmesh/loyalty-card/v1\0";
+const CARD_HOLDER_DOMAIN: &[u8] = b"stallmesh/card-holder/v1\0";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum IdentityError {
@@ -127,6 +129,35 @@ byte_id!(
     SignatureBytes,
     64
 );
+byte_id!(
+    /// A loyalty card: 8 random bytes chosen by the issuing device (a collision needs ~4 billion
+    /// cards in one market).
+    CardId,
+    8
+);
+byte_id!(
+    /// A single-use voucher: 8 random bytes chosen by the minting device.
+    VoucherId,
+    8
+);
+
+impl CardId {
+    pub fn random() -> Result<Self, IdentityError> {
+        random_bytes().map(Self)
+    }
+}
+
+impl VoucherId {
+    pub fn random() -> Result<Self, IdentityError> {
+        random_bytes().map(Self)
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], IdentityError> {
+    let mut out = [0u8; N];
+    getrandom::getrandom(&mut out).map_err(|e| IdentityError::Random(e.to_string()))?;
+    Ok(out)
+}
 byte_id!(
     /// SHA-256 of a whole signed change ([`SignedChange::digest`]).
     ChangeDigest,
@@ -284,6 +315,47 @@ pub fn verify_cloud_request(
     signature: &SignatureBytes,
 ) -> Result<(), IdentityError> {
     verify(&device.verifying_key()?, &cloud_request_bytes(market, path, time_ms, body), signature)
+}
+
+impl DeviceKey {
+    /// Signs a loyalty card's fields (`stallmesh-loyalty` lays them out; the domain is added here).
+    pub fn sign_loyalty_card(&self, fields: &[u8]) -> SignatureBytes {
+        SignatureBytes(self.0.sign(&[LOYALTY_CARD_DOMAIN, fields].concat()).to_bytes())
+    }
+}
+
+/// Checks that `device` signed a loyalty card's fields.
+pub fn verify_loyalty_card(device: &DeviceId, fields: &[u8], signature: &SignatureBytes) -> Result<(), IdentityError> {
+    verify(&device.verifying_key()?, &[LOYALTY_CARD_DOMAIN, fields].concat(), signature)
+}
+
+/// A customer's phone wallet key: proves possession of a card by signing the challenge a tablet shows.
+pub struct CardHolderKey(SigningKey);
+
+impl CardHolderKey {
+    pub fn generate() -> Result<Self, IdentityError> {
+        random_signing_key().map(Self)
+    }
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&secret))
+    }
+    pub fn public(&self) -> [u8; 32] {
+        self.0.verifying_key().to_bytes()
+    }
+    /// Answers a tablet's challenge for `card`.
+    pub fn sign_challenge(&self, card: &CardId, challenge: &[u8]) -> SignatureBytes {
+        SignatureBytes(self.0.sign(&card_holder_bytes(card, challenge)).to_bytes())
+    }
+}
+
+fn card_holder_bytes(card: &CardId, challenge: &[u8]) -> Vec<u8> {
+    [CARD_HOLDER_DOMAIN, &card.0, &(challenge.len() as u64).to_le_bytes(), challenge].concat()
+}
+
+/// Checks a phone wallet's answer to a challenge for `card`, against the holder key in the card.
+pub fn verify_card_holder(holder: &[u8; 32], card: &CardId, challenge: &[u8], signature: &SignatureBytes) -> Result<(), IdentityError> {
+    let key = VerifyingKey::from_bytes(holder).map_err(|_| IdentityError::BadPublicKey)?;
+    verify(&key, &card_holder_bytes(card, challenge), signature)
 }
 
 impl fmt::Debug for DeviceKey {

@@ -7,7 +7,7 @@
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
-use stallmesh_identity::{Certificate, DeviceId, Revocation};
+use stallmesh_identity::{CardId, Certificate, DeviceId, Revocation, VoucherId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
@@ -37,6 +37,29 @@ pub struct RecommendationShown {
     pub skus: Vec<String>,
 }
 
+/// A sale's loyalty: the card it earned points for, and the points it redeemed for a discount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaleLoyalty {
+    pub card: CardId,
+    /// Added to the seller's rights on the card's points.
+    pub points_earned: u64,
+    /// Redeemed from points the seller held for the card: spends those rights.
+    pub points_redeemed: u64,
+    /// Redeemed beyond what the seller held, from its offline budget (no rights spent; may turn
+    /// out to be spent twice, which every replica then reports as an exposure).
+    pub points_unproven: u64,
+    /// What the redeemed points took off the sale. The sale's `total_cents` stays the sum of its
+    /// lines; the customer paid `total_cents - discount_cents`.
+    pub discount_cents: u64,
+}
+
+/// What loyalty rights are rights to: a card's points, or the one redemption of a voucher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LoyaltyAsset {
+    Points(CardId),
+    Voucher(VoucherId),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
     /// Always entry 0 of a journal: the market's certificate for its author.
@@ -55,6 +78,8 @@ pub enum EventBody {
         client_ref: Option<String>,
         #[serde(default)]
         recommendation: Option<RecommendationShown>,
+        #[serde(default)]
+        loyalty: Option<SaleLoyalty>,
     },
     /// A product photo (a small JPEG), last writer wins per SKU with the catalogue's lamport clock.
     PhotoAttached { sku: String, jpeg: Vec<u8>, lamport: u64 },
@@ -63,6 +88,13 @@ pub enum EventBody {
     /// The cloud's watermark, recorded only by a device of role `cloud`: its reconciled log holds
     /// `offset` entries, and of each device's journal the first `heads` entries.
     CloudHolds { offset: u64, heads: Vec<(DeviceId, u64)> },
+    /// Moves loyalty rights (a card's points, a voucher's redemption) from the author to `to`.
+    LoyaltyTransferred { asset: LoyaltyAsset, qty: u64, to: DeviceId },
+    /// A single-use voucher: its one right to be redeemed is held by the author.
+    VoucherMinted { voucher: VoucherId, label: String, value_cents: u64 },
+    /// A voucher redeemed. `proven`: the author spent its right to it; otherwise it redeemed from
+    /// its offline budget.
+    VoucherRedeemed { voucher: VoucherId, proven: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,8 +150,15 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             tx.put(&map, "qty", *qty)?;
             tx.put(&map, "to", to.0.to_vec())?;
         }
-        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => {
             tx.put(&map, "kind", "sale")?;
+            if let Some(l) = loyalty {
+                tx.put(&map, "card", l.card.0.to_vec())?;
+                tx.put(&map, "points_earned", l.points_earned)?;
+                tx.put(&map, "points_redeemed", l.points_redeemed)?;
+                tx.put(&map, "points_unproven", l.points_unproven)?;
+                tx.put(&map, "discount_cents", l.discount_cents)?;
+            }
             let list = tx.put_object(&map, "lines", ObjType::List)?;
             for (i, line) in lines.iter().enumerate() {
                 let l = tx.insert_object(&list, i, ObjType::Map)?;
@@ -156,8 +195,41 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             // One scalar rather than a list of maps: a watermark of a big market stays one small op.
             tx.put(&map, "heads", postcard::to_allocvec(heads).expect("serializable"))?;
         }
+        EventBody::LoyaltyTransferred { asset, qty, to } => {
+            tx.put(&map, "kind", "loyalty_transfer")?;
+            let (kind, id) = match asset {
+                LoyaltyAsset::Points(c) => ("points", c.0),
+                LoyaltyAsset::Voucher(v) => ("voucher", v.0),
+            };
+            tx.put(&map, "asset_kind", kind)?;
+            tx.put(&map, "asset", id.to_vec())?;
+            tx.put(&map, "qty", *qty)?;
+            tx.put(&map, "to", to.0.to_vec())?;
+        }
+        EventBody::VoucherMinted { voucher, label, value_cents } => {
+            tx.put(&map, "kind", "voucher_minted")?;
+            tx.put(&map, "voucher", voucher.0.to_vec())?;
+            tx.put(&map, "label", label.as_str())?;
+            tx.put(&map, "value_cents", *value_cents)?;
+        }
+        EventBody::VoucherRedeemed { voucher, proven } => {
+            tx.put(&map, "kind", "voucher_redeemed")?;
+            tx.put(&map, "voucher", voucher.0.to_vec())?;
+            tx.put(&map, "proven", *proven)?;
+        }
     }
     Ok(())
+}
+
+fn get_id<const N: usize>(doc: &Automerge, obj: &ObjId, key: &'static str) -> Result<[u8; N], DecodeError> {
+    get_bytes(doc, obj, key)?.try_into().map_err(|_| DecodeError { field: key, problem: format!("not {N} bytes") })
+}
+
+fn get_bool(doc: &Automerge, obj: &ObjId, key: &'static str) -> Result<bool, DecodeError> {
+    match scalar(doc, obj, key) {
+        Some(ScalarValue::Boolean(b)) => Ok(b),
+        _ => Err(missing(key)),
+    }
 }
 
 fn scalar(doc: &Automerge, obj: &ObjId, key: &'static str) -> Option<ScalarValue> {
@@ -272,12 +344,24 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
                 }),
                 Some(_) => return Err(missing("rec_arm")),
             };
+            // Absent in sales without a card.
+            let loyalty = match scalar(doc, &map, "card") {
+                None => None,
+                Some(_) => Some(SaleLoyalty {
+                    card: CardId(get_id(doc, &map, "card")?),
+                    points_earned: get_u64(doc, &map, "points_earned")?,
+                    points_redeemed: get_u64(doc, &map, "points_redeemed")?,
+                    points_unproven: get_u64(doc, &map, "points_unproven")?,
+                    discount_cents: get_u64(doc, &map, "discount_cents")?,
+                }),
+            };
             EventBody::Sold {
                 lines,
                 total_cents: get_u64(doc, &map, "total_cents")?,
                 currency: get_str(doc, &map, "currency")?,
                 client_ref,
                 recommendation,
+                loyalty,
             }
         }
         "photo" => EventBody::PhotoAttached {
@@ -290,6 +374,23 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
             offset: get_u64(doc, &map, "offset")?,
             heads: decode_postcard(&get_bytes(doc, &map, "heads")?, "heads")?,
         },
+        "loyalty_transfer" => {
+            let id: [u8; 8] = get_id(doc, &map, "asset")?;
+            let asset = match get_str(doc, &map, "asset_kind")?.as_str() {
+                "points" => LoyaltyAsset::Points(CardId(id)),
+                "voucher" => LoyaltyAsset::Voucher(VoucherId(id)),
+                other => return Err(DecodeError { field: "asset_kind", problem: format!("unknown asset kind {other:?}") }),
+            };
+            EventBody::LoyaltyTransferred { asset, qty: get_u64(doc, &map, "qty")?, to: DeviceId(get_id(doc, &map, "to")?) }
+        }
+        "voucher_minted" => EventBody::VoucherMinted {
+            voucher: VoucherId(get_id(doc, &map, "voucher")?),
+            label: get_str(doc, &map, "label")?,
+            value_cents: get_u64(doc, &map, "value_cents")?,
+        },
+        "voucher_redeemed" => {
+            EventBody::VoucherRedeemed { voucher: VoucherId(get_id(doc, &map, "voucher")?), proven: get_bool(doc, &map, "proven")? }
+        }
         other => return Err(DecodeError { field: "kind", problem: format!("unknown kind {other:?}") }),
     };
     Ok(Event { time_ms, body })

@@ -30,6 +30,7 @@ pub mod event;
 mod heads;
 mod journal;
 mod local;
+pub mod loyalty;
 mod remote;
 pub mod state;
 // Test markets with deterministic keys: for tests, benchmarks and tools, never a node's build.
@@ -37,7 +38,7 @@ pub mod state;
 pub mod testkit;
 pub mod validate;
 
-pub use event::{DecodeError, Event, EventBody, Product, RecommendationShown, SaleLine};
+pub use event::{DecodeError, Event, EventBody, LoyaltyAsset, Product, RecommendationShown, SaleLine, SaleLoyalty};
 pub use heads::Heads;
 pub use journal::decode_change_event;
 pub use state::{sale_id, CloudWatermark, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
@@ -72,6 +73,8 @@ pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_TAGS: usize = 16;
 pub const MAX_TAG_LEN: usize = 32;
 pub const MAX_CLIENT_REF_LEN: usize = 64;
+/// A voucher's label: "Free coffee", "Summer drop #37 of 50"; printed on a receipt.
+pub const MAX_VOUCHER_LABEL_LEN: usize = 80;
 /// Largest product photo in the journal: it must fit in one change ([`MAX_CHANGE_BYTES`]) with room
 /// for the signature and ids. Nodes shrink photos to a 256-pixel JPEG (10–30 KB) before recording.
 pub const MAX_PHOTO_BYTES: usize = 48 * 1024;
@@ -124,7 +127,17 @@ pub enum LocalOp {
         lines: Vec<LineRequest>,
         client_ref: Option<String>,
         recommendation: Option<RecommendationShown>,
+        /// A loyalty card on the sale: points it earns, points it redeems.
+        loyalty: Option<LoyaltyOnSale>,
     },
+    /// Moves this device's rights on a card's points or a voucher to another device (the holder's
+    /// answer when a tablet asks for them).
+    TransferLoyalty { asset: LoyaltyAsset, qty: u64, to: DeviceId },
+    /// Mints a single-use voucher held by this device.
+    MintVoucher { voucher: stallmesh_identity::VoucherId, label: String, value_cents: u64 },
+    /// Redeems a voucher: spends this device's right to it if it holds it, else (with a budget)
+    /// spends from the offline budget.
+    RedeemVoucher { voucher: stallmesh_identity::VoucherId, offline_budget: Option<stallmesh_loyalty::OfflineBudget> },
     /// Attaches (or replaces) a product's photo: a JPEG of at most [`MAX_PHOTO_BYTES`].
     AttachPhoto {
         sku: String,
@@ -133,6 +146,19 @@ pub enum LocalOp {
     Revoke(Revocation),
     /// The cloud's watermark (only a device of role `cloud` records it): see [`EventBody::CloudHolds`].
     RecordCloudHolds { offset: u64, heads: Vec<(DeviceId, u64)> },
+}
+
+/// A card on a sale, as the till asks: the points the sale earns (from the market's earning rule,
+/// applied by the caller), the points to redeem and what each is worth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoyaltyOnSale {
+    pub card: stallmesh_identity::CardId,
+    pub points_earned: u64,
+    pub redeem_points: u64,
+    pub point_value_cents: u64,
+    /// What may be redeemed beyond the points this device holds; `None`: nothing (a holder is
+    /// reachable and should be asked first).
+    pub offline_budget: Option<stallmesh_loyalty::OfflineBudget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -175,6 +201,28 @@ pub enum LedgerError {
     RoleForbids { role: &'static str, what: &'static str },
     #[error("this device is an organiser-less seller of stall {own:?} and cannot change products of stall {other:?}")]
     OtherStall { own: String, other: String },
+    #[error(
+        "not enough points on card {card}: asked {requested}, this device holds {held_here}, other devices hold \
+         {held_elsewhere_total}, offline budget left {budget_left}"
+    )]
+    InsufficientPoints {
+        card: stallmesh_identity::CardId,
+        requested: u64,
+        held_here: u64,
+        held_elsewhere_total: u64,
+        held_elsewhere: BTreeMap<DeviceId, u64>,
+        budget_left: u64,
+    },
+    #[error("no voucher {0} is known here (minted elsewhere and not replicated yet, or never minted)")]
+    UnknownVoucher(stallmesh_identity::VoucherId),
+    #[error("voucher {voucher} was already redeemed (by {by})")]
+    VoucherRedeemed { voucher: stallmesh_identity::VoucherId, by: DeviceId },
+    #[error("voucher {voucher} is held by another device and this device's offline budget is spent")]
+    VoucherHeldElsewhere { voucher: stallmesh_identity::VoucherId, holders: Vec<DeviceId> },
+    #[error("voucher {0} already exists")]
+    VoucherExists(stallmesh_identity::VoucherId),
+    #[error("not enough loyalty rights: {asset} asked {requested}, this device holds {held_here}")]
+    InsufficientLoyaltyRights { asset: String, requested: u64, held_here: u64 },
 }
 
 /// Why a remote change was rejected. The label is stable, for metrics.
@@ -462,7 +510,9 @@ impl Ledger {
             EventBody::ProductUpserted { lamport, .. } | EventBody::PhotoAttached { lamport, .. } => {
                 self.lamport = self.lamport.max(*lamport)
             }
-            EventBody::Transferred { to, .. } if *to == self.me => self.unreferenced_transfers_in.push(dot),
+            EventBody::Transferred { to, .. } | EventBody::LoyaltyTransferred { to, .. } if *to == self.me => {
+                self.unreferenced_transfers_in.push(dot)
+            }
             _ => {}
         }
     }
@@ -470,3 +520,5 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod loyalty_tests;

@@ -1,9 +1,9 @@
 //! Local operations: validating what staff asked for against this replica's state, then
 //! appending it to this device's own journal (automerge change, signature, fold).
 
-use crate::event::{self, Event, EventBody, SaleLine};
+use crate::event::{self, Event, EventBody, LoyaltyAsset, SaleLine, SaleLoyalty};
 use crate::journal::Journal;
-use crate::{validate, Entry, Ledger, LedgerError, LocalOp, ProductRecord};
+use crate::{validate, Entry, Ledger, LedgerError, LocalOp, LoyaltyOnSale, ProductRecord};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ObjType, ROOT};
 use stallmesh_identity::DeviceId;
@@ -23,6 +23,13 @@ impl Ledger {
     /// Validates and records a local operation. The returned entry must be persisted before the
     /// operation is acknowledged to anyone.
     pub fn record(&mut self, op: LocalOp, now_ms: u64) -> Result<Entry, LedgerError> {
+        self.may_record(now_ms)?;
+        let body = self.validate(op)?;
+        self.commit_local(Event { time_ms: now_ms, body })
+    }
+
+    /// Whether this device may write at all: enrolled, not revoked, not cloned, certificate valid.
+    pub(crate) fn may_record(&self, now_ms: u64) -> Result<(), LedgerError> {
         if self.journals.get(&self.me).is_none_or(|j| j.next_seq == 0) {
             return Err(LedgerError::NotEnrolled);
         }
@@ -32,9 +39,7 @@ impl Ledger {
         if self.is_cloned() {
             return Err(LedgerError::Cloned);
         }
-        self.certificate.verify(&self.ctx.market_key, now_ms).map_err(LedgerError::Certificate)?;
-        let body = self.validate(op)?;
-        self.commit_local(Event { time_ms: now_ms, body })
+        self.certificate.verify(&self.ctx.market_key, now_ms).map_err(LedgerError::Certificate)
     }
 
     fn validate(&self, op: LocalOp) -> Result<EventBody, LedgerError> {
@@ -54,6 +59,7 @@ impl Ledger {
             LocalOp::UpsertProduct(_) | LocalOp::AttachPhoto { .. } => "catalogue changes",
             LocalOp::Restock { .. } | LocalOp::Transfer { .. } => "stock changes",
             LocalOp::Sell { .. } => "sales",
+            LocalOp::TransferLoyalty { .. } | LocalOp::MintVoucher { .. } | LocalOp::RedeemVoucher { .. } => "loyalty",
         };
         match &op {
             LocalOp::RecordCloudHolds { .. } if !is_cloud => return Err(LedgerError::RoleForbids { role: "seller or organiser", what }),
@@ -106,7 +112,46 @@ impl Ledger {
                 }
                 body
             }
-            LocalOp::Sell { lines, client_ref, recommendation } => {
+            LocalOp::TransferLoyalty { asset, qty, to } => {
+                let body = EventBody::LoyaltyTransferred { asset, qty, to };
+                limits(&body)?;
+                if to == self.me {
+                    return Err(LedgerError::Invalid { field: "to_device", problem: "cannot transfer to this device itself".into() });
+                }
+                if self.state.devices.get(&to).is_none_or(|d| d.revoked_at_ms.is_some()) {
+                    return Err(LedgerError::UnknownDevice(to));
+                }
+                let held_here = self.state.loyalty.rights_of(&asset, &self.me);
+                if qty > held_here {
+                    return Err(LedgerError::InsufficientLoyaltyRights { asset: crate::loyalty::asset_label(&asset), requested: qty, held_here });
+                }
+                body
+            }
+            LocalOp::MintVoucher { voucher, label, value_cents } => {
+                let body = EventBody::VoucherMinted { voucher, label, value_cents };
+                limits(&body)?;
+                if self.state.loyalty.vouchers.get(&voucher).is_some_and(|v| !v.minted.is_empty()) {
+                    return Err(LedgerError::VoucherExists(voucher));
+                }
+                body
+            }
+            LocalOp::RedeemVoucher { voucher, offline_budget } => {
+                let Some(v) = self.state.loyalty.vouchers.get(&voucher).filter(|v| !v.minted.is_empty()) else {
+                    return Err(LedgerError::UnknownVoucher(voucher));
+                };
+                if let Some(by) = v.redemptions.keys().next() {
+                    return Err(LedgerError::VoucherRedeemed { voucher, by: by.device });
+                }
+                let asset = LoyaltyAsset::Voucher(voucher);
+                let proven = self.state.loyalty.rights_of(&asset, &self.me) >= 1;
+                let spent = self.state.loyalty.unproven_spent(&self.me, None);
+                if !proven && offline_budget.is_none_or(|b| b.vouchers_left(spent) == 0) {
+                    let holders = self.state.loyalty.holders(&asset).into_keys().collect();
+                    return Err(LedgerError::VoucherHeldElsewhere { voucher, holders });
+                }
+                EventBody::VoucherRedeemed { voucher, proven }
+            }
+            LocalOp::Sell { lines, client_ref, recommendation, loyalty } => {
                 if let Some(r) = &client_ref {
                     if let Some(sale_id) = self.state.sale_by_client_ref(&self.me, r) {
                         return Err(LedgerError::AlreadyRecorded { client_ref: r.clone(), sale_id: sale_id.to_string() });
@@ -125,13 +170,19 @@ impl Ledger {
                     }
                     sale_lines.push(SaleLine { sku: l.sku.clone(), qty: l.qty, price_cents: p.product.price_cents });
                 }
+                // An overflowing sum is refused by the limits just below.
+                let total_cents = validate::sale_total_cents(&sale_lines).unwrap_or(u64::MAX);
+                let loyalty = match loyalty {
+                    Some(l) => Some(self.sale_loyalty(l)?),
+                    None => None,
+                };
                 let body = EventBody::Sold {
-                    // An overflowing sum is refused by the limits just below.
-                    total_cents: validate::sale_total_cents(&sale_lines).unwrap_or(u64::MAX),
+                    total_cents,
                     lines: sale_lines,
                     currency: currency.unwrap_or("EUR").to_string(),
                     client_ref,
                     recommendation,
+                    loyalty,
                 };
                 limits(&body)?;
                 if !self.allow_overspend_for_tests {
@@ -151,6 +202,36 @@ impl Ledger {
                 EventBody::Revoked { revocation }
             }
         })
+    }
+
+    /// Splits a redemption into the points this device holds (proven) and the rest, which only its
+    /// offline budget may cover.
+    fn sale_loyalty(&self, l: LoyaltyOnSale) -> Result<SaleLoyalty, LedgerError> {
+        let asset = LoyaltyAsset::Points(l.card);
+        let held_here = self.state.loyalty.rights_of(&asset, &self.me);
+        let proven = l.redeem_points.min(held_here);
+        let unproven = l.redeem_points - proven;
+        if unproven > 0 {
+            let budget_left =
+                l.offline_budget.map_or(0, |b| b.points_left(self.state.loyalty.unproven_spent(&self.me, Some(&l.card))));
+            if unproven > budget_left {
+                let held_elsewhere: BTreeMap<DeviceId, u64> =
+                    self.state.loyalty.holders(&asset).into_iter().filter(|(d, _)| *d != self.me).collect();
+                return Err(LedgerError::InsufficientPoints {
+                    card: l.card,
+                    requested: l.redeem_points,
+                    held_here,
+                    held_elsewhere_total: held_elsewhere.values().fold(0u64, |a, b| a.saturating_add(*b)),
+                    held_elsewhere,
+                    budget_left,
+                });
+            }
+        }
+        let discount_cents = l.point_value_cents.checked_mul(l.redeem_points).ok_or(LedgerError::Invalid {
+            field: "loyalty.redeem_points",
+            problem: "the discount does not fit u64".into(),
+        })?;
+        Ok(SaleLoyalty { card: l.card, points_earned: l.points_earned, points_redeemed: proven, points_unproven: unproven, discount_cents })
     }
 
     fn check_rights(&self, sku: &str, requested: u64) -> Result<(), LedgerError> {

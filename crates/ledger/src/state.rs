@@ -4,7 +4,7 @@
 //! their journal position, products are last-writer-wins on (lamport, author). So replicas that
 //! hold the same set of changes have identical state.
 
-use crate::event::{Event, EventBody, Product, RecommendationShown, SaleLine};
+use crate::event::{Event, EventBody, Product, RecommendationShown, SaleLine, SaleLoyalty};
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, Dot};
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +40,8 @@ pub struct Sale {
     pub client_ref: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recommendation: Option<RecommendationShown>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loyalty: Option<SaleLoyalty>,
 }
 
 /// A product's current photo: last writer wins on (lamport, author), like the product itself.
@@ -90,6 +92,8 @@ pub struct State {
     /// Cloud device → its latest watermark. Per device, the highest journal position wins, so the
     /// result does not depend on arrival order.
     pub cloud_watermarks: BTreeMap<DeviceId, CloudWatermark>,
+    /// Cards' points, vouchers, unproven spending and exposures (`loyalty.rs`).
+    pub loyalty: crate::loyalty::LoyaltyState,
     /// Revocations of devices whose enrolment this replica has not folded yet (earliest time per
     /// device): the revocation and the enrolment are in different journals, so either may arrive
     /// first, and the device must end up revoked either way.
@@ -156,12 +160,16 @@ impl State {
             _ if is_cloud => return Err(FoldError::Invalid("a device of role cloud records only enrolments, revocations and watermarks".into())),
             _ => {}
         }
+        self.loyalty.check(&dot.device, &event.body)?;
         match &event.body {
             EventBody::Enrolled { .. }
             | EventBody::CloudHolds { .. }
             | EventBody::ProductUpserted { .. }
             | EventBody::PhotoAttached { .. }
-            | EventBody::Revoked { .. } => Ok(()),
+            | EventBody::Revoked { .. }
+            | EventBody::LoyaltyTransferred { .. }
+            | EventBody::VoucherMinted { .. }
+            | EventBody::VoucherRedeemed { .. } => Ok(()),
             // Unreachable within the limits (2^64 units take 1.8e13 restocks of MAX_QTY), so it does
             // not matter that it depends on other devices' restocks: refusing beats wrapping.
             EventBody::Restocked { sku, qty } => match self.total_rights(sku).checked_add(*qty) {
@@ -190,6 +198,7 @@ impl State {
 
     /// Folds one event. The caller has run [`State::check`]; a failure here means the core is broken.
     pub fn fold(&mut self, dot: Dot, event: &Event) {
+        self.loyalty.fold(dot, &event.body);
         match &event.body {
             EventBody::Enrolled { certificate } => {
                 let revoked_at_ms = self.early_revocations.remove(&dot.device);
@@ -220,7 +229,7 @@ impl State {
                 *held = held.checked_add(*qty).expect("transferred rights within the SKU's total");
                 self.transfers += 1;
             }
-            EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
+            EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => {
                 for l in lines {
                     self.spend(&l.sku, &dot.device, l.qty);
                 }
@@ -237,6 +246,7 @@ impl State {
                         time_ms: event.time_ms,
                         client_ref: client_ref.clone(),
                         recommendation: recommendation.clone(),
+                        loyalty: loyalty.clone(),
                     },
                 );
                 assert!(previous.is_none(), "a journal position is folded at most once");
@@ -268,6 +278,8 @@ impl State {
                     }
                 }
             }
+            // Folded into `self.loyalty` above.
+            EventBody::LoyaltyTransferred { .. } | EventBody::VoucherMinted { .. } | EventBody::VoucherRedeemed { .. } => {}
         }
     }
 

@@ -5,11 +5,12 @@
 //! refuses. Only properties of the event alone are checked here: anything that depends on the
 //! replica's state (unknown SKU, stock rights, catalogue currency, stall) is checked elsewhere.
 
-use crate::event::{EventBody, Product, RecommendationShown, SaleLine};
+use crate::event::{EventBody, LoyaltyAsset, Product, RecommendationShown, SaleLine, SaleLoyalty};
+use stallmesh_loyalty::MAX_POINTS_PER_SALE;
 use crate::{
     MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
     MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED, MAX_PHOTO_BYTES, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
-    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, MAX_WATERMARK_DEVICES, SEGMENT_CHANGES,
+    MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, MAX_VOUCHER_LABEL_LEN, MAX_WATERMARK_DEVICES, SEGMENT_CHANGES,
 };
 
 /// Room in a photo change for all but the JPEG: actor, deps, keys, SKU, clocks (184 bytes measured
@@ -36,6 +37,8 @@ const _: () = assert!(
         + SALE_CHANGE_ENVELOPE_BYTES
         <= MAX_CHANGE_BYTES
 );
+// Points redeemed in one sale (held plus unproven) fit u64 with room: both are capped per sale.
+const _: () = assert!(2 * (MAX_POINTS_PER_SALE as u128) < u64::MAX as u128);
 // A stranger's changes cannot fill the pending buffer on their own.
 const _: () = assert!(MAX_PENDING_PER_UNENROLLED < MAX_PENDING_CHANGES);
 /// A watermark of the largest market fits one change: each device costs its 32-byte id and a
@@ -101,9 +104,26 @@ pub fn check_event_body(body: &EventBody) -> Checked {
             check_sku(sku)?;
             check_photo(jpeg)
         }
-        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
+        EventBody::LoyaltyTransferred { asset, qty, .. } => match asset {
+            LoyaltyAsset::Points(_) if (1..=MAX_LOYALTY_TRANSFER_POINTS).contains(qty) => Ok(()),
+            LoyaltyAsset::Points(_) => Err(invalid("qty", format!("a points transfer moves 1..={MAX_LOYALTY_TRANSFER_POINTS} points"))),
+            LoyaltyAsset::Voucher(_) if *qty == 1 => Ok(()),
+            LoyaltyAsset::Voucher(_) => Err(invalid("qty", "a voucher is transferred whole: qty 1")),
+        },
+        EventBody::VoucherMinted { label, value_cents, .. } => {
+            check_text("label", label, MAX_VOUCHER_LABEL_LEN)?;
+            if *value_cents > MAX_PRICE_CENTS {
+                return Err(invalid("value_cents", format!("must be at most {MAX_PRICE_CENTS}")));
+            }
+            Ok(())
+        }
+        EventBody::VoucherRedeemed { .. } => Ok(()),
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => {
             if let Some(rec) = recommendation {
                 check_recommendation(rec)?;
+            }
+            if let Some(l) = loyalty {
+                check_sale_loyalty(l, *total_cents)?;
             }
             if lines.is_empty() || lines.len() > MAX_SALE_LINES {
                 return Err(invalid("lines", format!("must hold 1..={MAX_SALE_LINES} lines")));
@@ -185,6 +205,24 @@ fn check_photo(jpeg: &[u8]) -> Checked {
     }
     if !jpeg.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return Err(invalid("photo", "must be a JPEG"));
+    }
+    Ok(())
+}
+
+/// Most points one transfer moves: a card's whole balance after years of market days.
+pub const MAX_LOYALTY_TRANSFER_POINTS: u64 = 1_000 * MAX_POINTS_PER_SALE;
+
+fn check_sale_loyalty(l: &SaleLoyalty, total_cents: u64) -> Checked {
+    for (field, points) in [("points_earned", l.points_earned), ("points_redeemed", l.points_redeemed), ("points_unproven", l.points_unproven)] {
+        if points > MAX_POINTS_PER_SALE {
+            return Err(invalid(field, format!("must be at most {MAX_POINTS_PER_SALE}")));
+        }
+    }
+    if l.discount_cents > total_cents {
+        return Err(invalid("discount_cents", format!("{} exceeds the sale's total {total_cents}", l.discount_cents)));
+    }
+    if (l.discount_cents > 0) != (l.points_redeemed + l.points_unproven > 0) {
+        return Err(invalid("discount_cents", "redeemed points and a discount go together"));
     }
     Ok(())
 }

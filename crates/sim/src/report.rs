@@ -85,7 +85,34 @@ pub struct Report {
     pub engine_ms: f64,
     pub per_hour: Vec<HourStats>,
     pub cloud: CloudReport,
+    /// With loyalty customers in the scenario.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loyalty: Option<LoyaltyReport>,
     pub digest: String,
+}
+
+/// Loyalty over the day: what customers' cards earned and redeemed, vouchers, and what was spent
+/// twice across partitions (the exposures every replica reports).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoyaltyReport {
+    pub card_sales: u64,
+    pub points_earned: u64,
+    pub points_redeemed_proven: u64,
+    /// Redeemed from offline budgets.
+    pub points_redeemed_unproven: u64,
+    /// Redemptions refused (short of points): the customer paid without.
+    pub redemptions_refused: u64,
+    /// Asks to reachable holders, and the transfers they made.
+    pub asks: u64,
+    pub gives: u64,
+    pub vouchers_minted: u64,
+    pub vouchers_redeemed_proven: u64,
+    pub vouchers_redeemed_unproven: u64,
+    pub vouchers_refused: u64,
+    /// Cards and vouchers spent twice, and by how much.
+    pub exposures: u64,
+    pub points_exposed: u64,
+    pub vouchers_exposed: u64,
 }
 
 impl Report {
@@ -144,6 +171,18 @@ impl Report {
                 c.upload_lag_ms_p50, c.upload_lag_ms_p99, c.upload_lag_ms_max, c.sales_not_in_cloud_by_end
             ),
         );
+        if let Some(l) = &self.loyalty {
+            row("card sales / points earned", format!("{} / {}", l.card_sales, l.points_earned));
+            row(
+                "points redeemed proven / budget",
+                format!("{} / {} ({} refused; {} asks, {} gives)", l.points_redeemed_proven, l.points_redeemed_unproven, l.redemptions_refused, l.asks, l.gives),
+            );
+            row(
+                "vouchers minted / proven / budget",
+                format!("{} / {} / {} ({} refused)", l.vouchers_minted, l.vouchers_redeemed_proven, l.vouchers_redeemed_unproven, l.vouchers_refused),
+            );
+            row("spent twice (exposures)", format!("{}: {} points, {} vouchers", l.exposures, l.points_exposed, l.vouchers_exposed));
+        }
         row("faults fired", format!("{:?}", self.faults_fired));
         row("wall time (engine / protocol)", format!("{:.0} ms ({:.0} / {:.0} ms)", self.wall_ms, self.engine_ms, self.protocol_ms));
         row("trace digest", self.digest.clone());

@@ -40,7 +40,62 @@ pub struct Scenario {
     /// `mesh` settings; missing keys keep `RebalancePolicy::default()`.
     #[serde(default)]
     pub rebalance: RebalancePolicy,
+    /// Customers with loyalty cards and vouchers; absent, nobody carries one.
+    #[serde(default)]
+    pub loyalty: Option<LoyaltySpec>,
 }
+
+/// Loyalty customers: cards that come back to other stalls, redemptions, voucher drops.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoyaltySpec {
+    /// Customers carrying a card.
+    pub card_share: f64,
+    /// Distinct cards among the customers (each comes back to any stall).
+    pub cards: u32,
+    /// Of card customers, those who redeem points: what the serving tablet shows as their
+    /// balance, up to `max_redeem_points` (a stale balance across a partition spends points twice).
+    pub redeem_share: f64,
+    pub max_redeem_points: u64,
+    /// Customers save up: they redeem only once the balance shown reaches this.
+    pub redeem_at_points: u64,
+    /// The tablets' offline budget (as the node's `[loyalty]` settings).
+    pub offline_points_per_card: u64,
+    pub offline_points_per_device: u64,
+    pub offline_vouchers_per_device: u64,
+    /// Customers who bring a voucher of a drop (any minted so far, so some bring one already used).
+    pub voucher_share: f64,
+    pub voucher_drops: Vec<VoucherDrop>,
+}
+
+impl Default for LoyaltySpec {
+    fn default() -> Self {
+        Self {
+            card_share: 0.4,
+            cards: 300,
+            redeem_share: 0.3,
+            max_redeem_points: 50,
+            redeem_at_points: 0,
+            offline_points_per_card: 30,
+            offline_points_per_device: 300,
+            offline_vouchers_per_device: 5,
+            voucher_share: 0.0,
+            voucher_drops: Vec::new(),
+        }
+    }
+}
+
+/// At `at_s`, tablet `device` mints `count` single-use vouchers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VoucherDrop {
+    pub at_s: f64,
+    pub device: u32,
+    pub count: u32,
+}
+
+/// Vouchers in one drop: a limited edition, not a way to exhaust memory.
+pub const MAX_VOUCHERS_PER_DROP: u32 = 10_000;
 
 fn default_liveness() -> f64 {
     60.0
@@ -227,6 +282,22 @@ impl Scenario {
             }
         }
         let check_device = |d: u32| if d < devices { Ok(()) } else { Err(format!("fault names device {d}; there are {devices}")) };
+        if let Some(l) = &self.loyalty {
+            for p in [l.card_share, l.redeem_share, l.voucher_share] {
+                if !(0.0..=1.0).contains(&p) {
+                    return Err("loyalty shares must be within [0, 1]".into());
+                }
+            }
+            if l.cards == 0 {
+                return Err("loyalty.cards must be at least 1".into());
+            }
+            for d in &l.voucher_drops {
+                check_device(d.device)?;
+                if d.count == 0 || d.count > MAX_VOUCHERS_PER_DROP {
+                    return Err(format!("a voucher drop mints 1..={MAX_VOUCHERS_PER_DROP} vouchers"));
+                }
+            }
+        }
         for f in &self.faults {
             match f {
                 FaultSpec::Partition { groups, .. } => groups.iter().flatten().try_for_each(|d| check_device(*d))?,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, Dot, MarketKey, Role, SignedChange};
 use stallmesh_ingest::uplink::{Uplink, UplinkStats};
 use stallmesh_ingest::{LogRecord, MarketIngest};
-use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, MarketContext, Product};
+use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, LoyaltyOnSale, MarketContext, Product};
 use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, AskStats, Rebalancer, SaleWait, SaleWaitStep};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
 use std::cmp::Reverse;
@@ -32,6 +32,7 @@ pub const MAX_EVENTS: u64 = 2_000_000_000;
 mod checker;
 mod cloud;
 mod faults;
+mod loyalty;
 mod network;
 
 pub use checker::CLOUD_INVARIANT;
@@ -161,6 +162,19 @@ enum Ev {
     CloudWake,
     /// The cloud invariant's periodic look at sales not yet in the cloud's log.
     CloudCheck,
+    /// Voucher drop `i` of the scenario's loyalty.
+    VoucherDrop(usize),
+    /// A card customer's sale after the till waited for a reachable holder's points.
+    CardAfterWait {
+        dev: u32,
+        lines: Vec<LineRequest>,
+        card: LoyaltyOnSale,
+    },
+    /// A voucher redemption after the till waited for the holder to hand it over.
+    VoucherAfterWait {
+        dev: u32,
+        voucher: stallmesh_identity::VoucherId,
+    },
 }
 
 struct Item {
@@ -262,6 +276,8 @@ struct WaitingSale {
     wait: SaleWait,
     /// The pending `Ev::SaleWait` for it (virtual µs); others are stale.
     wake_at: u64,
+    /// The customer's card, if any.
+    card: Option<LoyaltyOnSale>,
 }
 
 /// A reachable tablet holding rights a refused sale lacked (for the report and the trace).
@@ -346,6 +362,8 @@ pub struct World {
     hours: Vec<HourStats>,
     protocol_time: Duration,
     protocol_calls: u64,
+    /// Loyalty customers, when the scenario has them.
+    loyalty: Option<loyalty::LoyaltySim>,
 }
 
 fn mix(seed: u64, stream: &str, n: u64) -> u64 {
@@ -392,6 +410,7 @@ fn pair(a: u32, b: u32) -> (u32, u32) {
 impl World {
     pub fn new(sc: Scenario, opts: Options) -> World {
         let seed = opts.seed;
+        let loyalty = sc.loyalty.clone().map(|l| loyalty::LoyaltySim::new(l, seed));
         let n = sc.devices();
         // Identities depend on the scenario's shape only, so a seed changes behaviour, not keys.
         let market_key = MarketKey::from_secret(mix(0, "market", 0).to_le_bytes().repeat(4).try_into().expect("32 bytes"));
@@ -524,6 +543,7 @@ impl World {
             hours,
             protocol_time: Duration::ZERO,
             protocol_calls: 0,
+            loyalty,
         };
         w.setup();
         w
@@ -700,6 +720,10 @@ impl World {
             let at = fault_at(&self.faults[i]);
             self.push((at * US_PER_S as f64) as u64, Ev::FaultStart(i));
         }
+        let drops: Vec<f64> = self.sc.loyalty.iter().flat_map(|l| l.voucher_drops.iter().map(|d| d.at_s)).collect();
+        for (i, at_s) in drops.into_iter().enumerate() {
+            self.push((at_s * US_PER_S as f64) as u64, Ev::VoucherDrop(i));
+        }
         let end = (self.sc.duration_h * 3600.0 * US_PER_S as f64) as u64;
         self.push(end, Ev::EndOfDay);
         for d in 0..n {
@@ -790,6 +814,16 @@ impl World {
             Ev::UplinkTimeout { dev, id } => self.on_uplink_timeout(dev, id),
             Ev::CloudWake => self.on_cloud_wake(),
             Ev::CloudCheck => self.cloud_check(),
+            Ev::VoucherDrop(i) => self.voucher_drop(i),
+            Ev::CardAfterWait { dev, lines, card } => {
+                if self.devices[dev as usize].up {
+                    let card = self.card_after_wait(dev, card);
+                    self.sell(dev, lines, None, Some(card));
+                } else {
+                    self.customers_lost += 1;
+                }
+            }
+            Ev::VoucherAfterWait { dev, voucher } => self.redeem_voucher(dev, voucher, None),
         }
     }
 
@@ -838,15 +872,21 @@ impl World {
             }
         }
         self.trace(Some(dev), format!("customer at stall {stall}"));
-        self.sell(dev, lines, None);
+        let card = self.customer_card(dev, &lines);
+        self.customer_voucher(dev);
+        match card {
+            Some(Err(card)) => self.push(self.now + loyalty::ASK_WAIT_US, Ev::CardAfterWait { dev, lines, card }),
+            Some(Ok(card)) => self.sell(dev, lines, None, Some(card)),
+            None => self.sell(dev, lines, None, None),
+        }
     }
 
     /// One attempt of a customer's sale (`wait`: the sale already waits for rights, with its id).
     /// Refused for rights that a peer with a live session holds, it waits as the node does
     /// ([`SaleWait`]): ask, retry when a transfer to this device is applied, refuse at the deadline.
-    fn sell(&mut self, dev: u32, lines: Vec<LineRequest>, wait: Option<(u64, WaitingSale)>) {
+    fn sell(&mut self, dev: u32, lines: Vec<LineRequest>, wait: Option<(u64, WaitingSale)>, card: Option<LoyaltyOnSale>) {
         let now = self.dev_now_ms(dev);
-        let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None };
+        let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None, loyalty: card.clone() };
         let result = self.protocol(|w| w.devices[dev as usize].ledger.record(op, now));
         match result {
             Ok(entry) => {
@@ -861,6 +901,7 @@ impl World {
                 if wait.is_some() {
                     self.sales_after_waiting += 1;
                 }
+                self.loyalty_acked(&entry);
                 self.local_entry(dev, entry);
                 // Ask for a refill where the sale left this device low, as the node does after a sale.
                 for l in &lines {
@@ -888,11 +929,22 @@ impl World {
                         if id == self.next_wait_id {
                             self.next_wait_id += 1;
                         }
-                        self.waiting.insert(id, WaitingSale { dev, lines, wait, wake_at: 0 });
+                        self.waiting.insert(id, WaitingSale { dev, lines, wait, wake_at: 0, card });
                         self.schedule_sale_wait(id);
                     }
                     Err(_) => self.refuse(dev, "insufficient_stock_rights", Some(&sku)),
                 }
+            }
+            // Short of points: the till says what it can redeem here (held plus budget left) and
+            // the customer takes that, or pays without redeeming; the card still earns.
+            Err(LedgerError::InsufficientPoints { held_here, budget_left, .. }) => {
+                self.redemption_refused();
+                let can = held_here.saturating_add(budget_left);
+                let card = card.map(|c| {
+                    let redeem_points = if can < c.redeem_points { can } else { 0 };
+                    LoyaltyOnSale { redeem_points, offline_budget: c.offline_budget.filter(|_| redeem_points > 0), ..c }
+                });
+                self.sell(dev, lines, wait, card);
             }
             Err(e) => {
                 let reason = match &e {
@@ -970,8 +1022,8 @@ impl World {
         match w.wait.poll(here, self.now / US_PER_MS) {
             SaleWaitStep::Retry => {
                 let w = self.waiting.remove(&id).expect("just seen");
-                let lines = w.lines.clone();
-                self.sell(dev, lines, Some((id, w)));
+                let (lines, card) = (w.lines.clone(), w.card.clone());
+                self.sell(dev, lines, Some((id, w)), card);
             }
             SaleWaitStep::AskAgain { short } => {
                 let now = self.dev_now_ms(dev);
@@ -1106,6 +1158,7 @@ impl World {
                         self.local_entry(dev, entry);
                     }
                 }
+                Output::LoyaltyWanted { from, asset, qty } => self.give_loyalty(dev, from, asset, qty),
             }
         }
         self.schedule_wake(dev);
@@ -1255,6 +1308,7 @@ impl World {
             engine_ms: (wall.saturating_sub(self.protocol_time)).as_secs_f64() * 1000.0,
             per_hour: self.hours[..hours_run.min(self.hours.len())].to_vec(),
             cloud: self.cloud_report(),
+            loyalty: self.loyalty.as_ref().map(|l| l.report.clone()),
             digest: String::new(),
         }
     }

@@ -311,3 +311,21 @@ fn every_shipped_scenario_parses() {
     let err = Scenario::parse("name = 1", "bad.toml").unwrap_err().to_string();
     assert!(err.contains("bad.toml"), "{err}");
 }
+
+#[test]
+fn loyalty_spent_on_both_sides_of_a_split_stays_within_budget_and_every_replica_reports_it_alike() {
+    let sc = shipped("loyalty-partition.toml");
+    let r = run(&sc, Options { seed: 3, ..Default::default() });
+    let table = r.report.table();
+    // The checker compares what tablets acknowledged with every replica's exposures: a replica
+    // that missed a double spend (or invented one) is a violation.
+    assert!(r.violations.is_empty(), "{:#?}\n{table}", r.violations);
+    let l = r.report.loyalty.expect("a loyalty scenario reports loyalty");
+    assert!(l.gives > 0, "reachable holders handed points and vouchers over\n{table}");
+    assert!(l.points_redeemed_unproven > 0 && l.vouchers_redeemed_unproven > 0, "the far side used its budget\n{table}");
+    assert!(l.points_exposed > 0 && l.vouchers_exposed > 0, "customers spent twice across the split\n{table}");
+    let spec = sc.loyalty.as_ref().unwrap();
+    let tablets = u64::from(sc.devices());
+    assert!(l.points_exposed <= tablets * spec.offline_points_per_device, "{table}");
+    assert!(l.vouchers_exposed <= tablets * spec.offline_vouchers_per_device, "{table}");
+}

@@ -28,8 +28,8 @@ use std::fmt::Debug;
 pub use stallmesh_ledger::Heads;
 
 /// First byte of every message; a peer speaking another version is disconnected, not guessed at.
-/// 3: `RightsWanted` says whether a sale waits for the rights.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 3: `RightsWanted` says whether a sale waits for the rights. 4: `LoyaltyWanted`.
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest encoded message. 2,000 changes of a typical sale (~550 bytes) fit in about 1.1 MB.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Most changes in one message; more are sent in follow-up messages (`more: true`).
@@ -63,6 +63,9 @@ pub enum Message {
     /// The sender ran short of stock rights for `sku` and asks for `qty` units. `for_sale`: a
     /// customer waits for them now (else a refill below the low watermark).
     RightsWanted { sku: String, qty: u64, for_sale: bool },
+    /// The sender is redeeming a card's points or a voucher it does not hold: a holder transfers
+    /// what it holds of it, up to `qty` (a customer waits at the till).
+    LoyaltyWanted { asset: stallmesh_ledger::LoyaltyAsset, qty: u64 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
@@ -196,6 +199,8 @@ pub enum Output<P> {
     Disconnect { peer: P, reason: String },
     /// A peer asks for stock rights: the driver consults [`rebalance`] and may record a transfer.
     RightsWanted { from: P, sku: String, qty: u64, for_sale: bool },
+    /// A peer asks for a card's points or a voucher: a holder transfers what it holds, up to `qty`.
+    LoyaltyWanted { from: P, asset: stallmesh_ledger::LoyaltyAsset, qty: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -474,6 +479,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 out.push(Output::Apply { from, changes });
             }
             Message::RightsWanted { sku, qty, for_sale } => out.push(Output::RightsWanted { from, sku, qty, for_sale }),
+            Message::LoyaltyWanted { asset, qty } => out.push(Output::LoyaltyWanted { from, asset, qty }),
         }
         out
     }
@@ -604,8 +610,18 @@ impl<P: Ord + Clone + Debug> Sync<P> {
 
     /// Asks every connected peer for stock rights (`for_sale`: a customer waits for them).
     pub fn want_rights(&mut self, sku: &str, qty: u64, for_sale: bool, now_ms: u64) -> Vec<Output<P>> {
+        self.ask_everyone(Message::RightsWanted { sku: sku.to_string(), qty, for_sale }, now_ms)
+    }
+
+    /// Asks every connected peer for `qty` of a card's points or a voucher (only holders answer,
+    /// with a transfer).
+    pub fn want_loyalty(&mut self, asset: stallmesh_ledger::LoyaltyAsset, qty: u64, now_ms: u64) -> Vec<Output<P>> {
+        self.ask_everyone(Message::LoyaltyWanted { asset, qty }, now_ms)
+    }
+
+    fn ask_everyone(&mut self, message: Message, now_ms: u64) -> Vec<Output<P>> {
         let mut out = Vec::new();
-        let bytes = Message::RightsWanted { sku: sku.to_string(), qty, for_sale }.encode();
+        let bytes = message.encode();
         let peers: Vec<P> = self.peers.keys().cloned().collect();
         for p in peers {
             self.send(&mut out, &p, bytes.clone(), now_ms);

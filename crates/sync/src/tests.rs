@@ -102,7 +102,7 @@ impl Net {
                     self.nodes[src].sync.disconnected(&peer);
                     self.nodes[peer].sync.disconnected(&src);
                 }
-                Output::RightsWanted { .. } => {}
+                Output::RightsWanted { .. } | Output::LoyaltyWanted { .. } => {}
             }
         }
     }

@@ -16,7 +16,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, body: ErrorBody { error: code.to_string(), message: message.into(), details: None } }
+        Self { status, body: ErrorBody { error: code.to_string(), message: message.into(), details: None, points: None } }
     }
 }
 
@@ -58,6 +58,12 @@ impl From<NodeError> for ApiError {
                     LedgerError::OtherStall { .. } => (StatusCode::FORBIDDEN, "other_stall"),
                     LedgerError::RoleForbids { .. } => (StatusCode::FORBIDDEN, "role_forbids"),
                     LedgerError::Cloned => (StatusCode::SERVICE_UNAVAILABLE, "device_cloned"),
+                    LedgerError::InsufficientPoints { .. } => (StatusCode::CONFLICT, "insufficient_points"),
+                    LedgerError::InsufficientLoyaltyRights { .. } => (StatusCode::CONFLICT, "insufficient_loyalty_rights"),
+                    LedgerError::VoucherRedeemed { .. } => (StatusCode::CONFLICT, "already_redeemed"),
+                    LedgerError::VoucherHeldElsewhere { .. } => (StatusCode::CONFLICT, "voucher_held_elsewhere"),
+                    LedgerError::VoucherExists(_) => (StatusCode::CONFLICT, "voucher_exists"),
+                    LedgerError::UnknownVoucher(_) => (StatusCode::NOT_FOUND, "unknown_voucher"),
                 };
                 let mut err = ApiError::new(status, code, message);
                 if let LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere } = le {

@@ -94,6 +94,15 @@ fn event_view(change: &SignedChange, body: &EventBody) -> EventView {
         EventBody::PhotoAttached { sku, .. } => EventView::Photo { sku: sku.clone() },
         EventBody::Revoked { revocation } => EventView::Revocation { device: revocation.device.to_hex() },
         EventBody::CloudHolds { offset, .. } => EventView::CloudWatermark { offset: *offset },
+        EventBody::LoyaltyTransferred { asset, qty, to } => {
+            let (asset, id) = match asset {
+                stallmesh_ledger::LoyaltyAsset::Points(c) => ("points", c.to_hex()),
+                stallmesh_ledger::LoyaltyAsset::Voucher(v) => ("voucher", v.to_hex()),
+            };
+            EventView::LoyaltyTransfer { asset: asset.into(), id, qty: *qty, to_device: to.to_hex() }
+        }
+        EventBody::VoucherMinted { voucher, .. } => EventView::VoucherMinted { voucher: voucher.to_hex() },
+        EventBody::VoucherRedeemed { voucher, proven } => EventView::VoucherRedeemed { voucher: voucher.to_hex(), proven: *proven },
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod catalogue;
 mod error;
+pub mod loyalty;
 mod mesh;
 mod sales;
 mod search;
@@ -44,6 +45,7 @@ pub struct AppState {
     pub mesh: Option<MeshHandle>,
     pub inference: Arc<Inference>,
     pub uplink: Option<crate::uplink::UplinkHandle>,
+    pub loyalty: loyalty::Desk,
 }
 
 impl FromRef<AppState> for Node {
@@ -72,6 +74,12 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/transfers", post(stock::transfer))
         .route("/api/v1/sales", post(sales::create_sale).get(sales::list_sales))
         .route("/api/v1/stock", get(stock::stock))
+        .route("/api/v1/loyalty/cards", post(loyalty::issue_card))
+        .route("/api/v1/loyalty/cards/{card}", get(loyalty::show_card))
+        .route("/api/v1/loyalty/challenge", get(loyalty::challenge))
+        .route("/api/v1/loyalty/vouchers", post(loyalty::mint_vouchers).get(loyalty::list_vouchers))
+        .route("/api/v1/loyalty/vouchers/{voucher}/redeem", post(loyalty::redeem_voucher))
+        .route("/api/v1/loyalty/exposures", get(loyalty::exposures))
         .route("/api/v1/status", get(status::status))
         .route("/api/v1/mesh", get(mesh::mesh))
         .route("/api/v1/mesh/arrivals", get(mesh::arrivals))

@@ -10,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use stallmesh_api::{RecommendationRecord, SaleLineView, SaleRequest, SaleView, SalesList, SalesSummary};
+use stallmesh_api::{RecommendationRecord, SaleLineView, SaleLoyaltyView, SaleRequest, SaleView, SalesList, SalesSummary};
 use stallmesh_ledger::{EventBody, LedgerError, LineRequest, RecommendationShown, Sale};
 use stallmesh_sync::rebalance::{SaleWait, SaleWaitStep};
 use std::time::Duration;
@@ -25,6 +25,13 @@ pub(super) fn sale_view(s: &Sale) -> SaleView {
         time_ms: s.time_ms,
         client_ref: s.client_ref.clone(),
         recommendation: s.recommendation.as_ref().map(|r| RecommendationRecord { arm: r.arm.clone(), skus: r.skus.clone() }),
+        loyalty: s.loyalty.as_ref().map(|l| SaleLoyaltyView {
+            card: l.card.to_hex(),
+            points_earned: l.points_earned,
+            points_redeemed: l.points_redeemed,
+            points_unproven: l.points_unproven,
+            discount_cents: l.discount_cents,
+        }),
     }
 }
 
@@ -40,6 +47,16 @@ pub(super) async fn create_sale(
     let node = &app.node;
     let lines: Vec<LineRequest> = req.lines.into_iter().map(|l| LineRequest { sku: l.sku, qty: l.qty }).collect();
     let recommendation = req.recommendation.map(|r| RecommendationShown { arm: r.arm, skus: r.skus });
+    // A till's retry of a sale already recorded is answered with it: its card is not looked at
+    // again (a phone wallet's challenge is used up, and nothing must be redeemed twice).
+    let retry = req.client_ref.as_ref().is_some_and(|r| node.read(|l| l.state().sale_by_client_ref(&l.device(), r).is_some()));
+    // A card is verified (and points to redeem fetched from a reachable holder) before the sale.
+    let prepared = match &req.loyalty {
+        Some(l) if !retry => Some(super::loyalty::prepare_sale_loyalty(&app, l, &lines).await?),
+        _ => None,
+    };
+    let challenge = prepared.as_ref().and_then(|p| p.challenge);
+    let loyalty = prepared.map(|p| p.on_sale);
     // The wait's own monotonic clock (ms since the request began): the wall clock may jump.
     let started = tokio::time::Instant::now();
     let elapsed_ms = || started.elapsed().as_millis() as u64;
@@ -47,8 +64,8 @@ pub(super) async fn create_sale(
     // Subscribed before the first attempt: a transfer applied right after it still wakes the wait.
     let mut arrived = node.rights_arrived();
     let result = loop {
-        let (lines, client_ref, recommendation) = (lines.clone(), req.client_ref.clone(), recommendation.clone());
-        let r = run_blocking(node, move |n| n.try_sell(lines, client_ref, recommendation)).await;
+        let (lines, client_ref, recommendation, loyalty) = (lines.clone(), req.client_ref.clone(), recommendation.clone(), loyalty.clone());
+        let r = run_blocking(node, move |n| n.try_sell(lines, client_ref, recommendation, loyalty)).await;
         let Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere, held_elsewhere_total })) =
             &r
         else {
@@ -66,6 +83,9 @@ pub(super) async fn create_sale(
             break r;
         }
     };
+    if let (Err(_), Some((c, expires))) = (&result, challenge) {
+        app.loyalty.reopen_challenge(c, expires);
+    }
     let waited = wait.waited();
     if waited {
         let outcome = if matches!(result, Err(NodeError::Ledger(LedgerError::InsufficientRights { .. }))) { "refused" } else { "sold" };
@@ -75,6 +95,15 @@ pub(super) async fn create_sale(
     let (status, id) = match result {
         Ok(recorded) => {
             debug_assert!(matches!(recorded.entry.event.body, EventBody::Sold { .. }));
+            if let EventBody::Sold { loyalty: Some(l), .. } = &recorded.entry.event.body {
+                let count = |outcome: &'static str| node.metrics.loyalty_redemptions.get_or_create(&Outcome { outcome }).inc();
+                if l.points_redeemed > 0 {
+                    count("points_proven");
+                }
+                if l.points_unproven > 0 {
+                    count("points_unproven");
+                }
+            }
             until_indexed(&app, Index::Sales, recorded.commit).await;
             (StatusCode::CREATED, stallmesh_ledger::sale_id(recorded.entry.change.dot()))
         }
@@ -96,6 +125,7 @@ pub(super) async fn create_sale(
             }
             return Err(err);
         }
+        Err(NodeError::Ledger(e @ LedgerError::InsufficientPoints { .. })) => return Err(super::loyalty::points_shortfall(&app, e)),
         Err(e) => return Err(e.into()),
     };
     Ok((status, Json(node.read(|l| l.state().sales.get(&id).map(sale_view)))))

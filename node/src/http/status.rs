@@ -180,6 +180,10 @@ pub(super) async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let node = &app.node;
     // Sets the not-uploaded gauges.
     let _ = cloud_status(node, app.uplink.as_ref());
+    let exposed = node.read(|l| super::loyalty::exposure_list(&l.state().loyalty));
+    node.metrics.loyalty_exposures.set(exposed.exposures.len() as i64);
+    node.metrics.loyalty_points_exposed.set(i64::try_from(exposed.points_exposed).unwrap_or(i64::MAX));
+    node.metrics.loyalty_vouchers_exposed.set(i64::try_from(exposed.vouchers_exposed).unwrap_or(i64::MAX));
     if let Some(pool) = app.inference.pool() {
         let st = pool.stats();
         node.metrics.inference_queued.set(st.queued as i64);

@@ -557,7 +557,8 @@ impl<'a> Columns<'a> {
                     c.stock[1].push(&device, change.seq, r.offset, time_ms, sku, *qty);
                     c.to_device.push(to.to_hex());
                 }
-                EventBody::Sold { lines, total_cents, currency, client_ref, recommendation } => {
+                // A sale's loyalty is in `events.body` (its `loyalty` object) until loyalty has tables.
+                EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, .. } => {
                     let id = sale_id(change.dot());
                     for (i, l) in lines.iter().enumerate() {
                         c.line_sale.push(id.clone());
@@ -588,7 +589,12 @@ impl<'a> Columns<'a> {
                     c.rev_at.push(int(revocation.revoked_at_ms));
                 }
                 // Kept in `events` only: photos are served from the ledger, watermarks are the cloud's own.
-                EventBody::PhotoAttached { .. } | EventBody::CloudHolds { .. } => {}
+                // Loyalty events too, until loyalty has tables of its own.
+                EventBody::PhotoAttached { .. }
+                | EventBody::CloudHolds { .. }
+                | EventBody::LoyaltyTransferred { .. }
+                | EventBody::VoucherMinted { .. }
+                | EventBody::VoucherRedeemed { .. } => {}
             }
             c.ev_offset.push(offset);
             c.ev_device.push(device);

@@ -32,7 +32,7 @@ impl World {
     }
 
     /// Every replica's ledger, the cloud's last, with its name in violations.
-    fn replicas(&self) -> impl Iterator<Item = (Option<u32>, &Ledger)> + '_ {
+    pub(super) fn replicas(&self) -> impl Iterator<Item = (Option<u32>, &Ledger)> + '_ {
         self.devices.iter().enumerate().map(|(d, dev)| (Some(d as u32), &dev.ledger)).chain([(None, self.cloud.ingest.ledger())])
     }
 
@@ -255,6 +255,7 @@ impl World {
         }
         self.check_cloud_at_end();
         v.append(&mut self.cloud_violations);
+        v.extend(self.check_loyalty());
         v
     }
 }
