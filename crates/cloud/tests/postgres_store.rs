@@ -130,7 +130,9 @@ async fn processes_starting_together_on_an_empty_database_both_migrate() {
         assert!(s.unwrap().markets().await.unwrap().is_empty());
     }
     let client = db.client().await;
-    assert_eq!(count(&client, "SELECT count(*) FROM stallmesh_schema_history").await, 1, "V1 applied once");
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap().count() as i64;
+    assert!(migrations >= 2);
+    assert_eq!(count(&client, "SELECT count(*) FROM stallmesh_schema_history").await, migrations, "each migration applied once");
 }
 
 #[tokio::test]
@@ -542,4 +544,52 @@ async fn odd_values_a_device_may_sign_never_stop_the_ingest() {
     let records = store.load_log(&cm.reg.market, 0).await.unwrap();
     let restored = MarketIngest::restore(cm.m.ctx.clone(), cm.reg.device_key(), cm.reg.certificate.clone(), records).unwrap();
     assert_eq!(restored.ledger().state().products["ODD"].product.name, "Fish\0Chips");
+}
+
+#[tokio::test]
+async fn head_office_sees_each_cards_totals_and_what_was_spent_twice_across_a_split() {
+    use stallmesh_identity::{CardId, VoucherId};
+    use stallmesh_ledger::{LoyaltyAsset, LoyaltyOnSale};
+    use stallmesh_loyalty::OfflineBudget;
+    let db = database_or_skip!("head_office_sees_each_cards_totals_and_what_was_spent_twice_across_a_split");
+    let store = connect(&db).await;
+    let mut cm = cloud_market(13);
+    store.register(&cm.reg, &cm.first).await.unwrap();
+    let (mut a, mut changes) = tablet(&cm.m, 1, "Tea", 1_000);
+    let (mut b, b_changes) = tablet(&cm.m, 2, "Cake", 1_000);
+    a.apply_remote(b_changes.clone());
+    b.apply_remote(changes.clone());
+    changes.extend(b_changes);
+    let card = CardId([4; 8]);
+    let budget = Some(OfflineBudget { points_per_card: 50, points_per_device: 500, vouchers_per_device: 2 });
+    let with_card = |sku: &str, earn: u64, redeem: u64, budget| LocalOp::Sell {
+        lines: vec![LineRequest { sku: sku.into(), qty: 1 }],
+        client_ref: None,
+        recommendation: None,
+        loyalty: Some(LoyaltyOnSale { card, points_earned: earn, redeem_points: redeem, point_value_cents: 1, offline_budget: budget }),
+    };
+    // 40 points earned at tablet 1 and a voucher minted there, both known to tablet 2.
+    let earn = a.record(with_card("SKU-1", 40, 0, None), DAY_MS + 1).unwrap();
+    let voucher = VoucherId([9; 8]);
+    let minted = a.record(LocalOp::MintVoucher { voucher, label: "Free tea".into(), value_cents: 300 }, DAY_MS + 2).unwrap();
+    b.apply_remote([earn.change.clone(), minted.change.clone()]);
+    changes.extend([earn.change, minted.change]);
+    // The Wi-Fi splits: each side redeems the card's 40 points and the voucher.
+    changes.push(a.record(with_card("SKU-1", 0, 40, None), DAY_MS + 10).unwrap().change);
+    changes.push(a.record(LocalOp::RedeemVoucher { voucher, offline_budget: None }, DAY_MS + 11).unwrap().change);
+    changes.push(b.record(with_card("SKU-2", 0, 40, budget), DAY_MS + 12).unwrap().change);
+    changes.push(b.record(LocalOp::RedeemVoucher { voucher, offline_budget: budget }, DAY_MS + 13).unwrap().change);
+    cm.upload(&store, changes, DAY_MS + HOUR_MS).await;
+
+    let c = db.client().await;
+    let m = cm.reg.market.to_hex();
+    let row = c.query_one("SELECT points_earned, points_redeemed, points_unproven, discount_cents, sales FROM loyalty_cards WHERE market = $1 AND card = $2", &[&m, &card.to_hex()]).await.unwrap();
+    let totals: (i64, i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(totals, (40, 40, 40, 80, 3));
+    let rows = c.query("SELECT asset, id, units FROM loyalty_exposures WHERE market = $1 ORDER BY asset", &[&m]).await.unwrap();
+    let exposures: Vec<(String, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(exposures, vec![("points".into(), card.to_hex(), 40), ("voucher".into(), voucher.to_hex(), 1)]);
+    // The same as the cloud's own ledger (and every tablet holding both sides) derives.
+    let ledger: Vec<(LoyaltyAsset, u64)> = cm.ingest.ledger().state().loyalty.exposures().iter().map(|e| (e.asset, e.units)).collect();
+    assert_eq!(ledger, vec![(LoyaltyAsset::Points(card), 40), (LoyaltyAsset::Voucher(voucher), 1)]);
 }
