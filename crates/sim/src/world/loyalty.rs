@@ -30,8 +30,7 @@ pub(super) struct LoyaltySim {
     /// From acknowledged events: per card, points earned and points redeemed (proven or not).
     earned: BTreeMap<CardId, u64>,
     spent: BTreeMap<CardId, u64>,
-    /// Per voucher, times minted and redeemed.
-    minted: BTreeMap<VoucherId, u64>,
+    /// Per voucher, times redeemed (a voucher is redeemed once however often its id was minted).
     redeemed: BTreeMap<VoucherId, u64>,
     pub(super) report: LoyaltyReport,
 }
@@ -52,7 +51,6 @@ impl LoyaltySim {
             next_voucher: 0,
             earned: BTreeMap::new(),
             spent: BTreeMap::new(),
-            minted: BTreeMap::new(),
             redeemed: BTreeMap::new(),
             report: LoyaltyReport::default(),
         }
@@ -260,7 +258,6 @@ impl World {
                 l.report.points_redeemed_unproven += s.points_unproven;
             }
             EventBody::VoucherMinted { voucher, .. } => {
-                *l.minted.entry(*voucher).or_default() += 1;
                 l.vouchers.push(*voucher);
                 l.report.vouchers_minted += 1;
             }
