@@ -103,10 +103,13 @@ fn a_card_and_a_voucher_spent_on_both_sides_of_a_partition_stay_within_budget_an
         let (status, v_right) = lan.post(3, &format!("/api/v1/loyalty/vouchers/{voucher}/redeem"), &json!({}));
         assert_eq!(status, 201, "{v_right}");
         assert_eq!(v_right["redemptions"][0]["proven"], false, "{v_right}");
-        // On the same side, once is all: tablet 5 sees tablet 3's redemption.
+        // On the same side, once is all: once tablet 5 has seen tablet 3's redemption it refuses.
+        // (Asking before it has seen it would be a second offline redemption, which is allowed.)
         eventually(CONVERGE, "the right side agrees the voucher is used", || {
-            lan.post(5, &format!("/api/v1/loyalty/vouchers/{voucher}/redeem"), &json!({})).1["error"] == "already_redeemed"
+            lan.get(5, "/api/v1/loyalty/vouchers")["vouchers"][0]["status"] == "redeemed"
         });
+        let (status, again) = lan.post(5, &format!("/api/v1/loyalty/vouchers/{voucher}/redeem"), &json!({}));
+        assert_eq!((status, again["error"].as_str()), (409, Some("already_redeemed")), "{again}");
 
         // Heal: every tablet reports the same exposures, once each, with both redemptions.
         lan.heal(&left);
