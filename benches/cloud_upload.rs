@@ -72,7 +72,7 @@ fn day() -> Day {
     }
     for i in 0..DAY_SALES {
         let lines = vec![LineRequest { sku: format!("SKU-{}", i % 20), qty: 1 }, LineRequest { sku: format!("SKU-{}", (i + 7) % 20), qty: 2 }];
-        let op = LocalOp::Sell { lines, client_ref: Some(format!("till-{i}")), recommendation: None, loyalty: None };
+        let op = LocalOp::Sell { lines, client_ref: Some(format!("till-{i}")), recommendation: None, loyalty: None, staff: None };
         changes.push(tablet.record(op, 10 + i as u64).unwrap().change);
     }
     let raw_bytes = changes.iter().map(SignedChange::encoded_len).sum();

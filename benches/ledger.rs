@@ -263,6 +263,7 @@ fn local_sale_with_client_ref(c: &mut Criterion) {
                     client_ref: Some(format!("till-1-{t}")),
                     recommendation: None,
                     loyalty: None,
+                    staff: None,
                 };
                 till.record(op, t).unwrap()
             })

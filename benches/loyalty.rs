@@ -28,7 +28,7 @@ fn card_id(n: u64) -> CardId {
 }
 
 fn sale(loyalty: Option<LoyaltyOnSale>) -> LocalOp {
-    LocalOp::Sell { lines: vec![LineRequest { sku: "TEA".into(), qty: 1 }], client_ref: None, recommendation: None, loyalty }
+    LocalOp::Sell { lines: vec![LineRequest { sku: "TEA".into(), qty: 1 }], client_ref: None, recommendation: None, loyalty, staff: None }
 }
 
 fn earn(card: CardId) -> LoyaltyOnSale {

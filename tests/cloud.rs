@@ -550,6 +550,7 @@ fn journals(w: &World, tablets: u16, sales: usize) -> Vec<(DeviceKey, stallmesh_
                     client_ref: None,
                     recommendation: None,
                     loyalty: None,
+                    staff: None,
                 };
                 out.push(l.record(sale, now + i as u64).unwrap().change);
             }

@@ -120,7 +120,7 @@ fn run(n: usize, steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Sell { at, lines } => {
                 let req = lines.iter().map(|(sku, qty)| LineRequest { sku: SKUS[*sku].into(), qty: *qty }).collect();
                 sales_tried += 1;
-                match replicas[at].ledger.record(LocalOp::Sell { lines: req, client_ref: None, recommendation: None, loyalty: None }, now) {
+                match replicas[at].ledger.record(LocalOp::Sell { lines: req, client_ref: None, recommendation: None, loyalty: None, staff: None }, now) {
                     Ok(e) => {
                         acknowledged_sales.insert(stallmesh_ledger::sale_id(e.change.dot()));
                         for (sku, qty) in lines {

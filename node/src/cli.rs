@@ -25,6 +25,9 @@ pub enum Command {
     /// The cloud ingest service, for head office: run it, register markets, follow a market's log.
     #[command(subcommand)]
     Cloud(CloudCmd),
+    /// Staff who may sign in to this tablet's till (needed when it is reachable from the LAN).
+    #[command(subcommand)]
+    Staff(StaffCmd),
     /// Record a sale on a running node: `stallmesh sell HNY-500:2 JAM-STR`.
     Sell {
         /// SKU[:QTY] for each line (QTY defaults to 1).
@@ -157,6 +160,28 @@ pub enum LoyaltyCmd {
     Exposures {
         #[command(flatten)]
         node: NodeAddr,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StaffCmd {
+    /// Add a staff member, or set a new PIN: the PIN is read from standard input (4-12 digits).
+    Add {
+        name: String,
+        /// The node's data directory (where the staff book is kept).
+        #[arg(long, env = "STALLMESH_DATA_DIR", default_value = "stallmesh-data")]
+        data_dir: PathBuf,
+    },
+    /// Remove a staff member.
+    Remove {
+        name: String,
+        #[arg(long, env = "STALLMESH_DATA_DIR", default_value = "stallmesh-data")]
+        data_dir: PathBuf,
+    },
+    /// List the staff members.
+    List {
+        #[arg(long, env = "STALLMESH_DATA_DIR", default_value = "stallmesh-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -685,7 +710,7 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let r = Client::new(&node.url).post("/api/v1/revocations", &json!(rev))?;
             println!("revoked {}", r["revoked"].as_str().unwrap_or("?"));
         }
-        Command::Market(_) | Command::Device(_) | Command::Up(_) | Command::Sim(_) | Command::Cloud(_) => unreachable!("not a client verb"),
+        Command::Market(_) | Command::Device(_) | Command::Up(_) | Command::Sim(_) | Command::Cloud(_) | Command::Staff(_) => unreachable!("not a client verb"),
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ pub struct Config {
     pub inference: InferenceSettings,
     pub cloud: CloudSettings,
     pub loyalty: LoyaltySettings,
+    pub staff: StaffSettings,
     /// What `stallmesh cloud up` runs (not the tablet).
     pub cloud_service: stallmesh_cloud::CloudConfig,
 }
@@ -29,6 +30,32 @@ pub struct Config {
 pub struct CloudSettings {
     /// Empty: no uplink.
     pub url: String,
+}
+
+/// The `[staff]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StaffSettings {
+    pub sign_in: SignIn,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignIn {
+    Auto,
+    Required,
+    Off,
+}
+
+impl Config {
+    /// Whether the page and the API need a signed-in staff member.
+    pub fn sign_in_required(&self) -> bool {
+        match self.staff.sign_in {
+            SignIn::Auto => !self.http_addr.ip().is_loopback(),
+            SignIn::Required => true,
+            SignIn::Off => false,
+        }
+    }
 }
 
 /// The `[loyalty]` table.

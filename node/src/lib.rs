@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod recovery;
 pub mod runtime;
 pub mod sim_cli;
+pub mod staff;
 pub mod uplink;
 
 pub use config::Config;
@@ -58,7 +59,21 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
         Some(uplink::start(node.clone(), config.cloud.url.clone()))
     };
     let loyalty = std::sync::Arc::new(http::loyalty::LoyaltyDesk::new(&config.loyalty));
-    let app = http::router(http::AppState { node: node.clone(), mesh, inference, uplink, loyalty });
+    let staff = std::sync::Arc::new(http::session::StaffDesk {
+        book: staff::StaffBook::in_data_dir(&config.data_dir),
+        sessions: staff::Sessions::default(),
+        required: config.sign_in_required(),
+    });
+    if staff.required {
+        let names = staff.book.names().unwrap_or_default();
+        tracing::info!(staff = names.len(), "the page and the API ask for a staff sign-in (http_addr is reachable from the network)");
+        if names.is_empty() {
+            tracing::warn!("no staff can sign in yet: add them with `stallmesh staff add NAME` on this tablet");
+        }
+    } else if !config.http_addr.ip().is_loopback() {
+        tracing::warn!(addr = %config.http_addr, "staff sign-in is off on an address reachable from the network: anyone on it can sell");
+    }
+    let app = http::service(http::AppState { node: node.clone(), mesh, inference, uplink, loyalty, staff, streams: http::events::streams() });
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
     Ok(Running { node, addr, server })

@@ -54,6 +54,29 @@ fn up(args: stallmesh_node::cli::UpArgs) -> Result<(), String> {
     })
 }
 
+fn staff(cmd: stallmesh_node::cli::StaffCmd) -> Result<(), String> {
+    use stallmesh_node::cli::StaffCmd;
+    use stallmesh_node::staff::StaffBook;
+    match cmd {
+        StaffCmd::Add { name, data_dir } => {
+            let mut pin = String::new();
+            std::io::stdin().read_line(&mut pin).map_err(|e| format!("reading the PIN from standard input: {e}"))?;
+            StaffBook::in_data_dir(&data_dir).set(name.trim(), pin.trim()).map_err(|e| e.to_string())?;
+            println!("{} may sign in on the node using {}", name.trim(), data_dir.display());
+        }
+        StaffCmd::Remove { name, data_dir } => {
+            StaffBook::in_data_dir(&data_dir).remove(&name).map_err(|e| e.to_string())?;
+            println!("{name} removed (signed-in sessions end when the node restarts or they expire)");
+        }
+        StaffCmd::List { data_dir } => {
+            for name in StaffBook::in_data_dir(&data_dir).names().map_err(|e| e.to_string())? {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn admin(cmd: Command) -> Result<(), String> {
     match cmd {
         Command::Market(MarketCmd::Init { dir, name }) => {
@@ -104,6 +127,7 @@ fn main() -> ExitCode {
         }
         Command::Cloud(cmd) => stallmesh_node::cloud_cli::run(cmd, shutdown_signal()),
         cmd @ (Command::Market(_) | Command::Device(_)) => admin(cmd),
+        Command::Staff(cmd) => staff(cmd),
         cmd => match run_client(cmd) {
             Ok(()) => Ok(()),
             // The node's refusal, already in sentences ("Refused: ..."): no "error:" in front of it.

@@ -145,6 +145,9 @@ pub struct MeshStatus {
     pub peers: Vec<PeerStatus>,
     pub refused: BTreeMap<String, String>,
     pub stats: stallmesh_sync::SyncStats,
+    /// The most of this device's journal any verified peer has been seen to hold since the node
+    /// started: entries below it are shared (another device has them).
+    pub own_entries_shared: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -829,7 +832,17 @@ impl Driver {
                 session: s.clone(),
             })
             .collect();
+        let me = self.node.read(|l| l.device());
+        let shared = self
+            .sync
+            .peers()
+            .iter()
+            .filter(|(p, _)| self.verified.contains_key(p))
+            .filter_map(|(_, s)| s.their_heads.get(&me).copied())
+            .max()
+            .unwrap_or(0);
         let mut status = self.status.lock().expect("status lock");
+        status.own_entries_shared = status.own_entries_shared.max(shared);
         status.peers = peers;
         status.refused = self.refused.iter().map(|(p, r)| (p.to_string(), r.clone())).collect();
         status.stats = stats.clone();

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub sale_rights_waits: Family<Outcome, Counter>,
     pub loyalty_gives: Family<Outcome, Counter>,
     pub loyalty_redemptions: Family<Outcome, Counter>,
+    pub staff_sign_ins: Family<Outcome, Counter>,
+    pub recommendation_feedback: Family<Reason, Counter>,
+    pub event_streams: Gauge,
+    pub event_streams_refused: Counter,
     pub loyalty_cards_refused: Family<Reason, Counter>,
     pub loyalty_exposures: Gauge,
     pub loyalty_points_exposed: Gauge,
@@ -102,6 +106,10 @@ impl Metrics {
             sale_rights_waits: Family::default(),
             loyalty_gives: Family::default(),
             loyalty_redemptions: Family::default(),
+            staff_sign_ins: Family::default(),
+            recommendation_feedback: Family::default(),
+            event_streams: Gauge::default(),
+            event_streams_refused: Counter::default(),
             loyalty_cards_refused: Family::default(),
             loyalty_exposures: Gauge::default(),
             loyalty_points_exposed: Gauge::default(),
@@ -177,6 +185,14 @@ impl Metrics {
             "Redemptions recorded here: points_proven, points_unproven (offline budget), voucher_proven, voucher_unproven, refused",
             m.loyalty_redemptions.clone(),
         );
+        registry.register("staff_sign_ins", "Staff sign-ins: signed_in, refused (wrong PIN), locked (too many wrong PINs)", m.staff_sign_ins.clone());
+        registry.register(
+            "recommendation_feedback",
+            "Recommendations staff dismissed or overrode on this device, by reason (dismiss:not_relevant, override:staff_choice, …)",
+            m.recommendation_feedback.clone(),
+        );
+        registry.register("event_streams", "Pages following the live event stream now", m.event_streams.clone());
+        registry.register("event_streams_refused", "Event streams refused: the limit of open streams was reached", m.event_streams_refused.clone());
         registry.register("loyalty_cards_refused", "Loyalty cards refused, by reason (forged_token, expired_token, …)", m.loyalty_cards_refused.clone());
         registry.register(
             "loyalty_exposures",

@@ -453,6 +453,7 @@ impl Node {
             LocalOp::TransferLoyalty { .. } => "loyalty_transfer",
             LocalOp::MintVoucher { .. } => "voucher_mint",
             LocalOp::RedeemVoucher { .. } => "voucher_redemption",
+            LocalOp::RecommendationFeedback(_) => "recommendation_feedback",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
         let result = self.with_write_as(true, |l| {
@@ -522,7 +523,7 @@ impl Node {
         client_ref: Option<String>,
         recommendation: Option<stallmesh_ledger::RecommendationShown>,
     ) -> Result<Entry, NodeError> {
-        self.execute(LocalOp::Sell { lines, client_ref, recommendation, loyalty: None })
+        self.execute(LocalOp::Sell { lines, client_ref, recommendation, loyalty: None, staff: None })
     }
 
     /// As [`Node::sell`], for a caller that waits for missing rights and retries: a refusal for
@@ -533,8 +534,14 @@ impl Node {
         client_ref: Option<String>,
         recommendation: Option<stallmesh_ledger::RecommendationShown>,
         loyalty: Option<stallmesh_ledger::LoyaltyOnSale>,
+        staff: Option<String>,
     ) -> Result<Recorded, NodeError> {
-        self.execute_as(LocalOp::Sell { lines, client_ref, recommendation, loyalty }, false)
+        self.execute_as(LocalOp::Sell { lines, client_ref, recommendation, loyalty, staff }, false)
+    }
+
+    /// Records staff's dismissal or override of a recommendation.
+    pub fn record_feedback(&self, feedback: stallmesh_ledger::RecommendationFeedback) -> Result<Recorded, NodeError> {
+        self.execute_as(LocalOp::RecommendationFeedback(feedback), true)
     }
 
     /// Records a loyalty operation (a voucher's mint or redemption, a transfer of loyalty rights).

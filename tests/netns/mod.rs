@@ -104,6 +104,8 @@ pub fn binary() -> PathBuf {
 pub struct Lan {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Option<NodeProc>>,
+    /// Start nodes with staff sign-in as configured by default (asked for: they listen on the LAN).
+    pub sign_in: bool,
 }
 
 pub struct NodeProc {
@@ -161,7 +163,7 @@ impl Lan {
             sh(&["ip", "-n", &h, "addr", "add", &format!("10.98.{k}.1/30"), "dev", "mgmt"]);
             sh(&["ip", "-n", &h, "link", "set", "mgmt", "up"]);
         }
-        Lan { dir: tempfile::tempdir().unwrap(), nodes: (0..=n).map(|_| None).collect() }
+        Lan { dir: tempfile::tempdir().unwrap(), nodes: (0..=n).map(|_| None).collect(), sign_in: false }
     }
 
     /// A market "A" with `n` enrolled tablets, all started with no addresses of each other.
@@ -210,6 +212,9 @@ impl Lan {
             .args(["--http-addr", &format!("10.98.{k}.1:7878")])
             .env("STALLMESH_MESH_LISTEN", format!("/ip4/10.99.0.{k}/tcp/7001"))
             .env("RUST_LOG", "info,libp2p_mdns=warn")
+            // The test calls the API from the "switch", not from the tablet itself: staff sign-in
+            // is tested on its own (tests/page.rs), off elsewhere.
+            .env("STALLMESH_STAFF_SIGN_IN", if self.sign_in { "auto" } else { "off" })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -42,6 +42,9 @@ pub enum LogBody {
         recommendation: Option<RecommendationRecord>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         loyalty: Option<crate::SaleLoyaltyView>,
+        /// The signed-in staff member who sold.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staff: Option<String>,
     },
     Photo { sku: String, jpeg_bytes: u64, lamport: u64 },
     Revocation { device: String, revoked_at_ms: u64 },
@@ -52,6 +55,17 @@ pub enum LogBody {
     LoyaltyTransfer { asset: String, id: String, qty: u64, to_device: String },
     VoucherMinted { voucher: String, label: String, value_cents: u64 },
     VoucherRedeemed { voucher: String, proven: bool },
+    /// Staff dismissed (`action: "dismiss"`) or overrode (`"override"`, with `chosen_sku`) a
+    /// recommendation: feedback for retraining.
+    RecommendationFeedback {
+        action: String,
+        sku: String,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chosen_sku: Option<String>,
+        basket: Vec<String>,
+        arm: String,
+    },
 }
 
 impl LogBody {
@@ -69,6 +83,7 @@ impl LogBody {
             LogBody::LoyaltyTransfer { .. } => "loyalty_transfer",
             LogBody::VoucherMinted { .. } => "voucher_minted",
             LogBody::VoucherRedeemed { .. } => "voucher_redeemed",
+            LogBody::RecommendationFeedback { .. } => "recommendation_feedback",
         }
     }
 }
@@ -183,9 +198,18 @@ mod tests {
                     points_unproven: 2,
                     discount_cents: 3,
                 }),
+                staff: Some("Ana".into()),
             },
             LogBody::VoucherRedeemed { voucher: "v".into(), proven: false },
             LogBody::LoyaltyTransfer { asset: "points".into(), id: "c".into(), qty: 4, to_device: "t".into() },
+            LogBody::RecommendationFeedback {
+                action: "override".into(),
+                sku: "A".into(),
+                reason: "staff_choice".into(),
+                chosen_sku: Some("B".into()),
+                basket: vec!["C".into()],
+                arm: "treatment".into(),
+            },
             LogBody::Enrolment { stall: "s".into(), role: "cloud".into(), expires_at_ms: 1 },
         ];
         for body in bodies {

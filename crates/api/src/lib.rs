@@ -11,6 +11,7 @@
 
 pub mod loyalty;
 pub mod strict;
+pub mod till;
 
 pub use loyalty::{SaleLoyaltyRequest, SaleLoyaltyView};
 
@@ -142,6 +143,12 @@ pub struct StockRow {
     pub total: u64,
     pub this_device: u64,
     pub per_device: BTreeMap<String, u64>,
+    /// With a mesh: units held by peers this device reaches now (it can ask them for units)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable_peers: Option<u64>,
+    /// …and by devices it cannot reach now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +214,9 @@ pub struct SaleView {
     pub recommendation: Option<RecommendationRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loyalty: Option<SaleLoyaltyView>,
+    /// The signed-in staff member who sold (tills with staff sign-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -549,6 +559,7 @@ pub enum EventView {
     LoyaltyTransfer { asset: String, id: String, qty: u64, to_device: String },
     VoucherMinted { voucher: String },
     VoucherRedeemed { voucher: String, proven: bool },
+    RecommendationFeedback { action: String, sku: String, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

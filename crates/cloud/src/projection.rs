@@ -47,7 +47,7 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
         },
         EventBody::Restocked { sku, qty } => LogBody::Restock { sku: sku.clone(), qty: *qty },
         EventBody::Transferred { sku, qty, to } => LogBody::Transfer { sku: sku.clone(), qty: *qty, to_device: to.to_hex() },
-        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => LogBody::Sale {
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty, staff } => LogBody::Sale {
             sale_id: sale_id(change.dot()),
             lines: lines.iter().map(|l| SaleLineView { sku: l.sku.clone(), qty: l.qty, price_cents: l.price_cents }).collect(),
             total_cents: *total_cents,
@@ -55,6 +55,7 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
             client_ref: client_ref.clone(),
             recommendation: recommendation.as_ref().map(|r| RecommendationRecord { arm: r.arm.clone(), skus: r.skus.clone() }),
             loyalty: loyalty.as_ref().map(sale_loyalty_view),
+            staff: staff.clone(),
         },
         EventBody::PhotoAttached { sku, jpeg, lamport } => LogBody::Photo { sku: sku.clone(), jpeg_bytes: jpeg.len() as u64, lamport: *lamport },
         EventBody::Revoked { revocation } => {
@@ -74,6 +75,14 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
             LogBody::VoucherMinted { voucher: voucher.to_hex(), label: label.clone(), value_cents: *value_cents }
         }
         EventBody::VoucherRedeemed { voucher, proven } => LogBody::VoucherRedeemed { voucher: voucher.to_hex(), proven: *proven },
+        EventBody::RecommendationFeedback { feedback: f } => LogBody::RecommendationFeedback {
+            action: f.action.as_str().into(),
+            sku: f.sku.clone(),
+            reason: f.reason.clone(),
+            chosen_sku: f.chosen_sku.clone(),
+            basket: f.basket.clone(),
+            arm: f.arm.clone(),
+        },
     };
     LogEvent {
         market: market.to_hex(),

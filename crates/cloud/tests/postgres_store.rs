@@ -151,6 +151,7 @@ async fn a_batch_commits_the_log_and_its_projections_together() {
         client_ref: Some("till-7".into()),
         recommendation: Some(rec.clone()),
         loyalty: None,
+        staff: None,
     };
     fish_changes.push(fish.record(two_lines, DAY_MS + 10 * HOUR_MS).unwrap().change);
     fish_changes.push(fish.record(sell("SKU-1", 4), DAY_MS + 11 * HOUR_MS).unwrap().change);
@@ -527,7 +528,7 @@ async fn odd_values_a_device_may_sign_never_stop_the_ingest() {
     changes.push(l.record(LocalOp::UpsertProduct(odd), DAY_MS).unwrap().change);
     changes.push(l.record(LocalOp::Restock { sku: "ODD".into(), qty: 10 }, DAY_MS).unwrap().change);
     let far =
-        LocalOp::Sell { lines: vec![LineRequest { sku: "ODD".into(), qty: 1 }], client_ref: Some("x\0y".into()), recommendation: None, loyalty: None };
+        LocalOp::Sell { lines: vec![LineRequest { sku: "ODD".into(), qty: 1 }], client_ref: Some("x\0y".into()), recommendation: None, loyalty: None, staff: None };
     changes.push(l.record(far, u64::MAX).unwrap().change);
     let batch = cm.upload(&store, changes, DAY_MS).await;
     assert!(batch.rejected.is_empty(), "{:?}", batch.rejected);
@@ -567,6 +568,7 @@ async fn head_office_sees_each_cards_totals_and_what_was_spent_twice_across_a_sp
         client_ref: None,
         recommendation: None,
         loyalty: Some(LoyaltyOnSale { card, points_earned: earn, redeem_points: redeem, point_value_cents: 1, offline_budget: budget }),
+        staff: None,
     };
     // 40 points earned at tablet 1 and a voucher minted there, both known to tablet 2.
     let earn = a.record(with_card("SKU-1", 40, 0, None), DAY_MS + 1).unwrap();

@@ -37,6 +37,41 @@ pub struct RecommendationShown {
     pub skus: Vec<String>,
 }
 
+/// Staff's answer to a recommendation the till showed: dismissed (with a reason) or overridden by a
+/// product staff chose instead. Recorded in the device's journal so the cloud can retrain on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecommendationFeedback {
+    pub action: FeedbackAction,
+    /// The recommended product.
+    pub sku: String,
+    /// One of [`FEEDBACK_REASONS`].
+    pub reason: String,
+    /// What staff chose instead: present exactly when `action` is `Overridden`.
+    pub chosen_sku: Option<String>,
+    /// The basket the recommendation was made for.
+    pub basket: Vec<String>,
+    /// The experiment arm that showed it (`"treatment"`; the control arm shows nothing).
+    pub arm: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FeedbackAction {
+    Dismissed,
+    Overridden,
+}
+
+impl FeedbackAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackAction::Dismissed => "dismiss",
+            FeedbackAction::Overridden => "override",
+        }
+    }
+}
+
+/// Why staff dismissed or overrode a recommendation: a short list, so counts per reason mean something.
+pub const FEEDBACK_REASONS: [&str; 5] = ["not_relevant", "out_of_stock", "customer_declined", "staff_choice", "other"];
+
 /// A sale's loyalty: the card it earned points for, and the points it redeemed for a discount.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaleLoyalty {
@@ -80,6 +115,9 @@ pub enum EventBody {
         recommendation: Option<RecommendationShown>,
         #[serde(default)]
         loyalty: Option<SaleLoyalty>,
+        /// The signed-in staff member who made the sale (tills with staff sign-in).
+        #[serde(default)]
+        staff: Option<String>,
     },
     /// A product photo (a small JPEG), last writer wins per SKU with the catalogue's lamport clock.
     PhotoAttached { sku: String, jpeg: Vec<u8>, lamport: u64 },
@@ -95,6 +133,8 @@ pub enum EventBody {
     /// A voucher redeemed. `proven`: the author spent its right to it; otherwise it redeemed from
     /// its offline budget.
     VoucherRedeemed { voucher: VoucherId, proven: bool },
+    /// Staff dismissed or overrode a recommendation.
+    RecommendationFeedback { feedback: RecommendationFeedback },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,8 +190,11 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             tx.put(&map, "qty", *qty)?;
             tx.put(&map, "to", to.0.to_vec())?;
         }
-        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => {
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty, staff } => {
             tx.put(&map, "kind", "sale")?;
+            if let Some(s) = staff {
+                tx.put(&map, "staff", s.as_str())?;
+            }
             if let Some(l) = loyalty {
                 tx.put(&map, "card", l.card.0.to_vec())?;
                 tx.put(&map, "points_earned", l.points_earned)?;
@@ -216,6 +259,20 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             tx.put(&map, "kind", "voucher_redeemed")?;
             tx.put(&map, "voucher", voucher.0.to_vec())?;
             tx.put(&map, "proven", *proven)?;
+        }
+        EventBody::RecommendationFeedback { feedback } => {
+            tx.put(&map, "kind", "rec_feedback")?;
+            tx.put(&map, "action", feedback.action.as_str())?;
+            tx.put(&map, "sku", feedback.sku.as_str())?;
+            tx.put(&map, "reason", feedback.reason.as_str())?;
+            if let Some(c) = &feedback.chosen_sku {
+                tx.put(&map, "chosen_sku", c.as_str())?;
+            }
+            let basket = tx.put_object(&map, "basket", ObjType::List)?;
+            for (i, sku) in feedback.basket.iter().enumerate() {
+                tx.insert(&basket, i, sku.as_str())?;
+            }
+            tx.put(&map, "arm", feedback.arm.as_str())?;
         }
     }
     Ok(())
@@ -330,11 +387,9 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
                     price_cents: get_u64(doc, &l, "price_cents")?,
                 });
             }
-            let client_ref = match scalar(doc, &map, "client_ref") {
-                Some(ScalarValue::Str(s)) => Some(s.to_string()),
-                None => None,
-                Some(_) => return Err(missing("client_ref")),
-            };
+            let client_ref = optional_str(doc, &map, "client_ref")?;
+            // Absent in sales made without staff sign-in (and in journals older than the field).
+            let staff = optional_str(doc, &map, "staff")?;
             // Absent in sales recorded without a recommendation (and in journals older than the field).
             let recommendation = match scalar(doc, &map, "rec_arm") {
                 None => None,
@@ -362,6 +417,7 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
                 client_ref,
                 recommendation,
                 loyalty,
+                staff,
             }
         }
         "photo" => EventBody::PhotoAttached {
@@ -391,7 +447,32 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
         "voucher_redeemed" => {
             EventBody::VoucherRedeemed { voucher: VoucherId(get_id(doc, &map, "voucher")?), proven: get_bool(doc, &map, "proven")? }
         }
+        "rec_feedback" => {
+            let action = match get_str(doc, &map, "action")?.as_str() {
+                "dismiss" => FeedbackAction::Dismissed,
+                "override" => FeedbackAction::Overridden,
+                other => return Err(DecodeError { field: "action", problem: format!("unknown action {other:?}") }),
+            };
+            EventBody::RecommendationFeedback {
+                feedback: RecommendationFeedback {
+                    action,
+                    sku: get_str(doc, &map, "sku")?,
+                    reason: get_str(doc, &map, "reason")?,
+                    chosen_sku: optional_str(doc, &map, "chosen_sku")?,
+                    basket: get_str_list(doc, &get_obj(doc, &map, "basket", ObjType::List)?, "basket")?,
+                    arm: get_str(doc, &map, "arm")?,
+                },
+            }
+        }
         other => return Err(DecodeError { field: "kind", problem: format!("unknown kind {other:?}") }),
     };
     Ok(Event { time_ms, body })
+}
+
+fn optional_str(doc: &Automerge, obj: &ObjId, key: &'static str) -> Result<Option<String>, DecodeError> {
+    match scalar(doc, obj, key) {
+        Some(ScalarValue::Str(s)) => Ok(Some(s.to_string())),
+        None => Ok(None),
+        Some(_) => Err(missing(key)),
+    }
 }

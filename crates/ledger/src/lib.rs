@@ -38,10 +38,13 @@ pub mod state;
 pub mod testkit;
 pub mod validate;
 
-pub use event::{DecodeError, Event, EventBody, LoyaltyAsset, Product, RecommendationShown, SaleLine, SaleLoyalty};
+pub use event::{
+    DecodeError, Event, EventBody, FeedbackAction, LoyaltyAsset, Product, RecommendationFeedback, RecommendationShown, SaleLine, SaleLoyalty,
+    FEEDBACK_REASONS,
+};
 pub use heads::Heads;
 pub use journal::decode_change_event;
-pub use state::{sale_id, CloudWatermark, DeviceRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
+pub use state::{sale_id, CloudWatermark, DeviceRecord, FeedbackRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
 
 use journal::Journal;
 use stallmesh_identity::{Certificate, ChangeDigest, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
@@ -129,7 +132,11 @@ pub enum LocalOp {
         recommendation: Option<RecommendationShown>,
         /// A loyalty card on the sale: points it earns, points it redeems.
         loyalty: Option<LoyaltyOnSale>,
+        /// The signed-in staff member making the sale, if the till signs staff in.
+        staff: Option<String>,
     },
+    /// Records staff's dismissal or override of a recommendation.
+    RecommendationFeedback(RecommendationFeedback),
     /// Moves this device's rights on a card's points or a voucher to another device (the holder's
     /// answer when a tablet asks for them).
     TransferLoyalty { asset: LoyaltyAsset, qty: u64, to: DeviceId },

@@ -59,6 +59,7 @@ impl Ledger {
             LocalOp::UpsertProduct(_) | LocalOp::AttachPhoto { .. } => "catalogue changes",
             LocalOp::Restock { .. } | LocalOp::Transfer { .. } => "stock changes",
             LocalOp::Sell { .. } => "sales",
+            LocalOp::RecommendationFeedback(_) => "recommendation feedback",
             LocalOp::TransferLoyalty { .. } | LocalOp::MintVoucher { .. } | LocalOp::RedeemVoucher { .. } => "loyalty",
         };
         match &op {
@@ -151,7 +152,16 @@ impl Ledger {
                 }
                 EventBody::VoucherRedeemed { voucher, proven }
             }
-            LocalOp::Sell { lines, client_ref, recommendation, loyalty } => {
+            LocalOp::RecommendationFeedback(feedback) => {
+                known(&feedback.sku)?;
+                if let Some(chosen) = &feedback.chosen_sku {
+                    known(chosen)?;
+                }
+                let body = EventBody::RecommendationFeedback { feedback };
+                limits(&body)?;
+                body
+            }
+            LocalOp::Sell { lines, client_ref, recommendation, loyalty, staff } => {
                 if let Some(r) = &client_ref {
                     if let Some(sale_id) = self.state.sale_by_client_ref(&self.me, r) {
                         return Err(LedgerError::AlreadyRecorded { client_ref: r.clone(), sale_id: sale_id.to_string() });
@@ -183,6 +193,7 @@ impl Ledger {
                     client_ref,
                     recommendation,
                     loyalty,
+                    staff,
                 };
                 limits(&body)?;
                 if !self.allow_overspend_for_tests {

@@ -24,6 +24,7 @@ fn sale(n: u16, earn: u64, redeem: u64, budget: Option<OfflineBudget>) -> LocalO
         client_ref: None,
         recommendation: None,
         loyalty: Some(LoyaltyOnSale { card: CARD, points_earned: earn, redeem_points: redeem, point_value_cents: 1, offline_budget: budget }),
+        staff: None,
     }
 }
 

@@ -42,6 +42,18 @@ pub struct Sale {
     pub recommendation: Option<RecommendationShown>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loyalty: Option<SaleLoyalty>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staff: Option<String>,
+}
+
+/// One recorded answer of staff to a recommendation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeedbackRecord {
+    pub device: DeviceId,
+    pub seq: u64,
+    /// The recording device's clock.
+    pub time_ms: u64,
+    pub feedback: crate::event::RecommendationFeedback,
 }
 
 /// A product's current photo: last writer wins on (lamport, author), like the product itself.
@@ -94,6 +106,9 @@ pub struct State {
     pub cloud_watermarks: BTreeMap<DeviceId, CloudWatermark>,
     /// Cards' points, vouchers, unproven spending and exposures (`loyalty.rs`).
     pub loyalty: crate::loyalty::LoyaltyState,
+    /// Staff's dismissals and overrides of recommendations, in fold order (every replica folds a
+    /// device's journal in order; across devices the order may differ, so readers sort).
+    pub recommendation_feedback: Vec<FeedbackRecord>,
     /// Revocations of devices whose enrolment this replica has not folded yet (earliest time per
     /// device): the revocation and the enrolment are in different journals, so either may arrive
     /// first, and the device must end up revoked either way.
@@ -169,7 +184,8 @@ impl State {
             | EventBody::Revoked { .. }
             | EventBody::LoyaltyTransferred { .. }
             | EventBody::VoucherMinted { .. }
-            | EventBody::VoucherRedeemed { .. } => Ok(()),
+            | EventBody::VoucherRedeemed { .. }
+            | EventBody::RecommendationFeedback { .. } => Ok(()),
             // Unreachable within the limits (2^64 units take 1.8e13 restocks of MAX_QTY), so it does
             // not matter that it depends on other devices' restocks: refusing beats wrapping.
             EventBody::Restocked { sku, qty } => match self.total_rights(sku).checked_add(*qty) {
@@ -229,7 +245,7 @@ impl State {
                 *held = held.checked_add(*qty).expect("transferred rights within the SKU's total");
                 self.transfers += 1;
             }
-            EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => {
+            EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty, staff } => {
                 for l in lines {
                     self.spend(&l.sku, &dot.device, l.qty);
                 }
@@ -247,6 +263,7 @@ impl State {
                         client_ref: client_ref.clone(),
                         recommendation: recommendation.clone(),
                         loyalty: loyalty.clone(),
+                        staff: staff.clone(),
                     },
                 );
                 assert!(previous.is_none(), "a journal position is folded at most once");
@@ -280,6 +297,12 @@ impl State {
             }
             // Folded into `self.loyalty` above.
             EventBody::LoyaltyTransferred { .. } | EventBody::VoucherMinted { .. } | EventBody::VoucherRedeemed { .. } => {}
+            EventBody::RecommendationFeedback { feedback } => self.recommendation_feedback.push(FeedbackRecord {
+                device: dot.device,
+                seq: dot.seq,
+                time_ms: event.time_ms,
+                feedback: feedback.clone(),
+            }),
         }
     }
 

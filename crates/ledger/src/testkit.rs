@@ -50,5 +50,5 @@ pub fn product(sku: &str, price_cents: u64) -> Product {
 }
 
 pub fn sell(sku: &str, qty: u64) -> LocalOp {
-    LocalOp::Sell { lines: vec![LineRequest { sku: sku.into(), qty }], client_ref: None, recommendation: None, loyalty: None }
+    LocalOp::Sell { lines: vec![LineRequest { sku: sku.into(), qty }], client_ref: None, recommendation: None, loyalty: None, staff: None }
 }

@@ -251,6 +251,7 @@ fn client_ref_makes_a_retried_sale_idempotent() {
         client_ref: Some("till-7-0001".into()),
         recommendation: None,
         loyalty: None,
+        staff: None,
     };
     let first = a.record(op.clone(), 1).unwrap();
     match a.record(op, 2) {
@@ -261,7 +262,7 @@ fn client_ref_makes_a_retried_sale_idempotent() {
 }
 
 fn sell_with_ref(sku: &str, client_ref: &str) -> LocalOp {
-    LocalOp::Sell { lines: vec![LineRequest { sku: sku.into(), qty: 1 }], client_ref: Some(client_ref.into()), recommendation: None, loyalty: None }
+    LocalOp::Sell { lines: vec![LineRequest { sku: sku.into(), qty: 1 }], client_ref: Some(client_ref.into()), recommendation: None, loyalty: None, staff: None }
 }
 
 #[test]
@@ -354,7 +355,7 @@ proptest::proptest! {
                 continue;
             }
             let client_ref = client_ref.map(|r| format!("till-{r}"));
-            let body = EventBody::Sold { lines: vec![line("tea", 1, 100)], total_cents: 100, currency: "EUR".into(), client_ref, recommendation: None, loyalty: None };
+            let body = EventBody::Sold { lines: vec![line("tea", 1, 100)], total_cents: 100, currency: "EUR".into(), client_ref, recommendation: None, loyalty: None, staff: None };
             state.fold(dot, &Event { time_ms: *time_ms, body });
         }
         for n in 0..4u8 {
@@ -388,7 +389,7 @@ fn invalid_local_input_is_refused_with_the_field_named() {
     p.currency = "euro".into();
     assert!(matches!(a.record(LocalOp::UpsertProduct(p), 1), Err(LedgerError::Invalid { field: "currency", .. })));
     assert!(matches!(
-        a.record(LocalOp::Sell { lines: vec![], client_ref: None, recommendation: None, loyalty: None }, 1),
+        a.record(LocalOp::Sell { lines: vec![], client_ref: None, recommendation: None, loyalty: None, staff: None }, 1),
         Err(LedgerError::Invalid { field: "lines", .. })
     ));
 }
@@ -471,13 +472,13 @@ fn a_sale_carries_the_recommendations_shown_to_every_replica() {
     b.apply_remote(changes(&ea));
     let shown = RecommendationShown { arm: "treatment".into(), skus: vec!["butter".into(), "jam".into()] };
     let op =
-        LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(shown.clone()), loyalty: None };
+        LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(shown.clone()), loyalty: None, staff: None };
     let sale = a.record(op, 9).unwrap();
     b.apply_remote(changes(&[sale]));
     let on_b: Vec<_> = b.state().sales.values().map(|s| s.recommendation.clone()).collect();
     assert_eq!(on_b, vec![Some(shown)]);
     let bad = RecommendationShown { arm: "maybe".into(), skus: vec![] };
-    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(bad), loyalty: None };
+    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "bread".into(), qty: 1 }], client_ref: None, recommendation: Some(bad), loyalty: None, staff: None };
     assert!(matches!(a.record(op, 10), Err(LedgerError::Invalid { field: "recommendation.arm", .. })));
 }
 
@@ -633,6 +634,7 @@ fn what_a_conflicting_change_recorded_can_be_read_from_the_change_alone() {
                 client_ref: Some("till-7".into()),
                 recommendation: Some(RecommendationShown { arm: "treatment".into(), skus: vec!["cup".into()] }),
                 loyalty: None,
+                staff: None,
             },
             5,
         )
@@ -706,7 +708,7 @@ fn a_peer(m: &TestMarket) -> Ledger {
 }
 
 fn sale_of(lines: Vec<SaleLine>, total_cents: u64) -> EventBody {
-    EventBody::Sold { lines, total_cents, currency: "EUR".into(), client_ref: None, recommendation: None, loyalty: None }
+    EventBody::Sold { lines, total_cents, currency: "EUR".into(), client_ref: None, recommendation: None, loyalty: None, staff: None }
 }
 
 fn line(sku: &str, qty: u64, price_cents: u64) -> SaleLine {
@@ -804,6 +806,7 @@ fn remote_events_beyond_the_local_limits_are_refused_with_the_field_named() {
                 client_ref: None,
                 recommendation: None,
                 loyalty: None,
+                staff: None,
             },
         ),
         (
@@ -816,6 +819,7 @@ fn remote_events_beyond_the_local_limits_are_refused_with_the_field_named() {
                 client_ref: Some("r".repeat(MAX_CLIENT_REF_LEN + 1)),
                 recommendation: None,
                 loyalty: None,
+                staff: None,
             },
         ),
         (
@@ -828,6 +832,7 @@ fn remote_events_beyond_the_local_limits_are_refused_with_the_field_named() {
                 client_ref: None,
                 recommendation: Some(RecommendationShown { arm: "maybe".into(), skus: vec![] }),
                 loyalty: None,
+                staff: None,
             },
         ),
         (
@@ -840,6 +845,7 @@ fn remote_events_beyond_the_local_limits_are_refused_with_the_field_named() {
                 client_ref: None,
                 recommendation: Some(RecommendationShown { arm: "control".into(), skus: vec!["jam".into(); MAX_RECOMMENDED + 1] }),
                 loyalty: None,
+                staff: None,
             },
         ),
         ("photo", honey(), photo(vec![0xFF; MAX_PHOTO_BYTES + 1])),
@@ -912,11 +918,11 @@ fn local_limits_name_the_field_and_the_limit() {
     assert_eq!(a.record(LocalOp::UpsertProduct(p), 1), invalid("tags", format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes")));
     let lines = vec![LineRequest { sku: "oil".into(), qty: 1 }; MAX_SALE_LINES + 1];
     assert_eq!(
-        a.record(LocalOp::Sell { lines, client_ref: None, recommendation: None, loyalty: None }, 1),
+        a.record(LocalOp::Sell { lines, client_ref: None, recommendation: None, loyalty: None, staff: None }, 1),
         invalid("lines", format!("must hold 1..={MAX_SALE_LINES} lines"))
     );
     let big_ref = Some("r".repeat(MAX_CLIENT_REF_LEN + 1));
-    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "oil".into(), qty: 1 }], client_ref: big_ref, recommendation: None, loyalty: None };
+    let op = LocalOp::Sell { lines: vec![LineRequest { sku: "oil".into(), qty: 1 }], client_ref: big_ref, recommendation: None, loyalty: None, staff: None };
     assert_eq!(a.record(op, 1), invalid("client_ref", format!("must be 1..={MAX_CLIENT_REF_LEN} bytes")));
     assert_eq!(a.state().stock("oil").total, 5, "nothing was recorded");
 }
@@ -991,6 +997,7 @@ fn the_largest_sale_the_limits_accept_fits_in_one_change() {
         client_ref: Some("r".repeat(MAX_CLIENT_REF_LEN)),
         recommendation: Some(RecommendationShown { arm: "treatment".into(), skus: (0..MAX_RECOMMENDED).map(sku).collect() }),
         loyalty: None,
+        staff: None,
     };
     let entry = a.record(sale, 3).unwrap();
     let change_bytes = entry.change.change.len();

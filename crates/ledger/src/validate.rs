@@ -5,7 +5,9 @@
 //! refuses. Only properties of the event alone are checked here: anything that depends on the
 //! replica's state (unknown SKU, stock rights, catalogue currency, stall) is checked elsewhere.
 
-use crate::event::{EventBody, LoyaltyAsset, Product, RecommendationShown, SaleLine, SaleLoyalty};
+use crate::event::{
+    EventBody, FeedbackAction, LoyaltyAsset, Product, RecommendationFeedback, RecommendationShown, SaleLine, SaleLoyalty, FEEDBACK_REASONS,
+};
 use stallmesh_loyalty::MAX_POINTS_PER_SALE;
 use crate::{
     MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
@@ -37,6 +39,8 @@ const _: () = assert!(
         + SALE_CHANGE_ENVELOPE_BYTES
         <= MAX_CHANGE_BYTES
 );
+// The largest recommendation feedback (a full basket, two SKUs) fits in one change, as a sale does.
+const _: () = assert!((MAX_SALE_LINES + 2) * (MAX_SKU_LEN + SALE_LINE_ENVELOPE_BYTES) + SALE_CHANGE_ENVELOPE_BYTES <= MAX_CHANGE_BYTES);
 // Points redeemed in one sale (held plus unproven) fit u64 with room: both are capped per sale.
 const _: () = assert!(2 * (MAX_POINTS_PER_SALE as u128) < u64::MAX as u128);
 // A stranger's changes cannot fill the pending buffer on their own.
@@ -118,7 +122,11 @@ pub fn check_event_body(body: &EventBody) -> Checked {
             Ok(())
         }
         EventBody::VoucherRedeemed { .. } => Ok(()),
-        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty } => {
+        EventBody::RecommendationFeedback { feedback } => check_feedback(feedback),
+        EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty, staff } => {
+            if let Some(s) = staff {
+                check_text("staff", s, MAX_NAME_LEN)?;
+            }
             if let Some(rec) = recommendation {
                 check_recommendation(rec)?;
             }
@@ -223,6 +231,27 @@ fn check_sale_loyalty(l: &SaleLoyalty, total_cents: u64) -> Checked {
     }
     if (l.discount_cents > 0) != (l.points_redeemed + l.points_unproven > 0) {
         return Err(invalid("discount_cents", "redeemed points and a discount go together"));
+    }
+    Ok(())
+}
+
+fn check_feedback(f: &RecommendationFeedback) -> Checked {
+    check_sku(&f.sku)?;
+    if !FEEDBACK_REASONS.contains(&f.reason.as_str()) {
+        return Err(invalid("reason", format!("must be one of {}", FEEDBACK_REASONS.join(", "))));
+    }
+    match (f.action, &f.chosen_sku) {
+        (FeedbackAction::Overridden, Some(chosen)) => check_sku(chosen)?,
+        (FeedbackAction::Overridden, None) => return Err(invalid("chosen_sku", "an override names the product chosen instead")),
+        (FeedbackAction::Dismissed, Some(_)) => return Err(invalid("chosen_sku", "a dismissal chooses nothing instead")),
+        (FeedbackAction::Dismissed, None) => {}
+    }
+    if f.basket.len() > MAX_SALE_LINES {
+        return Err(invalid("basket", format!("at most {MAX_SALE_LINES} SKUs")));
+    }
+    f.basket.iter().try_for_each(|s| check_sku(s))?;
+    if f.arm != "treatment" && f.arm != "control" {
+        return Err(invalid("arm", "must be \"treatment\" or \"control\""));
     }
     Ok(())
 }

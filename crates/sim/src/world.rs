@@ -886,7 +886,7 @@ impl World {
     /// ([`SaleWait`]): ask, retry when a transfer to this device is applied, refuse at the deadline.
     fn sell(&mut self, dev: u32, lines: Vec<LineRequest>, wait: Option<(u64, WaitingSale)>, card: Option<LoyaltyOnSale>) {
         let now = self.dev_now_ms(dev);
-        let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None, loyalty: card.clone() };
+        let op = LocalOp::Sell { lines: lines.clone(), client_ref: None, recommendation: None, loyalty: card.clone(), staff: None };
         let result = self.protocol(|w| w.devices[dev as usize].ledger.record(op, now));
         match result {
             Ok(entry) => {

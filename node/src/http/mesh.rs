@@ -103,6 +103,9 @@ fn event_view(change: &SignedChange, body: &EventBody) -> EventView {
         }
         EventBody::VoucherMinted { voucher, .. } => EventView::VoucherMinted { voucher: voucher.to_hex() },
         EventBody::VoucherRedeemed { voucher, proven } => EventView::VoucherRedeemed { voucher: voucher.to_hex(), proven: *proven },
+        EventBody::RecommendationFeedback { feedback: f } => {
+            EventView::RecommendationFeedback { action: f.action.as_str().into(), sku: f.sku.clone(), reason: f.reason.clone() }
+        }
     }
 }
 

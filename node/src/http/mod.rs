@@ -7,12 +7,15 @@
 
 mod catalogue;
 mod error;
+pub mod events;
 pub mod loyalty;
 mod mesh;
 mod sales;
 mod search;
+pub mod session;
 mod status;
 mod stock;
+mod till;
 
 pub use error::ApiError;
 
@@ -22,6 +25,7 @@ use crate::runtime::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
+use std::net::SocketAddr;
 use axum::Router;
 use stallmesh_inference::MAX_IMAGE_BYTES;
 use std::sync::Arc;
@@ -46,6 +50,8 @@ pub struct AppState {
     pub inference: Arc<Inference>,
     pub uplink: Option<crate::uplink::UplinkHandle>,
     pub loyalty: loyalty::Desk,
+    pub staff: session::Desk,
+    pub streams: events::Streams,
 }
 
 impl FromRef<AppState> for Node {
@@ -62,6 +68,7 @@ pub fn router(app: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_CHANGES_BODY_BYTES));
     let images = Router::new()
         .route("/api/v1/search/image", post(search::search_image))
+        .route("/api/v1/loyalty/scan", post(till::scan_card))
         .route("/api/v1/products/{sku}/photo", put(catalogue::attach_photo).get(catalogue::get_photo))
         .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES));
     Router::new()
@@ -70,6 +77,10 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/search", get(search::search))
         .route("/api/v1/recommendations", get(search::recommendations))
         .route("/api/v1/recommendations/lift", get(search::recommendation_lift))
+        .route("/api/v1/recommendations/feedback", post(till::record_feedback).get(till::list_feedback))
+        .route("/api/v1/kpis", get(till::kpis))
+        .route("/api/v1/events", get(events::events))
+        .route("/api/v1/session", get(session::show).post(session::sign_in).delete(session::sign_out))
         .route("/api/v1/restocks", post(stock::restock))
         .route("/api/v1/transfers", post(stock::transfer))
         .route("/api/v1/sales", post(sales::create_sale).get(sales::list_sales))
@@ -90,8 +101,16 @@ pub fn router(app: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .merge(changes)
         .merge(images)
+        .merge(stallmesh_page::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), session::guard))
         .with_state(app)
+}
+
+/// The router as a service that knows each connection's address (the staff guard trusts this
+/// device's own loopback connections).
+pub fn service(app: AppState) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
+    router(app).into_make_service_with_connect_info::<SocketAddr>()
 }
 
 /// Runs blocking ledger + store work off the async executor.

@@ -32,6 +32,7 @@ pub(super) fn sale_view(s: &Sale) -> SaleView {
             points_unproven: l.points_unproven,
             discount_cents: l.discount_cents,
         }),
+        staff: s.staff.clone(),
     }
 }
 
@@ -41,8 +42,10 @@ pub(super) fn sale_view(s: &Sale) -> SaleView {
 /// recommendations.
 pub(super) async fn create_sale(
     State(app): State<AppState>,
+    signed_in: Option<axum::Extension<super::session::SignedIn>>,
     body: Result<Json<SaleRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Option<SaleView>>)> {
+    let staff = signed_in.map(|axum::Extension(s)| s.0);
     let Json(req) = body?;
     let node = &app.node;
     let lines: Vec<LineRequest> = req.lines.into_iter().map(|l| LineRequest { sku: l.sku, qty: l.qty }).collect();
@@ -64,8 +67,9 @@ pub(super) async fn create_sale(
     // Subscribed before the first attempt: a transfer applied right after it still wakes the wait.
     let mut arrived = node.rights_arrived();
     let result = loop {
-        let (lines, client_ref, recommendation, loyalty) = (lines.clone(), req.client_ref.clone(), recommendation.clone(), loyalty.clone());
-        let r = run_blocking(node, move |n| n.try_sell(lines, client_ref, recommendation, loyalty)).await;
+        let (lines, client_ref, recommendation, loyalty, staff) =
+            (lines.clone(), req.client_ref.clone(), recommendation.clone(), loyalty.clone(), staff.clone());
+        let r = run_blocking(node, move |n| n.try_sell(lines, client_ref, recommendation, loyalty, staff)).await;
         let Err(NodeError::Ledger(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere, held_elsewhere_total })) =
             &r
         else {

@@ -13,8 +13,9 @@ use stallmesh_ledger::LedgerError;
 use stallmesh_ledger::LocalOp;
 use std::collections::BTreeSet;
 
-pub(super) async fn stock(State(node): State<Node>) -> Json<StockList> {
-    Json(node.read(|l| {
+pub(super) async fn stock(State(app): State<AppState>) -> Json<StockList> {
+    let reachable = app.mesh.as_ref().map(|m| m.reachable_devices());
+    Json(app.node.read(|l| {
         let me = l.device();
         let state = l.state();
         let skus: BTreeSet<&String> = state.products.keys().chain(state.rights.keys()).collect();
@@ -28,6 +29,8 @@ pub(super) async fn stock(State(node): State<Node>) -> Json<StockList> {
                     total: s.total,
                     this_device: s.per_device.get(&me).copied().unwrap_or(0),
                     per_device: s.per_device.iter().map(|(d, n)| (d.to_hex(), *n)).collect(),
+                    reachable_peers: reachable.as_ref().map(|r| s.per_device.iter().filter(|(d, _)| **d != me && r.contains(d)).map(|(_, n)| *n).sum()),
+                    unreachable: reachable.as_ref().map(|r| s.per_device.iter().filter(|(d, _)| **d != me && !r.contains(d)).map(|(_, n)| *n).sum()),
                 }
             })
             .collect();

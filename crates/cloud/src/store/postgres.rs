@@ -594,7 +594,9 @@ impl<'a> Columns<'a> {
                 | EventBody::CloudHolds { .. }
                 | EventBody::LoyaltyTransferred { .. }
                 | EventBody::VoucherMinted { .. }
-                | EventBody::VoucherRedeemed { .. } => {}
+                | EventBody::VoucherRedeemed { .. }
+                // Feedback is read from `events` by the view `recommendation_feedback` (V3).
+                | EventBody::RecommendationFeedback { .. } => {}
             }
             c.ev_offset.push(offset);
             c.ev_device.push(device);
