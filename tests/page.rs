@@ -160,6 +160,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// A card's QR code as a PNG, as a phone photo of a printed card would show it (quiet zone, 6 px modules).
+fn qr_png(text: &str) -> Vec<u8> {
+    let code = qrcode::QrCode::new(text.as_bytes()).unwrap();
+    let (width, scale, quiet) = (code.width() as u32, 6, 4);
+    let colors = code.to_colors();
+    let side = (width + 2 * quiet) * scale;
+    let img = image::GrayImage::from_fn(side, side, |x, y| {
+        let (mx, my) = ((x / scale) as i64 - quiet as i64, (y / scale) as i64 - quiet as i64);
+        let inside = mx >= 0 && my >= 0 && mx < width as i64 && my < width as i64;
+        let dark = inside && colors[(my as u32 * width + mx as u32) as usize] == qrcode::Color::Dark;
+        image::Luma([if dark { 0 } else { 255 }])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
 fn catalogue(skus: &[&str]) -> Vec<Value> {
     let all: Vec<Value> = serde_json::from_slice(&std::fs::read(repo().join("tests/data/market-catalogue.json")).unwrap()).unwrap();
     all.into_iter().filter(|p| skus.contains(&p["sku"].as_str().unwrap())).collect()
@@ -307,7 +324,32 @@ fn two_tablets_sell_from_the_page_and_each_sees_the_other_live() {
             let sales = lan.get(2, "/api/v1/sales");
             assert_eq!(sales["summary"]["sales"].as_u64().unwrap(), sales_before + 1, "sold once: {retried}");
 
-            // Tablet 2 goes dark: tablet 1's page says it is offline and counts what it has not shared.
+            // A customer's card: its QR photographed (decoded by the node), its balance shown, and
+            // points redeemed on a sale by taps.
+            let (status, card) = lan.post(1, "/api/v1/loyalty/cards", &json!({}));
+            assert_eq!(status, 201, "{card}");
+            let qr = card["qr_text"].as_str().unwrap();
+            let (status, earned) = lan.post(1, "/api/v1/sales", &json!({ "lines": [{ "sku": "HON-500", "qty": 1 }], "loyalty": { "card": qr } }));
+            assert_eq!((status, &earned["loyalty"]["points_earned"]), (201, &json!(16)), "{earned}");
+            let photo = lan.dir.path().join("card.png");
+            std::fs::write(&photo, qr_png(qr)).unwrap();
+            tap(&a, "[data-testid=card-open]").await;
+            a.find(css("[data-testid=card-scan-file]")).await.unwrap().send_keys(photo.to_str().unwrap()).await.unwrap();
+            until(&a, "the scanned card's balance", || async { text(&a, "[data-testid=card-balance]").await == "16" }).await;
+            tap(&a, "[data-testid=card-attach]").await;
+            let redeem = shown(&a, "[data-testid=redeem-points]").await;
+            redeem.clear().await.unwrap();
+            redeem.send_keys("10").await.unwrap();
+            tap(&a, "[data-testid=tile][data-sku=TEA-BREAK]").await;
+            tap(&a, "[data-testid=sell]").await;
+            last = receipt_after(&a, &last).await;
+            assert!(text(&a, "[data-testid=receipt-points-redeemed]").await.contains("10"));
+            screenshot(&a, "loyalty-receipt").await;
+
+            // Tablet 2 goes dark: tablet 1's page says it is offline and counts what it has not shared
+            // (a sale counts as shared once a peer's heads say it holds it).
+            let unshared = "return document.querySelector('[data-testid=unshared-count]').textContent;";
+            until(&a, "tablet 2 holds all of tablet 1's sales", || async { js(&a, unshared).await == json!("0") }).await;
             lan.kill9(2);
             shown(&a, "[data-testid=offline-banner]").await;
             tap(&a, "[data-testid=tile][data-sku=HON-500]").await;
