@@ -137,6 +137,13 @@ fn an_acknowledged_sale_is_there_after_a_restart_and_retries_are_idempotent() {
     assert_eq!(status, 200);
     assert_eq!(again["id"], sale["id"]);
     assert_eq!(node.get("/api/v1/sales").1["summary"]["sales"], 1);
+
+    // A basket that changed after a failed attempt is not answered with the earlier sale: the
+    // added item would vanish into it.
+    let more = json!({ "lines": [{ "sku": "HNY-500", "qty": 2 }], "client_ref": "till-1-0001" });
+    let (status, refused) = node.post("/api/v1/sales", &more);
+    assert_eq!((status, refused["error"].as_str()), (409, Some("client_ref_reused")), "{refused}");
+    assert_eq!(node.get("/api/v1/sales").1["summary"]["sales"], 1);
 }
 
 #[test]

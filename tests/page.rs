@@ -403,7 +403,7 @@ fn a_till_reachable_from_the_lan_asks_staff_for_a_pin_and_records_who_sold() {
             .spawn()
             .unwrap();
         use std::io::Write;
-        add.stdin.take().unwrap().write_all(b"2468\n").unwrap();
+        add.stdin.take().unwrap().write_all(b"246810\n").unwrap();
         assert!(add.wait().unwrap().success());
         lan.start(1, &creds);
         let url = lan.url(1).to_string();
@@ -425,13 +425,13 @@ fn a_till_reachable_from_the_lan_asks_staff_for_a_pin_and_records_who_sold() {
             c.goto(&url).await.unwrap();
             shown(&c, "[data-testid=screen-signin]").await;
             screenshot(&c, "signin").await;
-            shown(&c, "[data-testid=signin-pin]").await.send_keys("1111").await.unwrap();
+            shown(&c, "[data-testid=signin-pin]").await.send_keys("111111").await.unwrap();
             tap(&c, "[data-testid=signin-submit]").await;
             let error = text(&c, "[data-testid=signin-error]").await;
             assert!(error.to_lowercase().contains("pin"), "{error}");
             let pin = shown(&c, "[data-testid=signin-pin]").await;
             pin.clear().await.unwrap();
-            pin.send_keys("2468").await.unwrap();
+            pin.send_keys("246810").await.unwrap();
             tap(&c, "[data-testid=signin-submit]").await;
             shown(&c, "[data-testid=screen-till]").await;
             assert_eq!(text(&c, "[data-testid=staff-name]").await, "Ana");

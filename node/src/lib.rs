@@ -65,10 +65,12 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
         required: config.sign_in_required(),
     });
     if staff.required {
-        let names = staff.book.names().unwrap_or_default();
-        tracing::info!(staff = names.len(), "the page and the API ask for a staff sign-in (http_addr is reachable from the network)");
-        if names.is_empty() {
-            tracing::warn!("no staff can sign in yet: add them with `stallmesh staff add NAME` on this tablet");
+        match staff.book.names() {
+            Ok(names) if names.is_empty() => {
+                tracing::warn!("sign-in is required and no staff can sign in yet: add them with `stallmesh staff add NAME` on this tablet")
+            }
+            Ok(names) => tracing::info!(staff = names.len(), "the page and the API ask for a staff sign-in (http_addr is reachable from the network)"),
+            Err(e) => tracing::error!(error = %e, "sign-in is required and the staff book cannot be read: nobody can sign in until it is fixed"),
         }
     } else if !config.http_addr.ip().is_loopback() {
         tracing::warn!(addr = %config.http_addr, "staff sign-in is off on an address reachable from the network: anyone on it can sell");

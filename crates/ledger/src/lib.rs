@@ -73,6 +73,8 @@ pub const MAX_QTY: u64 = 1_000_000;
 pub const MAX_PRICE_CENTS: u64 = 1_000_000_000;
 pub const MAX_SKU_LEN: usize = 64;
 pub const MAX_NAME_LEN: usize = 200;
+/// Longest staff name on a sale, in characters (letters, digits, spaces, `-`, `.`): a person's name.
+pub const MAX_STAFF_NAME_CHARS: usize = 40;
 pub const MAX_TAGS: usize = 16;
 pub const MAX_TAG_LEN: usize = 32;
 pub const MAX_CLIENT_REF_LEN: usize = 64;

@@ -11,7 +11,7 @@ use crate::event::{
 use stallmesh_loyalty::MAX_POINTS_PER_SALE;
 use crate::{
     MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
-    MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED, MAX_PHOTO_BYTES, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
+    MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED, MAX_PHOTO_BYTES, MAX_STAFF_NAME_CHARS, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
     MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, MAX_VOUCHER_LABEL_LEN, MAX_WATERMARK_DEVICES, SEGMENT_CHANGES,
 };
 
@@ -35,6 +35,7 @@ const _: () = assert!(MAX_PHOTO_BYTES + PHOTO_CHANGE_ENVELOPE_BYTES <= MAX_CHANG
 const _: () = assert!(
     MAX_SALE_LINES * (MAX_SKU_LEN + SALE_LINE_ENVELOPE_BYTES)
         + MAX_CLIENT_REF_LEN
+        + MAX_STAFF_NAME_CHARS * 4
         + MAX_RECOMMENDED * (MAX_SKU_LEN + SALE_LINE_ENVELOPE_BYTES)
         + SALE_CHANGE_ENVELOPE_BYTES
         <= MAX_CHANGE_BYTES
@@ -125,7 +126,7 @@ pub fn check_event_body(body: &EventBody) -> Checked {
         EventBody::RecommendationFeedback { feedback } => check_feedback(feedback),
         EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty, staff } => {
             if let Some(s) = staff {
-                check_text("staff", s, MAX_NAME_LEN)?;
+                check_staff(s)?;
             }
             if let Some(rec) = recommendation {
                 check_recommendation(rec)?;
@@ -233,6 +234,18 @@ fn check_sale_loyalty(l: &SaleLoyalty, total_cents: u64) -> Checked {
         return Err(invalid("discount_cents", "redeemed points and a discount go together"));
     }
     Ok(())
+}
+
+/// The same rule as the node's staff book: a name, not arbitrary text on every replica's sales.
+fn check_staff(name: &str) -> Checked {
+    let ok = !name.trim().is_empty()
+        && name.chars().count() <= MAX_STAFF_NAME_CHARS
+        && name.chars().all(|c| c.is_alphanumeric() || " -.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("staff", format!("1..={MAX_STAFF_NAME_CHARS} letters, digits, spaces, '-' or '.'")))
+    }
 }
 
 fn check_feedback(f: &RecommendationFeedback) -> Checked {

@@ -20,7 +20,10 @@ export function onSignInRequired(fn) {
  * Fetches `path`; `json` is sent as a JSON body, `bytes` as a raw body of `type`.
  * Resolves to the parsed answer; rejects with ApiError (HTTP error) or TypeError (network).
  */
-export async function api(path, { method = "GET", json, bytes, type, timeoutMs = 10000 } = {}) {
+/** How long any request may take before it counts as a network error (a till must not hang). */
+const REQUEST_TIMEOUT_MS = 10000;
+
+export async function api(path, { method = "GET", json, bytes, type, timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
   // A hung connection (Wi-Fi gone mid-request) ends as a network error the caller can retry.
   const init = { method, credentials: "same-origin", headers: { Accept: "application/json" }, signal: AbortSignal.timeout(timeoutMs) };
   if (json !== undefined) {

@@ -9,6 +9,11 @@ import { initMesh, refreshMesh, showMesh } from "/mesh.js";
 import { showKpis } from "/kpis.js";
 import { initLoyalty, showLoyalty } from "/loyalty.js";
 
+/** Retry the start-up when the node did not answer (it may be starting). */
+const BOOT_RETRY_MS = 2000;
+/** Reopen the event stream when the browser gave up on it (the node refused or restarted). */
+const STREAM_RETRY_MS = 3000;
+
 const $ = (id) => byTestId(id);
 const SCREENS = { till: showTill, stock: showStock, mesh: showMesh, kpis: showKpis, loyalty: showLoyalty };
 let started = false;
@@ -32,7 +37,7 @@ async function boot() {
   } catch (err) {
     if (err.status !== 404) {
       say($("signin-error"), `${describeError(err)} Retrying…`, "error");
-      setTimeout(boot, 2000);
+      setTimeout(boot, BOOT_RETRY_MS);
       return;
     }
     session = { required: false, signed_in: false, staff: null, staff_names: [] };
@@ -116,7 +121,7 @@ function startApp(session) {
 
 function currentScreen() {
   const name = location.hash.slice(1);
-  return name in SCREENS ? name : "till";
+  return Object.hasOwn(SCREENS, name) ? name : "till";
 }
 
 function route() {
@@ -184,7 +189,7 @@ function connectEvents() {
     streamDown = true;
     updateLiveness();
     // EventSource retries by itself unless the answer was not a stream (e.g. 401): then we do.
-    if (events.readyState === EventSource.CLOSED) reconnectTimer = setTimeout(reconnectOrSignIn, 3000);
+    if (events.readyState === EventSource.CLOSED) reconnectTimer = setTimeout(reconnectOrSignIn, STREAM_RETRY_MS);
   });
   events.addEventListener("commit", (e) => {
     const commit = parse(e.data);

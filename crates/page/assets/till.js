@@ -183,6 +183,8 @@ function renderSellButton() {
   button.setAttribute("aria-busy", String(selling));
 }
 
+/** Sales listed under "Recent sales". */
+const RECENT_SALES_SHOWN = 10;
 /** How long a sale may take before the till says so and keeps the basket for a retry. */
 const SALE_TIMEOUT_MS = 5000;
 
@@ -239,6 +241,15 @@ function saleFailed(err) {
   }
   $("refusal").hidden = true;
   if (err instanceof ApiError && err.code === "sign_in_required") return;
+  if (err instanceof ApiError && err.code === "client_ref_reused") {
+    // The earlier attempt went through with the basket as it was then; what is in it now is
+    // another sale, which needs its own client_ref. Staff check the recent sales first.
+    basket.clientRef = uuid();
+    refreshSoon(["sale"]);
+    say($("error-banner"), "The earlier tap of Sell did go through, with the basket as it was then (see Recent sales). " +
+      "The basket has changed since: take out what was already sold, then tap Sell for the rest.", "error");
+    return;
+  }
   let message = describeError(err);
   if (err instanceof TypeError) message += " The basket is kept: tap Sell again — it cannot sell twice.";
   if (err instanceof ApiError && err.body.points) {
@@ -579,7 +590,7 @@ async function sendFeedback(f) {
 // ---- the market's recent sales
 
 export async function loadRecent() {
-  const data = await api("/api/v1/sales?limit=10");
+  const data = await api(`/api/v1/sales?limit=${RECENT_SALES_SHOWN}`);
   const me = thisDevice();
   $("recent-sales").replaceChildren(
     ...data.sales.slice(0, 10).map((s) =>

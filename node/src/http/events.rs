@@ -27,15 +27,21 @@ pub const STATUS_EVERY_MS: u64 = 1_000;
 /// the list again anyway, so the notice names the first ones and says how many kinds changed.
 pub const MAX_SALES_PER_NOTICE: usize = 100;
 
-/// The semaphore bounding open streams.
-pub type Streams = Arc<tokio::sync::Semaphore>;
+/// What every page's stream shares: the bound on open streams, and the last status notice (one
+/// computation per second serves every open page, not one each).
+pub struct Hub {
+    streams: Arc<tokio::sync::Semaphore>,
+    status: std::sync::Mutex<Option<(std::time::Instant, StatusNotice)>>,
+}
+
+pub type Streams = Arc<Hub>;
 
 pub fn streams() -> Streams {
-    Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS))
+    Arc::new(Hub { streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)), status: std::sync::Mutex::new(None) })
 }
 
 pub(super) async fn events(State(app): State<AppState>) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let Ok(permit) = app.streams.clone().try_acquire_owned() else {
+    let Ok(permit) = app.streams.streams.clone().try_acquire_owned() else {
         app.node.metrics.event_streams_refused.inc();
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -142,5 +148,12 @@ pub fn status_notice(app: &AppState) -> StatusNotice {
 }
 
 fn status_event(app: &AppState) -> Event {
-    Event::default().event("status").json_data(status_notice(app)).expect("a notice serialises")
+    let fresh_for = Duration::from_millis(STATUS_EVERY_MS / 2);
+    let cached = app.streams.status.lock().expect("status lock").as_ref().filter(|(at, _)| at.elapsed() < fresh_for).map(|(_, n)| n.clone());
+    let notice = cached.unwrap_or_else(|| {
+        let n = status_notice(app);
+        *app.streams.status.lock().expect("status lock") = Some((std::time::Instant::now(), n.clone()));
+        n
+    });
+    Event::default().event("status").json_data(notice).expect("a notice serialises")
 }

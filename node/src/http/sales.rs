@@ -111,8 +111,19 @@ pub(super) async fn create_sale(
             until_indexed(&app, Index::Sales, recorded.commit).await;
             (StatusCode::CREATED, stallmesh_ledger::sale_id(recorded.entry.change.dot()))
         }
-        // A retried POST with the same client_ref returns the sale already recorded.
-        Err(NodeError::Ledger(LedgerError::AlreadyRecorded { sale_id, .. })) => (StatusCode::OK, sale_id),
+        // A retried POST with the same client_ref returns the sale already recorded — if it is the
+        // same basket: items added after a failed attempt must not vanish into the earlier sale.
+        Err(NodeError::Ledger(LedgerError::AlreadyRecorded { sale_id, client_ref })) => {
+            let same = node.read(|l| l.state().sales.get(&sale_id).is_some_and(|s| units_per_sku(s.lines.iter().map(|l| (&l.sku, l.qty))) == units_per_sku(lines.iter().map(|l| (&l.sku, l.qty)))));
+            if !same {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "client_ref_reused",
+                    format!("client_ref {client_ref:?} already recorded sale {sale_id} with other lines: a different basket needs its own client_ref"),
+                ));
+            }
+            (StatusCode::OK, sale_id)
+        }
         Err(NodeError::Ledger(le @ LedgerError::InsufficientRights { .. })) => {
             node.count_refused("sale_insufficient_stock_rights");
             let Some(mesh) = &app.mesh else { return Err(NodeError::Ledger(le).into()) };
@@ -133,6 +144,15 @@ pub(super) async fn create_sale(
         Err(e) => return Err(e.into()),
     };
     Ok((status, Json(node.read(|l| l.state().sales.get(&id).map(sale_view)))))
+}
+
+fn units_per_sku<'a>(lines: impl Iterator<Item = (&'a String, u64)>) -> std::collections::BTreeMap<&'a str, u64> {
+    let mut units = std::collections::BTreeMap::new();
+    for (sku, qty) in lines {
+        let u: &mut u64 = units.entry(sku.as_str()).or_default();
+        *u = u.saturating_add(qty);
+    }
+    units
 }
 
 /// Drives a waiting sale ([`SaleWait`], the policy the simulator runs too) until its units are

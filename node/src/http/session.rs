@@ -61,16 +61,39 @@ fn same_origin(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Every request: cross-site writes refused; with sign-in required, API calls need a session —
-/// except from this device itself (its own CLI), which is trusted as a loopback-only node is.
+/// Refuses a request whose Host is a DNS name other than `localhost` or an mDNS `.local` name: a
+/// web page that re-points its own domain at this node (DNS rebinding) would otherwise pass as
+/// same-origin. Tablets are reached by address or by their `.local` name.
+fn known_host(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else { return Ok(()) };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let known = name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".local");
+    if known {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::FORBIDDEN, "unknown_host", format!("this node answers to its address or its .local name, not {name:?}")))
+    }
+}
+
+/// Every request: unknown Host names and cross-site writes refused; with sign-in required, API calls
+/// need a session — except a non-browser client on this device itself (its own CLI), trusted as a
+/// loopback-only node is. A browser (it sends Origin or Sec-Fetch-*) always needs the session, so a
+/// proxy or tunnel on the tablet forwarding LAN traffic does not switch sign-in off.
 pub(super) async fn guard(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
-    if let Err(e) = same_origin(request.method(), request.headers()) {
+    if let Err(e) = known_host(request.headers()).and_then(|()| same_origin(request.method(), request.headers())) {
         return e.into_response();
     }
     let staff = session_token(request.headers()).and_then(|t| app.staff.sessions.staff_of(&t, now_ms()));
     let path = request.uri().path();
-    let from_this_device =
-        request.extensions().get::<ConnectInfo<SocketAddr>>().is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback());
+    let from_browser = request.headers().contains_key(header::ORIGIN) || request.headers().contains_key("sec-fetch-site");
+    let from_this_device = !from_browser
+        && request.extensions().get::<ConnectInfo<SocketAddr>>().is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback());
     let needs_session = app.staff.required && path.starts_with("/api/") && path != "/api/v1/session" && !from_this_device;
     match staff {
         Some(s) => {
@@ -94,12 +117,16 @@ pub(super) async fn show(State(app): State<AppState>, headers: HeaderMap) -> Api
 /// `POST /api/v1/session`: checks the PIN (off the executor: the hash is slow on purpose).
 pub(super) async fn sign_in(
     State(app): State<AppState>,
+    client: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     body: Result<Json<SignInRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<SignedInView>)> {
     let Json(req) = body?;
     let desk = app.staff.clone();
     let name = req.staff.clone();
-    let token = tokio::task::spawn_blocking(move || desk.sessions.sign_in(&desk.book, &req.staff, &req.pin, now_ms()))
+    let client = client.map_or_else(|| "unknown".to_string(), |axum::Extension(ConnectInfo(a))| a.ip().to_canonical().to_string());
+    let replaces = session_token(&headers);
+    let token = tokio::task::spawn_blocking(move || desk.sessions.sign_in(&desk.book, &req.staff, &req.pin, &client, replaces.as_deref(), now_ms()))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let token = match token {
@@ -107,7 +134,8 @@ pub(super) async fn sign_in(
         Err(e) => {
             let outcome = if matches!(e, StaffError::TooManyAttempts { .. }) { "locked" } else { "refused" };
             app.node.metrics.staff_sign_ins.get_or_create(&crate::metrics::Outcome { outcome }).inc();
-            tracing::warn!(staff = %name, error = %e, "staff sign-in refused");
+            // Debug-formatted: a name from the request cannot forge log lines.
+            tracing::warn!(staff = ?name.chars().take(crate::staff::MAX_STAFF_NAME_LEN).collect::<String>(), error = %e, "staff sign-in refused");
             return Err(staff_error(e));
         }
     };
@@ -134,7 +162,6 @@ fn staff_error(e: StaffError) -> ApiError {
     let (status, code) = match &e {
         StaffError::WrongPin | StaffError::Unknown(_) => (StatusCode::UNAUTHORIZED, "wrong_pin"),
         StaffError::TooManyAttempts { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"),
-        StaffError::SessionsFull => (StatusCode::SERVICE_UNAVAILABLE, "sessions_full"),
         StaffError::BadName | StaffError::BadPin | StaffError::Full => (StatusCode::BAD_REQUEST, "invalid"),
         StaffError::File { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "staff_book_unreadable"),
     };
@@ -163,6 +190,16 @@ mod tests {
         assert!(same_origin(&post, &headers(&[("host", "10.0.0.2:7878"), ("sec-fetch-site", "cross-site")])).is_err());
         assert!(same_origin(&post, &headers(&[("host", "10.0.0.2:7878"), ("sec-fetch-site", "same-site")])).is_err());
         assert!(same_origin(&Method::GET, &headers(&[("origin", "http://evil.example")])).is_ok(), "reads change nothing");
+    }
+
+    #[test]
+    fn only_addresses_localhost_and_local_names_are_answered() {
+        for host in ["10.0.0.2:7878", "127.0.0.1:7878", "[::1]:7878", "localhost:7878", "till-1.local:7878", "10.0.0.2"] {
+            assert!(known_host(&headers(&[("host", host)])).is_ok(), "{host}");
+        }
+        for host in ["evil.example:7878", "rebind.attacker.net", "localhost.evil.example:7878"] {
+            assert!(known_host(&headers(&[("host", host)])).is_err(), "{host}");
+        }
     }
 
     #[test]
