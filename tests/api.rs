@@ -297,3 +297,28 @@ fn two_tills_creating_one_sku_at_once_get_one_created_and_one_conflict() {
     }
     assert_eq!(node.get("/api/v1/products").1["products"].as_array().unwrap().len(), 21);
 }
+
+#[test]
+fn errors_the_framework_makes_are_the_documented_json_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = stocked_node(dir.path());
+    // A wrong method (axum answers 405 with an empty body), query strings that do not parse, a path
+    // that is not UTF-8: each is `{"error", "message"}`, and none changes anything.
+    let cases: [(&str, &str, u16, &str); 5] = [
+        ("DELETE", "/api/v1/sales", 405, "method_not_allowed"),
+        ("PUT", "/api/v1/stock", 405, "method_not_allowed"),
+        ("GET", "/api/v1/search?q=honey&k=-1", 400, "bad_request"),
+        ("GET", "/api/v1/sales?limit=abc", 400, "bad_request"),
+        ("GET", "/api/v1/products/%FF%FE/photo", 400, "bad_request"),
+    ];
+    for (method, path, status, code) in cases {
+        let (got, body) = node.call(method, path, None);
+        assert_eq!((got, body["error"].as_str()), (status, Some(code)), "{method} {path}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {body}");
+    }
+    let r = ureq::request("DELETE", &format!("{}/api/v1/sales", node.base)).call().unwrap_err();
+    let ureq::Error::Status(405, r) = r else { panic!("{r}") };
+    assert!(r.header("allow").is_some_and(|a| a.contains("POST")), "the Allow header stays");
+    assert_eq!(node.get("/api/v1/sales").1["summary"]["sales"], 0);
+}
+

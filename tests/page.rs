@@ -348,8 +348,7 @@ fn two_tablets_sell_from_the_page_and_each_sees_the_other_live() {
 
             // Tablet 2 goes dark: tablet 1's page says it is offline and counts what it has not shared
             // (a sale counts as shared once a peer's heads say it holds it).
-            let unshared = "return document.querySelector('[data-testid=unshared-count]').textContent;";
-            until(&a, "tablet 2 holds all of tablet 1's sales", || async { js(&a, unshared).await == json!("0") }).await;
+            eventually(CONVERGE, "tablet 2 holds all of tablet 1's sales", || lan.get(1, "/api/v1/status")["unshared_sales"] == 0);
             lan.kill9(2);
             shown(&a, "[data-testid=offline-banner]").await;
             tap(&a, "[data-testid=tile][data-sku=HON-500]").await;

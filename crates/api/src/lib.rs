@@ -355,6 +355,9 @@ pub struct JournalView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub node: NodeView,
+    /// This device's sales no other device (a peer, as its heads say, or the cloud) holds yet.
+    #[serde(default)]
+    pub unshared_sales: u64,
     pub devices: usize,
     pub products: usize,
     pub sales: usize,

@@ -108,6 +108,48 @@ impl From<InferenceError> for ApiError {
     }
 }
 
+/// Longest text of a framework error (a rejection's message) carried into the JSON body.
+const MAX_ERROR_TEXT_BYTES: usize = 4 * 1024;
+
+/// Every error answer is the documented JSON, including the ones the framework makes before any
+/// handler runs: 405 for a wrong method (empty body), 400 for a query string or path that does not
+/// parse, 413 from a body limit, 404 for a page asset. Their text becomes the message; headers such
+/// as `Allow` stay.
+pub(super) async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT_BYTES).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_input",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    };
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let mut out = ApiError::new(status, code, message).into_response();
+    // Keep what the framework said beside the body (`Allow` for a 405).
+    for (name, value) in parts.headers.iter() {
+        out.headers_mut().entry(name.clone()).or_insert(value.clone());
+    }
+    out
+}
+
 /// A spawned blocking task that did not finish (it panicked): an internal error.
 pub(super) fn join_error(e: tokio::task::JoinError) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())

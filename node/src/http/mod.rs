@@ -104,6 +104,7 @@ pub fn router(app: AppState) -> Router {
         .merge(stallmesh_page::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), session::guard))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(app)
 }
 

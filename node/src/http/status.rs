@@ -123,8 +123,10 @@ pub(super) async fn status(State(app): State<AppState>) -> Json<Status> {
         demo: info.demo,
         store_path: info.store_path.display().to_string(),
     };
+    let unshared_sales = super::events::status_notice(&app).unshared_sales;
     Json(node.read(|l| Status {
         node: view,
+        unshared_sales,
         devices: l.state().devices.len(),
         products: l.state().products.len(),
         sales: l.state().sales.len(),
