@@ -6,6 +6,7 @@
 //! recommendations use, after the index took it in or [`INDEX_WAIT_MS`] passed).
 
 mod catalogue;
+mod drain;
 mod error;
 pub mod events;
 pub mod loyalty;
@@ -105,6 +106,7 @@ pub fn router(app: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), session::guard))
         .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn(drain::drain_refused_bodies))
         .with_state(app)
 }
 
