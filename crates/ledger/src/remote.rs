@@ -253,7 +253,13 @@ impl Ledger {
         let last_hash = ams.last().expect("good > 0").hash();
         let journal = self.journals.get_mut(&device).expect("created above");
         let seg = journal.doc.as_mut().expect("built above");
-        let applied_ok = seg.doc.apply_changes(ams).is_ok() && seg.doc.get_heads() == [last_hash];
+        // automerge asserts on change graphs it considers impossible, and these bytes are a peer's
+        // (found by fuzz/enrolled_peer_change): a panic refuses the change like any malformed one,
+        // and the document, perhaps half updated, is dropped and rebuilt from the journal's good
+        // changes when next needed.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seg.doc.apply_changes(ams)));
+        let panicked = applied.is_err();
+        let applied_ok = matches!(applied, Ok(Ok(_))) && seg.doc.get_heads() == [last_hash];
         if !applied_ok {
             journal.doc = None;
             let mut later: Vec<SignedChange> = run.drain(1..).collect();
@@ -262,7 +268,12 @@ impl Ledger {
                 later.extend(r);
             }
             let first = run.pop().expect("good > 0");
-            return (vec![], Some((first, Rejection::BrokenChain("changes were not applied".into()), later)));
+            let why = if panicked {
+                Rejection::Malformed("automerge cannot apply the change (its graph is inconsistent)".into())
+            } else {
+                Rejection::BrokenChain("changes were not applied".into())
+            };
+            return (vec![], Some((first, why, later)));
         }
         seg.events = events_list(&seg.doc);
         let events: Vec<Result<Event, Rejection>> = (0..good)

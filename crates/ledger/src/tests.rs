@@ -1006,3 +1006,25 @@ fn the_largest_sale_the_limits_accept_fits_in_one_change() {
     assert!(per_line_bytes <= validate::SALE_LINE_ENVELOPE_BYTES, "{per_line_bytes} bytes a line beyond its SKU ({change_bytes} in all)");
     assert!(change_bytes <= MAX_CHANGE_BYTES, "{change_bytes}");
 }
+
+/// Found by `fuzz/enrolled_peer_change`: an enrolled peer's correctly signed change whose automerge
+/// graph makes automerge assert (`change_graph.rs`). Before, the panic escaped `apply_remote`: a
+/// node failed under its lock, so one tablet's bad bytes could stop every tablet of the market.
+#[test]
+fn an_enrolled_peers_change_that_makes_automerge_panic_is_refused_and_the_ledger_goes_on() {
+    let bytes = include_bytes!("fuzz-crash-automerge-seq.bin");
+    let m = TestMarket::new(7);
+    let (mut tablet, _) = m.device(1, "Test Stall");
+    let (mut peer, peer_enrolment) = m.device(2, "Test Stall");
+    tablet.apply_remote(vec![peer_enrolment.change.clone()]);
+    let forged = m.device_key(2).sign_change(m.ctx.market, 1, vec![], bytes.to_vec());
+    let report = tablet.apply_remote(vec![forged]);
+    assert!(report.applied.is_empty());
+    assert!(matches!(report.rejected.as_slice(), [(_, Rejection::Malformed(_))]), "{:?}", report.rejected);
+    // The tablet goes on recording, and the peer's real next change still applies.
+    tablet.record(LocalOp::UpsertProduct(product("TEA", 300)), 1).unwrap();
+    let real = peer.record(LocalOp::UpsertProduct(product("JAM", 400)), 2).unwrap();
+    let report = tablet.apply_remote(vec![real.change]);
+    assert_eq!(report.applied.len(), 1, "{:?}", report.rejected);
+    assert!(tablet.state().products.contains_key("JAM"));
+}
