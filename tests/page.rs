@@ -147,8 +147,7 @@ async fn first_attr(c: &Client, selector: &str, attr: &str) -> Option<String> {
 }
 
 /// Polls `cond` until it holds; fails with `what` after [`SHOWN`].
-async fn until<F: std::future::Future<Output = bool>>(c: &Client, what: &str, mut cond: impl FnMut() -> F) {
-    let _ = c;
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
     let start = Instant::now();
     while !cond().await {
         assert!(start.elapsed() < SHOWN, "not within {SHOWN:?}: {what}");
@@ -276,7 +275,7 @@ fn two_tablets_sell_from_the_page_and_each_sees_the_other_live() {
             // A customer's photo of the coffee finds it.
             let input = a.find(css("[data-testid=photo-file]")).await.unwrap();
             input.send_keys(repo().join("models/images/coffee_aug.jpg").to_str().unwrap()).await.unwrap();
-            until(&a, "the photo finds the coffee first", || async {
+            until("the photo finds the coffee first", || async {
                 first_attr(&a, "[data-testid=search-hit]", "data-sku").await.as_deref() == Some("COF-BEANS")
             })
             .await;
@@ -335,7 +334,7 @@ fn two_tablets_sell_from_the_page_and_each_sees_the_other_live() {
             std::fs::write(&photo, qr_png(qr)).unwrap();
             tap(&a, "[data-testid=card-open]").await;
             a.find(css("[data-testid=card-scan-file]")).await.unwrap().send_keys(photo.to_str().unwrap()).await.unwrap();
-            until(&a, "the scanned card's balance", || async { text(&a, "[data-testid=card-balance]").await == "16" }).await;
+            until("the scanned card's balance", || async { text(&a, "[data-testid=card-balance]").await == "16" }).await;
             tap(&a, "[data-testid=card-attach]").await;
             let redeem = shown(&a, "[data-testid=redeem-points]").await;
             redeem.clear().await.unwrap();

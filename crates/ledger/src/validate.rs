@@ -236,12 +236,14 @@ fn check_sale_loyalty(l: &SaleLoyalty, total_cents: u64) -> Checked {
     Ok(())
 }
 
-/// The same rule as the node's staff book: a name, not arbitrary text on every replica's sales.
+/// Whether `name` may stand as the staff member on a sale: a person's name, not arbitrary text on
+/// every replica's sales. The node's staff book takes only such names.
+pub fn is_staff_name(name: &str) -> bool {
+    !name.trim().is_empty() && name.chars().count() <= MAX_STAFF_NAME_CHARS && name.chars().all(|c| c.is_alphanumeric() || " -.".contains(c))
+}
+
 fn check_staff(name: &str) -> Checked {
-    let ok = !name.trim().is_empty()
-        && name.chars().count() <= MAX_STAFF_NAME_CHARS
-        && name.chars().all(|c| c.is_alphanumeric() || " -.".contains(c));
-    if ok {
+    if is_staff_name(name) {
         Ok(())
     } else {
         Err(invalid("staff", format!("1..={MAX_STAFF_NAME_CHARS} letters, digits, spaces, '-' or '.'")))

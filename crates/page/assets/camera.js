@@ -1,6 +1,6 @@
 // A camera preview in a panel, and one JPEG frame from it.
 
-import { el } from "/api.js";
+import { el, say } from "/api.js";
 
 /**
  * Opens the rear camera in `panel` with a capture button (`captureTestId`). Resolves to a JPEG
@@ -36,6 +36,26 @@ export async function captureFrame(panel, captureTestId) {
     panel.replaceChildren(video, el("div", { class: "row" }, capture, cancel));
     panel.hidden = false;
     video.play().catch(() => {});
+  });
+}
+
+/**
+ * Wires a photo source: a file input and a camera button (its preview in `panel`) both hand the
+ * image to `use(blob, type)`; a camera that cannot open says why in `message`.
+ */
+export function photoSource({ file, camera, panel, captureTestId, message, use }) {
+  file.addEventListener("change", () => {
+    const f = file.files?.[0];
+    if (f) use(f, f.type);
+    file.value = "";
+  });
+  camera.addEventListener("click", async () => {
+    try {
+      const blob = await captureFrame(panel, captureTestId);
+      if (blob) use(blob, "image/jpeg");
+    } catch (err) {
+      say(message, err.message, "error");
+    }
   });
 }
 

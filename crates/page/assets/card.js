@@ -2,7 +2,7 @@
 // attach it to the basket with points to redeem.
 
 import { api, ApiError, byTestId, describeError, say, shortId } from "/api.js";
-import { captureFrame } from "/camera.js";
+import { photoSource } from "/camera.js";
 
 const $ = (id) => byTestId(id);
 
@@ -22,19 +22,13 @@ export function initCard() {
     attach();
   });
   $("card-detach").addEventListener("click", detach);
-  const file = $("card-scan-file");
-  file.addEventListener("change", () => {
-    const f = file.files?.[0];
-    if (f) scan(f, f.type);
-    file.value = "";
-  });
-  $("card-camera").addEventListener("click", async () => {
-    try {
-      const blob = await captureFrame($("card-camera-panel"), "card-capture");
-      if (blob) scan(blob, "image/jpeg");
-    } catch (err) {
-      say($("card-message"), err.message, "error");
-    }
+  photoSource({
+    file: $("card-scan-file"),
+    camera: $("card-camera"),
+    panel: $("card-camera-panel"),
+    captureTestId: "card-capture",
+    message: $("card-message"),
+    use: scan,
   });
   $("redeem-points").addEventListener("input", renderAttached);
   renderAttached();

@@ -3,7 +3,7 @@
 
 import { api, ApiError, byTestId, debounce, describeError, el, fill, money, say, shortId, time } from "/api.js";
 import { deviceLabel, metrics, state, subscribe, thisDevice } from "/store.js";
-import { captureFrame } from "/camera.js";
+import { photoSource } from "/camera.js";
 import { initCard, saleLoyalty, afterSale as cardAfterSale } from "/card.js";
 
 const $ = (id) => byTestId(id);
@@ -361,19 +361,13 @@ function initSearch() {
       renderHits([]);
     } else runSearch();
   });
-  const file = $("photo-file");
-  file.addEventListener("change", () => {
-    const f = file.files?.[0];
-    if (f) imageSearch(f, f.type);
-    file.value = "";
-  });
-  $("photo-camera").addEventListener("click", async () => {
-    try {
-      const blob = await captureFrame($("photo-camera-panel"), "photo-capture");
-      if (blob) imageSearch(blob, "image/jpeg");
-    } catch (err) {
-      say($("search-note"), err.message, "error");
-    }
+  photoSource({
+    file: $("photo-file"),
+    camera: $("photo-camera"),
+    panel: $("photo-camera-panel"),
+    captureTestId: "photo-capture",
+    message: $("search-note"),
+    use: imageSearch,
   });
 }
 
