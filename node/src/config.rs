@@ -20,6 +20,7 @@ pub struct Config {
     pub cloud: CloudSettings,
     pub loyalty: LoyaltySettings,
     pub staff: StaffSettings,
+    pub store: StoreSettings,
     /// What `stallmesh cloud up` runs (not the tablet).
     pub cloud_service: stallmesh_cloud::CloudConfig,
 }
@@ -100,6 +101,15 @@ fn parse_multiplier(text: &str) -> Result<(String, u64), String> {
         return Err(format!("{text:?}: a stall name and a multiplier 1..={}", stallmesh_loyalty::MAX_STALL_MULTIPLIER));
     }
     Ok((stall.trim().to_string(), m))
+}
+
+/// The `[store]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Concurrent local operations share one durable commit (one fsync); each is still answered
+    /// only after the commit that holds it. Off: each waits for a commit of its own.
+    pub group_commit: bool,
 }
 
 /// The `[inference]` table.

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub duplicate_changes: Counter,
     pub equivocations: Counter,
     pub store_commit_seconds: Histogram,
+    /// Local operations made durable by one commit (group commit).
+    pub group_commit_ops: Histogram,
     pub journal_entries: Gauge,
     pub pending_changes: Gauge,
     pub mesh_peers: Gauge,
@@ -91,6 +93,7 @@ impl Metrics {
             equivocations: Counter::default(),
             // 0.1 ms .. ~3 s: an fsync on a tablet's flash can take hundreds of milliseconds.
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            group_commit_ops: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             journal_entries: Gauge::default(),
             pending_changes: Gauge::default(),
             mesh_peers: Gauge::default(),
@@ -146,6 +149,7 @@ impl Metrics {
             m.equivocations.clone(),
         );
         registry.register("store_commit_seconds", "Durable redb commit latency", m.store_commit_seconds.clone());
+        registry.register("group_commit_ops", "Local operations made durable by one commit: concurrent sales share an fsync", m.group_commit_ops.clone());
         registry.register("journal_entries", "Journal entries held in the store", m.journal_entries.clone());
         registry.register("pending_changes", "Remote changes waiting for a predecessor", m.pending_changes.clone());
         registry.register("mesh_peers", "Peers with a verified enrolment, connected now", m.mesh_peers.clone());

@@ -130,9 +130,47 @@ pub struct EquivocatedPosition {
     pub conflicting: Vec<(SignedChange, Result<stallmesh_ledger::Event, String>)>,
 }
 
+/// Most local operations one group commit records: a batch holds the ledger lock for each
+/// operation's ledger step (~0.4 ms for a sale), so this bounds how long a read waits behind one
+/// (~50 ms); a queue longer than this is committed in several batches, in order.
+pub const MAX_GROUP_COMMIT_OPS: usize = 128;
+
+/// A precondition a local operation must meet, checked under the ledger lock just before it is
+/// recorded.
+type Precondition = Box<dyn FnOnce(&Ledger) -> Result<(), NodeError> + Send>;
+/// Where a queued operation's answer is left by the commit that holds it.
+type Slot = Arc<Mutex<Option<Result<Recorded, NodeError>>>>;
+
+/// A local operation waiting for the next group commit.
+struct Queued {
+    op: LocalOp,
+    precondition: Precondition,
+    slot: Slot,
+}
+
+fn answer(slot: &Slot, result: Result<Recorded, NodeError>) {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+}
+
+/// The slots of a batch not answered yet; any left when it is dropped (a panic under the lock) are
+/// answered with the failure, so no caller waits for a commit that will never come.
+struct Unanswered(Vec<Slot>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        for slot in self.0.drain(..) {
+            answer(&slot, Err(NodeError::Failed("the group commit holding this operation did not finish".into())));
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Mutex<Inner>>,
+    /// Local operations waiting for the next group commit, in arrival order.
+    queue: Arc<Mutex<Vec<Queued>>>,
+    /// `[store] group_commit`: concurrent local operations share one durable commit.
+    group_commit: bool,
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
     arrivals: Arc<Mutex<std::collections::VecDeque<Arrival>>>,
@@ -232,6 +270,8 @@ impl Node {
                 mesh_secrets,
                 commits: Publisher::default(),
             })),
+            queue: Arc::default(),
+            group_commit: config.store.group_commit,
             metrics: Arc::new(Metrics::new()),
             info: Arc::new(info),
             arrivals: Arc::default(),
@@ -422,7 +462,7 @@ impl Node {
     /// lock, so two tills creating one SKU at once cannot both succeed.
     pub fn write_product(&self, product: Product, create: bool) -> Result<Recorded, NodeError> {
         let sku = product.sku.clone();
-        self.execute_when(LocalOp::UpsertProduct(product), true, |l| match (create, l.state().products.contains_key(&sku)) {
+        self.execute_when(LocalOp::UpsertProduct(product), true, move |l| match (create, l.state().products.contains_key(&sku)) {
             (true, true) => Err(NodeError::ProductExists(sku)),
             (false, false) => Err(NodeError::UnknownProduct(sku)),
             _ => Ok(()),
@@ -440,7 +480,7 @@ impl Node {
         &self,
         op: LocalOp,
         count_rights_refusal: bool,
-        precondition: impl FnOnce(&Ledger) -> Result<(), NodeError>,
+        precondition: impl FnOnce(&Ledger) -> Result<(), NodeError> + Send + 'static,
     ) -> Result<Recorded, NodeError> {
         let kind = match &op {
             LocalOp::Sell { .. } => "sale",
@@ -456,10 +496,19 @@ impl Node {
             LocalOp::RecommendationFeedback(_) => "recommendation_feedback",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
-        let result = self.with_write_as(true, |l| {
-            precondition(l)?;
-            Ok::<_, NodeError>(vec![l.record(op, now_ms())?])
-        });
+        let result = if self.group_commit {
+            self.commit_in_group(op, Box::new(precondition))
+        } else {
+            self.with_write_as(true, |l| {
+                precondition(l)?;
+                Ok::<_, NodeError>(vec![l.record(op, now_ms())?])
+            })
+            .map(|(mut v, commit)| {
+                let entry = v.pop().expect("one entry per operation");
+                debug_assert!(v.is_empty() && commit > 0, "one entry, published");
+                Recorded { entry, commit }
+            })
+        };
         match &result {
             Ok(_) => {
                 self.metrics.changes_applied.get_or_create(&Origin { origin: "local" }).inc();
@@ -490,11 +539,77 @@ impl Node {
                 self.metrics.refused_operations.get_or_create(&Reason { reason: format!("{kind}_{reason}") }).inc();
             }
         }
-        result.map(|(mut v, commit)| {
-            let entry = v.pop().expect("one entry per operation");
-            debug_assert!(v.is_empty() && commit > 0, "one entry, published");
-            Recorded { entry, commit }
+        result
+    }
+
+    /// Group commit: the operation joins the queue, and whoever holds the ledger lock next records
+    /// every queued operation in queue order and makes their entries durable with one commit (one
+    /// fsync), then answers each. While that commit runs, the next operations queue up for the
+    /// next one. An operation is answered only after the commit that holds its entry.
+    fn commit_in_group(&self, op: LocalOp, precondition: Precondition) -> Result<Recorded, NodeError> {
+        let slot: Slot = Arc::default();
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(Queued { op, precondition, slot: slot.clone() });
+        self.guarded("a group commit", |inner| loop {
+            if let Some(done) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return done;
+            }
+            let batch: Vec<Queued> = {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = queue.len().min(MAX_GROUP_COMMIT_OPS);
+                queue.drain(..n).collect()
+            };
+            // This operation is queued or answered: a batch that takes it answers it.
+            if batch.is_empty() {
+                return Err(NodeError::Internal("group commit: an operation was neither queued nor answered".into()));
+            }
+            self.commit_batch(inner, batch);
         })
+    }
+
+    /// Records each operation of `batch` (a refused one is answered at once) and commits the
+    /// entries with one durable append, under the ledger lock.
+    fn commit_batch(&self, inner: &mut Inner, batch: Vec<Queued>) {
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut pending = Unanswered(Vec::with_capacity(batch.len()));
+        for q in batch {
+            let outcome = (|| {
+                if let Some(why) = &inner.failed {
+                    return Err(NodeError::Failed(why.clone()));
+                }
+                if let Some(r) = &inner.recovery {
+                    return Err(NodeError::Recovering(r.message.clone()));
+                }
+                (q.precondition)(&inner.ledger)?;
+                Ok(inner.ledger.record(q.op, now_ms())?)
+            })();
+            match outcome {
+                Ok(entry) => {
+                    entries.push(entry);
+                    pending.0.push(q.slot);
+                }
+                Err(e) => answer(&q.slot, Err(e)),
+            }
+        }
+        debug_assert_eq!(entries.len(), pending.0.len());
+        if entries.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        if let Err(e) = inner.store.append(&entries) {
+            Self::fail_on_store_error(inner, &e, "commit");
+            for slot in pending.0.drain(..) {
+                answer(&slot, Err(NodeError::Failed(e.to_string())));
+            }
+            return;
+        }
+        self.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.group_commit_ops.observe(entries.len() as f64);
+        self.metrics.journal_entries.set(inner.store.len() as i64);
+        let number = inner.commits.publish(CommitOrigin::Local, entries.clone(), Vec::new());
+        debug_assert!(number > 0);
+        for (slot, entry) in pending.0.drain(..).zip(entries) {
+            answer(&slot, Ok(Recorded { entry, commit: number }));
+        }
     }
 
     pub fn count_refused(&self, reason: &str) {
@@ -780,6 +895,52 @@ fn create_demo_credentials(config: &Config, device_dir: &std::path::Path) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A metric's value from the node's own exposition.
+    fn metric(node: &Node, name: &str) -> f64 {
+        let text = node.metrics.encode();
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).unwrap_or_else(|| panic!("{name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn concurrent_sales_share_durable_commits_and_never_sell_the_last_unit_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::load(None, |_| None).unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        assert!(config.store.group_commit, "group commit is the default");
+        let node = Node::open(&config).unwrap();
+        let candles = node.read(|l| l.state().rights_of("BEE-CND", &l.device()));
+        assert_eq!(candles, 8, "the demo stall has 8 candles");
+        let (commits_before, ops_before) = (metric(&node, "stallmesh_group_commit_ops_count"), metric(&node, "stallmesh_group_commit_ops_sum"));
+        let tills = 24;
+        let start = Arc::new(std::sync::Barrier::new(tills));
+        let handles: Vec<_> = (0..tills)
+            .map(|i| {
+                let (node, start) = (node.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    node.sell(vec![LineRequest { sku: "BEE-CND".into(), qty: 1 }], Some(format!("till-{i}")), None)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let sold = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(sold, 8, "exactly the candles held are sold");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(matches!(r, NodeError::Ledger(LedgerError::InsufficientRights { .. })), "{r}");
+        }
+        // Fewer commits than sales: some sales shared an fsync.
+        let commits = metric(&node, "stallmesh_group_commit_ops_count") - commits_before;
+        let in_commits = metric(&node, "stallmesh_group_commit_ops_sum") - ops_before;
+        assert_eq!(in_commits, 8.0, "every sale was in exactly one commit");
+        assert!(commits < 8.0, "{commits} commits for 8 sales");
+        // Every acknowledged sale is on disk.
+        drop(node);
+        let again = Node::open(&config).unwrap();
+        assert_eq!(again.read(|l| l.state().sales.len()), 8);
+        assert_eq!(again.read(|l| l.state().rights_of("BEE-CND", &l.device())), 0);
+    }
 
     #[test]
     fn a_panic_under_the_lock_fails_the_node_without_poisoning_it() {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One entry of a market's reconciled log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogEvent {
     /// Market id, 32 hex characters.
     pub market: String,
@@ -24,7 +24,7 @@ pub struct LogEvent {
     pub body: LogBody,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LogBody {
     Enrolment { stall: String, role: String, expires_at_ms: u64 },
@@ -88,7 +88,7 @@ impl LogBody {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecommendationRecord {
     /// `"treatment"` or `"control"`.
     pub arm: String,
@@ -96,7 +96,7 @@ pub struct RecommendationRecord {
 }
 
 /// A registered market, as `GET /v1/markets/{market}` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MarketView {
     pub market: String,
     pub name: String,
@@ -110,14 +110,14 @@ pub struct MarketView {
     pub duplicates: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MarketList {
     pub markets: Vec<MarketSummary>,
 }
 
 /// One market in `GET /v1/markets`: read from the store alone, so listing a cloud of many markets
 /// loads none of their logs (`GET /v1/markets/{market}` has the heads and counts).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MarketSummary {
     pub market: String,
     pub name: String,
@@ -128,7 +128,7 @@ pub struct MarketSummary {
 
 /// `POST /v1/markets` (with the cloud's admin token): register a market with the credentials of
 /// the cloud's own device of it, as `stallmesh device enroll --role cloud` wrote them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterMarket {
     pub name: String,
@@ -140,7 +140,7 @@ pub struct RegisterMarket {
     pub device_key: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MarketRegistered {
     pub market: String,
     pub cloud_device: String,
@@ -150,7 +150,7 @@ pub struct MarketRegistered {
 
 /// Every error answer of the cloud: a stable code, a sentence, and for a partly refused upload
 /// what was refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloudErrorBody {
     pub error: String,
     pub message: String,
@@ -159,7 +159,7 @@ pub struct CloudErrorBody {
 }
 
 /// `changes_rejected` (HTTP 422): the upload's good changes were logged, these were not.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UploadRefused {
     pub accepted: u64,
     pub duplicates: u64,
@@ -167,7 +167,7 @@ pub struct UploadRefused {
     pub rejected: Vec<RejectedView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RejectedView {
     pub device: String,
     pub seq: u64,

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 // ---- errors
 
 /// Every error answer: a stable machine-readable `error` code and a message for people.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     pub message: String,
@@ -33,7 +33,7 @@ pub struct ErrorBody {
 }
 
 /// `insufficient_stock_rights`: who holds the units this device lacks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsShortfall {
     pub sku: String,
     pub requested: u64,
@@ -80,7 +80,7 @@ request! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProductView {
     pub sku: String,
     pub name: String,
@@ -91,13 +91,13 @@ pub struct ProductView {
     pub has_photo: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProductList {
     pub products: Vec<ProductView>,
 }
 
 /// `PUT /api/v1/products/{sku}/photo`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PhotoAttached {
     pub sku: String,
     /// Size of the JPEG kept in the journal (shrunk from the upload).
@@ -125,7 +125,7 @@ request! {
 }
 
 /// A restock or a transfer, recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StockMovement {
     pub sku: String,
     pub qty: u64,
@@ -136,7 +136,7 @@ pub struct StockMovement {
     pub rights_here: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StockRow {
     pub sku: String,
     pub name: Option<String>,
@@ -151,7 +151,7 @@ pub struct StockRow {
     pub unreachable: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StockList {
     pub device: String,
     pub stock: Vec<StockRow>,
@@ -192,7 +192,7 @@ request! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SaleLineView {
     pub sku: String,
     pub qty: u64,
@@ -200,7 +200,7 @@ pub struct SaleLineView {
     pub price_cents: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SaleView {
     pub id: String,
     pub device: String,
@@ -219,18 +219,19 @@ pub struct SaleView {
     pub staff: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SalesSummary {
     pub sales: u64,
     pub units: u64,
     /// Currency → revenue.
     pub revenue_cents: BTreeMap<String, u64>,
     /// Start of the hour (ms since the epoch) → revenue in that hour.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub revenue_cents_per_hour: BTreeMap<u64, u64>,
     pub average_order_cents: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SalesList {
     pub summary: SalesSummary,
     /// Newest first.
@@ -239,7 +240,7 @@ pub struct SalesList {
 
 // ---- search and recommendations
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchHit {
     pub sku: String,
     pub name: String,
@@ -252,7 +253,7 @@ pub struct SearchHit {
     pub exact: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResults {
     pub query: String,
     /// `"hybrid"` (words and meaning) or `"lexical"` (words only: no text model).
@@ -264,13 +265,13 @@ pub struct SearchResults {
     pub took_us: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageSearchResults {
     pub hits: Vec<SearchHit>,
     pub took_us: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecommendationView {
     pub sku: String,
     pub name: String,
@@ -281,7 +282,7 @@ pub struct RecommendationView {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Recommendations {
     pub basket: Vec<String>,
     pub arm: String,
@@ -292,7 +293,7 @@ pub struct Recommendations {
     pub took_us: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmConversion {
     pub sales: u64,
     pub converted: u64,
@@ -300,7 +301,7 @@ pub struct ArmConversion {
 }
 
 /// Conversion by experiment arm over the market's replicated sales.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecommendationLift {
     pub treatment: ArmConversion,
     pub control: ArmConversion,
@@ -311,7 +312,7 @@ pub struct RecommendationLift {
 
 // ---- node status
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub market_name: String,
     pub market_id: String,
@@ -323,13 +324,13 @@ pub struct NodeView {
     pub store_path: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SetAsideView {
     pub moved_to: String,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecoveryView {
     /// `"empty_store"`, `"store_set_aside"`, `"stale_store"` or `"interrupted"`.
     pub cause: String,
@@ -343,7 +344,7 @@ pub struct RecoveryView {
 }
 
 /// This device's own journal: `"ready"`, `"recovering"` (taken back from peers) or `"cloned"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JournalView {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -352,7 +353,7 @@ pub struct JournalView {
     pub recovery: Option<RecoveryView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Status {
     pub node: NodeView,
     /// This device's sales no other device (a peer, as its heads say, or the cloud) holds yet.
@@ -372,7 +373,7 @@ pub struct Status {
     pub cloud: CloudStatus,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloudStatus {
     /// `None`: no watermark has reached this tablet yet.
     pub watermark: Option<CloudWatermarkView>,
@@ -384,7 +385,7 @@ pub struct CloudStatus {
     pub uplink: Option<UplinkView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloudWatermarkView {
     /// The cloud device that recorded it.
     pub cloud_device: String,
@@ -397,7 +398,7 @@ pub struct CloudWatermarkView {
     pub this_device_through_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UplinkView {
     pub url: String,
     /// `"connected"` (last request succeeded), `"retrying"` or `"starting"`.
@@ -412,7 +413,7 @@ pub struct UplinkView {
     pub refused_by_cloud: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelView {
     pub name: String,
     pub file: String,
@@ -425,14 +426,14 @@ pub struct ModelView {
     pub load_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IndexView {
     pub products: usize,
     pub embedded: usize,
     pub with_photo: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InferenceHealth {
     /// `"off"`, `"loading"` or `"ready"`.
     pub state: String,
@@ -441,7 +442,7 @@ pub struct InferenceHealth {
 }
 
 /// `GET /healthz`: `status` is `"ok"` (200) or `"failed"` (503, with `reason`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     pub status: String,
     pub device: String,
@@ -457,7 +458,7 @@ pub struct Health {
 
 // ---- mesh
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerView {
     pub peer_id: String,
     pub device: String,
@@ -482,7 +483,7 @@ pub struct PeerView {
 }
 
 /// Counters of the mesh since the node started.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MeshCounters {
     pub messages_in: u64,
     pub messages_out: u64,
@@ -502,7 +503,7 @@ pub struct MeshCounters {
     pub unconfirmed_expired: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MeshView {
     pub peer_id: String,
     pub listen_addrs: Vec<String>,
@@ -512,7 +513,7 @@ pub struct MeshView {
     pub stats: MeshCounters,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArrivalView {
     pub sale_id: String,
     /// When the sale was recorded, on its device's clock.
@@ -521,14 +522,14 @@ pub struct ArrivalView {
     pub arrived_us: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Arrivals {
     pub arrivals: Vec<ArrivalView>,
 }
 
 // ---- changes and equivocations
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RejectedChange {
     pub device: String,
     pub seq: u64,
@@ -537,7 +538,7 @@ pub struct RejectedChange {
 }
 
 /// `POST /api/v1/changes`: what became of pushed changes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangesReport {
     pub applied: usize,
     pub duplicates: usize,
@@ -547,7 +548,7 @@ pub struct ChangesReport {
 }
 
 /// What one journal entry recorded, by kind.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventView {
     Sale { sale_id: String, lines: Vec<SaleLineView>, total_cents: u64, currency: String, client_ref: Option<String> },
@@ -565,7 +566,7 @@ pub enum EventView {
     RecommendationFeedback { action: String, sku: String, reason: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangeView {
     pub seq: u64,
     /// SHA-256 of the signed change, hex: tells two changes at one position apart.
@@ -578,7 +579,7 @@ pub struct ChangeView {
     pub event_unreadable: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EquivocatedPosition {
     pub seq: u64,
     /// The change held (and applied) here, if this node holds one.
@@ -586,7 +587,7 @@ pub struct EquivocatedPosition {
     pub conflicting: Vec<ChangeView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EquivocatingDevice {
     pub device: String,
     pub this_device: bool,
@@ -594,13 +595,13 @@ pub struct EquivocatingDevice {
 }
 
 /// `GET /api/v1/equivocations`: devices seen signing two histories.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Equivocations {
     pub conflicting_changes: usize,
     pub devices: Vec<EquivocatingDevice>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Revoked {
     pub revoked: String,
 }

@@ -20,7 +20,7 @@ request! {
 }
 
 /// `201` of `POST /api/v1/loyalty/cards`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CardIssued {
     pub id: String,
     /// What the QR code holds (QR alphanumeric mode, at most 250 characters).
@@ -35,7 +35,7 @@ pub struct CardIssued {
 }
 
 /// `GET /api/v1/loyalty/cards/{id or QR text}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CardView {
     pub id: String,
     /// Points earned and not redeemed.
@@ -61,7 +61,7 @@ pub struct CardView {
     pub token: Option<CardTokenView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CardTokenView {
     pub issuer: String,
     pub issued_at_ms: u64,
@@ -86,7 +86,7 @@ request! {
 }
 
 /// A sale's loyalty as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SaleLoyaltyView {
     pub card: String,
     pub points_earned: u64,
@@ -99,7 +99,7 @@ pub struct SaleLoyaltyView {
 }
 
 /// `GET /api/v1/loyalty/challenge`: a phone wallet signs this to prove it holds its card.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChallengeView {
     pub challenge: String,
     pub expires_in_ms: u64,
@@ -117,7 +117,7 @@ request! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VoucherView {
     pub id: String,
     pub label: String,
@@ -130,20 +130,20 @@ pub struct VoucherView {
     pub redemptions: Vec<RedemptionView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RedemptionView {
     pub device: String,
     pub seq: u64,
     pub proven: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VoucherList {
     pub vouchers: Vec<VoucherView>,
 }
 
 /// Something spent twice, found identically by every replica holding the same changes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExposureView {
     /// `points` (of a card) or `voucher`.
     pub asset: String,
@@ -155,7 +155,7 @@ pub struct ExposureView {
     pub evidence: Vec<RedemptionView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExposureList {
     pub exposures: Vec<ExposureView>,
     pub points_exposed: u64,
@@ -163,7 +163,7 @@ pub struct ExposureList {
 }
 
 /// `insufficient_points`: where a card's points are and whether this device can reach them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PointsShortfall {
     pub card: String,
     pub requested: u64,

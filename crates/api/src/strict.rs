@@ -29,7 +29,8 @@ pub fn map_only<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D)
 macro_rules! request {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident : $ty:ty),* $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+        #[serde(deny_unknown_fields)]
         pub struct $name { $($(#[$field_meta])* pub $field: $ty),* }
 
         const _: () = {

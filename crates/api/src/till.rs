@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 // ---- staff sessions
 
 /// `GET /api/v1/session`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionView {
     /// Whether this node asks for a staff sign-in (it is reachable from the LAN).
     pub required: bool,
@@ -26,7 +26,7 @@ request! {
 }
 
 /// `201` of `POST /api/v1/session` (the session itself is an HttpOnly cookie).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SignedInView {
     pub staff: String,
     pub expires_in_ms: u64,
@@ -58,7 +58,7 @@ request! {
 }
 
 /// One recorded feedback.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedbackView {
     pub device: String,
     pub seq: u64,
@@ -73,7 +73,7 @@ pub struct FeedbackView {
 }
 
 /// Feedback recorded for one (action, reason) across the market.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedbackCount {
     pub action: String,
     pub reason: String,
@@ -81,7 +81,7 @@ pub struct FeedbackCount {
 }
 
 /// `GET /api/v1/recommendations/feedback`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedbackList {
     pub total: u64,
     pub by_reason: Vec<FeedbackCount>,
@@ -92,14 +92,14 @@ pub struct FeedbackList {
 // ---- key figures
 
 /// Sales in one clock hour.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HourFigures {
     pub hour_start_ms: u64,
     pub sales: u64,
     pub revenue_cents: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TopProduct {
     pub sku: String,
     pub name: Option<String>,
@@ -108,7 +108,7 @@ pub struct TopProduct {
 }
 
 /// The recommendation experiment: conversion per arm and the lift with a 95% interval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LiftFigures {
     pub treatment: crate::ArmConversion,
     pub control: crate::ArmConversion,
@@ -120,7 +120,7 @@ pub struct LiftFigures {
 }
 
 /// `GET /api/v1/kpis`: the market's figures over its replicated sales since `since_ms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Kpis {
     pub since_ms: u64,
     /// The currency of the figures (sales in other currencies are left out and counted).
@@ -142,7 +142,7 @@ pub struct Kpis {
 // ---- a card's QR from a photo
 
 /// `POST /api/v1/loyalty/scan` (body: a JPEG or PNG).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScannedCard {
     pub qr_text: String,
     pub took_us: u64,
@@ -151,7 +151,7 @@ pub struct ScannedCard {
 // ---- the live event stream (`GET /api/v1/events`, server-sent events)
 
 /// A sale in a `commit` event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SaleNotice {
     pub sale_id: String,
     pub device: String,
@@ -161,7 +161,7 @@ pub struct SaleNotice {
 }
 
 /// `event: commit`: entries committed on this node (recorded here or arrived from a peer).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommitNotice {
     pub commit: u64,
     /// `"local"` or `"remote"`.
@@ -172,7 +172,7 @@ pub struct CommitNotice {
 }
 
 /// `event: status`, every second.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusNotice {
     pub peers_connected: u64,
     /// This device's sales that no other device (peer or cloud) is known to hold yet.

@@ -31,6 +31,7 @@ fn current(node: &Node, sku: &str) -> ApiResult<Json<ProductView>> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_sku", format!("unknown SKU {sku:?}")))
 }
 
+#[utoipa::path(post, path = "/api/v1/products", tag = "catalogue", request_body = stallmesh_api::NewProduct, responses((status = 201, description = "Recorded, durable and searchable", body = stallmesh_api::ProductView), (status = 409, description = "`product_exists`: the SKU is taken", body = stallmesh_api::ErrorBody), (status = 403, description = "`other_stall`: a seller device records its own stall’s products only; `role_forbids`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn create_product(
     State(app): State<AppState>,
     body: Result<Json<NewProduct>, JsonRejection>,
@@ -43,6 +44,7 @@ pub(super) async fn create_product(
     Ok((StatusCode::CREATED, current(&app.node, &sku)?))
 }
 
+#[utoipa::path(put, path = "/api/v1/products/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "The product’s SKU")), request_body = stallmesh_api::ProductUpdate, responses((status = 200, description = "Recorded", body = stallmesh_api::ProductView), (status = 404, description = "`unknown_sku`", body = stallmesh_api::ErrorBody), (status = 403, description = "`other_stall`; `role_forbids`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn update_product(
     State(app): State<AppState>,
     Path(sku): Path<String>,
@@ -59,6 +61,7 @@ pub(super) async fn update_product(
     current(&app.node, &sku)
 }
 
+#[utoipa::path(get, path = "/api/v1/products", tag = "catalogue", responses((status = 200, description = "Every product this node holds", body = stallmesh_api::ProductList)))]
 pub(super) async fn list_products(State(node): State<Node>) -> Json<ProductList> {
     Json(node.read(|l| ProductList { products: l.state().products.keys().filter_map(|sku| product_view(l.state(), sku)).collect() }))
 }
@@ -76,6 +79,7 @@ pub(super) fn image_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes
 
 /// Attaches a product photo (JPEG or PNG). It is shrunk, recorded in this device's journal and
 /// replicated; every device embeds it for visual search. Answered once it is searchable here.
+#[utoipa::path(put, path = "/api/v1/products/{sku}/photo", tag = "catalogue", params(("sku" = String, Path, description = "The product’s SKU")), request_body(content((super::openapi::ImageBody = "image/jpeg"), (super::openapi::ImageBody = "image/png")), description = "The photo, at most 8 MiB"), responses((status = 201, description = "Shrunk, recorded and searchable", body = stallmesh_api::PhotoAttached), (status = 404, description = "`unknown_sku`", body = stallmesh_api::ErrorBody), (status = 403, description = "`other_stall`; `role_forbids`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn attach_photo(
     State(app): State<AppState>,
     Path(sku): Path<String>,
@@ -96,6 +100,7 @@ pub(super) async fn attach_photo(
     Ok((StatusCode::CREATED, Json(PhotoAttached { sku, photo_bytes, seq: recorded.entry.change.seq })))
 }
 
+#[utoipa::path(get, path = "/api/v1/products/{sku}/photo", tag = "catalogue", params(("sku" = String, Path, description = "The product’s SKU")), responses((status = 200, description = "The photo as kept in the journal", content_type = "image/jpeg", body = super::openapi::ImageBody), (status = 404, description = "`no_photo`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn get_photo(State(node): State<Node>, Path(sku): Path<String>) -> ApiResult<Response> {
     match node.read(|l| l.state().photos.get(&sku).map(|p| p.jpeg.clone())) {
         Some(jpeg) => Ok(([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response()),

@@ -40,6 +40,7 @@ pub fn streams() -> Streams {
     Arc::new(Hub { streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)), status: std::sync::Mutex::new(None) })
 }
 
+#[utoipa::path(get, path = "/api/v1/events", tag = "till", responses((status = 200, description = "Server-sent events: `commit` when entries are committed here, `status` every second", content_type = "text/event-stream", body = String), (status = 503, description = "`too_many_streams`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn events(State(app): State<AppState>) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let Ok(permit) = app.streams.streams.clone().try_acquire_owned() else {
         app.node.metrics.event_streams_refused.inc();

@@ -104,6 +104,7 @@ fn hex_bytes<const N: usize>(field: &str, text: &str) -> Result<[u8; N], ApiErro
 }
 
 /// `POST /api/v1/loyalty/cards`.
+#[utoipa::path(post, path = "/api/v1/loyalty/cards", tag = "loyalty", request_body = stallmesh_api::loyalty::IssueCardRequest, responses((status = 201, description = "A signed card, its QR code and its first points", body = stallmesh_api::loyalty::CardIssued)))]
 pub(super) async fn issue_card(State(app): State<AppState>, body: Result<Json<IssueCardRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<CardIssued>)> {
     let Json(req) = body?;
     let holder = match &req.holder_public_key {
@@ -147,12 +148,14 @@ fn qr_svg(text: &str) -> ApiResult<String> {
 }
 
 /// `GET /api/v1/loyalty/challenge`.
+#[utoipa::path(get, path = "/api/v1/loyalty/challenge", tag = "loyalty", responses((status = 200, description = "A fresh challenge for a phone wallet to sign", body = stallmesh_api::loyalty::ChallengeView)))]
 pub(super) async fn challenge(State(app): State<AppState>) -> ApiResult<Json<ChallengeView>> {
     let c = app.loyalty.open_challenge(now_ms())?;
     Ok(Json(ChallengeView { challenge: hex::encode(c), expires_in_ms: CHALLENGE_TTL_MS }))
 }
 
 /// `GET /api/v1/loyalty/cards/{card}`: by id (16 hex characters) or by its QR text (verified).
+#[utoipa::path(get, path = "/api/v1/loyalty/cards/{card}", tag = "loyalty", params(("card" = String, Path, description = "The card as its QR code reads, or its id")), responses((status = 200, description = "The card’s points, where they are held", body = stallmesh_api::loyalty::CardView), (status = 403, description = "the card is refused: `bad_signature`, `wrong_market`, `revoked`, …", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn show_card(State(app): State<AppState>, card: Result<Path<String>, PathRejection>) -> ApiResult<Json<CardView>> {
     let Path(text) = card.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_path", e.body_text()))?;
     let (id, token) = if text.trim().starts_with(stallmesh_loyalty::CARD_TEXT_PREFIX) {
@@ -366,6 +369,7 @@ pub(super) fn points_shortfall(app: &AppState, e: LedgerError) -> ApiError {
 }
 
 /// `POST /api/v1/loyalty/vouchers`.
+#[utoipa::path(post, path = "/api/v1/loyalty/vouchers", tag = "loyalty", request_body = stallmesh_api::loyalty::MintVouchersRequest, responses((status = 201, description = "Vouchers minted, durable", body = stallmesh_api::loyalty::VoucherList)))]
 pub(super) async fn mint_vouchers(State(app): State<AppState>, body: Result<Json<MintVouchersRequest>, JsonRejection>) -> ApiResult<(StatusCode, Json<VoucherList>)> {
     let Json(req) = body?;
     let count = req.count.unwrap_or(1);
@@ -390,6 +394,7 @@ pub(super) async fn mint_vouchers(State(app): State<AppState>, body: Result<Json
 }
 
 /// `GET /api/v1/loyalty/vouchers`: at most `MAX_VOUCHERS_LISTED`, in id order.
+#[utoipa::path(get, path = "/api/v1/loyalty/vouchers", tag = "loyalty", responses((status = 200, description = "Every voucher this node holds", body = stallmesh_api::loyalty::VoucherList)))]
 pub(super) async fn list_vouchers(State(app): State<AppState>) -> Json<VoucherList> {
     Json(app.node.read(|l| {
         let loyalty = &l.state().loyalty;
@@ -400,6 +405,7 @@ pub(super) async fn list_vouchers(State(app): State<AppState>) -> Json<VoucherLi
 }
 
 /// `POST /api/v1/loyalty/vouchers/{voucher}/redeem`.
+#[utoipa::path(post, path = "/api/v1/loyalty/vouchers/{voucher}/redeem", tag = "loyalty", params(("voucher" = String, Path, description = "The voucher id")), responses((status = 201, description = "Redeemed, durable", body = stallmesh_api::loyalty::VoucherView), (status = 404, description = "`unknown_voucher`", body = stallmesh_api::ErrorBody), (status = 409, description = "`already_redeemed`; `voucher_held_elsewhere`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn redeem_voucher(State(app): State<AppState>, voucher: Result<Path<String>, PathRejection>) -> ApiResult<(StatusCode, Json<VoucherView>)> {
     let Path(text) = voucher.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_path", e.body_text()))?;
     let voucher = VoucherId(hex_bytes("voucher", &text)?);
@@ -427,6 +433,7 @@ pub(super) async fn redeem_voucher(State(app): State<AppState>, voucher: Result<
 }
 
 /// `GET /api/v1/loyalty/exposures`.
+#[utoipa::path(get, path = "/api/v1/loyalty/exposures", tag = "loyalty", responses((status = 200, description = "Points redeemed offline beyond what their holders proved", body = stallmesh_api::loyalty::ExposureList)))]
 pub(super) async fn exposures(State(app): State<AppState>) -> Json<ExposureList> {
     Json(app.node.read(|l| exposure_list(&l.state().loyalty)))
 }

@@ -18,6 +18,7 @@ use stallmesh_identity::{DeviceId, Revocation, SignedChange};
 use stallmesh_ledger::{sale_id, Event, EventBody, LocalOp};
 
 /// Peers, their state and how far behind each is; the node's own mesh identity.
+#[utoipa::path(get, path = "/api/v1/mesh", tag = "mesh", responses((status = 200, description = "Peers, refusals and counters", body = stallmesh_api::MeshView), (status = 404, description = "`mesh_disabled`: this node runs without a mesh", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn mesh(State(app): State<AppState>) -> ApiResult<Json<MeshView>> {
     let Some(mesh) = &app.mesh else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "mesh_disabled", "this node runs without a mesh"));
@@ -67,6 +68,7 @@ pub(super) async fn mesh(State(app): State<AppState>) -> ApiResult<Json<MeshView
 }
 
 /// When recent sales from other devices arrived here (for replication-lag measurement).
+#[utoipa::path(get, path = "/api/v1/mesh/arrivals", tag = "mesh", responses((status = 200, description = "When other devices’ sales arrived here", body = stallmesh_api::Arrivals)))]
 pub(super) async fn arrivals(State(node): State<Node>) -> Json<Arrivals> {
     Json(Arrivals {
         arrivals: node
@@ -126,6 +128,7 @@ fn change_view(change: &SignedChange, event: Result<Event, String>) -> ChangeVie
 
 /// Devices seen signing two different journals, with both histories at each conflicting position:
 /// the change held here and the conflicting ones kept as evidence, with the sales each recorded.
+#[utoipa::path(get, path = "/api/v1/equivocations", tag = "mesh", responses((status = 200, description = "Devices seen signing two histories", body = stallmesh_api::Equivocations)))]
 pub(super) async fn equivocations(State(node): State<Node>) -> ApiResult<Json<Equivocations>> {
     let listing = blocking(&node, |n| n.equivocations()).await?;
     let devices: Vec<EquivocatingDevice> = listing
@@ -149,6 +152,7 @@ pub(super) async fn equivocations(State(node): State<Node>) -> ApiResult<Json<Eq
 }
 
 /// A revocation signed with the market key (`stallmesh market revoke` writes one).
+#[utoipa::path(post, path = "/api/v1/revocations", tag = "mesh", request_body(content = super::openapi::RevocationBody, description = "A revocation signed with the market key (`stallmesh market revoke` writes one)"), responses((status = 201, description = "Recorded and durable", body = stallmesh_api::Revoked)))]
 pub(super) async fn revoke(
     State(node): State<Node>,
     body: Result<Json<Revocation>, JsonRejection>,
@@ -160,6 +164,7 @@ pub(super) async fn revoke(
 }
 
 /// Pushes a postcard-encoded `Vec<SignedChange>` from a peer or a tool; every change is verified.
+#[utoipa::path(post, path = "/api/v1/changes", tag = "mesh", request_body(content = super::openapi::ChangesBody, content_type = "application/octet-stream", description = "A postcard-encoded list of signed changes"), responses((status = 200, description = "What became of each change", body = stallmesh_api::ChangesReport)))]
 pub(super) async fn push_changes(State(node): State<Node>, body: Bytes) -> ApiResult<Json<ChangesReport>> {
     let changes: Vec<SignedChange> = postcard::from_bytes(&body).map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "malformed_changes", format!("body is not a postcard Vec<SignedChange>: {e}"))
@@ -189,20 +194,27 @@ pub(super) async fn push_changes(State(node): State<Node>, body: Bytes) -> ApiRe
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ChangesQuery {
     device: String,
+    /// The first journal position wanted.
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_u64)]
     from: u64,
+    /// Changes returned at most (default and largest: 5,000).
+    #[param(minimum = 0, maximum = 5_000)]
     limit: Option<usize>,
 }
 
 /// A device's changes from `from`, postcard-encoded, for a peer or the cloud to catch up.
+#[utoipa::path(get, path = "/api/v1/changes", tag = "mesh", params(ChangesQuery), responses((status = 200, description = "The device’s changes, postcard-encoded", content_type = "application/octet-stream", body = super::openapi::ChangesBody)))]
 pub(super) async fn get_changes(State(node): State<Node>, Query(q): Query<ChangesQuery>) -> ApiResult<Response> {
     let device = DeviceId::from_hex(&q.device)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_device", format!("device must be 64 hex characters: {e}")))?;
-    let limit = q.limit.unwrap_or(MAX_CHANGES_PER_REQUEST).min(MAX_CHANGES_PER_REQUEST);
-    let changes = blocking(&node, move |n| n.changes_since(&device, q.from, limit)).await?;
+    let limit = super::in_range("limit", q.limit.unwrap_or(MAX_CHANGES_PER_REQUEST), 0, MAX_CHANGES_PER_REQUEST)?;
+    let from = super::in_range("from", q.from, 0, i64::MAX as u64)?;
+    let changes = blocking(&node, move |n| n.changes_since(&device, from, limit)).await?;
     let body = postcard::to_allocvec(&changes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }

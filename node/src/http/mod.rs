@@ -11,6 +11,7 @@ mod error;
 pub mod events;
 pub mod loyalty;
 mod mesh;
+pub mod openapi;
 mod sales;
 mod search;
 pub mod session;
@@ -63,6 +64,17 @@ impl FromRef<AppState> for Node {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Latest time a query may name: the end of year 9999 (ms since the epoch). Larger is a mistake.
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
+/// A query number within its documented range, or a 422 naming it: never clamped in silence.
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(name: &str, value: T, min: T, max: T) -> ApiResult<T> {
+    if value < min || value > max {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", format!("{name} is {value}; it must be {min} to {max}")));
+    }
+    Ok(value)
+}
+
 pub fn router(app: AppState) -> Router {
     let changes = Router::new()
         .route("/api/v1/changes", post(mesh::push_changes).get(mesh::get_changes))
@@ -92,6 +104,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/loyalty/vouchers", post(loyalty::mint_vouchers).get(loyalty::list_vouchers))
         .route("/api/v1/loyalty/vouchers/{voucher}/redeem", post(loyalty::redeem_voucher))
         .route("/api/v1/loyalty/exposures", get(loyalty::exposures))
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/api/v1/status", get(status::status))
         .route("/api/v1/mesh", get(mesh::mesh))
         .route("/api/v1/mesh/arrivals", get(mesh::arrivals))

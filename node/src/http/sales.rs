@@ -40,6 +40,7 @@ pub(super) fn sale_view(s: &Sale) -> SaleView {
 /// the transfer the refusal asked for, then is retried (`client_ref` keeps a retry from selling
 /// twice). Nothing is locked while it waits. Answered once the sale is durable and counted in
 /// recommendations.
+#[utoipa::path(post, path = "/api/v1/sales", tag = "sales", request_body = stallmesh_api::SaleRequest, responses((status = 201, description = "Recorded and durable", body = stallmesh_api::SaleView), (status = 200, description = "A retry: the sale recorded earlier with this `client_ref`", body = stallmesh_api::SaleView), (status = 409, description = "`insufficient_stock_rights` (with `details`: who holds the units); `client_ref_reused` (a different sale under this `client_ref`); `insufficient_points` (with `points`); `insufficient_loyalty_rights`; `already_redeemed`", body = stallmesh_api::ErrorBody), (status = 403, description = "a loyalty card refused: `bad_signature`, `wrong_market`, `revoked`, `holder_proof_invalid`, …", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn create_sale(
     State(app): State<AppState>,
     signed_in: Option<axum::Extension<super::session::SignedIn>>,
@@ -186,14 +187,18 @@ async fn wait_for_rights(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct SalesQuery {
+    /// Sales listed, newest first (default 1,000).
+    #[param(minimum = 0, maximum = 10_000)]
     limit: Option<usize>,
 }
 
-pub(super) async fn list_sales(State(node): State<Node>, Query(q): Query<SalesQuery>) -> Json<SalesList> {
-    let limit = q.limit.unwrap_or(DEFAULT_SALES_LISTED).min(MAX_SALES_LISTED);
-    Json(node.read(|l| {
+#[utoipa::path(get, path = "/api/v1/sales", tag = "sales", params(SalesQuery), responses((status = 200, description = "The sales this node holds with their summary, newest first", body = stallmesh_api::SalesList)))]
+pub(super) async fn list_sales(State(node): State<Node>, Query(q): Query<SalesQuery>) -> ApiResult<Json<SalesList>> {
+    let limit = super::in_range("limit", q.limit.unwrap_or(DEFAULT_SALES_LISTED), 0, MAX_SALES_LISTED)?;
+    Ok(Json(node.read(|l| {
         let mut sales: Vec<&Sale> = l.state().sales.values().collect();
         sales.sort_by(|a, b| (b.time_ms, &b.id).cmp(&(a.time_ms, &a.id)));
         let s = l.state().summary();
@@ -207,5 +212,5 @@ pub(super) async fn list_sales(State(node): State<Node>, Query(q): Query<SalesQu
             },
             sales: sales.into_iter().take(limit).map(sale_view).collect(),
         }
-    }))
+    })))
 }

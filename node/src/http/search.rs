@@ -36,20 +36,25 @@ fn hit_view(h: Hit) -> SearchHit {
     SearchHit { sku: h.sku, name: h.name, score: h.score, semantic: h.semantic, lexical: h.lexical, exact: h.exact.map(String::from) }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct SearchQuery {
+    /// The search words (text search).
     q: Option<String>,
+    /// Hits wanted.
+    #[param(minimum = 1, maximum = 50)]
     k: Option<usize>,
 }
 
 fn result_count(k: Option<usize>, default: usize) -> ApiResult<usize> {
     match k.unwrap_or(default) {
         0 => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", "k must be at least 1")),
-        k => Ok(k.min(MAX_RESULTS)),
+        k => super::in_range("k", k, 1, MAX_RESULTS),
     }
 }
 
 /// Hybrid product search: `GET /api/v1/search?q=raw+honey&k=10`.
+#[utoipa::path(get, path = "/api/v1/search", tag = "search", params(SearchQuery), responses((status = 200, description = "Hits, best first", body = stallmesh_api::SearchResults), (status = 400, description = "`missing_query`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn search(State(app): State<AppState>, Query(q): Query<SearchQuery>) -> ApiResult<Json<SearchResults>> {
     let started = std::time::Instant::now();
     let (node, inference) = (&app.node, &app.inference);
@@ -87,6 +92,7 @@ pub(super) async fn search(State(app): State<AppState>, Query(q): Query<SearchQu
 }
 
 /// Visual search: the body is a JPEG or PNG photo; `?k=` results.
+#[utoipa::path(post, path = "/api/v1/search/image", tag = "search", params(SearchQuery), request_body(content((super::openapi::ImageBody = "image/jpeg"), (super::openapi::ImageBody = "image/png")), description = "A photo of the product"), responses((status = 200, description = "Products that look alike, best first", body = stallmesh_api::ImageSearchResults)))]
 pub(super) async fn search_image(
     State(app): State<AppState>,
     Query(q): Query<SearchQuery>,
@@ -102,15 +108,20 @@ pub(super) async fn search_image(
     Ok(Json(ImageSearchResults { hits: hits.into_iter().map(hit_view).collect(), took_us: started.elapsed().as_micros() as u64 }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct RecommendationQuery {
+    /// The basket's SKUs, comma-separated.
     basket: Option<String>,
+    /// Recommendations wanted.
+    #[param(minimum = 1, maximum = 50)]
     k: Option<usize>,
     /// The customer's checkout session; decides the experiment arm (default: the basket itself).
     session: Option<String>,
 }
 
 /// "Bought together": `GET /api/v1/recommendations?basket=SKU1,SKU2&k=5&session=...`.
+#[utoipa::path(get, path = "/api/v1/recommendations", tag = "search", params(RecommendationQuery), responses((status = 200, description = "Bought together with the basket", body = stallmesh_api::Recommendations), (status = 400, description = "`missing_basket`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn recommendations(State(app): State<AppState>, Query(q): Query<RecommendationQuery>) -> ApiResult<Json<Recommendations>> {
     let started = std::time::Instant::now();
     let (node, inference) = (&app.node, &app.inference);
@@ -162,6 +173,7 @@ pub(super) async fn recommendations(State(app): State<AppState>, Query(q): Query
 }
 
 /// Conversion by experiment arm over the market's replicated sales (see `kpi`).
+#[utoipa::path(get, path = "/api/v1/recommendations/lift", tag = "search", responses((status = 200, description = "Conversion by experiment arm", body = stallmesh_api::RecommendationLift)))]
 pub(super) async fn recommendation_lift(State(app): State<AppState>) -> Json<RecommendationLift> {
     let treatment_percent = app.inference.treatment_percent;
     Json(app.node.read(|l| crate::kpi::recommendation_lift(l.state().sales.values(), treatment_percent)))

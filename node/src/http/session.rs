@@ -108,6 +108,7 @@ pub(super) async fn guard(State(app): State<AppState>, mut request: Request, nex
 }
 
 /// `GET /api/v1/session`.
+#[utoipa::path(get, path = "/api/v1/session", tag = "session", responses((status = 200, description = "Whether sign-in is required and who is signed in", body = stallmesh_api::till::SessionView)))]
 pub(super) async fn show(State(app): State<AppState>, headers: HeaderMap) -> ApiResult<Json<SessionView>> {
     let staff = session_token(&headers).and_then(|t| app.staff.sessions.staff_of(&t, now_ms()));
     let staff_names = app.staff.book.names().map_err(staff_error)?;
@@ -115,6 +116,7 @@ pub(super) async fn show(State(app): State<AppState>, headers: HeaderMap) -> Api
 }
 
 /// `POST /api/v1/session`: checks the PIN (off the executor: the hash is slow on purpose).
+#[utoipa::path(post, path = "/api/v1/session", tag = "session", request_body = stallmesh_api::till::SignInRequest, responses((status = 201, description = "Signed in: the session is an HttpOnly cookie", body = stallmesh_api::till::SignedInView), (status = 429, description = "`too_many_attempts`: wait before trying again", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn sign_in(
     State(app): State<AppState>,
     client: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
@@ -148,6 +150,7 @@ pub(super) async fn sign_in(
 }
 
 /// `DELETE /api/v1/session`.
+#[utoipa::path(delete, path = "/api/v1/session", tag = "session", responses((status = 204, description = "Signed out (the cookie is cleared)")))]
 pub(super) async fn sign_out(State(app): State<AppState>, headers: HeaderMap) -> (StatusCode, HeaderMap) {
     if let Some(t) = session_token(&headers) {
         app.staff.sessions.sign_out(&t);

@@ -104,6 +104,7 @@ pub(crate) fn cloud_status(node: &Node, uplink: Option<&crate::uplink::UplinkHan
     CloudStatus { watermark, sales_not_uploaded, entries_not_uploaded, uplink }
 }
 
+#[utoipa::path(get, path = "/api/v1/status", tag = "status", responses((status = 200, description = "This node, its journal and the cloud’s watermark", body = stallmesh_api::Status)))]
 pub(super) async fn status(State(app): State<AppState>) -> Json<Status> {
     let node = app.node.clone();
     let cloud = cloud_status(&node, app.uplink.as_ref());
@@ -139,6 +140,7 @@ pub(super) async fn status(State(app): State<AppState>) -> Json<Status> {
     }))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "status", responses((status = 200, description = "`ok`", body = stallmesh_api::Health), (status = 503, description = "`failed`, with `reason`", body = stallmesh_api::Health)))]
 pub(super) async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<Health>) {
     let (node, i) = (&app.node, &app.inference);
     let index = i.index();
@@ -178,6 +180,7 @@ pub(super) async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<He
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "status", responses((status = 200, description = "Prometheus text exposition", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 pub(super) async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let node = &app.node;
     // Sets the not-uploaded gauges.

@@ -13,6 +13,7 @@ use stallmesh_ledger::LedgerError;
 use stallmesh_ledger::LocalOp;
 use std::collections::BTreeSet;
 
+#[utoipa::path(get, path = "/api/v1/stock", tag = "stock", responses((status = 200, description = "Stock rights per SKU and device", body = stallmesh_api::StockList)))]
 pub(super) async fn stock(State(app): State<AppState>) -> Json<StockList> {
     let reachable = app.mesh.as_ref().map(|m| m.reachable_devices());
     Json(app.node.read(|l| {
@@ -38,6 +39,7 @@ pub(super) async fn stock(State(app): State<AppState>) -> Json<StockList> {
     }))
 }
 
+#[utoipa::path(post, path = "/api/v1/restocks", tag = "stock", request_body = stallmesh_api::RestockRequest, responses((status = 201, description = "Recorded and durable", body = stallmesh_api::StockMovement), (status = 403, description = "`other_stall`; `role_forbids`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn restock(
     State(node): State<Node>,
     body: Result<Json<RestockRequest>, JsonRejection>,
@@ -51,6 +53,7 @@ pub(super) async fn restock(
 
 /// A transfer short of rights asks peers for them (as a refill: nobody waits at a till), and is
 /// refused now; the organiser can try again once they arrive.
+#[utoipa::path(post, path = "/api/v1/transfers", tag = "stock", request_body = stallmesh_api::TransferRequest, responses((status = 201, description = "Recorded and durable", body = stallmesh_api::StockMovement), (status = 409, description = "`insufficient_stock_rights` (with `details`)", body = stallmesh_api::ErrorBody), (status = 403, description = "`role_forbids`", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn transfer(
     State(app): State<AppState>,
     body: Result<Json<TransferRequest>, JsonRejection>,

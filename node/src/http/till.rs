@@ -34,6 +34,7 @@ fn invalid(field: &str, problem: impl std::fmt::Display) -> ApiError {
 
 /// `POST /api/v1/recommendations/feedback`: recorded as a signed event of this device's journal,
 /// replicated like a sale, and in the cloud's log for retraining.
+#[utoipa::path(post, path = "/api/v1/recommendations/feedback", tag = "till", request_body = stallmesh_api::till::FeedbackRequest, responses((status = 201, description = "Recorded and durable", body = stallmesh_api::till::FeedbackView)))]
 pub(super) async fn record_feedback(
     State(app): State<AppState>,
     body: Result<Json<FeedbackRequest>, JsonRejection>,
@@ -81,15 +82,19 @@ fn feedback_view(r: &FeedbackRecord) -> FeedbackView {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct FeedbackQuery {
+    /// Recent feedback listed (default 50).
+    #[param(minimum = 0, maximum = 1_000)]
     limit: Option<usize>,
 }
 
 /// `GET /api/v1/recommendations/feedback`: the market's feedback, counted per reason.
-pub(super) async fn list_feedback(State(app): State<AppState>, Query(q): Query<FeedbackQuery>) -> Json<FeedbackList> {
-    let limit = q.limit.unwrap_or(DEFAULT_FEEDBACK_LISTED).min(MAX_FEEDBACK_LISTED);
-    Json(app.node.read(|l| {
+#[utoipa::path(get, path = "/api/v1/recommendations/feedback", tag = "till", params(FeedbackQuery), responses((status = 200, description = "The market’s feedback counted per reason", body = stallmesh_api::till::FeedbackList)))]
+pub(super) async fn list_feedback(State(app): State<AppState>, Query(q): Query<FeedbackQuery>) -> ApiResult<Json<FeedbackList>> {
+    let limit = super::in_range("limit", q.limit.unwrap_or(DEFAULT_FEEDBACK_LISTED), 0, MAX_FEEDBACK_LISTED)?;
+    Ok(Json(app.node.read(|l| {
         let all = &l.state().recommendation_feedback;
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for r in all {
@@ -103,29 +108,35 @@ pub(super) async fn list_feedback(State(app): State<AppState>, Query(q): Query<F
             by_reason: counts.into_iter().map(|((action, reason), count)| FeedbackCount { action: action.into(), reason: reason.into(), count }).collect(),
             recent: recent.into_iter().take(limit).map(feedback_view).collect(),
         }
-    }))
+    })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct KpiQuery {
+    /// Sales from this time on (ms since the epoch; default: all).
+    #[param(minimum = 0, maximum = 253_402_300_799_999_u64)]
     since_ms: Option<u64>,
 }
 
 /// `GET /api/v1/kpis?since_ms=…` (default: every sale this replica holds).
-pub(super) async fn kpis(State(app): State<AppState>, Query(q): Query<KpiQuery>) -> Json<Kpis> {
+#[utoipa::path(get, path = "/api/v1/kpis", tag = "till", params(KpiQuery), responses((status = 200, description = "The market’s key figures", body = stallmesh_api::till::Kpis)))]
+pub(super) async fn kpis(State(app): State<AppState>, Query(q): Query<KpiQuery>) -> ApiResult<Json<Kpis>> {
     let treatment_percent = app.inference.treatment_percent;
-    Json(app.node.read(|l| {
+    let since_ms = super::in_range("since_ms", q.since_ms.unwrap_or(0), 0, super::MAX_TIME_MS)?;
+    Ok(Json(app.node.read(|l| {
         let state = l.state();
         crate::kpi::kpis(
             state.sales.values(),
-            q.since_ms.unwrap_or(0),
+            since_ms,
             |sku| state.products.get(sku).map(|p| p.product.name.clone()),
             treatment_percent,
         )
-    }))
+    })))
 }
 
 /// `POST /api/v1/loyalty/scan`: the QR text of the card in a photo (JPEG or PNG).
+#[utoipa::path(post, path = "/api/v1/loyalty/scan", tag = "loyalty", request_body(content((super::openapi::ImageBody = "image/jpeg"), (super::openapi::ImageBody = "image/png")), description = "A photo of a loyalty card’s QR code"), responses((status = 200, description = "The QR code’s text", body = stallmesh_api::till::ScannedCard)))]
 pub(super) async fn scan_card(State(_app): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<ScannedCard>> {
     let bytes = image_body(body)?;
     let Ok(_permit) = SCANS.try_acquire() else {
