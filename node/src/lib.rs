@@ -37,6 +37,28 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// How often a node whose store refused a write (a full disk) tries to open it again.
+pub const HEAL_INTERVAL_MS: u64 = 1_000;
+
+/// Keeps trying [`Node::heal`] while the node is failed: a tablet whose disk filled up sells again
+/// by itself once space is freed, without anyone restarting it.
+async fn heal_when_the_store_takes_writes(node: Node) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(HEAL_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if node.failed().is_none() {
+            continue;
+        }
+        let n = node.clone();
+        match tokio::task::spawn_blocking(move || n.heal()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "the store still refuses writes"),
+            Err(e) => tracing::error!(error = %e, "healing the store panicked"),
+        }
+    }
+}
+
 /// Opens the node and serves its HTTP API until `shutdown` resolves.
 pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<Running, StartError> {
     let cfg = config.clone();
@@ -52,6 +74,7 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
         None
     };
     let inference = inference::start(&node, config);
+    tokio::spawn(heal_when_the_store_takes_writes(node.clone()));
     let uplink = if config.cloud.url.is_empty() {
         None
     } else {

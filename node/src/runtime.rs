@@ -2,8 +2,10 @@
 //! before anything is acknowledged, and counts what happened.
 //!
 //! Failure model: if a durable commit fails, the in-memory ledger is ahead of the disk. The node
-//! then stops accepting writes (fail-stop, like a database whose log write failed) and a restart
-//! rebuilds memory from what is on disk, so nothing unacknowledged is ever reported as done.
+//! then stops accepting writes (fail-stop, like a database whose log write failed) and memory is
+//! rebuilt from what is on disk, so nothing unacknowledged is ever reported as done: by a restart,
+//! or, for an I/O error such as a full disk, in place once the store takes writes again
+//! ([`Node::heal`], tried every `HEAL_INTERVAL_MS`).
 
 use crate::config::Config;
 use crate::metrics::{Metrics, Origin, Reason};
@@ -32,7 +34,7 @@ pub enum NodeError {
     DataDir(PathBuf, std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
-    #[error("node stopped accepting writes after a store failure ({0}); restart it")]
+    #[error("node stopped accepting writes after a store failure ({0}); it writes again once the store does (free disk space) or after a restart")]
     Failed(String),
     #[error("{0}")]
     Recovering(String),
@@ -67,6 +69,13 @@ struct Inner {
     ledger: Ledger,
     store: Store,
     failed: Option<String>,
+    /// The failure is a store I/O error the disk may get over (a full disk): [`Node::heal`] tries
+    /// to open the store again. Damage and panics are not healed in place.
+    healable: bool,
+    /// What rebuilding the ledger from the store needs (see [`Node::heal`]).
+    owner: Owner,
+    market_ctx: MarketContext,
+    certificate: stallmesh_identity::Certificate,
     /// Set while this device's own journal is being taken back from peers: nothing is recorded.
     recovery: Option<Recovery>,
     /// Where the "journal started" marker lives (beside the credentials).
@@ -238,6 +247,7 @@ impl Node {
         let entries = store.load()?;
         let restored = entries.len();
         let ctx = MarketContext::new(market.public_key);
+        let (market_ctx, own_certificate) = (ctx.clone(), certificate.clone());
         let mut ledger = Ledger::restore(ctx, key, certificate, entries)
             .map_err(|source| NodeError::Restore { path: config.store_path(), source: Box::new(source) })?;
         ledger.restore_evidence(store.evidence()?);
@@ -265,6 +275,10 @@ impl Node {
                 ledger,
                 store,
                 failed: None,
+                healable: false,
+                owner,
+                market_ctx,
+                certificate: own_certificate,
                 recovery,
                 journal_marker,
                 mesh_secrets,
@@ -392,8 +406,37 @@ impl Node {
 
     /// Fail-stop on a store error: the ledger may be ahead of the disk, or the file is damaged.
     fn fail_on_store_error(inner: &mut Inner, e: &StoreError, what: &str) {
-        tracing::error!(error = %e, "store {what} failed; refusing further writes until restart");
-        inner.failed.get_or_insert(e.to_string());
+        tracing::error!(error = %e, "store {what} failed; refusing writes until the store takes them again or a restart");
+        if inner.failed.is_none() {
+            inner.failed = Some(e.to_string());
+            inner.healable = matches!(e, StoreError::Db { .. });
+        }
+    }
+
+    /// After a store I/O failure (a full disk): opens the store again and rebuilds the ledger from
+    /// what is on disk, as a restart would, and writes are taken again. Nothing acknowledged is
+    /// lost (it was durable) and nothing unacknowledged comes back (it never was). `Ok(false)`:
+    /// nothing to heal (not failed, or failed in a way a restart must deal with); an error: the
+    /// store still refuses (the disk is still full), try again later.
+    pub fn heal(&self) -> Result<bool, NodeError> {
+        let mut inner = self.lock();
+        if inner.failed.is_none() || !inner.healable {
+            return Ok(false);
+        }
+        let owner = inner.owner;
+        inner.store.reopen(owner)?;
+        let entries = inner.store.load()?;
+        let restored = entries.len();
+        let key = stallmesh_identity::DeviceKey::from_secret(inner.mesh_secrets.0);
+        let mut ledger = Ledger::restore(inner.market_ctx.clone(), key, inner.certificate.clone(), entries)
+            .map_err(|source| NodeError::Restore { path: inner.store.path().to_path_buf(), source: Box::new(source) })?;
+        ledger.restore_evidence(inner.store.evidence()?);
+        inner.ledger = ledger;
+        inner.failed = None;
+        inner.healable = false;
+        self.metrics.journal_entries.set(restored as i64);
+        tracing::warn!(entries = restored, "the store takes writes again: ledger rebuilt from it; this tablet records again");
+        Ok(true)
     }
 
     /// Runs `f` on the ledger and durably appends the entries it returns, under one lock so the

@@ -378,6 +378,19 @@ impl Store {
         self.append_with(entries, false)
     }
 
+    /// Closes the file and opens it again, checked as on start. redb refuses every operation after
+    /// a failed write (a full disk) until the database is opened anew; this is how a node writes
+    /// again once the disk does, without a restart. While it is closed, and if opening fails, the
+    /// store refuses every write (`damaged` is set) and reads find an empty store.
+    pub fn reopen(&mut self, owner: Owner) -> Result<(), StoreError> {
+        let _ = self.damaged.set("closed to be opened again after a failed write".into());
+        let empty = redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(|e| open_error(&self.path, e))?;
+        // The file's handle (and its lock) goes before the file is opened again.
+        drop(std::mem::replace(&mut self.db, empty));
+        *self = Store::open(&self.path.clone(), owner)?;
+        Ok(())
+    }
+
     /// Makes every relaxed commit durable.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         self.refuse_if_damaged()?;
