@@ -867,3 +867,21 @@ fn lag_ms(applied: &[stallmesh_ledger::Entry]) -> f64 {
         .map(|e| now.saturating_sub(e.event.time_ms) as f64)
         .fold(0.0, f64::max)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_mesh_command_queue_is_counted_and_never_waited_on() {
+        let metrics = Arc::new(Metrics::new());
+        // A driver that never drains its queue (a swarm task stuck on a slow peer).
+        let (commands, _stuck) = mpsc::channel(MESH_COMMAND_QUEUE);
+        let mesh = MeshHandle { commands, status: Arc::default(), metrics: metrics.clone() };
+        for _ in 0..MESH_COMMAND_QUEUE + 3 {
+            mesh.ask_again("JAM", 1); // returns at once, full or not
+        }
+        assert_eq!(metrics.mesh_queue_full.get(), 3, "each command beyond the queue's limit is counted");
+        assert!(metrics.encode().contains("stallmesh_mesh_queue_full_total 3"), "{}", metrics.encode());
+    }
+}
