@@ -105,6 +105,18 @@ fn unframe(bytes: &[u8]) -> Result<Entry, String> {
     postcard::from_bytes(unframe_bytes(bytes)?).map_err(|e| format!("row does not decode: {e}"))
 }
 
+/// Decodes one journal row as the store reads it (checksum, then the entry): the same path as
+/// `load` and `check`, public for the fuzz target.
+pub fn decode_row(bytes: &[u8]) -> Result<Entry, String> {
+    unframe(bytes)
+}
+
+/// Frames an entry's encoded body as a journal row (checksum first), for tools and the fuzz
+/// target to reach the decoder past the checksum.
+pub fn frame_row_body(body: &[u8]) -> Vec<u8> {
+    frame_bytes(body)
+}
+
 /// The message a caught panic carried (for errors that say what happened).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
