@@ -161,14 +161,18 @@ fn answer(slot: &Slot, result: Result<Recorded, NodeError>) {
     *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
 }
 
-/// The slots of a batch not answered yet; any left when it is dropped (a panic under the lock) are
-/// answered with the failure, so no caller waits for a commit that will never come.
-struct Unanswered(Vec<Slot>);
+/// Every slot of a batch: any still unanswered when it is dropped (a panic under the lock) is
+/// answered with the failure, so no caller waits for a commit that will never come. Callers take
+/// their answers only under the ledger lock, which the batch holds until this is dropped.
+struct BatchSlots(Vec<Slot>);
 
-impl Drop for Unanswered {
+impl Drop for BatchSlots {
     fn drop(&mut self) {
-        for slot in self.0.drain(..) {
-            answer(&slot, Err(NodeError::Failed("the group commit holding this operation did not finish".into())));
+        for slot in &self.0 {
+            let mut answer = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if answer.is_none() {
+                *answer = Some(Err(NodeError::Failed("the group commit holding this operation did not finish".into())));
+            }
         }
     }
 }
@@ -612,8 +616,9 @@ impl Node {
     /// Records each operation of `batch` (a refused one is answered at once) and commits the
     /// entries with one durable append, under the ledger lock.
     fn commit_batch(&self, inner: &mut Inner, batch: Vec<Queued>) {
+        let _all = BatchSlots(batch.iter().map(|q| q.slot.clone()).collect());
         let mut entries = Vec::with_capacity(batch.len());
-        let mut pending = Unanswered(Vec::with_capacity(batch.len()));
+        let mut pending: Vec<Slot> = Vec::with_capacity(batch.len());
         for q in batch {
             let outcome = (|| {
                 if let Some(why) = &inner.failed {
@@ -628,20 +633,20 @@ impl Node {
             match outcome {
                 Ok(entry) => {
                     entries.push(entry);
-                    pending.0.push(q.slot);
+                    pending.push(q.slot);
                 }
                 Err(e) => answer(&q.slot, Err(e)),
             }
         }
-        debug_assert_eq!(entries.len(), pending.0.len());
+        debug_assert_eq!(entries.len(), pending.len());
         if entries.is_empty() {
             return;
         }
         let started = Instant::now();
         if let Err(e) = inner.store.append(&entries) {
             Self::fail_on_store_error(inner, &e, "commit");
-            for slot in pending.0.drain(..) {
-                answer(&slot, Err(NodeError::Failed(e.to_string())));
+            for slot in &pending {
+                answer(slot, Err(NodeError::Failed(e.to_string())));
             }
             return;
         }
@@ -650,8 +655,8 @@ impl Node {
         self.metrics.journal_entries.set(inner.store.len() as i64);
         let number = inner.commits.publish(CommitOrigin::Local, entries.clone(), Vec::new());
         debug_assert!(number > 0);
-        for (slot, entry) in pending.0.drain(..).zip(entries) {
-            answer(&slot, Ok(Recorded { entry, commit: number }));
+        for (slot, entry) in pending.iter().zip(entries) {
+            answer(slot, Ok(Recorded { entry, commit: number }));
         }
     }
 
@@ -983,6 +988,36 @@ mod tests {
         let again = Node::open(&config).unwrap();
         assert_eq!(again.read(|l| l.state().sales.len()), 8);
         assert_eq!(again.read(|l| l.state().rights_of("BEE-CND", &l.device())), 0);
+    }
+
+    #[test]
+    fn a_panic_in_the_middle_of_a_group_commit_answers_every_operation_of_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::load(None, |_| None).unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let node = Node::open(&config).unwrap();
+        let restock = || LocalOp::Restock { sku: "JAM-STR".into(), qty: 1 };
+        // Three operations queued behind one another; the second one's step panics.
+        let queued: Vec<Slot> = (0..3)
+            .map(|i| {
+                let slot: Slot = Arc::default();
+                let precondition: Precondition =
+                    if i == 1 { Box::new(|_: &Ledger| -> Result<(), NodeError> { panic!("boom in a batch") }) } else { Box::new(|_: &Ledger| Ok(())) };
+                node.queue.lock().unwrap().push(Queued { op: restock(), precondition, slot: slot.clone() });
+                slot
+            })
+            .collect();
+        let last = node.commit_in_group(restock(), Box::new(|_: &Ledger| Ok(()))).unwrap_err();
+        assert!(matches!(&last, NodeError::Failed(why) if why.contains("boom in a batch")), "{last}");
+        for (i, slot) in queued.iter().enumerate() {
+            let answer = slot.lock().unwrap().take();
+            assert!(matches!(answer, Some(Err(NodeError::Failed(_)))), "operation {i} is answered with the failure: {answer:?}");
+        }
+        assert!(node.queue.lock().unwrap().is_empty());
+        // Nothing of the batch reached the disk.
+        drop(node);
+        let again = Node::open(&config).unwrap();
+        assert_eq!(again.read(|l| l.state().rights_of("JAM-STR", &l.device())), 18);
     }
 
     #[test]
