@@ -38,7 +38,17 @@ impl Drop for SmallDisk {
     }
 }
 
-fn start(bin: &Path, dir: &Path, port: u16) -> Child {
+/// The node process, killed when dropped (before the disk it writes to is unmounted).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(bin: &Path, dir: &Path, port: u16) -> Proc {
     let log = std::fs::File::options().create(true).append(true).open(dir.join("node.log")).unwrap();
     Command::new(bin)
         .args(["up", "--credentials", "tablet", "--data-dir", "disk/data", "--http-addr", &format!("127.0.0.1:{port}")])
@@ -48,6 +58,7 @@ fn start(bin: &Path, dir: &Path, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Proc)
         .unwrap()
 }
 
@@ -93,7 +104,7 @@ fn a_full_disk_refuses_sales_with_503_loses_nothing_and_the_node_sells_again_onc
     let port = netns::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut node = start(&bin, dir.path(), port);
-    netns::wait_up(&mut node, &url, &dir.path().join("node.log"));
+    netns::wait_up(&mut node.0, &url, &dir.path().join("node.log"));
     let restocked = 1_000_000;
     let product = json!({ "sku": "JAM", "name": "Jam", "price_cents": 400, "currency": "EUR", "stall": "Stall" });
     assert_eq!(netns::post(&url, "/api/v1/products", &product).0, 201);
@@ -170,11 +181,10 @@ fn a_full_disk_refuses_sales_with_503_loses_nothing_and_the_node_sells_again_onc
     check_books(&url, &acknowledged, restocked);
 
     // And after a kill -9 and restart, the books are the same.
-    node.kill().unwrap();
-    node.wait().unwrap();
+    drop(node);
     let mut node = start(&bin, dir.path(), port);
-    netns::wait_up(&mut node, &url, &dir.path().join("node.log"));
+    netns::wait_up(&mut node.0, &url, &dir.path().join("node.log"));
     check_books(&url, &acknowledged, restocked);
-    node.kill().unwrap();
-    node.wait().unwrap();
+    drop(node);
+    drop(disk);
 }

@@ -36,7 +36,24 @@ impl Moments {
     }
 }
 
-fn start(bin: &Path, dir: &Path, port: u16) -> Child {
+/// The node process, killed (SIGKILL) when dropped: a failing test leaves none behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+fn start(bin: &Path, dir: &Path, port: u16) -> Proc {
     let log = std::fs::File::options().create(true).append(true).open(dir.join("node.log")).unwrap();
     Command::new(bin)
         .args(["up", "--credentials", "tablet", "--data-dir", "data", "--http-addr", &format!("127.0.0.1:{port}")])
@@ -46,10 +63,12 @@ fn start(bin: &Path, dir: &Path, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Proc)
         .unwrap()
 }
 
-fn wait_up(child: &mut Child, url: &str, dir: &Path) {
+fn wait_up(node: &mut Proc, url: &str, dir: &Path) {
+    let child = &mut node.0;
     let started = Instant::now();
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
     while agent.get(&format!("{url}/healthz")).call().is_err() {
@@ -122,9 +141,10 @@ fn a_node_killed_at_random_moments_under_concurrent_sales_loses_no_acknowledged_
     for round in 0..kills {
         // One kill in ten lands while the node is still starting (opening and checking its store).
         if round % 10 == 9 {
+            node.kill();
+            node = start(&bin, dir.path(), port);
             std::thread::sleep(Duration::from_millis(moments.next_ms(40)));
-            node.kill().unwrap();
-            node.wait().unwrap();
+            node.kill();
             killed_starting += 1;
             node = start(&bin, dir.path(), port);
             wait_up(&mut node, &url, dir.path());
@@ -137,8 +157,7 @@ fn a_node_killed_at_random_moments_under_concurrent_sales_loses_no_acknowledged_
             })
             .collect();
         std::thread::sleep(Duration::from_millis(moments.next_ms(30)));
-        node.kill().unwrap();
-        node.wait().unwrap();
+        node.kill();
         stop.store(true, Ordering::Relaxed);
         let rounds: Vec<Till> = tills.into_iter().map(|h| h.join().unwrap()).collect();
 
@@ -172,8 +191,7 @@ fn a_node_killed_at_random_moments_under_concurrent_sales_loses_no_acknowledged_
         let held = stock["stock"][0]["total"].as_u64().unwrap();
         assert_eq!(sold + held, RESTOCKED, "round {round}: restocked = sold + held");
     }
-    node.kill().unwrap();
-    node.wait().unwrap();
+    node.kill();
     eprintln!(
         "soak: {kills} kills under load (+{killed_starting} while starting), {} sales acknowledged, {in_doubt_total} answers lost and retried",
         acknowledged

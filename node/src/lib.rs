@@ -37,25 +37,61 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// How often a node whose store refused a write (a full disk) tries to open it again.
+/// How often a node whose store refused a write (a full disk) checks whether the disk takes
+/// writes again.
 pub const HEAL_INTERVAL_MS: u64 = 1_000;
+/// Longest wait between two attempts to open the store again when the disk takes writes but the
+/// store still will not open (each attempt holds the node's lock while it reloads the journal).
+pub const MAX_HEAL_INTERVAL_MS: u64 = 30_000;
+/// Written and synced beside the store before the store is opened again: a disk that cannot take
+/// this much cannot take a commit either, and the node's lock is not taken for nothing.
+pub const HEAL_PROBE_BYTES: usize = 256 * 1024;
+const _: () = assert!(HEAL_INTERVAL_MS <= MAX_HEAL_INTERVAL_MS);
+
+/// Whether the store's filesystem takes (and syncs) `HEAL_PROBE_BYTES` now.
+fn disk_takes_writes(store_path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let probe = store_path.with_extension("write-probe");
+    let result = (|| {
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(&vec![0u8; HEAL_PROBE_BYTES])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    result
+}
 
 /// Keeps trying [`Node::heal`] while the node is failed: a tablet whose disk filled up sells again
 /// by itself once space is freed, without anyone restarting it.
 async fn heal_when_the_store_takes_writes(node: Node) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(HEAL_INTERVAL_MS));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait_ms = HEAL_INTERVAL_MS;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
         if node.failed().is_none() {
+            wait_ms = HEAL_INTERVAL_MS;
             continue;
         }
         let n = node.clone();
-        match tokio::task::spawn_blocking(move || n.heal()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "the store still refuses writes"),
-            Err(e) => tracing::error!(error = %e, "healing the store panicked"),
-        }
+        let attempt = tokio::task::spawn_blocking(move || {
+            disk_takes_writes(&n.info.store_path).map_err(|e| format!("the disk still refuses writes: {e}"))?;
+            n.heal().map_err(|e| e.to_string())
+        });
+        wait_ms = match attempt.await {
+            Ok(Ok(_)) => HEAL_INTERVAL_MS,
+            // Still full: probing again is cheap (no lock taken).
+            Ok(Err(e)) if e.starts_with("the disk still refuses") => {
+                tracing::debug!(error = %e, "store not healed yet");
+                HEAL_INTERVAL_MS
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the disk takes writes but the store does not open again yet");
+                (wait_ms * 2).min(MAX_HEAL_INTERVAL_MS)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "healing the store panicked");
+                MAX_HEAL_INTERVAL_MS
+            }
+        };
     }
 }
 

@@ -140,9 +140,10 @@ pub struct EquivocatedPosition {
 }
 
 /// Most local operations one group commit records: a batch holds the ledger lock for each
-/// operation's ledger step (~0.4 ms for a sale), so this bounds how long a read waits behind one
-/// (~50 ms); a queue longer than this is committed in several batches, in order.
-pub const MAX_GROUP_COMMIT_OPS: usize = 128;
+/// operation's ledger step (~0.4 ms for a sale), so this bounds one batch (~25 ms); a longer queue
+/// is committed in several batches, in order. 64 covers a market's busiest node (32 tills at once
+/// measured in `benches/sales.rs`) in one batch.
+pub const MAX_GROUP_COMMIT_OPS: usize = 64;
 
 /// A precondition a local operation must meet, checked under the ledger lock just before it is
 /// recorded.
@@ -428,7 +429,16 @@ impl Node {
             return Ok(false);
         }
         let owner = inner.owner;
-        inner.store.reopen(owner)?;
+        if let Err(e) = inner.store.reopen(owner) {
+            // Only an I/O refusal may pass by itself; damage or a wrong file needs the restart
+            // that sets it aside or says what is wrong.
+            if !matches!(e, StoreError::Db { .. } | StoreError::Open { .. }) {
+                inner.healable = false;
+                inner.failed = Some(format!("{e}; restart the node"));
+                tracing::error!(error = %e, "the store cannot be opened again in place: restart the node");
+            }
+            return Err(e.into());
+        }
         let entries = inner.store.load()?;
         let restored = entries.len();
         let key = stallmesh_identity::DeviceKey::from_secret(inner.mesh_secrets.0);
@@ -619,6 +629,10 @@ impl Node {
         let _all = BatchSlots(batch.iter().map(|q| q.slot.clone()).collect());
         let mut entries = Vec::with_capacity(batch.len());
         let mut pending: Vec<Slot> = Vec::with_capacity(batch.len());
+        // A refusal was judged against a ledger holding this batch's earlier operations: it stands
+        // only once they are durable (a retry refused as "already recorded" must not be answered
+        // with a sale the disk then refused).
+        let mut refused: Vec<(Slot, NodeError)> = Vec::new();
         for q in batch {
             let outcome = (|| {
                 if let Some(why) = &inner.failed {
@@ -635,17 +649,20 @@ impl Node {
                     entries.push(entry);
                     pending.push(q.slot);
                 }
-                Err(e) => answer(&q.slot, Err(e)),
+                Err(e) => refused.push((q.slot, e)),
             }
         }
         debug_assert_eq!(entries.len(), pending.len());
         if entries.is_empty() {
+            for (slot, e) in refused {
+                answer(&slot, Err(e));
+            }
             return;
         }
         let started = Instant::now();
         if let Err(e) = inner.store.append(&entries) {
             Self::fail_on_store_error(inner, &e, "commit");
-            for slot in &pending {
+            for slot in pending.iter().chain(refused.iter().map(|(s, _)| s)) {
                 answer(slot, Err(NodeError::Failed(e.to_string())));
             }
             return;
@@ -657,6 +674,9 @@ impl Node {
         debug_assert!(number > 0);
         for (slot, entry) in pending.iter().zip(entries) {
             answer(slot, Ok(Recorded { entry, commit: number }));
+        }
+        for (slot, e) in refused {
+            answer(&slot, Err(e));
         }
     }
 

@@ -393,7 +393,8 @@ impl Store {
     /// Closes the file and opens it again, checked as on start. redb refuses every operation after
     /// a failed write (a full disk) until the database is opened anew; this is how a node writes
     /// again once the disk does, without a restart. While it is closed, and if opening fails, the
-    /// store refuses every write (`damaged` is set) and reads find an empty store.
+    /// store refuses every write (`damaged` is set) and every read fails (an empty stand-in
+    /// database without tables).
     pub fn reopen(&mut self, owner: Owner) -> Result<(), StoreError> {
         let _ = self.damaged.set("closed to be opened again after a failed write".into());
         let empty = redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(|e| open_error(&self.path, e))?;

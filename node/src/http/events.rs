@@ -26,6 +26,8 @@ pub const STATUS_EVERY_MS: u64 = 1_000;
 /// Sales named in one `commit` event: a peer's catch-up batch may hold thousands; the page reads
 /// the list again anyway, so the notice names the first ones and says how many kinds changed.
 pub const MAX_SALES_PER_NOTICE: usize = 100;
+// A local group commit's sales all fit in one notice.
+const _: () = assert!(crate::runtime::MAX_GROUP_COMMIT_OPS <= MAX_SALES_PER_NOTICE);
 
 /// What every page's stream shares: the bound on open streams, and the last status notice (one
 /// computation per second serves every open page, not one each).

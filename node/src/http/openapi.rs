@@ -61,13 +61,13 @@ impl ToSchema for RevocationBody {}
 /// Statuses any request may get from the layers every route shares (the JSON and path
 /// extractors, the body limits, the staff guard, the Host check, the store), with their codes.
 pub const SHARED_ERRORS: &[(&str, &str)] = &[
-    ("400", "`bad_request`: a query string, path or body the endpoint cannot parse; `invalid`"),
+    ("400", "`bad_request`, `malformed_json`: a query string, path or body the endpoint cannot parse; `empty_image`; `invalid`"),
     ("401", "`sign_in_required`: this till asks for a staff sign-in (`POST /api/v1/session`); `wrong_pin`"),
-    ("403", "`cross_site_request`: a write from another site; `unknown_host`: a Host header that is not this node; `device_not_allowed`: this device is revoked"),
+    ("403", "`cross_site_request`: a write from another site; `unknown_host`: a Host header that is not this node; `device_not_allowed`: this device is revoked; `role_forbids`, `other_stall`: this device may not record that"),
     ("413", "`body_too_large`: the body is over the endpoint's limit (`image_too_large`, `too_many_changes`)"),
     ("415", "`unsupported_media_type`: a JSON body without `Content-Type: application/json`; `unsupported_image_format`"),
     ("422", "`invalid_input`, `invalid_body`: well-formed, but a value is out of range or refers to nothing (`unknown_sku`, `unknown_device`, `mixed_currency`, `corrupt_image`, `no_qr_code`, …)"),
-    ("500", "`internal`: a bug; the request changed nothing"),
+    ("500", "`internal`: a bug; `inference_failed`: a model run failed; the request changed nothing"),
     ("503", "`store_unavailable`: the store cannot write (a full disk); `recovering`: the journal is being taken back from peers; `device_cloned`; `inference_busy` and other queue limits: try again"),
 ];
 
@@ -198,4 +198,26 @@ fn respell_links(value: &mut serde_json::Value) {
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "status", responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json", body = Object)))]
 pub(super) async fn openapi_json() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], document_json())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented ranges of query numbers are the limits the handlers enforce.
+    #[test]
+    fn documented_query_maxima_are_the_enforced_limits() {
+        let doc: serde_json::Value = serde_json::from_str(document_json()).unwrap();
+        let maximum = |path: &str, name: &str| -> u64 {
+            let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+            let p = params.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{path} {name}"));
+            p["schema"]["maximum"].as_u64().unwrap_or_else(|| panic!("{path} {name}: {p}"))
+        };
+        assert_eq!(maximum("/api/v1/sales", "limit"), super::super::MAX_SALES_LISTED as u64);
+        assert_eq!(maximum("/api/v1/changes", "limit"), super::super::MAX_CHANGES_PER_REQUEST as u64);
+        assert_eq!(maximum("/api/v1/search", "k"), stallmesh_inference::search::MAX_RESULTS as u64);
+        assert_eq!(maximum("/api/v1/recommendations", "k"), stallmesh_inference::search::MAX_RESULTS as u64);
+        assert_eq!(maximum("/api/v1/kpis", "since_ms"), super::super::MAX_TIME_MS);
+        assert_eq!(maximum("/api/v1/recommendations/feedback", "limit"), super::super::till::MAX_FEEDBACK_LISTED as u64);
+    }
 }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 /// Feedback listed when the request does not say, and at most.
 const DEFAULT_FEEDBACK_LISTED: usize = 50;
-const MAX_FEEDBACK_LISTED: usize = 1_000;
+pub(super) const MAX_FEEDBACK_LISTED: usize = 1_000;
 /// Largest side of a photo the QR reader looks at: a phone photo is scaled down to it first (a
 /// card's QR fills a good part of the frame; the reader's time grows with the pixels).
 const MAX_SCAN_SIDE_PX: u32 = 1_024;
