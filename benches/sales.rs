@@ -13,43 +13,37 @@
 //!
 //! Run: `cargo bench -p stallmesh-benches --bench sales`.
 
-use stallmesh_identity::{DeviceKey, Role};
+// The API tests' node on loopback (mesh off): one place that knows how a test node starts.
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+use support::TestNode;
 
 const RUN_MS: u64 = 3_000;
 const ROUNDS: usize = 3;
 const OPEN_RATE_PER_S: u64 = 500;
 const OPEN_CLIENTS: usize = 32;
 
+/// A tablet with one product in stock for every sale the run can make.
 struct Tablet {
-    base: String,
+    node: TestNode,
     _dir: tempfile::TempDir,
-    _rt: tokio::runtime::Runtime,
 }
 
 fn tablet(group_commit: bool) -> Tablet {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (market_key, info) = stallmesh_identity::files::init_market(&dir.path().join("market"), "Bench Market").unwrap();
-    let key = DeviceKey::generate().unwrap();
-    let certificate = market_key.enrol(key.device_id(), "Stall", Role::Organiser, u64::MAX);
-    let creds = dir.path().join("tablet");
-    let device = stallmesh_identity::files::DeviceCredentials { key, certificate, market: info, mesh_psk: market_key.mesh_psk() };
-    stallmesh_identity::files::write_device(&creds, &device).unwrap();
-    let mut config = stallmesh_node::Config::load(None, |_| None).unwrap();
-    config.data_dir = dir.path().join("data");
-    config.credentials_dir = creds;
-    config.http_addr = "127.0.0.1:0".parse().unwrap();
-    config.mesh.enabled = false;
-    config.inference.enabled = false;
-    config.store.group_commit = group_commit;
-    let node = rt.block_on(stallmesh_node::start(&config, std::future::pending())).unwrap();
-    let base = format!("http://{}", node.addr);
+    let (creds, _) = support::enrol_as(dir.path(), "tablet", "Stall", stallmesh_identity::Role::Organiser);
+    let node = TestNode::start_with(&dir.path().join("data"), &creds, |c| {
+        c.inference.enabled = false;
+        c.store.group_commit = group_commit;
+    })
+    .unwrap();
     let p = serde_json::json!({ "sku": "JAM", "name": "Jam", "price_cents": 400, "currency": "EUR", "stall": "Stall" });
-    ureq::post(&format!("{base}/api/v1/products")).send_json(p).unwrap();
-    ureq::post(&format!("{base}/api/v1/restocks")).send_json(serde_json::json!({ "sku": "JAM", "qty": 1_000_000 })).unwrap();
-    Tablet { base, _dir: dir, _rt: rt }
+    assert_eq!(node.post("/api/v1/products", &p).0, 201);
+    assert_eq!(node.post("/api/v1/restocks", &serde_json::json!({ "sku": "JAM", "qty": 1_000_000 })).0, 201);
+    Tablet { node, _dir: dir }
 }
 
 fn sell(agent: &ureq::Agent, url: &str) {
@@ -64,7 +58,7 @@ fn percentile(sorted_us: &[u64], p: f64) -> f64 {
 
 /// (sales/s, p50 ms, p99 ms) for `clients` clients in a closed loop.
 fn closed(t: &Tablet, clients: usize) -> (f64, f64, f64) {
-    let url = format!("{}/api/v1/sales", t.base);
+    let url = format!("{}/api/v1/sales", t.node.base);
     let start = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
@@ -93,7 +87,7 @@ fn closed(t: &Tablet, clients: usize) -> (f64, f64, f64) {
 
 /// (p50 ms, p99 ms) at `OPEN_RATE_PER_S`, from each sale's scheduled send.
 fn open(t: &Tablet) -> (f64, f64) {
-    let url = format!("{}/api/v1/sales", t.base);
+    let url = format!("{}/api/v1/sales", t.node.base);
     let total = OPEN_RATE_PER_S * RUN_MS / 1_000;
     let interval = Duration::from_micros(1_000_000 / OPEN_RATE_PER_S);
     let origin = Instant::now() + Duration::from_millis(50);

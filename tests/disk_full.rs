@@ -7,7 +7,8 @@ mod netns;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use netns::LoopbackNode;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Small enough to fill in a moment, big enough for the store and a few thousand sales.
@@ -36,30 +37,6 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-/// The node process, killed when dropped (before the disk it writes to is unmounted).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(bin: &Path, dir: &Path, port: u16) -> Proc {
-    let log = std::fs::File::options().create(true).append(true).open(dir.join("node.log")).unwrap();
-    Command::new(bin)
-        .args(["up", "--credentials", "tablet", "--data-dir", "disk/data", "--http-addr", &format!("127.0.0.1:{port}")])
-        .current_dir(dir)
-        .env("STALLMESH_MESH_ENABLED", "false")
-        .env("STALLMESH_INFERENCE_ENABLED", "false")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Proc)
-        .unwrap()
 }
 
 fn sell(url: &str, client_ref: &str) -> (u16, Value) {
@@ -94,17 +71,11 @@ fn a_full_disk_refuses_sales_with_503_loses_nothing_and_the_node_sells_again_onc
             return;
         }
     };
-    let bin = netns::binary();
-    let run = |args: &[&str]| {
-        let out = Command::new(&bin).args(args).current_dir(dir.path()).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["market", "init", "--dir", "market"]);
-    run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", "tablet"]);
+    netns::enrol_tablet(dir.path());
     let port = netns::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut node = start(&bin, dir.path(), port);
-    netns::wait_up(&mut node.0, &url, &dir.path().join("node.log"));
+    // Dropped before `disk`: the process goes before its filesystem is unmounted.
+    let node = LoopbackNode::up(dir.path(), "tablet", "disk/data", port);
     let restocked = 1_000_000;
     let product = json!({ "sku": "JAM", "name": "Jam", "price_cents": 400, "currency": "EUR", "stall": "Stall" });
     assert_eq!(netns::post(&url, "/api/v1/products", &product).0, 201);
@@ -182,8 +153,7 @@ fn a_full_disk_refuses_sales_with_503_loses_nothing_and_the_node_sells_again_onc
 
     // And after a kill -9 and restart, the books are the same.
     drop(node);
-    let mut node = start(&bin, dir.path(), port);
-    netns::wait_up(&mut node.0, &url, &dir.path().join("node.log"));
+    let node = LoopbackNode::up(dir.path(), "tablet", "disk/data", port);
     check_books(&url, &acknowledged, restocked);
     drop(node);
     drop(disk);

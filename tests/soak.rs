@@ -9,11 +9,10 @@ mod netns;
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use netns::LoopbackNode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Kills in a CI run: the issue asks for at least 200.
 const DEFAULT_KILLS: usize = 200;
@@ -21,7 +20,6 @@ const TILLS: usize = 4;
 /// Sales a till sends between two kills at most: a round ends with a kill, not with the tills done.
 const SALES_PER_TILL_PER_ROUND: usize = 8;
 const RESTOCKED: u64 = 1_000_000;
-const START_LIMIT: Duration = Duration::from_secs(30);
 
 /// Deterministic kill moments (splitmix64).
 struct Moments(u64);
@@ -33,52 +31,6 @@ impl Moments {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         (z ^ (z >> 31)) % below
-    }
-}
-
-/// The node process, killed (SIGKILL) when dropped: a failing test leaves none behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn kill(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-fn start(bin: &Path, dir: &Path, port: u16) -> Proc {
-    let log = std::fs::File::options().create(true).append(true).open(dir.join("node.log")).unwrap();
-    Command::new(bin)
-        .args(["up", "--credentials", "tablet", "--data-dir", "data", "--http-addr", &format!("127.0.0.1:{port}")])
-        .current_dir(dir)
-        .env("STALLMESH_MESH_ENABLED", "false")
-        .env("STALLMESH_INFERENCE_ENABLED", "false")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Proc)
-        .unwrap()
-}
-
-fn wait_up(node: &mut Proc, url: &str, dir: &Path) {
-    let child = &mut node.0;
-    let started = Instant::now();
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
-    while agent.get(&format!("{url}/healthz")).call().is_err() {
-        let exited = child.try_wait().ok().flatten();
-        if exited.is_some() || started.elapsed() > START_LIMIT {
-            let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
-            let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            panic!("node not up after {:?} (exit {exited:?}); log tail:\n{tail}", started.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -118,18 +70,11 @@ fn till(url: String, name: String, stop: Arc<AtomicBool>) -> Till {
 #[test]
 fn a_node_killed_at_random_moments_under_concurrent_sales_loses_no_acknowledged_sale_and_sells_none_twice() {
     let kills: usize = std::env::var("STALLMESH_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_KILLS);
-    let bin = netns::binary();
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(&bin).args(args).current_dir(dir.path()).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["market", "init", "--dir", "market"]);
-    run(&["device", "enroll", "--market", "market", "--stall", "Stall", "--role", "organiser", "--out", "tablet"]);
+    netns::enrol_tablet(dir.path());
     let port = netns::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut node = start(&bin, dir.path(), port);
-    wait_up(&mut node, &url, dir.path());
+    let mut node = LoopbackNode::up(dir.path(), "tablet", "data", port);
     let product = json!({ "sku": "JAM", "name": "Jam", "price_cents": 400, "currency": "EUR", "stall": "Stall" });
     assert_eq!(netns::post(&url, "/api/v1/products", &product).0, 201);
     assert_eq!(netns::post(&url, "/api/v1/restocks", &json!({ "sku": "JAM", "qty": RESTOCKED })).0, 201);
@@ -142,12 +87,11 @@ fn a_node_killed_at_random_moments_under_concurrent_sales_loses_no_acknowledged_
         // One kill in ten lands while the node is still starting (opening and checking its store).
         if round % 10 == 9 {
             node.kill();
-            node = start(&bin, dir.path(), port);
+            node = LoopbackNode::start(dir.path(), "tablet", "data", port);
             std::thread::sleep(Duration::from_millis(moments.next_ms(40)));
             node.kill();
             killed_starting += 1;
-            node = start(&bin, dir.path(), port);
-            wait_up(&mut node, &url, dir.path());
+            node = LoopbackNode::up(dir.path(), "tablet", "data", port);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let tills: Vec<_> = (0..TILLS)
@@ -161,8 +105,7 @@ fn a_node_killed_at_random_moments_under_concurrent_sales_loses_no_acknowledged_
         stop.store(true, Ordering::Relaxed);
         let rounds: Vec<Till> = tills.into_iter().map(|h| h.join().unwrap()).collect();
 
-        node = start(&bin, dir.path(), port);
-        wait_up(&mut node, &url, dir.path());
+        node = LoopbackNode::up(dir.path(), "tablet", "data", port);
         // Each till retries the sale it never heard back about: found (200) or recorded now (201).
         let mut this_round: Vec<String> = Vec::new();
         for t in &rounds {

@@ -61,6 +61,16 @@ fn disk_takes_writes(store_path: &std::path::Path) -> std::io::Result<()> {
     result
 }
 
+/// How one try to heal the store went.
+enum HealAttempt {
+    /// Healed, or nothing to heal.
+    Done,
+    /// The probe write failed: the disk is still full.
+    DiskRefuses(std::io::Error),
+    /// The disk takes writes; the store did not open again.
+    StoreRefuses(NodeError),
+}
+
 /// Keeps trying [`Node::heal`] while the node is failed: a tablet whose disk filled up sells again
 /// by itself once space is freed, without anyone restarting it.
 async fn heal_when_the_store_takes_writes(node: Node) {
@@ -72,18 +82,21 @@ async fn heal_when_the_store_takes_writes(node: Node) {
             continue;
         }
         let n = node.clone();
-        let attempt = tokio::task::spawn_blocking(move || {
-            disk_takes_writes(&n.info.store_path).map_err(|e| format!("the disk still refuses writes: {e}"))?;
-            n.heal().map_err(|e| e.to_string())
+        let attempt = tokio::task::spawn_blocking(move || match disk_takes_writes(&n.info.store_path) {
+            Err(e) => HealAttempt::DiskRefuses(e),
+            Ok(()) => match n.heal() {
+                Ok(_) => HealAttempt::Done,
+                Err(e) => HealAttempt::StoreRefuses(e),
+            },
         });
         wait_ms = match attempt.await {
-            Ok(Ok(_)) => HEAL_INTERVAL_MS,
+            Ok(HealAttempt::Done) => HEAL_INTERVAL_MS,
             // Still full: probing again is cheap (no lock taken).
-            Ok(Err(e)) if e.starts_with("the disk still refuses") => {
-                tracing::debug!(error = %e, "store not healed yet");
+            Ok(HealAttempt::DiskRefuses(e)) => {
+                tracing::debug!(error = %e, "the disk still refuses writes");
                 HEAL_INTERVAL_MS
             }
-            Ok(Err(e)) => {
+            Ok(HealAttempt::StoreRefuses(e)) => {
                 tracing::warn!(error = %e, "the disk takes writes but the store does not open again yet");
                 (wait_ms * 2).min(MAX_HEAL_INTERVAL_MS)
             }

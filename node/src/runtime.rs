@@ -181,7 +181,8 @@ impl Drop for BatchSlots {
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Mutex<Inner>>,
-    /// Local operations waiting for the next group commit, in arrival order.
+    /// Local operations waiting for the next group commit, in arrival order. Each is a caller
+    /// blocked on its answer on a blocking thread, so tokio's blocking pool bounds it.
     queue: Arc<Mutex<Vec<Queued>>>,
     /// `[store] group_commit`: concurrent local operations share one durable commit.
     group_commit: bool,
@@ -964,6 +965,13 @@ fn create_demo_credentials(config: &Config, device_dir: &std::path::Path) -> Res
 mod tests {
     use super::*;
 
+    /// The embedded defaults, in demo mode, with data in `dir`.
+    fn demo_config(dir: &std::path::Path) -> Config {
+        let mut config = Config::load(None, |_| None).unwrap();
+        config.data_dir = dir.to_path_buf();
+        config
+    }
+
     /// A metric's value from the node's own exposition.
     fn metric(node: &Node, name: &str) -> f64 {
         let text = node.metrics.encode();
@@ -974,8 +982,7 @@ mod tests {
     #[test]
     fn concurrent_sales_share_durable_commits_and_never_sell_the_last_unit_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::load(None, |_| None).unwrap();
-        config.data_dir = dir.path().to_path_buf();
+        let config = demo_config(dir.path());
         assert!(config.store.group_commit, "group commit is the default");
         let node = Node::open(&config).unwrap();
         let candles = node.read(|l| l.state().rights_of("BEE-CND", &l.device()));
@@ -1013,8 +1020,7 @@ mod tests {
     #[test]
     fn a_panic_in_the_middle_of_a_group_commit_answers_every_operation_of_the_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::load(None, |_| None).unwrap();
-        config.data_dir = dir.path().to_path_buf();
+        let config = demo_config(dir.path());
         let node = Node::open(&config).unwrap();
         let restock = || LocalOp::Restock { sku: "JAM-STR".into(), qty: 1 };
         // Three operations queued behind one another; the second one's step panics.
@@ -1043,8 +1049,7 @@ mod tests {
     #[test]
     fn a_panic_under_the_lock_fails_the_node_without_poisoning_it() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::load(None, |_| None).unwrap();
-        config.data_dir = dir.path().to_path_buf();
+        let config = demo_config(dir.path());
         let node = Node::open(&config).unwrap();
         let err = node.with_write(|_| -> Result<Vec<Entry>, NodeError> { panic!("boom in the ledger") }).unwrap_err();
         assert!(matches!(&err, NodeError::Failed(why) if why.contains("boom") && why.contains("stallmesh.redb")), "{err}");

@@ -16,25 +16,29 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use super::{catalogue, events, loyalty, mesh, sales, search, session, status, stock, till};
 
-/// A photo upload or download: JPEG or PNG bytes.
-pub(super) struct ImageBody;
+/// Declares a body of raw bytes (a string of format `binary` in the document).
+macro_rules! binary_body {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub(super) struct $name;
 
-impl PartialSchema for ImageBody {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary))).into()
-    }
+        impl PartialSchema for $name {
+            fn schema() -> RefOr<Schema> {
+                ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary))).into()
+            }
+        }
+        impl ToSchema for $name {}
+    };
 }
-impl ToSchema for ImageBody {}
 
-/// `POST/GET /api/v1/changes`: a postcard-encoded `Vec<SignedChange>`.
-pub(super) struct ChangesBody;
-
-impl PartialSchema for ChangesBody {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary))).into()
-    }
-}
-impl ToSchema for ChangesBody {}
+binary_body!(
+    /// A photo upload or download: JPEG or PNG bytes.
+    ImageBody
+);
+binary_body!(
+    /// `POST/GET /api/v1/changes`: a postcard-encoded `Vec<SignedChange>`.
+    ChangesBody
+);
 
 /// A revocation signed with the market key: hex ids and signature, as `stallmesh market revoke`
 /// writes it.
