@@ -177,7 +177,12 @@ fn cold_load(c: &mut Criterion) {
             }
         }
         let bytes = std::fs::metadata(&path).unwrap().len();
-        eprintln!("cold_load/{n}: store file {:.1} MB ({} entries)", bytes as f64 / 1e6, day.entries.len());
+        eprintln!(
+            "cold_load/{n}: store file {:.1} MB, {} entries, {:.0} bytes per entry",
+            bytes as f64 / 1e6,
+            day.entries.len(),
+            bytes as f64 / day.entries.len() as f64
+        );
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let store = Store::open(&path, owner).unwrap();
