@@ -1,6 +1,6 @@
-//! A journal row read back from a store file (a file a power cut, a full disk or a bad SD card
-//! damaged): decoding never panics, as raw bytes and framed with a valid checksum (to reach the
-//! entry decoder behind it).
+//! A journal row or block read back from a store file (a file a power cut, a full disk or a bad SD
+//! card damaged): decoding never panics, as raw bytes and framed with a valid checksum (to reach
+//! the decoders behind it: an entry's, and a block's inflate and entries).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -11,8 +11,13 @@ fn keep_caught_panics() {
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
     let _ = stallmesh_store::decode_row(data);
-    if let Ok(entry) = stallmesh_store::decode_row(&stallmesh_store::frame_row_body(data)) {
+    let framed = stallmesh_store::frame_row_body(data);
+    if let Ok(entry) = stallmesh_store::decode_row(&framed) {
         // What decodes is an entry the ledger can be handed: it re-encodes.
         assert!(postcard::to_allocvec(&entry).is_ok());
+    }
+    let _ = stallmesh_store::decode_block(data);
+    if let Ok(entries) = stallmesh_store::decode_block(&framed) {
+        assert!(!entries.is_empty() && postcard::to_allocvec(&entries).is_ok());
     }
 });

@@ -24,6 +24,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+// A configuration that passed its check starts a pool of that many workers (the pool clamps).
+const _: () = assert!(crate::config::MAX_INFERENCE_WORKERS <= stallmesh_inference::pool::MAX_WORKERS);
+
 /// When embedding could not finish (the pool was busy with customers' queries), try again after
 /// this long: a query takes 3–6 ms, so the queue has drained by then.
 pub const EMBED_RETRY_MS: u64 = 250;

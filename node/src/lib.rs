@@ -2,7 +2,7 @@
 
 pub mod cli;
 pub mod cloud_cli;
-pub mod config;
+pub use stallmesh_config as config;
 pub mod http;
 pub mod inference;
 pub mod kpi;
@@ -141,13 +141,19 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
             Ok(names) if names.is_empty() => {
                 tracing::warn!("sign-in is required and no staff can sign in yet: add them with `stallmesh staff add NAME` on this tablet")
             }
-            Ok(names) => tracing::info!(staff = names.len(), "the page and the API ask for a staff sign-in (http_addr is reachable from the network)"),
-            Err(e) => tracing::error!(error = %e, "sign-in is required and the staff book cannot be read: nobody can sign in until it is fixed"),
+            Ok(names) => tracing::info!(
+                staff = names.len(),
+                "the page and the API ask for a staff sign-in (http_addr is reachable from the network)"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "sign-in is required and the staff book cannot be read: nobody can sign in until it is fixed")
+            }
         }
     } else if !config.http_addr.ip().is_loopback() {
         tracing::warn!(addr = %config.http_addr, "staff sign-in is off on an address reachable from the network: anyone on it can sell");
     }
-    let app = http::service(http::AppState { node: node.clone(), mesh, inference, uplink, loyalty, staff, streams: http::events::streams() });
+    let app =
+        http::service(http::AppState { node: node.clone(), mesh, inference, uplink, loyalty, staff, streams: http::events::streams() });
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     tracing::info!(%addr, device = %node.info.device, market = %node.info.market_id, stall = %node.info.stall, "stallmesh node up");
     Ok(Running { node, addr, server })

@@ -18,26 +18,12 @@ pub mod projection;
 pub mod service;
 pub mod store;
 
-use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// The `[cloud_service]` table of the configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct CloudConfig {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    /// Empty: the embedded store in `data_dir`.
-    pub postgres_url: String,
-    /// Empty: no publishing.
-    pub nats_url: String,
-    pub nats_stream: String,
-    /// Empty: generated once into `<data_dir>/admin.token` (mode 0600).
-    pub admin_token: String,
-    pub watermark_interval_ms: u64,
-}
+/// The `[cloud_service]` table of the configuration (defined with the rest of it).
+pub use stallmesh_config::CloudConfig;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const EMBEDDED_STORE_FILE: &str = "cloud.redb";
@@ -92,7 +78,10 @@ pub fn admin_token(config: &CloudConfig) -> Result<String, CloudStartError> {
 }
 
 /// Opens the store (running migrations), binds, and serves until `shutdown` resolves.
-pub async fn start(config: &CloudConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<RunningCloud, CloudStartError> {
+pub async fn start(
+    config: &CloudConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<RunningCloud, CloudStartError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| CloudStartError::Io { path: config.data_dir.clone(), source })?;
     let store = if config.postgres_url.is_empty() {
         store::Store::Embedded(store::embedded::EmbeddedStore::open(&config.data_dir.join(EMBEDDED_STORE_FILE))?)
@@ -105,7 +94,8 @@ pub async fn start(config: &CloudConfig, shutdown: impl std::future::Future<Outp
     for reg in markets.store.markets().await? {
         tracing::info!(market = %reg.market, name = %reg.name, "serving market");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| CloudStartError::Listen { addr: config.listen, source })?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|source| CloudStartError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| CloudStartError::Listen { addr: config.listen, source })?;
     tracing::info!(%addr, store = kind, "cloud ingest listening");
     // Watermarks are recorded when due, whether or not an upload arrives.

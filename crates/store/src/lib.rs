@@ -1,33 +1,39 @@
 //! The node's durable store: one redb file holding every journal entry this replica has applied.
 //!
-//! - `journal`: position → entry (signed change + decoded event), in the order the ledger applied
-//!   them, which is a causal order: restoring in that order never sees negative stock rights.
-//! - `by_dot`: (device, seq) → position, to serve a peer the changes it lacks.
-//! - `meta`: schema version and the (market, device) this file belongs to.
+//! - the journal (`journal.rs`): each device's entries sealed into deflated blocks of
+//!   `BLOCK_ENTRIES`, its newest in an open tail, every entry with its position in the order the
+//!   ledger applied them, which is a causal order: restoring in that order never sees negative
+//!   stock rights;
+//! - `meta`: schema version and the (market, device) this file belongs to;
+//! - `evidence` (`evidence.rs`): conflicting changes, kept beside the journal.
 //!
-//! Every entry row carries a CRC-32 of its bytes, so a flipped bit is reported, never folded into
-//! the state. `append` returns only after redb's durable commit: callers acknowledge after it.
+//! Every row carries a CRC-32 of its bytes, so a flipped bit is reported, never folded into the
+//! state. `append` returns only after redb's durable commit: callers acknowledge after it. A
+//! schema-1 file (`legacy.rs`) is upgraded when it is opened, in one transaction.
 
 use redb::backends::FileBackend;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
+use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use stallmesh_identity::{DeviceId, MarketId, SignedChange};
 use stallmesh_ledger::Entry;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 mod backend;
 use backend::{Overlay, Sealable};
 
 mod evidence;
+mod journal;
+mod legacy;
+pub use journal::{decode_block, BLOCK_ENTRIES};
+use journal::{BLOCKS, TAIL};
 
-const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
-const BY_DOT: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("by_dot");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Bumped when the on-disk layout changes; an unknown version is refused, not guessed at.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 1: one row per entry and a (device, seq) index; 2: per-device deflated blocks and an open tail.
+pub const SCHEMA_VERSION: u32 = 2;
 /// Most entries returned by one `changes_since` call: bounds the memory of serving one peer.
 pub const MAX_CHANGES_PER_READ: usize = 10_000;
 
@@ -69,7 +75,14 @@ impl Owner {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    owner: Owner,
     next_position: u64,
+    /// Positions of each device's entries in the open tail, oldest first (fewer than
+    /// `BLOCK_ENTRIES` between appends).
+    tails: HashMap<DeviceId, Vec<u64>>,
+    /// The entries read by the check on open, handed to the first `load` so a start decodes the
+    /// journal once.
+    checked: Mutex<Option<Vec<Entry>>>,
     /// Relaxed commits made since the last durable one.
     unflushed: bool,
     /// The first damage reported. Once set, the backend refuses every write (see `backend`), and
@@ -180,23 +193,38 @@ pub fn set_aside(path: &Path, now_ms: u64) -> std::io::Result<PathBuf> {
     Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, format!("{}: too many set-aside copies", path.display())))
 }
 
-/// Reads and checks every row through `db`: each journal row's CRC and decoding, positions without
-/// gaps, `by_dot` one-to-one with the journal, and the meta record. Returns the number of entries.
-fn verify_contents(db: &impl ReadableDatabase, path: &Path, owner: Owner) -> Result<u64, StoreError> {
+/// What a check of an existing file found.
+enum Contents {
+    /// Created but never initialised (a crash before the first commit): nothing to lose.
+    Uninitialised,
+    /// A schema-1 file, to be upgraded.
+    V1(Vec<Entry>),
+    V2(journal::Journal),
+}
+
+/// Reads and checks every row through `db`: the meta record, the journal (see
+/// `journal::read_journal`, or `legacy::read_v1` for a schema-1 file) and the evidence.
+fn verify_contents(db: &impl ReadableDatabase, path: &Path, owner: Owner) -> Result<Contents, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt { path: path.into(), detail };
     let tx = db.begin_read().map_err(|e| db_error(path, e))?;
     let meta = match tx.open_table(META) {
         Ok(t) => t,
-        // Created but never initialised (a crash before the first commit): nothing to lose.
-        Err(TableError::TableDoesNotExist(_)) if matches!(tx.open_table(JOURNAL), Err(TableError::TableDoesNotExist(_))) => return Ok(0),
+        Err(TableError::TableDoesNotExist(_))
+            if [tx.open_table(TAIL).err(), tx.open_table(legacy::JOURNAL_V1).err()]
+                .iter()
+                .all(|e| matches!(e, Some(TableError::TableDoesNotExist(_)))) =>
+        {
+            return Ok(Contents::Uninitialised)
+        }
         Err(e) => return Err(db_error(path, e)),
     };
     let version = meta.get("schema_version").map_err(|e| db_error(path, e))?.map(|v| v.value().to_vec());
-    match version {
+    let version = match version {
         None => return Err(corrupt("meta has no schema version".into())),
-        Some(v) if v != SCHEMA_VERSION.to_le_bytes() => return Err(StoreError::UnknownSchema { path: path.into(), found: v }),
-        Some(_) => {}
-    }
+        Some(v) if v == 1u32.to_le_bytes() => 1,
+        Some(v) if v == SCHEMA_VERSION.to_le_bytes() => SCHEMA_VERSION,
+        Some(v) => return Err(StoreError::UnknownSchema { path: path.into(), found: v }),
+    };
     let found = meta.get("owner").map_err(|e| db_error(path, e))?.map(|v| v.value().to_vec()).unwrap_or_default();
     if found != owner.encode() {
         return Err(StoreError::WrongOwner {
@@ -205,42 +233,12 @@ fn verify_contents(db: &impl ReadableDatabase, path: &Path, owner: Owner) -> Res
             found: Owner::describe(&found),
         });
     }
-    let journal = tx.open_table(JOURNAL).map_err(|e| db_error(path, e))?;
-    let mut dots: HashMap<(DeviceId, u64), u64> = HashMap::new();
-    let mut expected = 0u64;
-    for row in journal.iter().map_err(|e| db_error(path, e))? {
-        let (k, v) = row.map_err(|e| db_error(path, e))?;
-        let position = k.value();
-        if position != expected {
-            return Err(corrupt(format!("journal skips from entry {expected} to {position}")));
-        }
-        let entry = unframe(v.value()).map_err(|detail| corrupt(format!("journal entry {position}: {detail}")))?;
-        if dots.insert((entry.change.device, entry.change.seq), position).is_some() {
-            return Err(corrupt(format!("journal entry {position} repeats change {}:{}", entry.change.device.to_hex(), entry.change.seq)));
-        }
-        expected += 1;
-    }
-    if journal.len().map_err(|e| db_error(path, e))? != expected {
-        return Err(corrupt(format!("journal says it holds {} entries, {expected} were read", journal.len().unwrap_or(0))));
-    }
-    let by_dot = tx.open_table(BY_DOT).map_err(|e| db_error(path, e))?;
-    let mut indexed = 0u64;
-    for row in by_dot.iter().map_err(|e| db_error(path, e))? {
-        let (k, v) = row.map_err(|e| db_error(path, e))?;
-        let (device, seq) = k.value();
-        let device = DeviceId(device.try_into().map_err(|_| corrupt(format!("index key with a {}-byte device", device.len())))?);
-        let position = v.value();
-        if dots.get(&(device, seq)) != Some(&position) {
-            return Err(corrupt(format!("index entry {}:{seq} -> {position} does not match the journal", device.to_hex())));
-        }
-        indexed += 1;
-    }
-    if indexed != expected {
-        return Err(corrupt(format!("index holds {indexed} entries, the journal {expected}")));
-    }
-    drop((by_dot, journal, meta, tx));
+    drop(meta);
+    let contents =
+        if version == 1 { Contents::V1(legacy::read_v1(&tx, path)?) } else { Contents::V2(journal::read_journal(&tx, path, owner)?) };
+    drop(tx);
     evidence::read_evidence(db, path)?;
-    Ok(expected)
+    Ok(contents)
 }
 
 impl Store {
@@ -255,9 +253,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(StoreError::Open { path: p, source: Box::new(e.into()) }),
         };
-        if exists {
-            Self::check(path, owner)?;
-        }
+        let contents = if exists { Self::check_contents(path, owner)? } else { Contents::Uninitialised };
         let damaged = Arc::new(OnceLock::new());
         let db = no_panic(path, "open", || {
             let file = std::fs::OpenOptions::new()
@@ -270,8 +266,9 @@ impl Store {
             let backend = Sealable::new(FileBackend::new(file).map_err(|e| open_error(path, e))?, damaged.clone());
             redb::Builder::new().create_with_backend(backend).map_err(|e| open_error(path, e))
         })?;
-        let mut store = Self { db, path: p, next_position: 0, unflushed: false, damaged };
-        store.guarded("init", |s| s.init(owner))?;
+        let mut store =
+            Self { db, path: p, owner, next_position: 0, tails: HashMap::new(), checked: Mutex::new(None), unflushed: false, damaged };
+        store.guarded("init", |s| s.init(contents))?;
         Ok(store)
     }
 
@@ -286,6 +283,14 @@ impl Store {
     /// the file: redb reads the file, and whatever it writes (repair, shutdown header) stays in
     /// memory and is dropped. Open-time crash recovery then runs for real only on a file that passed.
     pub fn check(path: &Path, owner: Owner) -> Result<u64, StoreError> {
+        Ok(match Self::check_contents(path, owner)? {
+            Contents::Uninitialised => 0,
+            Contents::V1(entries) => entries.len() as u64,
+            Contents::V2(journal) => journal.entries.len() as u64,
+        })
+    }
+
+    fn check_contents(path: &Path, owner: Owner) -> Result<Contents, StoreError> {
         no_panic(path, "the integrity check", || {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| open_error(path, e.into()))?;
             let backend = Overlay::new(FileBackend::new(file).map_err(|e| open_error(path, e))?).map_err(|e| open_error(path, e.into()))?;
@@ -335,33 +340,41 @@ impl Store {
         move |e| db_error(&self.path, e)
     }
 
-    fn init(&mut self, owner: Owner) -> Result<(), StoreError> {
+    /// Takes over what the check found: a new file gets its meta record and tables, a schema-1
+    /// file is upgraded (one transaction: a crash leaves it schema 1), a current one is read as is.
+    fn init(&mut self, contents: Contents) -> Result<(), StoreError> {
+        let entries = match contents {
+            Contents::V2(journal) => {
+                self.next_position = journal.entries.len() as u64;
+                self.tails = journal.tails;
+                *self.checked.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(journal.entries);
+                return Ok(());
+            }
+            Contents::V1(entries) => Some(entries),
+            Contents::Uninitialised => None,
+        };
         let tx = self.db.begin_write().map_err(self.err())?;
         {
             let mut meta = tx.open_table(META).map_err(self.err())?;
-            let version = meta.get("schema_version").map_err(self.err())?.map(|v| v.value().to_vec());
-            match version {
-                None => {
-                    meta.insert("schema_version", &SCHEMA_VERSION.to_le_bytes()[..]).map_err(self.err())?;
-                    meta.insert("owner", &owner.encode()[..]).map_err(self.err())?;
-                }
-                Some(v) if v == SCHEMA_VERSION.to_le_bytes() => {
-                    let found = meta.get("owner").map_err(self.err())?.map(|v| v.value().to_vec()).unwrap_or_default();
-                    if found != owner.encode() {
-                        return Err(StoreError::WrongOwner {
-                            path: self.path.clone(),
-                            expected: Owner::describe(&owner.encode()),
-                            found: Owner::describe(&found),
-                        });
-                    }
-                }
-                Some(v) => return Err(StoreError::UnknownSchema { path: self.path.clone(), found: v }),
-            }
-            tx.open_table(BY_DOT).map_err(self.err())?;
-            let journal = tx.open_table(JOURNAL).map_err(self.err())?;
-            self.next_position = journal.last().map_err(self.err())?.map_or(0, |(k, _)| k.value() + 1);
+            meta.insert("schema_version", &SCHEMA_VERSION.to_le_bytes()[..]).map_err(self.err())?;
+            meta.insert("owner", &self.owner.encode()[..]).map_err(self.err())?;
         }
-        tx.commit().map_err(self.err())
+        if let Some(entries) = &entries {
+            legacy::drop_v1(&tx, &self.path)?;
+            self.tails = journal::write_entries(&tx, &self.path, &HashMap::new(), 0, entries)?;
+            self.next_position = entries.len() as u64;
+            tracing::info!(store = %self.path.display(), entries = entries.len(), "store upgraded from schema 1 to {SCHEMA_VERSION}");
+        } else {
+            tx.open_table(TAIL).map_err(self.err())?;
+            tx.open_table(BLOCKS).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        if entries.is_some() {
+            // The schema-1 pages are free now but still in the file: give them back to the disk.
+            self.db.compact().map_err(|e| db_error(&self.path, e))?;
+        }
+        *self.checked.get_mut().unwrap_or_else(|p| p.into_inner()) = entries;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -397,7 +410,8 @@ impl Store {
     /// database without tables).
     pub fn reopen(&mut self, owner: Owner) -> Result<(), StoreError> {
         let _ = self.damaged.set("closed to be opened again after a failed write".into());
-        let empty = redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(|e| open_error(&self.path, e))?;
+        let empty =
+            redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(|e| open_error(&self.path, e))?;
         // The file's handle (and its lock) goes before the file is opened again.
         drop(std::mem::replace(&mut self.db, empty));
         *self = Store::open(&self.path.clone(), owner)?;
@@ -423,75 +437,78 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
+        // What the check read is no longer the whole journal.
+        *self.checked.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         self.guarded("append", |s| s.append_unguarded(entries, durable))
     }
 
     fn append_unguarded(&mut self, entries: &[Entry], durable: bool) -> Result<(), StoreError> {
+        // The ledger applies only its own market's changes: a store holds one market.
+        assert!(entries.iter().all(|e| e.change.market == self.owner.market), "an entry of another market");
         let mut tx = self.db.begin_write().map_err(self.err())?;
         if !durable {
             tx.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
         }
         let start = self.next_position;
-        let mut position = start;
-        {
-            let mut journal = tx.open_table(JOURNAL).map_err(self.err())?;
-            let mut by_dot = tx.open_table(BY_DOT).map_err(self.err())?;
-            for entry in entries {
-                let replaced = journal.insert(position, &frame(entry)[..]).map_err(self.err())?.is_some();
-                // The ledger hands over each journal position once: a second row for one (device,
-                // seq), or a position written twice, would make the store disagree with the ledger.
-                assert!(!replaced, "journal position {position} written twice");
-                let earlier = by_dot.insert((&entry.change.device.0[..], entry.change.seq), position).map_err(self.err())?;
-                assert!(earlier.is_none(), "change {}:{} appended twice", entry.change.device, entry.change.seq);
-                position += 1;
-            }
-        }
+        let touched = journal::write_entries(&tx, &self.path, &self.tails, start, entries)?;
         tx.commit().map_err(self.err())?;
-        debug_assert_eq!(position, start + entries.len() as u64, "one row per entry");
-        self.next_position = position;
+        // Only what committed changes what the store believes is on disk.
+        self.tails.extend(touched);
+        self.next_position = start + entries.len() as u64;
         self.unflushed = !durable;
         Ok(())
     }
 
     /// Every entry, in the order it was appended.
     pub fn load(&self) -> Result<Vec<Entry>, StoreError> {
+        if let Some(entries) = self.checked.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Ok(entries);
+        }
         self.note(no_panic(&self.path, "load", || {
             let tx = self.db.begin_read().map_err(self.err())?;
-            let journal = tx.open_table(JOURNAL).map_err(self.err())?;
-            let mut out = Vec::with_capacity(journal.len().map_err(self.err())? as usize);
-            for row in journal.iter().map_err(self.err())? {
-                let (k, v) = row.map_err(self.err())?;
-                let entry = unframe(v.value()).map_err(|detail| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    detail: format!("journal entry {}: {detail}", k.value()),
-                })?;
-                out.push(entry);
-            }
-            Ok(out)
+            Ok(journal::read_journal(&tx, &self.path, self.owner)?.entries)
         }))
     }
 
     /// Up to `limit` (at most [`MAX_CHANGES_PER_READ`]) changes of `device` from `from_seq` on.
     pub fn changes_since(&self, device: &DeviceId, from_seq: u64, limit: usize) -> Result<Vec<SignedChange>, StoreError> {
+        let limit = limit.min(MAX_CHANGES_PER_READ);
         self.note(no_panic(&self.path, "changes_since", || {
-            let tx = self.db.begin_read().map_err(self.err())?;
-            let by_dot = tx.open_table(BY_DOT).map_err(self.err())?;
-            let journal = tx.open_table(JOURNAL).map_err(self.err())?;
+            let corrupt = |detail: String| StoreError::Corrupt { path: self.path.clone(), detail };
             let mut out = Vec::new();
-            let range = by_dot.range((&device.0[..], from_seq)..=(&device.0[..], u64::MAX)).map_err(self.err())?;
-            for row in range.take(limit.min(MAX_CHANGES_PER_READ)) {
-                let (_, position) = row.map_err(self.err())?;
-                let position = position.value();
-                let bytes = journal.get(position).map_err(self.err())?.ok_or_else(|| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    detail: format!("index points at missing journal entry {position}"),
-                })?;
-                let entry = unframe(bytes.value()).map_err(|detail| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    detail: format!("journal entry {position}: {detail}"),
-                })?;
-                out.push(entry.change);
+            if limit == 0 {
+                return Ok(out);
+            }
+            let tx = self.db.begin_read().map_err(self.err())?;
+            let blocks = tx.open_table(BLOCKS).map_err(self.err())?;
+            let id = &device.0[..];
+            // The block holding `from_seq` is the last one of the device starting at or before it.
+            let first = blocks.range((id, 0)..=(id, from_seq)).map_err(self.err())?.next_back().transpose().map_err(self.err())?;
+            let lowest = first.map_or(from_seq, |(k, _)| k.value().1);
+            for row in blocks.range((id, lowest)..=(id, u64::MAX)).map_err(self.err())? {
+                let (k, v) = row.map_err(self.err())?;
+                let entries = decode_block(v.value()).map_err(|detail| corrupt(format!("block {device}:{}: {detail}", k.value().1)))?;
+                for (_, entry) in entries {
+                    if entry.change.seq >= from_seq {
+                        out.push(entry.change);
+                        if out.len() == limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+            let tail = tx.open_table(TAIL).map_err(self.err())?;
+            for &position in self.tails.get(device).into_iter().flatten() {
+                let row =
+                    tail.get(position).map_err(self.err())?.ok_or_else(|| corrupt(format!("open journal entry {position} is missing")))?;
+                let entry = unframe(row.value()).map_err(|detail| corrupt(format!("journal entry {position}: {detail}")))?;
+                if entry.change.seq >= from_seq {
+                    out.push(entry.change);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
             }
             Ok(out)
         }))
@@ -501,6 +518,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::{ReadableTable, ReadableTableMetadata};
     use stallmesh_ledger::testkit::{product, sell, TestMarket};
     use stallmesh_ledger::LocalOp;
 
@@ -551,6 +569,113 @@ mod tests {
         assert_eq!(Store::open(&path, owner).unwrap().load().unwrap(), entries);
     }
 
+    /// Three devices selling at once, each journal interleaved with the others in apply order.
+    fn busy_day(sales_each: u64) -> (Vec<Entry>, Owner) {
+        let m = TestMarket::new(2);
+        let mut entries = Vec::new();
+        let mut tills = Vec::new();
+        for n in 1..=3 {
+            let (mut l, e0) = m.device(n, "Test Stall");
+            entries.push(e0);
+            entries.push(l.record(LocalOp::UpsertProduct(product("honey", 450)), 1).unwrap());
+            entries.push(l.record(LocalOp::Restock { sku: "honey".into(), qty: 1_000_000 }, 2).unwrap());
+            tills.push(l);
+        }
+        for t in 0..sales_each {
+            for l in &mut tills {
+                entries.push(l.record(sell("honey", 1), 10 + t).unwrap());
+            }
+        }
+        (entries, Owner { market: m.ctx.market, device: tills[0].device() })
+    }
+
+    #[test]
+    fn each_devices_journal_is_sealed_into_blocks_and_served_from_any_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (entries, owner) = busy_day(150);
+        {
+            let mut s = Store::open(&path, owner).unwrap();
+            for (i, chunk) in entries.chunks(7).enumerate() {
+                if i % 3 == 0 {
+                    s.append(chunk).unwrap()
+                } else {
+                    s.append_relaxed(chunk).unwrap()
+                }
+            }
+            s.flush().unwrap();
+            assert!(s.tails.values().all(|open| open.len() < BLOCK_ENTRIES), "sealed as it went");
+        }
+        let s = Store::open(&path, owner).unwrap();
+        assert!(s.tails.values().all(|open| open.len() < BLOCK_ENTRIES), "{:?}", s.tails.values().map(Vec::len).collect::<Vec<_>>());
+        let tx = s.db.begin_read().unwrap();
+        assert!(tx.open_table(BLOCKS).unwrap().len().unwrap() >= 3 * 150 / BLOCK_ENTRIES as u64);
+        drop(tx);
+        assert_eq!(s.load().unwrap(), entries);
+        for device in entries[..9].iter().map(|e| e.change.device).collect::<std::collections::BTreeSet<_>>() {
+            let own: Vec<_> = entries.iter().filter(|e| e.change.device == device).map(|e| e.change.clone()).collect();
+            for from in 0..=own.len() + 1 {
+                let want = &own[from.min(own.len())..own.len().min(from + 50)];
+                assert_eq!(s.changes_since(&device, from as u64, 50).unwrap(), want, "device {device} from {from}");
+            }
+            assert_eq!(s.changes_since(&device, 0, 0).unwrap(), vec![]);
+        }
+    }
+
+    #[test]
+    fn a_day_of_sales_takes_at_most_250_bytes_per_sale_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (entries, owner) = busy_day(5_000);
+        let mut s = Store::open(&path, owner).unwrap();
+        for chunk in entries.chunks(3) {
+            s.append(chunk).unwrap();
+        }
+        drop(s);
+        let per_entry = std::fs::metadata(&path).unwrap().len() / entries.len() as u64;
+        assert!(per_entry <= 250, "{per_entry} bytes per entry");
+    }
+
+    #[test]
+    fn a_store_read_on_open_and_appended_to_loads_every_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (entries, owner) = busy_day(20);
+        Store::open(&path, owner).unwrap().append(&entries[..40]).unwrap();
+        let mut s = Store::open(&path, owner).unwrap();
+        s.append(&entries[40..]).unwrap();
+        assert_eq!(s.load().unwrap(), entries, "not only what the check read on open");
+    }
+
+    #[test]
+    fn a_block_filed_under_another_change_is_damage_found_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (entries, owner) = busy_day(40);
+        Store::open(&path, owner).unwrap().append(&entries).unwrap();
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut blocks = tx.open_table(BLOCKS).unwrap();
+                let (key, row) = {
+                    let (k, v) = blocks.first().unwrap().unwrap();
+                    ((k.value().0.to_vec(), k.value().1), v.value().to_vec())
+                };
+                blocks.remove((&key.0[..], key.1)).unwrap();
+                blocks.insert((&key.0[..], key.1 + 1), &row[..]).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        match Store::open(&path, owner) {
+            Err(StoreError::Corrupt { path: p, detail }) => {
+                assert_eq!(p, path);
+                assert!(detail.contains("block"), "{detail}");
+            }
+            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+        }
+    }
+
     #[test]
     fn a_store_of_another_device_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -591,7 +716,7 @@ mod tests {
         s.append(&entries).unwrap();
         // A row whose checksum fails, written past the store's framing.
         let tx = s.db.begin_write().unwrap();
-        tx.open_table(JOURNAL).unwrap().insert(1, &b"\0\0\0\0garbage"[..]).unwrap();
+        tx.open_table(TAIL).unwrap().insert(1, &b"\0\0\0\0garbage"[..]).unwrap();
         tx.commit().unwrap();
         let err = s.load().unwrap_err();
         assert!(matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("entry 1")), "{err}");

@@ -1,11 +1,12 @@
 //! Node configuration: embedded defaults (`config/stallmesh.toml`), then a file, then environment.
+//! Everything a configuration says is checked here, by [`Config::load`], before a node uses it.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// The documented default configuration, embedded so `stallmesh up` works with no file at all.
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/stallmesh.toml");
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../../config/stallmesh.toml");
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -22,8 +23,28 @@ pub struct Config {
     pub staff: StaffSettings,
     pub store: StoreSettings,
     /// What `stallmesh cloud up` runs (not the tablet).
-    pub cloud_service: stallmesh_cloud::CloudConfig,
+    pub cloud_service: CloudConfig,
 }
+
+/// The `[cloud_service]` table: what `stallmesh cloud up` runs.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Empty: the embedded store in `data_dir`.
+    pub postgres_url: String,
+    /// Empty: no publishing.
+    pub nats_url: String,
+    pub nats_stream: String,
+    /// Empty: generated once into `<data_dir>/admin.token` (mode 0600).
+    pub admin_token: String,
+    pub watermark_interval_ms: u64,
+}
+
+/// Most inference workers: each holds its own copy of the models in memory, and a tablet has a
+/// few cores (the pool's own bound is at least this, asserted where the node starts it).
+pub const MAX_INFERENCE_WORKERS: usize = 8;
 
 /// The `[cloud]` table: this tablet's uplink.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -81,7 +102,11 @@ impl LoyaltySettings {
     /// The earning rule; `stall_multipliers` were checked by [`Config::load`].
     pub fn earning_rule(&self) -> stallmesh_loyalty::EarningRule {
         let stall_multipliers = self.stall_multipliers.iter().filter_map(|s| parse_multiplier(s).ok()).collect();
-        stallmesh_loyalty::EarningRule { cents_per_point: self.cents_per_point, stall_multipliers, point_value_cents: self.point_value_cents }
+        stallmesh_loyalty::EarningRule {
+            cents_per_point: self.cents_per_point,
+            stall_multipliers,
+            point_value_cents: self.point_value_cents,
+        }
     }
 
     pub fn offline_budget(&self) -> stallmesh_loyalty::OfflineBudget {
@@ -163,16 +188,24 @@ impl Config {
     /// tables merge key by key, and every default key can be set from the environment, parsed as
     /// the type its default has (a list from comma-separated values).
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?),
+            None => None,
+        };
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_default();
+        Self::from_text(text.as_deref().map(|t| (origin.as_str(), t)), env)
+    }
+
+    /// As [`Config::load`], with the file's text (and the name errors give it) already read.
+    pub fn from_text(file: Option<(&str, &str)>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let parse = |origin: &str, text: &str| -> Result<toml::Table, ConfigError> {
             text.parse::<toml::Table>().map_err(|e| ConfigError::Invalid { origin: origin.to_string(), detail: e.to_string() })
         };
         let defaults = parse("embedded defaults", DEFAULT_CONFIG_TOML)?;
         let mut merged = defaults.clone();
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-            let origin = path.display().to_string();
-            let layer = parse(&origin, &text)?;
-            check_layer(&defaults, &layer, "", &origin)?;
+        if let Some((origin, text)) = file {
+            let layer = parse(origin, text)?;
+            check_layer(&defaults, &layer, "", origin)?;
             overlay(&mut merged, layer);
         }
         overlay(&mut merged, env_layer(&defaults, "", &env)?);
@@ -184,11 +217,8 @@ impl Config {
         if inference.treatment_percent > 100 {
             return Err(invalid("inference.treatment_percent", format!("{} is not a percentage 0..=100", inference.treatment_percent)));
         }
-        if inference.workers == 0 || inference.workers > stallmesh_inference::pool::MAX_WORKERS || inference.queue_len == 0 {
-            return Err(invalid(
-                "inference",
-                format!("workers must be 1..={} and queue_len at least 1", stallmesh_inference::pool::MAX_WORKERS),
-            ));
+        if inference.workers == 0 || inference.workers > MAX_INFERENCE_WORKERS || inference.queue_len == 0 {
+            return Err(invalid("inference", format!("workers must be 1..={MAX_INFERENCE_WORKERS} and queue_len at least 1")));
         }
         let loyalty = &config.loyalty;
         let mut stalls = std::collections::BTreeSet::new();
@@ -203,17 +233,20 @@ impl Config {
         }
         let budgets = [loyalty.offline_points_per_card, loyalty.offline_points_per_device, loyalty.offline_vouchers_per_device];
         if budgets.iter().any(|b| *b > MAX_OFFLINE_BUDGET) {
-            return Err(invalid("loyalty.offline_*", format!("at most {MAX_OFFLINE_BUDGET}: the market's exposure is these times its tablets")));
+            return Err(invalid(
+                "loyalty.offline_*",
+                format!("at most {MAX_OFFLINE_BUDGET}: the market's exposure is these times its tablets"),
+            ));
         }
         if loyalty.ask_wait_ms > MAX_LOYALTY_ASK_WAIT_MS {
             return Err(invalid("loyalty.ask_wait_ms", format!("at most {MAX_LOYALTY_ASK_WAIT_MS} (a customer waits)")));
         }
         let url = &config.cloud.url;
-        if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid("cloud.url", format!("{url:?} is not an http:// or https:// address")));
         }
         for addr in config.mesh.listen.iter().chain(&config.mesh.bootstrap) {
-            addr.parse::<libp2p::Multiaddr>().map_err(|e| invalid("mesh", format!("{addr:?} is not a multiaddr: {e}")))?;
+            addr.parse::<multiaddr::Multiaddr>().map_err(|e| invalid("mesh", format!("{addr:?} is not a multiaddr: {e}")))?;
         }
         Ok(config)
     }
@@ -234,7 +267,7 @@ impl Config {
             return dir.clone();
         }
         let beside_exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.join(dir)));
-        let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir);
         beside_exe.into_iter().chain([checkout]).find(|p| p.exists()).unwrap_or_else(|| dir.clone())
     }
 }
