@@ -169,11 +169,14 @@ pub(crate) fn write_entries(
     let mut blocks = tx.open_table(BLOCKS).map_err(|e| db_error(path, e))?;
     // Per device touched: its open entries, the ones already in the tail table first.
     let mut open: HashMap<DeviceId, (Vec<(u64, Entry)>, usize)> = HashMap::new();
+    // Devices in the order they first appear: the same appends lay out the same file.
+    let mut devices = Vec::new();
     for (position, entry) in (start..).zip(entries) {
         let device = entry.change.device;
         let (held, _) = match open.entry(device) {
             std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
+                devices.push(device);
                 let mut held = Vec::new();
                 for &p in tails.get(&device).into_iter().flatten() {
                     let row = tail.get(p).map_err(err)?.ok_or_else(|| corrupt(format!("open journal entry {p} is missing")))?;
@@ -186,7 +189,8 @@ pub(crate) fn write_entries(
         held.push((position, entry.clone()));
     }
     let mut touched = HashMap::with_capacity(open.len());
-    for (device, (mut entries, mut stored)) in open {
+    for device in devices {
+        let (mut entries, mut stored) = open.remove(&device).expect("every device listed is held");
         while entries.len() >= BLOCK_ENTRIES {
             let (take, row) = seal_prefix(&entries);
             let first_seq = entries[0].1.change.seq;
