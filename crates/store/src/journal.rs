@@ -154,8 +154,9 @@ fn seal_prefix(open: &[(u64, Entry)]) -> (usize, Vec<u8>) {
 
 /// Writes `entries` at positions from `start`, inside `tx`: each device's open tail gains its new
 /// entries and, once it holds `BLOCK_ENTRIES`, is sealed into blocks (oldest first) until fewer
-/// remain. Only what stays open is written as a row. Returns the open tails of the devices it
-/// touched, to replace the caller's once `tx` commits.
+/// remain. Only what stays open is written as a row, and a device's stored open entries are read
+/// back only when it seals. Returns the open tails of the devices it touched, to replace the
+/// caller's once `tx` commits.
 pub(crate) fn write_entries(
     tx: &WriteTransaction,
     path: &Path,
@@ -167,49 +168,50 @@ pub(crate) fn write_entries(
     let corrupt = |detail: String| StoreError::Corrupt { path: path.into(), detail };
     let mut tail = tx.open_table(TAIL).map_err(|e| db_error(path, e))?;
     let mut blocks = tx.open_table(BLOCKS).map_err(|e| db_error(path, e))?;
-    // Per device touched: its open entries, the ones already in the tail table first.
-    let mut open: HashMap<DeviceId, (Vec<(u64, Entry)>, usize)> = HashMap::new();
-    // Devices in the order they first appear: the same appends lay out the same file.
-    let mut devices = Vec::new();
+    // The new entries per device, devices in the order they first appear: the same appends lay
+    // out the same file.
+    let mut groups: Vec<(DeviceId, Vec<(u64, &Entry)>)> = Vec::new();
+    let mut group_of: HashMap<DeviceId, usize> = HashMap::new();
     for (position, entry) in (start..).zip(entries) {
         let device = entry.change.device;
-        let (held, _) = match open.entry(device) {
-            std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                devices.push(device);
-                let mut held = Vec::new();
-                for &p in tails.get(&device).into_iter().flatten() {
-                    let row = tail.get(p).map_err(err)?.ok_or_else(|| corrupt(format!("open journal entry {p} is missing")))?;
-                    held.push((p, unframe(row.value()).map_err(|detail| corrupt(format!("journal entry {p}: {detail}")))?));
-                }
-                let stored = held.len();
-                slot.insert((held, stored))
-            }
-        };
-        held.push((position, entry.clone()));
+        let i = *group_of.entry(device).or_insert_with(|| {
+            groups.push((device, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push((position, entry));
     }
-    let mut touched = HashMap::with_capacity(open.len());
-    for device in devices {
-        let (mut entries, mut stored) = open.remove(&device).expect("every device listed is held");
-        while entries.len() >= BLOCK_ENTRIES {
-            let (take, row) = seal_prefix(&entries);
-            let first_seq = entries[0].1.change.seq;
-            debug_assert!(entries[..take].iter().enumerate().all(|(i, (_, e))| e.change.seq == first_seq + i as u64));
-            let replaced = blocks.insert((&device.0[..], first_seq), &row[..]).map_err(err)?.is_some();
-            assert!(!replaced, "block {device}:{first_seq} written twice");
-            for (position, _) in entries.drain(..take) {
-                if stored > 0 {
+    let mut touched = HashMap::with_capacity(groups.len());
+    for (device, fresh) in groups {
+        let stored = tails.get(&device).map_or(&[][..], Vec::as_slice);
+        let mut open: Vec<u64> = stored.iter().copied().chain(fresh.iter().map(|(p, _)| *p)).collect();
+        if open.len() >= BLOCK_ENTRIES {
+            let mut pending = Vec::with_capacity(open.len());
+            for &p in stored {
+                let row = tail.get(p).map_err(err)?.ok_or_else(|| corrupt(format!("open journal entry {p} is missing")))?;
+                pending.push((p, unframe(row.value()).map_err(|detail| corrupt(format!("journal entry {p}: {detail}")))?));
+            }
+            pending.extend(fresh.iter().map(|(p, e)| (*p, (*e).clone())));
+            while pending.len() >= BLOCK_ENTRIES {
+                let (take, row) = seal_prefix(&pending);
+                let first_seq = pending[0].1.change.seq;
+                debug_assert!(pending[..take].iter().enumerate().all(|(i, (_, e))| e.change.seq == first_seq + i as u64));
+                let replaced = blocks.insert((&device.0[..], first_seq), &row[..]).map_err(err)?.is_some();
+                assert!(!replaced, "block {device}:{first_seq} written twice");
+                // Entries from earlier appends have a row to remove; this append's have none yet.
+                for (position, _) in pending.drain(..take).filter(|(p, _)| *p < start) {
                     tail.remove(position).map_err(err)?;
-                    stored -= 1;
                 }
             }
+            open = pending.into_iter().map(|(p, _)| p).collect();
         }
-        for (position, entry) in &entries[stored..] {
+        // What stays open of this append's entries: the newest positions, the last of `fresh`.
+        let unsealed = open.iter().filter(|p| **p >= start).count();
+        for (position, entry) in &fresh[fresh.len() - unsealed..] {
             let replaced = tail.insert(*position, &frame(entry)[..]).map_err(err)?.is_some();
             // The ledger hands over each journal position once.
             assert!(!replaced, "journal position {position} written twice");
         }
-        touched.insert(device, entries.into_iter().map(|(p, _)| p).collect());
+        touched.insert(device, open);
     }
     Ok(touched)
 }
