@@ -324,12 +324,16 @@ pub struct SimArgs {
     /// A sweep over seeds A..B (B excluded), e.g. 1..50; lists the failing seeds.
     #[arg(long, value_name = "A..B")]
     pub seeds: Option<String>,
-    /// Threads for a sweep.
+    /// Threads for a sweep or a shrink.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     pub jobs: usize,
-    /// Directory for report.json and report.svg.
+    /// Directory for report.json and report.html (and a shrunk scenario).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// On a failing run, cut faults, tablets, customers and time while the same invariant still
+    /// fails; write the smallest scenario found as a TOML file and print its replay line.
+    #[arg(long, conflicts_with_all = ["seeds", "check_determinism"])]
+    pub shrink: bool,
     /// Run twice and report the first event where the traces differ.
     #[arg(long)]
     pub check_determinism: bool,

@@ -15,7 +15,7 @@ fn sim(args: &[&str]) -> (i32, String) {
 }
 
 #[test]
-fn a_run_prints_the_report_and_writes_json_and_svg() {
+fn a_run_prints_the_report_and_writes_json_and_html() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("report");
     let (code, out) = sim(&[&scenario("partition-heal.toml"), "--seed", "3", "--out", out_dir.to_str().unwrap()]);
@@ -28,8 +28,9 @@ fn a_run_prints_the_report_and_writes_json_and_svg() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(json["seed"], 3);
     assert!(json["sales"].as_u64().unwrap() > 0);
-    let svg = std::fs::read_to_string(out_dir.join("report.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("sales per hour") && svg.contains("polyline"), "{}", &svg[..200.min(svg.len())]);
+    assert_eq!(json["series"]["bucket_s"], 15, "two hours in 15 s buckets");
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(html.contains("Sales and refusals per 15 s") && html.contains("polyline") && html.contains("partition 0-5 | 6-9"));
 }
 
 #[test]
@@ -60,4 +61,23 @@ fn a_broken_build_is_caught_and_the_printed_replay_line_reproduces_it() {
     assert_eq!(code2, 1, "{out2}");
     let digest = |o: &str| o.lines().find(|l| l.contains("trace digest")).map(str::to_string);
     assert_eq!(digest(&out), digest(&out2));
+}
+
+#[test]
+fn shrink_writes_a_smaller_failing_scenario_and_its_replay_line_fails_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (code, text) =
+        sim(&[&scenario("crash-storm.toml"), "--seed", "5", "--broken-allow-overspend", "3", "--shrink", "--jobs", "2", "--out", out]);
+    assert_eq!(code, 1, "{text}");
+    let file = dir.path().join("crash-storm-seed5-shrunk.toml");
+    assert!(text.contains(&format!("scenario: {}", file.display())), "{text}");
+    let summary = text.lines().find(|l| l.starts_with("shrunk: ")).expect("a summary line");
+    let invariant = summary.split_whitespace().nth(1).unwrap().to_string();
+    let replay = text.lines().find_map(|l| l.strip_prefix("replay: ")).expect("a replay line");
+    assert!(replay.starts_with(&format!("stallmesh sim {} --seed 5 --broken-allow-overspend ", file.display())), "{replay}");
+    let args: Vec<&str> = replay.split_whitespace().skip(2).collect();
+    let (code2, out2) = sim(&args);
+    assert_eq!(code2, 1, "{out2}");
+    assert!(out2.contains(&format!("  {invariant}: ")), "the replay fails {invariant}:\n{out2}");
 }

@@ -4,11 +4,16 @@
 //! `simulations/README.md` for the scenario format.
 
 pub mod report;
+pub mod html;
 pub mod scenario;
+pub mod series;
+pub mod shrink;
 pub mod world;
 
 pub use report::{CloudReport, Report};
 pub use scenario::Scenario;
+pub use series::Series;
+pub use shrink::{shrink, ShrinkError, Shrunk};
 pub use world::{BrokenCloud, Options, RunResult, Violation, CLOUD_INVARIANT, UPLINK_REQUEST_TIMEOUT_MS};
 
 /// Runs one scenario with one seed.
@@ -47,6 +52,17 @@ pub fn check_determinism(scenario: &Scenario, seed: u64) -> (String, Option<Dive
 
 /// Runs seeds `seeds` on `jobs` threads; returns each seed's result summary, in seed order.
 pub fn sweep(scenario: &Scenario, seeds: std::ops::Range<u64>, jobs: usize) -> Vec<(u64, Report, Vec<Violation>)> {
+    sweep_with(scenario, seeds, jobs, &|_, _| {})
+}
+
+/// [`sweep`], calling `on_seed` as each seed finishes (in any order: for a progress bar). The
+/// reports keep their summaries, not their time series (a thousand seeds stay small).
+pub fn sweep_with(
+    scenario: &Scenario,
+    seeds: std::ops::Range<u64>,
+    jobs: usize,
+    on_seed: &(dyn Fn(u64, &[Violation]) + std::marker::Sync),
+) -> Vec<(u64, Report, Vec<Violation>)> {
     let seeds: Vec<u64> = seeds.collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results = std::sync::Mutex::new(Vec::new());
@@ -55,7 +71,9 @@ pub fn sweep(scenario: &Scenario, seeds: std::ops::Range<u64>, jobs: usize) -> V
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&seed) = seeds.get(i) else { break };
-                let r = run(scenario, Options { seed, ..Default::default() });
+                let mut r = run(scenario, Options { seed, ..Default::default() });
+                r.report.series = Series::default();
+                on_seed(seed, &r.violations);
                 results.lock().expect("results lock").push((seed, r.report, r.violations));
             });
         }

@@ -88,6 +88,8 @@ pub struct Report {
     /// With loyalty customers in the scenario.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loyalty: Option<LoyaltyReport>,
+    /// Bucket by bucket, at a resolution that fits the run, with the faults as they happened.
+    pub series: crate::series::Series,
     pub digest: String,
 }
 
@@ -118,9 +120,14 @@ pub struct LoyaltyReport {
 impl Report {
     /// The summary table for a terminal.
     pub fn table(&self) -> String {
+        self.rows().iter().map(|(k, v)| format!("  {k:<34} {v}\n")).collect()
+    }
+
+    /// The summary, row by row: (what, figure). The terminal table and the HTML report show these.
+    pub fn rows(&self) -> Vec<(&'static str, String)> {
         let refused: u64 = self.refused.values().sum();
-        let mut t = String::new();
-        let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<34} {v}\n"));
+        let mut t = Vec::new();
+        let mut row = |k: &'static str, v: String| t.push((k, v));
         row("scenario / seed", format!("{} / {}", self.scenario, self.seed));
         row("devices, simulated hours", format!("{}, {}", self.devices, self.simulated_hours));
         row("events", self.events.to_string());
@@ -193,33 +200,10 @@ impl Report {
         std::fs::write(path, serde_json::to_string_pretty(self).expect("report serializes"))
     }
 
-    /// Three plots over the day: sales per hour, replication lag, bytes on the network.
-    pub fn write_svg(&self, path: &Path) -> Result<(), String> {
-        use plotters::prelude::*;
-        let root = SVGBackend::new(path, (900, 900)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let areas = root.split_evenly((3, 1));
-        let hours = self.per_hour.len().max(1) as u32;
-        let series: [(&str, Vec<f64>); 3] = [
-            ("sales per hour", self.per_hour.iter().map(|h| h.sales as f64).collect()),
-            (
-                "replication lag, mean ms (sales acked that hour)",
-                self.per_hour.iter().map(|h| if h.lag_count > 0 { h.lag_ms_sum / h.lag_count as f64 } else { 0.0 }).collect(),
-            ),
-            ("network bytes per hour (KB)", self.per_hour.iter().map(|h| h.bytes as f64 / 1e3).collect()),
-        ];
-        for (area, (title, values)) in areas.iter().zip(series.iter()) {
-            let max = values.iter().copied().fold(1.0, f64::max) * 1.1;
-            let mut chart = ChartBuilder::on(area)
-                .caption(format!("{} — {}", self.scenario, title), ("sans-serif", 18))
-                .margin(10)
-                .x_label_area_size(30)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0u32..hours, 0f64..max)
-                .map_err(|e| e.to_string())?;
-            chart.configure_mesh().x_desc("hour of the day").draw().map_err(|e| e.to_string())?;
-            chart.draw_series(LineSeries::new(values.iter().enumerate().map(|(i, v)| (i as u32, *v)), &BLUE)).map_err(|e| e.to_string())?;
-        }
-        root.present().map_err(|e| e.to_string())
+    /// The HTML report: the summary, the plots with the faults drawn on them, and the timeline
+    /// of any violation. One file, nothing fetched from elsewhere.
+    pub fn write_html(&self, violations: &[crate::Violation], path: &Path) -> Result<(), String> {
+        let html = crate::html::render(self, violations)?;
+        std::fs::write(path, html).map_err(|e| format!("{}: {e}", path.display()))
     }
 }

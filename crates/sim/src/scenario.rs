@@ -1,7 +1,7 @@
 //! Scenario files: what market to simulate, its customers, network and faults. Every key is
 //! documented here; the shipped scenarios in `simulations/` use them.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stallmesh_sync::rebalance::RebalancePolicy;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,7 +12,7 @@ pub enum ScenarioError {
     Invalid { path: String, detail: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     pub name: String,
@@ -41,12 +41,12 @@ pub struct Scenario {
     #[serde(default)]
     pub rebalance: RebalancePolicy,
     /// Customers with loyalty cards and vouchers; absent, nobody carries one.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loyalty: Option<LoyaltySpec>,
 }
 
 /// Loyalty customers: cards that come back to other stalls, redemptions, voucher drops.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoyaltySpec {
     /// Customers carrying a card.
@@ -86,7 +86,7 @@ impl Default for LoyaltySpec {
 }
 
 /// At `at_s`, tablet `device` mints `count` single-use vouchers.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VoucherDrop {
     pub at_s: f64,
@@ -101,7 +101,7 @@ fn default_liveness() -> f64 {
     60.0
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MarketSpec {
     pub stalls: u32,
@@ -119,7 +119,7 @@ fn one() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerSpec {
     /// Mean customer arrivals per hour at each stall (Poisson).
@@ -140,7 +140,7 @@ fn three() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkSpec {
     /// One-way latency: base plus an exponential tail with this mean, milliseconds.
@@ -185,7 +185,7 @@ impl Default for NetworkSpec {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClockSpec {
     /// Each device's clock starts off by a uniform offset in ±max_offset_ms.
@@ -194,7 +194,7 @@ pub struct ClockSpec {
     pub max_drift_ppm: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSpec {
     /// Changes received from peers become durable after this group-commit delay; a crash that
@@ -209,7 +209,7 @@ impl Default for StorageSpec {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 pub enum FaultSpec {
     /// Split the Wi-Fi: `groups` lists device numbers per side; devices not listed join side 0.
@@ -237,7 +237,7 @@ pub enum FaultSpec {
     ClockJump { at_s: f64, device: u32, jump_ms: i64 },
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RandomFaults {
     pub crashes_per_device_per_hour: f64,
@@ -262,7 +262,8 @@ impl Scenario {
         Ok(s)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Whether the scenario makes sense (devices named exist, fractions are fractions, ...).
+    pub fn validate(&self) -> Result<(), String> {
         let devices = self.devices();
         if self.market.stalls == 0 || self.market.devices_per_stall == 0 || self.market.products_per_stall == 0 {
             return Err("market needs at least one stall, device and product".into());

@@ -4,6 +4,7 @@
 //! determine the run.
 
 use crate::report::{HourStats, Report};
+use crate::series::{OpenFault, Series, SeriesBuilder};
 use crate::scenario::{FaultSpec, Scenario};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,7 +37,8 @@ mod loyalty;
 mod network;
 
 pub use checker::CLOUD_INVARIANT;
-pub use faults::fault_kind;
+pub use faults::{fault_kind, fault_label};
+pub(crate) use faults::{fault_at as fault_start_s, random_faults as drawn_faults};
 use faults::{fault_at, random_faults};
 
 const US_PER_MS: u64 = 1_000;
@@ -364,6 +366,10 @@ pub struct World {
     protocol_calls: u64,
     /// Loyalty customers, when the scenario has them.
     loyalty: Option<loyalty::LoyaltySim>,
+    /// The report's time series.
+    series: SeriesBuilder,
+    /// Each SKU's index in catalogue order (stall, then product): the series' stock columns.
+    sku_index: BTreeMap<String, usize>,
 }
 
 fn mix(seed: u64, stream: &str, n: u64) -> u64 {
@@ -474,7 +480,7 @@ impl World {
             timeline: VecDeque::new(),
         };
         let stall_rngs = (0..sc.market.stalls).map(|s| ChaCha8Rng::seed_from_u64(mix(seed, "stall", s as u64))).collect();
-        let products = (0..sc.market.stalls)
+        let products: Vec<Vec<Product>> = (0..sc.market.stalls)
             .map(|s| {
                 (0..sc.market.products_per_stall)
                     .map(|p| Product {
@@ -492,7 +498,13 @@ impl World {
         let trace_out = opts.trace_file.as_ref().and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new);
         let mut faults = sc.faults.clone();
         faults.extend(random_faults(&sc, seed));
+        let sku_index: BTreeMap<String, usize> =
+            products.iter().flatten().enumerate().map(|(i, p)| (p.sku.clone(), i)).collect();
+        let span_s = sc.duration_h * 3600.0 + sc.liveness_bound_s;
+        let series = SeriesBuilder::new(span_s, side_names(&faults, n).len(), sku_index.len());
         let mut w = World {
+            series,
+            sku_index,
             asks_before_restarts: AskStats::default(),
             uplinks_before_restarts: UplinkStats::default(),
             next_request_id: 0,
@@ -755,6 +767,9 @@ impl World {
             b
         });
         while let Some(Reverse(item)) = self.queue.pop() {
+            while item.t >= self.series.next_sample_us() {
+                self.sample_series();
+            }
             self.now = item.t;
             self.events += 1;
             if self.events > MAX_EVENTS {
@@ -775,7 +790,8 @@ impl World {
         }
         let wall = started.elapsed();
         let violations = self.check();
-        let report = self.report(wall);
+        let series = self.finish_series();
+        let report = self.report(wall, series);
         if let Some(out) = self.trace_out.as_mut() {
             use std::io::Write;
             let _ = out.flush();
@@ -898,6 +914,7 @@ impl World {
                 self.acked_index.insert(id, idx);
                 self.not_in_cloud.insert(idx, None);
                 self.hour().sales += 1;
+                self.series.sale(self.now);
                 if wait.is_some() {
                     self.sales_after_waiting += 1;
                 }
@@ -967,6 +984,8 @@ impl World {
 
     fn refuse(&mut self, dev: u32, reason: &str, short_of: Option<&str>) {
         *self.refused.entry(reason.to_string()).or_default() += 1;
+        let sku = short_of.and_then(|s| self.sku_index.get(s).copied());
+        self.series.refusal(self.now, sku);
         let holders = short_of.map(|sku| self.reachable_holders(dev, sku)).unwrap_or_default();
         if holders.is_empty() {
             let me = self.devices[dev as usize].id;
@@ -1262,7 +1281,38 @@ impl World {
         self.push(t, Ev::Commit { dev });
     }
 
-    fn report(&self, wall: Duration) -> Report {
+    /// The state at the end of a series bucket: sessions, tablets up, sales not yet in the cloud,
+    /// and each tablet's own stock rights (its own ledger is the authority on what it holds) summed
+    /// per side of the split. A tablet only ever holds rights for its own stall's products: they
+    /// are restocked there and asked for only by the stall's sellers.
+    fn sample_series(&mut self) {
+        let sides = self.series.sides;
+        let mut stock = vec![0u32; self.sku_index.len() * sides];
+        for (d, dev) in self.devices.iter().enumerate() {
+            let side = side_of(&self.faults, &self.moved, d as u32).min(sides - 1);
+            let state = dev.ledger.state();
+            for p in &self.products[dev.stall as usize] {
+                let i = self.sku_index[&p.sku];
+                let held = u32::try_from(state.rights_of(&p.sku, &dev.id)).unwrap_or(u32::MAX);
+                stock[i * sides + side] = stock[i * sides + side].saturating_add(held);
+            }
+        }
+        let b = &mut self.series;
+        b.stock.push(stock);
+        b.sessions.push(self.conns.len() as u64);
+        b.devices_up.push(self.devices.iter().filter(|d| d.up).count() as u64);
+        b.sales_not_in_cloud.push(self.not_in_cloud.len() as u64);
+    }
+
+    fn finish_series(&mut self) -> Series {
+        let empty = SeriesBuilder::new(1.0, 1, 0);
+        let builder = std::mem::replace(&mut self.series, empty);
+        let acked: Vec<(u64, Option<u64>)> = self.acked.iter().map(|s| (s.t_ack, s.converged_at)).collect();
+        let skus: Vec<String> = self.products.iter().flatten().map(|p| p.sku.clone()).collect();
+        builder.finish(self.now, self.end_of_day_at, &acked, &skus, &side_names(&self.faults, self.n()))
+    }
+
+    fn report(&self, wall: Duration, series: Series) -> Report {
         let mut lags: Vec<f64> = self.acked.iter().filter_map(|s| s.converged_at.map(|t| (t - s.t_ack) as f64 / 1000.0)).collect();
         lags.sort_by(f64::total_cmp);
         let pct = |p: f64| if lags.is_empty() { 0.0 } else { lags[((lags.len() - 1) as f64 * p).round() as usize] };
@@ -1309,7 +1359,34 @@ impl World {
             per_hour: self.hours[..hours_run.min(self.hours.len())].to_vec(),
             cloud: self.cloud_report(),
             loyalty: self.loyalty.as_ref().map(|l| l.report.clone()),
+            series,
             digest: String::new(),
         }
     }
+}
+
+/// The sides of the Wi-Fi split the series follows stock on: those of the scenario's first
+/// partition (a tablet listed in none is on side 0, as `blocked` has it); one side without one.
+fn first_partition(faults: &[FaultSpec]) -> Option<&Vec<Vec<u32>>> {
+    faults.iter().find_map(|f| match f {
+        FaultSpec::Partition { groups, .. } => Some(groups),
+        _ => None,
+    })
+}
+
+fn side_names(faults: &[FaultSpec], devices: u32) -> Vec<String> {
+    let Some(groups) = first_partition(faults) else { return vec!["all tablets".to_string()] };
+    (0..groups.len().max(1))
+        .map(|s| {
+            let members: Vec<u32> = (0..devices).filter(|&d| groups.iter().position(|g| g.contains(&d)).unwrap_or(0) == s).collect();
+            format!("side {s} (tablets {})", faults::ranges(&members))
+        })
+        .collect()
+}
+
+fn side_of(faults: &[FaultSpec], moved: &BTreeMap<u32, usize>, d: u32) -> usize {
+    if let Some(s) = moved.get(&d) {
+        return *s;
+    }
+    first_partition(faults).and_then(|g| g.iter().position(|g| g.contains(&d))).unwrap_or(0)
 }

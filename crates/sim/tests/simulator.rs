@@ -329,3 +329,80 @@ fn loyalty_spent_on_both_sides_of_a_split_stays_within_budget_and_every_replica_
     assert!(l.points_exposed <= tablets * spec.offline_points_per_device, "{table}");
     assert!(l.vouchers_exposed <= tablets * spec.offline_vouchers_per_device, "{table}");
 }
+
+#[test]
+fn the_series_counts_every_sale_and_refusal_in_buckets_that_fit_the_run_and_draws_each_fault_as_it_happened() {
+    let sc = small(
+        r#"
+[[faults]]
+kind = "partition"
+at_s = 300
+duration_s = 240
+groups = [[0, 1, 2], [3, 4, 5]]
+[[faults]]
+kind = "crash"
+at_s = 900
+down_s = 60
+device = 4
+"#,
+    );
+    let r = run(&sc, Options { seed: 3, ..Default::default() });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    let s = &r.report.series;
+    // Half an hour and its liveness phase: 5 s buckets (at most 600 points).
+    assert_eq!(s.bucket_s, 5);
+    assert_eq!(s.sales.iter().sum::<u64>(), r.report.sales);
+    assert_eq!(s.refused.iter().sum::<u64>(), r.report.refused.values().sum::<u64>());
+    assert_eq!(s.bytes.iter().sum::<u64>() + s.uplink_bytes.iter().sum::<u64>(), r.report.bytes);
+    let n = s.sales.len();
+    assert!([&s.refused, &s.bytes, &s.uplink_bytes, &s.sessions, &s.devices_up, &s.sales_not_in_cloud].iter().all(|v| v.len() == n));
+    let kinds: Vec<(&str, f64, f64)> = s.faults.iter().map(|f| (f.kind, f.start_s, f.end_s)).collect();
+    assert_eq!(kinds, vec![("partition", 300.0, 540.0), ("crash", 900.0, 960.0)]);
+    assert_eq!(s.faults[1].label, "tablet 4 crashes");
+    // The crashed tablet is counted down during its crash, and up before and after.
+    let at = |t_s: u64| (t_s / s.bucket_s) as usize;
+    assert_eq!(s.devices_up[at(920)], 5);
+    assert_eq!(s.devices_up[at(1000)], 6);
+    // Stock is followed per side of the split: each scarce SKU has one line per side.
+    assert_eq!(s.scarce_stock.len(), 3 * 2, "{:?}", s.scarce_stock.iter().map(|l| (&l.sku, &l.side)).collect::<Vec<_>>());
+    assert!(s.scarce_stock[0].side.starts_with("side 0 (tablets 0-2)"), "{}", s.scarce_stock[0].side);
+}
+
+#[test]
+fn the_html_report_is_one_file_with_a_plot_per_series_and_the_faults_labelled_on_them() {
+    let sc = shipped("partition-heal.toml");
+    let r = run(&sc, Options { seed: 3, ..Default::default() });
+    let html = stallmesh_sim::html::render(&r.report, &r.violations).unwrap();
+    assert!(html.starts_with("<!doctype html>"));
+    // (The SVG namespace is a name, not an address anything is fetched from.)
+    assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href=") && !html.contains("url("), "nothing fetched");
+    assert_eq!(html.matches("<svg").count(), 5 + 3, "five series and three scarce SKUs");
+    // Each plot carries the partition's and the isolation's bands and labels.
+    assert_eq!(html.matches("partition 0-5 | 6-9").count(), 8 + 1, "on every plot and in the fault table");
+    assert_eq!(html.matches("tablet 3 off the Wi-Fi").count(), 8 + 1);
+    assert!(html.contains("All invariants held"));
+}
+
+#[test]
+fn a_broken_builds_failure_shrinks_to_at_most_ten_fault_events_that_still_fail_the_same_way() {
+    // A crash storm: some forty crashes drawn from the seed, two fixed faults, and a tablet that
+    // spends rights it does not hold.
+    let sc = shipped("crash-storm.toml");
+    let opts = Options { seed: 5, broken_device: Some(3), ..Default::default() };
+    let shrunk = stallmesh_sim::shrink(&sc, &opts, 2, &mut |step| eprintln!("kept failing with {step}")).unwrap();
+    let invariant = shrunk.invariant; // the one the original run failed first
+    assert!(shrunk.faults_before >= 20, "{}", shrunk.faults_before);
+    assert!(shrunk.faults_after <= 10, "{} faults left: {:?}", shrunk.faults_after, shrunk.scenario.faults);
+    assert!(shrunk.scenario.devices() < sc.devices() && shrunk.scenario.duration_h < sc.duration_h, "{:?}", shrunk.steps);
+    // The file it writes parses, and replaying it fails the same invariant.
+    let again = Scenario::parse(&shrunk.toml(), "shrunk").unwrap();
+    assert_eq!(again.faults.len(), shrunk.faults_after);
+    let replay = run(&again, Options { seed: 5, broken_device: shrunk.broken_device, ..Default::default() });
+    assert!(replay.violations.iter().any(|v| v.invariant == invariant), "{:#?}", replay.violations);
+}
+
+#[test]
+fn a_passing_run_has_nothing_to_shrink() {
+    let sc = small("");
+    assert_eq!(stallmesh_sim::shrink(&sc, &Options { seed: 1, ..Default::default() }, 2, &mut |_| {}).unwrap_err(), stallmesh_sim::ShrinkError::Passes(1));
+}

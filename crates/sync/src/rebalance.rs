@@ -45,7 +45,7 @@ const _: () = assert!(MAX_SALE_ATTEMPTS >= 2, "a waiting sale is retried at leas
 
 /// The market's rebalancing numbers (node: `mesh.min_keep` / `low_watermark` / `refill`; simulator:
 /// the scenario's `[rebalance]` table). A partial table keeps the defaults for the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RebalancePolicy {
     /// Units a device that is itself selling always keeps.

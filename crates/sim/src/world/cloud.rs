@@ -115,6 +115,7 @@ impl World {
         self.messages += 1;
         self.bytes += len as u64;
         self.hour().bytes += len as u64;
+        self.series.uplink_bytes(self.now, len as u64);
         if self.uplink_cut(dev) {
             return None;
         }

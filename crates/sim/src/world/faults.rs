@@ -13,6 +13,12 @@ impl World {
         let kind = fault_kind(&f);
         *self.faults_fired.entry(kind.to_string()).or_default() += 1;
         self.trace(None, format!("fault start {kind} {f:?}"));
+        let open = match f {
+            FaultSpec::Crash { device, .. } => Some(OpenFault::Down(device)),
+            FaultSpec::ClockJump { .. } | FaultSpec::Move { .. } => None,
+            _ => Some(OpenFault::Timed(i)),
+        };
+        self.series.fault_started(self.now, kind, fault_label(&f), open);
         match f {
             FaultSpec::Crash { device, down_s, lose_unsynced, .. } => {
                 self.crash(device, lose_unsynced);
@@ -41,6 +47,7 @@ impl World {
 
     pub(super) fn fault_end(&mut self, i: usize) {
         if self.active_faults.remove(&i) {
+            self.series.fault_ended(self.now, OpenFault::Timed(i));
             self.trace(None, format!("fault end {}", fault_kind(&self.faults[i])));
             if matches!(self.faults[i], FaultSpec::UplinkOutage { .. }) {
                 self.uplinks_back_at = self.now + UPLINK_RECOVERY_US;
@@ -103,6 +110,7 @@ impl World {
             liveness_timeout_ms: self.sc.network.liveness_timeout_ms,
         });
         d.up = true;
+        self.series.fault_ended(self.now, OpenFault::Down(dev));
         self.trace(Some(dev), "restart".into());
         self.start_uplink(dev);
         let pairs: Vec<(u32, u32)> = self.wanted.iter().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
@@ -119,7 +127,9 @@ impl World {
         if self.uplink_outage() {
             self.uplinks_back_at = self.now + UPLINK_RECOVERY_US;
         }
-        self.active_faults.clear();
+        for i in std::mem::take(&mut self.active_faults) {
+            self.series.fault_ended(self.now, OpenFault::Timed(i));
+        }
         self.moved.clear();
         for d in 0..self.n() {
             if !self.devices[d as usize].up {
@@ -134,7 +144,7 @@ impl World {
     }
 }
 
-pub(super) fn fault_at(f: &FaultSpec) -> f64 {
+pub(crate) fn fault_at(f: &FaultSpec) -> f64 {
     match f {
         FaultSpec::Partition { at_s, .. }
         | FaultSpec::Asymmetric { at_s, .. }
@@ -143,6 +153,48 @@ pub(super) fn fault_at(f: &FaultSpec) -> f64 {
         | FaultSpec::Crash { at_s, .. }
         | FaultSpec::ClockJump { at_s, .. }
         | FaultSpec::Move { at_s, .. } => *at_s,
+    }
+}
+
+/// Device numbers as ranges: "0-5, 8, 10-12".
+pub(super) fn ranges(devices: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < devices.len() {
+        let mut j = i;
+        while j + 1 < devices.len() && devices[j + 1] == devices[j] + 1 {
+            j += 1;
+        }
+        out.push(if j == i { devices[i].to_string() } else { format!("{}-{}", devices[i], devices[j]) });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
+/// What a fault does, in a few words, for plots and tables.
+pub fn fault_label(f: &FaultSpec) -> String {
+    let sorted = |v: &[u32]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        ranges(&v)
+    };
+    match f {
+        FaultSpec::Partition { groups, .. } => {
+            format!("partition {}", groups.iter().map(|g| sorted(g)).collect::<Vec<_>>().join(" | "))
+        }
+        FaultSpec::Move { device, side, .. } => format!("tablet {device} walks to side {side}"),
+        FaultSpec::Asymmetric { from, to, .. } => format!("one-way loss {} to {}", sorted(from), sorted(to)),
+        FaultSpec::Isolate { device, .. } => format!("tablet {device} off the Wi-Fi"),
+        FaultSpec::UplinkOutage { .. } => "4G outage".into(),
+        FaultSpec::Crash { device, lose_unsynced, .. } => {
+            format!("tablet {device} crashes{}", if *lose_unsynced { ", loses unsynced" } else { "" })
+        }
+        FaultSpec::ClockJump { device, jump_ms, .. } => format!("tablet {device} clock {jump_ms:+} ms"),
     }
 }
 
@@ -159,7 +211,7 @@ pub fn fault_kind(f: &FaultSpec) -> &'static str {
 }
 
 /// Random faults for the whole day, drawn up front from their own stream per device.
-pub(super) fn random_faults(sc: &Scenario, seed: u64) -> Vec<FaultSpec> {
+pub(crate) fn random_faults(sc: &Scenario, seed: u64) -> Vec<FaultSpec> {
     let rf = &sc.random_faults;
     let day_s = sc.duration_h * 3600.0;
     let mut out = Vec::new();

@@ -37,6 +37,7 @@ impl World {
         self.messages += 1;
         self.bytes += bytes.len() as u64;
         self.hour().bytes += bytes.len() as u64;
+        self.series.bytes(self.now, bytes.len() as u64);
         if self.blocked(from, to) {
             return; // the cable is cut: the bytes sit in a buffer that never drains
         }
