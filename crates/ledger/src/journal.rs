@@ -22,8 +22,14 @@ pub(crate) struct Journal {
     pub(crate) digests: Vec<ChangeDigest>,
     /// Raw changes of the current segment, so its document can be rebuilt on demand.
     pub(crate) segment_changes: Vec<bytes::Bytes>,
-    pub(crate) doc: Option<SegmentDoc>,
+    /// Boxed: an `Automerge` is kilobytes inline, and a replica keeps a journal for every device
+    /// of the market while at most `MAX_OPEN_SEGMENT_DOCS` have a document.
+    pub(crate) doc: Option<Box<SegmentDoc>>,
 }
+
+// A journal per device of the market, on every replica: keep it small (the simulator holds a
+// thousand replicas of a thousand devices).
+const _: () = assert!(std::mem::size_of::<Journal>() <= 96);
 
 impl Journal {
     pub(crate) fn segment_index(seq: u64) -> usize {
@@ -41,9 +47,9 @@ impl Journal {
                 .collect::<Result<Vec<_>, _>>()?;
             doc.apply_changes(changes).map_err(|e| e.to_string())?;
             let events = events_list(&doc);
-            self.doc = Some(SegmentDoc { doc, events });
+            self.doc = Some(Box::new(SegmentDoc { doc, events }));
         }
-        Ok(self.doc.as_mut().expect("just built"))
+        Ok(self.doc.as_deref_mut().expect("just built"))
     }
 
     pub(crate) fn advance(&mut self, change: &SignedChange) {

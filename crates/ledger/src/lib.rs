@@ -282,6 +282,24 @@ impl Rejection {
     }
 }
 
+/// Remote changes whose signatures a caller already knows are good, for
+/// [`Ledger::apply_remote_known`]. `known_valid` may answer true only for a change byte-for-byte
+/// equal (signature included) to one whose signature was verified: the simulator's replicas share
+/// one process and receive the same changes, so one verification serves all of them. The node
+/// verifies every change ([`VerifyAll`]).
+pub trait KnownValid {
+    fn known_valid(&self, change: &SignedChange) -> bool;
+}
+
+/// Vouches for nothing: every signature is checked.
+pub struct VerifyAll;
+
+impl KnownValid for VerifyAll {
+    fn known_valid(&self, _: &SignedChange) -> bool {
+        false
+    }
+}
+
 /// The outcome of [`Ledger::apply_remote`].
 #[derive(Debug, Default)]
 pub struct ApplyReport {

@@ -5,7 +5,7 @@
 use crate::event::{self, Event, EventBody};
 use crate::journal::{events_list, Journal};
 use crate::{
-    ApplyReport, Entry, FoldError, Ledger, Rejection, MAX_CAUSAL_DOTS, MAX_CHANGE_BYTES, MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED,
+    ApplyReport, Entry, FoldError, KnownValid, Ledger, Rejection, VerifyAll, MAX_CAUSAL_DOTS, MAX_CHANGE_BYTES, MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED,
     SEGMENT_CHANGES,
 };
 use automerge::{Change, ChangeHash, ReadDoc};
@@ -15,13 +15,19 @@ impl Ledger {
     /// Verifies and applies changes received from peers, in any order. Changes whose predecessor
     /// or causal dependencies are missing wait (bounded) until those arrive.
     pub fn apply_remote(&mut self, changes: impl IntoIterator<Item = SignedChange>) -> ApplyReport {
+        self.apply_remote_known(changes, &VerifyAll)
+    }
+
+    /// [`Ledger::apply_remote`], skipping the signature check of changes `known` vouches for
+    /// (byte-for-byte equal to ones already verified). Everything else is checked as always.
+    pub fn apply_remote_known(&mut self, changes: impl IntoIterator<Item = SignedChange>, known: &dyn KnownValid) -> ApplyReport {
         let mut report = ApplyReport::default();
         let mut run = Vec::new();
         for change in changes {
-            self.feed(change, &mut run, &mut report);
+            self.feed(change, &mut run, &mut report, known);
         }
-        self.flush_run(&mut run, &mut report);
-        self.drain_pending(&mut report);
+        self.flush_run(&mut run, &mut report, known);
+        self.drain_pending(&mut report, known);
         report.pending = self.pending.len();
         self.stats.applied_remote += report.applied.len() as u64;
         debug_assert!(self.pending.len() <= MAX_PENDING_CHANGES, "the pending buffer is bounded");
@@ -35,7 +41,7 @@ impl Ledger {
 
     /// Routes one change: extends the current run of consecutive ready changes of one device (applied
     /// to automerge in one call), or waits, or is rejected or ignored.
-    fn feed(&mut self, change: SignedChange, run: &mut Vec<SignedChange>, report: &mut ApplyReport) {
+    fn feed(&mut self, change: SignedChange, run: &mut Vec<SignedChange>, report: &mut ApplyReport, known: &dyn KnownValid) {
         let dot = change.dot();
         if let Some(last) = run.last() {
             let continues = last.device == dot.device
@@ -43,32 +49,32 @@ impl Ledger {
                 && dot.seq == last.seq + 1
                 && Journal::segment_index(dot.seq) != 0
                 && run.len() < SEGMENT_CHANGES as usize;
-            if continues && matches!(self.precheck_at(&change, dot.seq), Ok(Readiness::Ready)) {
+            if continues && matches!(self.precheck_at(&change, dot.seq, known), Ok(Readiness::Ready)) {
                 run.push(change);
                 return;
             }
-            self.flush_run(run, report);
+            self.flush_run(run, report, known);
         }
-        match self.precheck(&change) {
+        match self.precheck(&change, known) {
             Err(r) => self.reject(report, dot, r),
             Ok(Readiness::Duplicate) => {
                 report.duplicates += 1;
                 self.stats.duplicates += 1;
             }
             Ok(Readiness::Conflict) => self.equivocation(change, report),
-            Ok(Readiness::Wait) => self.hold(change, report),
+            Ok(Readiness::Wait) => self.hold(change, report, known),
             Ok(Readiness::Ready) => run.push(change),
         }
     }
 
     /// Keeps a change until its predecessor or causal dependencies arrive (bounded).
-    fn hold(&mut self, change: SignedChange, report: &mut ApplyReport) {
+    fn hold(&mut self, change: SignedChange, report: &mut ApplyReport, known: &dyn KnownValid) {
         let dot = change.dot();
         if let Some(waiting) = self.pending.get(&dot) {
             if waiting.digest() == change.digest() {
                 report.duplicates += 1;
                 self.stats.duplicates += 1;
-            } else if change.verify_signature().is_err() {
+            } else if verify(&change, known).is_err() {
                 self.reject(report, dot, Rejection::BadSignature);
             } else {
                 // Two signed changes for one position, neither applied yet: the first waits on.
@@ -86,7 +92,7 @@ impl Ledger {
         }
     }
 
-    fn flush_run(&mut self, run: &mut Vec<SignedChange>, report: &mut ApplyReport) {
+    fn flush_run(&mut self, run: &mut Vec<SignedChange>, report: &mut ApplyReport, known: &dyn KnownValid) {
         if run.is_empty() {
             return;
         }
@@ -104,7 +110,7 @@ impl Ledger {
             self.reject(report, failed.dot(), why);
             // Later changes of the same device cannot apply before a good change at `dot`: wait.
             for c in rest {
-                self.hold(c, report);
+                self.hold(c, report, known);
             }
         }
     }
@@ -127,7 +133,7 @@ impl Ledger {
     }
 
     /// Applies every pending change that has become ready, until none is.
-    fn drain_pending(&mut self, report: &mut ApplyReport) {
+    fn drain_pending(&mut self, report: &mut ApplyReport, known: &dyn KnownValid) {
         loop {
             let ready: Vec<Dot> = self
                 .pending
@@ -142,9 +148,9 @@ impl Ledger {
             let mut run = Vec::new();
             for dot in ready {
                 let Some(change) = self.pending.remove(&dot) else { continue };
-                self.feed(change, &mut run, report);
+                self.feed(change, &mut run, report, known);
             }
-            self.flush_run(&mut run, report);
+            self.flush_run(&mut run, report, known);
             if (self.pending.len(), report.applied.len()) == before {
                 break;
             }
@@ -152,13 +158,13 @@ impl Ledger {
     }
 
     /// Cheap checks that need no automerge work: market, size, signature, position, dependencies.
-    fn precheck(&self, c: &SignedChange) -> Result<Readiness, Rejection> {
+    fn precheck(&self, c: &SignedChange, known: &dyn KnownValid) -> Result<Readiness, Rejection> {
         let next = self.journals.get(&c.device).map_or(0, |j| j.next_seq);
-        self.precheck_at(c, next)
+        self.precheck_at(c, next, known)
     }
 
     /// [`Ledger::precheck`] as if the device's journal held `next` entries (for runs not yet applied).
-    fn precheck_at(&self, c: &SignedChange, next: u64) -> Result<Readiness, Rejection> {
+    fn precheck_at(&self, c: &SignedChange, next: u64, known: &dyn KnownValid) -> Result<Readiness, Rejection> {
         if c.market != self.ctx.market {
             return Err(Rejection::WrongMarket);
         }
@@ -173,10 +179,10 @@ impl Ledger {
                 return Ok(Readiness::Duplicate);
             }
             // Not the change held here: altered bytes (forged), or a second change its device signed.
-            c.verify_signature().map_err(|_| Rejection::BadSignature)?;
+            verify(c, known)?;
             return Ok(Readiness::Conflict);
         }
-        c.verify_signature().map_err(|_| Rejection::BadSignature)?;
+        verify(c, known)?;
         if c.seq > 0 {
             match self.state.devices.get(&c.device) {
                 Some(d) if d.revoked_at_ms.is_some() => return Err(Rejection::Revoked),
@@ -336,4 +342,13 @@ enum Readiness {
     Duplicate,
     /// Validly signed, but another change is held at its position.
     Conflict,
+}
+
+/// The one signature check of a remote change: its author's signature, unless `known` vouches for
+/// these exact bytes.
+fn verify(c: &SignedChange, known: &dyn KnownValid) -> Result<(), Rejection> {
+    if known.known_valid(c) {
+        return Ok(());
+    }
+    c.verify_signature().map_err(|_| Rejection::BadSignature)
 }

@@ -152,6 +152,35 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
 }
 
 #[test]
+fn a_signature_is_skipped_only_for_changes_the_caller_vouches_for() {
+    struct Vouch(Vec<SignedChange>);
+    impl crate::KnownValid for Vouch {
+        fn known_valid(&self, c: &SignedChange) -> bool {
+            self.0.contains(c)
+        }
+    }
+    let m = TestMarket::new(5);
+    let (mut a, ea) = stocked(&m, 1, "eggs", 10);
+    let sale = a.record(sell("eggs", 1), 9).unwrap().change;
+    let mut forged = sale.clone();
+    let mut bytes = forged.change.to_vec();
+    bytes[0] ^= 1;
+    forged.change = bytes.into();
+    forged.signature = sale.signature; // the good signature, over other bytes
+    // Vouched for: not re-verified (a replica in the simulator trusts another's check).
+    let (mut b, _) = m.device(2, "Test Stall");
+    b.apply_remote(changes(&ea));
+    let vouched = b.apply_remote_known([forged.clone()], &Vouch(vec![forged.clone()]));
+    assert!(vouched.rejected.iter().all(|(_, r)| *r != Rejection::BadSignature), "{:?}", vouched.rejected);
+    // Vouching for other bytes of the same position does not cover it: checked, and refused.
+    let (mut c, _) = m.device(3, "Test Stall");
+    c.apply_remote(changes(&ea));
+    let r = c.apply_remote_known([forged], &Vouch(vec![sale.clone()]));
+    assert_eq!(r.rejected[0].1, Rejection::BadSignature);
+    assert_eq!(c.apply_remote_known([sale], &Vouch(vec![])).applied.len(), 1);
+}
+
+#[test]
 fn a_revoked_device_is_cut_off_everywhere_the_revocation_arrives() {
     let m = TestMarket::new(7);
     let (mut a, ea) = stocked(&m, 1, "figs", 10);

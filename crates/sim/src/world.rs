@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 const TIMELINE_LINES: usize = 40;
 /// Gossipsub's duplicate cache time (its default): a copy arriving later reaches the application.
 const GOSSIP_DUPLICATE_CACHE_US: u64 = 60 * US_PER_S;
+/// A device's broadcast duplicate cache is pruned of expired entries when it reaches this size
+/// (and each power of two past it): pruning is O(n), so it runs rarely.
+const SEEN_PRUNE_LEN: usize = 1024;
 /// One protocol call in this many is timed for the engine/protocol split of the report.
 const PROTOCOL_TIMING_SAMPLE: u64 = 16;
 /// Events processed before the run gives up (a runaway scenario, not a market day).
@@ -395,6 +398,27 @@ impl stallmesh_sync::ChangeLog for HeldLog<'_> {
         let held = self.heads.get(device).copied().unwrap_or(0);
         let limit = limit.min(held.saturating_sub(from_seq) as usize);
         self.all.changes_since(device, from_seq, limit)
+    }
+}
+
+/// Changes some ledger of the market already accepted: every entry in `World::entries` was
+/// recorded by its author or applied by a replica's `apply_remote`, so its signature is good, and a
+/// change equal to it byte for byte (signature included) needs no second check.
+struct Interned<'a>(&'a BTreeMap<Dot, Rc<Entry>>);
+
+impl stallmesh_ledger::KnownValid for Interned<'_> {
+    fn known_valid(&self, change: &SignedChange) -> bool {
+        self.0.get(&change.dot()).is_some_and(|e| e.change == *change)
+    }
+}
+
+/// Notes a broadcast in a device's duplicate cache. Entries older than the cache's time decide
+/// nothing (a copy arriving later counts as new), so they are pruned once the map has grown: the
+/// same decisions, without a thousand tablets each remembering every broadcast of the day.
+fn remember_broadcast(seen: &mut BTreeMap<u64, u64>, hash: u64, t: u64) {
+    seen.insert(hash, t);
+    if seen.len() >= SEEN_PRUNE_LEN && seen.len().is_power_of_two() {
+        seen.retain(|_, first| t.saturating_sub(*first) < GOSSIP_DUPLICATE_CACHE_US);
     }
 }
 
@@ -1108,7 +1132,7 @@ impl World {
         for o in &out {
             if let Output::Broadcast { bytes } = o {
                 let t = self.now;
-                self.devices[dev as usize].seen.insert(fnv_bytes(bytes), t);
+                remember_broadcast(&mut self.devices[dev as usize].seen, fnv_bytes(bytes), t);
             }
         }
         self.execute(dev, out);
@@ -1187,7 +1211,20 @@ impl World {
     /// applies becomes durable after the group commit. Returns the changes left pending and whether
     /// stock rights for this device arrived.
     fn apply_changes(&mut self, dev: u32, from: impl std::fmt::Display, changes: Vec<SignedChange>) -> (usize, bool) {
-        let report = self.protocol(|w| w.devices[dev as usize].ledger.apply_remote(changes));
+        // A change another replica already applied is the very same bytes: hand the ledger the
+        // one shared copy (its journal keeps it; a thousand replicas would keep a thousand) and
+        // let it skip re-verifying a signature one ledger verified (`Interned`).
+        let changes: Vec<SignedChange> = changes
+            .into_iter()
+            .map(|c| match self.entries.get(&c.dot()) {
+                Some(e) if e.change == c => e.change.clone(),
+                _ => c,
+            })
+            .collect();
+        let report = self.protocol(|w| {
+            let known = Interned(&w.entries);
+            w.devices[dev as usize].ledger.apply_remote_known(changes, &known)
+        });
         for (dot, why) in &report.rejected {
             self.trace(Some(dev), format!("rejected {}:{} from {from}: {}", dot.device.short(), dot.seq, why.label()));
         }
@@ -1389,4 +1426,28 @@ fn side_of(faults: &[FaultSpec], moved: &BTreeMap<u32, usize>, d: u32) -> usize 
         return *s;
     }
     first_partition(faults).and_then(|g| g.iter().position(|g| g.contains(&d))).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stallmesh_ledger::KnownValid;
+
+    #[test]
+    fn a_replica_skips_the_signature_check_only_of_a_change_equal_to_an_accepted_one() {
+        let sc = crate::Scenario::parse(
+            "name = \"t\"\nduration_h = 0.1\n[market]\nstalls = 1\ndevices_per_stall = 2\nproducts_per_stall = 1\ninitial_stock = 4\n[customers]\narrivals_per_stall_per_hour = 1\n",
+            "t",
+        )
+        .unwrap();
+        let w = World::new(sc, Options::default());
+        let accepted = w.entries.values().next().expect("the day's opening entries").change.clone();
+        let known = Interned(&w.entries);
+        assert!(known.known_valid(&accepted));
+        let mut altered = accepted.clone();
+        let mut bytes = altered.change.to_vec();
+        bytes[0] ^= 1;
+        altered.change = bytes.into();
+        assert!(!known.known_valid(&altered), "same position, other bytes: checked");
+    }
 }

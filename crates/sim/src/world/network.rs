@@ -91,7 +91,7 @@ impl World {
             if seen.get(&h).is_some_and(|first| t.saturating_sub(*first) < GOSSIP_DUPLICATE_CACHE_US) {
                 return;
             }
-            seen.insert(h, t);
+            remember_broadcast(seen, h, t);
             let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
             for p in peers {
                 self.transmit(to, p, bytes.clone(), false);
