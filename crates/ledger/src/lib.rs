@@ -59,6 +59,10 @@ pub const MAX_PENDING_CHANGES: usize = 10_000;
 /// Journal documents kept in memory per replica (least recently used are dropped and rebuilt from
 /// their raw changes on demand): bounds memory in a market of hundreds of devices.
 pub const MAX_OPEN_SEGMENT_DOCS: usize = 128;
+/// The fewest: this device's own document, which is never dropped, and the one a remote run is
+/// being applied to (`touch_doc` then uses it).
+pub const MIN_OPEN_SEGMENT_DOCS: usize = 2;
+const _: () = assert!(MIN_OPEN_SEGMENT_DOCS <= MAX_OPEN_SEGMENT_DOCS);
 /// Changes held for a device whose enrolment has not arrived: a stranger cannot fill the buffer.
 pub const MAX_PENDING_PER_UNENROLLED: usize = SEGMENT_CHANGES as usize;
 /// Largest automerge change accepted. A 100-line sale encodes to ~3 KB.
@@ -350,6 +354,8 @@ pub struct Ledger {
     unreferenced_transfers_in: Vec<Dot>,
     /// Devices whose journal document is in memory, least recently used first.
     open_docs: std::collections::VecDeque<DeviceId>,
+    /// How many may be: [`MAX_OPEN_SEGMENT_DOCS`] unless [`Ledger::set_open_docs_limit`] lowered it.
+    open_docs_limit: usize,
     stats: LedgerStats,
     /// Changes that contradict the journal held at their position (or the history it follows):
     /// position → the distinct conflicting changes, each verified as signed by its device.
@@ -378,6 +384,7 @@ impl Ledger {
             lamport: 0,
             unreferenced_transfers_in: Vec::new(),
             open_docs: std::collections::VecDeque::new(),
+            open_docs_limit: MAX_OPEN_SEGMENT_DOCS,
             stats: LedgerStats::default(),
             evidence: BTreeMap::new(),
             evidence_changes: 0,
@@ -492,12 +499,28 @@ impl Ledger {
 
     /// Marks `device`'s journal document as used; drops the least recently used beyond the bound
     /// (never this device's own, which every local operation writes to).
+    /// Keeps at most `limit` journal documents in memory (within [`MIN_OPEN_SEGMENT_DOCS`] and
+    /// [`MAX_OPEN_SEGMENT_DOCS`]); the rest are dropped now and rebuilt from their raw changes when
+    /// next needed. Memory for time: a thousand replicas in one simulator process each need few.
+    pub fn set_open_docs_limit(&mut self, limit: usize) {
+        assert!(
+            (MIN_OPEN_SEGMENT_DOCS..=MAX_OPEN_SEGMENT_DOCS).contains(&limit),
+            "an open-documents limit within {MIN_OPEN_SEGMENT_DOCS}..={MAX_OPEN_SEGMENT_DOCS}"
+        );
+        self.open_docs_limit = limit;
+        self.evict_docs();
+    }
+
     fn touch_doc(&mut self, device: DeviceId) {
         if let Some(i) = self.open_docs.iter().position(|d| *d == device) {
             self.open_docs.remove(i);
         }
         self.open_docs.push_back(device);
-        while self.open_docs.len() > MAX_OPEN_SEGMENT_DOCS {
+        self.evict_docs();
+    }
+
+    fn evict_docs(&mut self) {
+        while self.open_docs.len() > self.open_docs_limit {
             let Some(old) = self.open_docs.pop_front() else { break };
             if old == self.me {
                 self.open_docs.push_back(old);

@@ -25,6 +25,16 @@ use std::time::{Duration, Instant};
 const TIMELINE_LINES: usize = 40;
 /// Gossipsub's duplicate cache time (its default): a copy arriving later reaches the application.
 const GOSSIP_DUPLICATE_CACHE_US: u64 = 60 * US_PER_S;
+/// Journal documents open in all the replicas of one run: each keeps its share (within the
+/// ledger's bounds; the node keeps up to `MAX_OPEN_SEGMENT_DOCS`). A market of tens of tablets
+/// keeps the node's number; a thousand replicas sharing this process keep 16 each. A document
+/// dropped is rebuilt from its segment's raw changes when next applied to — the same document —
+/// so only time is traded for memory.
+const OPEN_DOCS_BUDGET: usize = 16_384;
+
+fn open_docs_per_replica(devices: u32) -> usize {
+    (OPEN_DOCS_BUDGET / devices.max(1) as usize).clamp(stallmesh_ledger::MIN_OPEN_SEGMENT_DOCS, stallmesh_ledger::MAX_OPEN_SEGMENT_DOCS)
+}
 /// A device's broadcast duplicate cache is pruned of expired entries when it reaches this size
 /// (and each power of two past it): pruning is O(n), so it runs rarely.
 const SEEN_PRUNE_LEN: usize = 1024;
@@ -457,6 +467,7 @@ impl World {
             let clock_offset_us = (rng.gen_range(-1.0..=1.0) * sc.clock.max_offset_ms * 1000.0) as i64;
             let drift_ppm = rng.gen_range(-1.0..=1.0) * sc.clock.max_drift_ppm;
             let mut ledger = Ledger::new(ctx.clone(), key, cert.clone());
+            ledger.set_open_docs_limit(open_docs_per_replica(n));
             ledger.allow_overspend_for_tests = opts.broken_device == Some(d);
             devices.push(Device {
                 id: DeviceId(ledger.device().0),
@@ -660,6 +671,7 @@ impl World {
             let dev = &w.devices[d as usize];
             let mut l = Ledger::restore(w.ctx.clone(), DeviceKey::from_secret(dev.key_secret), dev.cert.clone(), entries.iter().cloned())
                 .expect("setup entries restore");
+            l.set_open_docs_limit(open_docs_per_replica(w.n()));
             l.allow_overspend_for_tests = dev.broken;
             l
         };

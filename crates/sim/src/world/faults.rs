@@ -93,9 +93,11 @@ impl World {
             let d = &w.devices[dev as usize];
             Ledger::restore(w.ctx.clone(), key, d.cert.clone(), d.durable.iter().map(|e| (**e).clone()))
         });
+        let open_docs = open_docs_per_replica(self.n());
         let d = &mut self.devices[dev as usize];
         match restored {
             Ok(mut ledger) => {
+                ledger.set_open_docs_limit(open_docs);
                 ledger.allow_overspend_for_tests = d.broken;
                 d.ledger = ledger;
             }
