@@ -1,4 +1,5 @@
-//! A simulator scenario file: parsing (and its checks) never panic, whatever the text.
+//! A simulator scenario file: parsing (and its checks) never panic, whatever the text; a scenario
+//! that parses writes back (as `--shrink` writes its result) to text that parses to the same file.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -11,5 +12,8 @@ fn keep_caught_panics() {
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = stallmesh_sim::scenario::Scenario::parse(text, "fuzz");
+    let Ok(scenario) = stallmesh_sim::scenario::Scenario::parse(text, "fuzz") else { return };
+    let written = toml::to_string(&scenario).expect("a parsed scenario writes back");
+    let again = stallmesh_sim::scenario::Scenario::parse(&written, "written").expect("what was written parses");
+    assert_eq!(toml::to_string(&again).expect("writes back"), written, "a scenario survives a round trip");
 });
