@@ -108,7 +108,8 @@ pub fn run_sim(args: SimArgs) -> Result<u8, String> {
                 bar.inc(1);
             }
         };
-        let results = sweep_with(&scenario, a..b, args.jobs, &on_seed);
+        let base = Options { broken_device: args.broken_allow_overspend, ..Default::default() };
+        let results = sweep_with(&scenario, a..b, args.jobs, &base, &on_seed);
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }

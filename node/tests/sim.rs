@@ -81,3 +81,22 @@ fn shrink_writes_a_smaller_failing_scenario_and_its_replay_line_fails_the_same_w
     assert_eq!(code2, 1, "{out2}");
     assert!(out2.contains(&format!("  {invariant}: ")), "the replay fails {invariant}:\n{out2}");
 }
+
+#[test]
+fn a_sweep_groups_failing_seeds_by_the_invariant_they_broke_with_a_replay_line_for_each_group() {
+    let (code, out) = sim(&[&scenario("partition-heal.toml"), "--seeds", "1..3", "--jobs", "2", "--broken-allow-overspend", "0"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("2 of 2 seeds failed:"), "{out}");
+    // "  <invariant>: <n> seeds [..]", then its replay line; the groups cover both seeds.
+    let groups: Vec<(&str, usize)> = out
+        .lines()
+        .filter_map(|l| {
+            let (invariant, rest) = l.strip_prefix("  ")?.split_once(": ")?;
+            let n = rest.strip_suffix(']')?.split_once(" seeds [")?.0.parse().ok()?;
+            Some((invariant, n))
+        })
+        .collect();
+    assert_eq!(groups.iter().map(|(_, n)| n).sum::<usize>(), 2, "{out}");
+    assert_eq!(out.matches("    replay the first: stallmesh sim ").count(), groups.len(), "{out}");
+    assert!(out.contains("--seed 1 --broken-allow-overspend 0"), "{out}");
+}

@@ -52,15 +52,17 @@ pub fn check_determinism(scenario: &Scenario, seed: u64) -> (String, Option<Dive
 
 /// Runs seeds `seeds` on `jobs` threads; returns each seed's result summary, in seed order.
 pub fn sweep(scenario: &Scenario, seeds: std::ops::Range<u64>, jobs: usize) -> Vec<(u64, Report, Vec<Violation>)> {
-    sweep_with(scenario, seeds, jobs, &|_, _| {})
+    sweep_with(scenario, seeds, jobs, &Options::default(), &|_, _| {})
 }
 
-/// [`sweep`], calling `on_seed` as each seed finishes (in any order: for a progress bar). The
-/// reports keep their summaries, not their time series (a thousand seeds stay small).
+/// [`sweep`] with `base`'s options (a broken build; its seed is each seed's), calling `on_seed`
+/// as each seed finishes (in any order: for a progress bar). The reports keep their summaries,
+/// not their time series (a thousand seeds stay small).
 pub fn sweep_with(
     scenario: &Scenario,
     seeds: std::ops::Range<u64>,
     jobs: usize,
+    base: &Options,
     on_seed: &(dyn Fn(u64, &[Violation]) + std::marker::Sync),
 ) -> Vec<(u64, Report, Vec<Violation>)> {
     let seeds: Vec<u64> = seeds.collect();
@@ -71,7 +73,8 @@ pub fn sweep_with(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&seed) = seeds.get(i) else { break };
-                let mut r = run(scenario, Options { seed, ..Default::default() });
+                let opts = Options { seed, progress: false, trace_file: None, keep_event_hashes: false, capture_event: None, ..base.clone() };
+                let mut r = run(scenario, opts);
                 r.report.series = Series::default();
                 on_seed(seed, &r.violations);
                 results.lock().expect("results lock").push((seed, r.report, r.violations));
