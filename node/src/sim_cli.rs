@@ -7,6 +7,9 @@ use std::path::Path;
 
 /// Past this many seeds a sweep prints a summary instead of a line per seed.
 const SWEEP_LINES_MAX: usize = 50;
+/// Seeds in one sweep: each keeps its report summary (about a kilobyte) until the end, and a
+/// million is weeks of runs on a laptop; a mistyped range is refused, not started.
+const MAX_SWEEP_SEEDS: u64 = 1_000_000;
 
 fn replay_line(args: &SimArgs, seed: u64) -> String {
     replay(&args.scenario, seed, args.broken_allow_overspend)
@@ -88,6 +91,9 @@ pub fn run_sim(args: SimArgs) -> Result<u8, String> {
             (a.parse().map_err(|_| "--seeds: A is not a number")?, b.parse().map_err(|_| "--seeds: B is not a number")?);
         if b <= a {
             return Err(format!("--seeds {a}..{b} is empty"));
+        }
+        if b - a > MAX_SWEEP_SEEDS {
+            return Err(format!("--seeds {a}..{b} is {} seeds; a sweep runs at most {MAX_SWEEP_SEEDS}", b - a));
         }
         let started = std::time::Instant::now();
         let bar = (!args.quiet).then(|| {

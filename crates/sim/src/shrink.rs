@@ -4,6 +4,7 @@
 //! still fails with the same seed. What is left is a scenario small enough to read.
 
 use crate::scenario::{FaultSpec, NetworkSpec, Scenario};
+use crate::world::fault_start_s;
 use crate::{run, Options};
 
 /// Simulator runs one shrink may spend: delta debugging is O(n log n) runs in the faults and the
@@ -58,9 +59,10 @@ impl Shrinker<'_> {
 
     /// Whether the case still fails the same invariant (an invalid scenario does not).
     fn fails(opts: &Options, invariant: &str, c: &Case) -> bool {
-        if c.sc.validate().is_err() || c.broken.is_some_and(|d| d >= c.sc.devices()) {
+        if c.sc.validate().is_err() {
             return false;
         }
+        debug_assert!(c.broken.is_none_or(|d| d < c.sc.devices()), "a cut never removes the broken tablet");
         let o = Options { broken_device: c.broken, progress: false, trace_file: None, ..opts.clone() };
         run(&c.sc, o).violations.iter().any(|v| v.invariant == invariant)
     }
@@ -171,8 +173,21 @@ fn cut_faults(faults: &[FaultSpec], old_dps: u32, stalls: u32, dps: u32) -> Vec<
         .collect()
 }
 
-fn fault_start_s(f: &FaultSpec) -> f64 {
-    crate::world::fault_start_s(f)
+/// The case in a market cut to `stalls` × `dps` tablets (faults and the broken tablet renumbered),
+/// or `None` if the cut would remove the broken tablet: its failure is what is being kept.
+fn cut_market(c: &Case, stalls: u32, dps: u32) -> Option<Case> {
+    let old_dps = c.sc.market.devices_per_stall;
+    let broken = match c.broken {
+        Some(d) => Some(renumber(d, old_dps, stalls, dps)?),
+        None => None,
+    };
+    let mut n = c.clone();
+    n.sc.faults = cut_faults(&c.sc.faults, old_dps, stalls, dps);
+    n.sc.market.stalls = stalls;
+    n.sc.market.devices_per_stall = dps;
+    n.sc.customers.selling_devices_per_stall = n.sc.customers.selling_devices_per_stall.min(dps);
+    n.broken = broken;
+    Some(n)
 }
 
 /// Shrinks a failing run of `sc` with `opts` (its seed, its broken build). `progress` hears each
@@ -192,37 +207,20 @@ pub fn shrink(sc: &Scenario, opts: &Options, jobs: usize, progress: &mut dyn FnM
     loop {
         let before = toml::to_string(&case.sc).expect("a scenario serialises");
         // Stalls, then tablets per stall, first: every later run is of a smaller market.
-        let m = &case.sc.market;
-        let (stalls, dps) = (m.stalls, m.devices_per_stall);
-        let market_cut = |c: &Case, new_stalls: u32, new_dps: u32| -> Case {
-            let mut n = c.clone();
-            n.sc.faults = cut_faults(&c.sc.faults, dps, new_stalls, new_dps);
-            n.sc.market.stalls = new_stalls;
-            n.sc.market.devices_per_stall = new_dps;
-            n.sc.customers.selling_devices_per_stall = n.sc.customers.selling_devices_per_stall.min(new_dps);
-            n.broken = c.broken.and_then(|d| renumber(d, dps, new_stalls, new_dps)).or(c.broken.map(|_| u32::MAX));
-            n
-        };
+        let stalls = case.sc.market.stalls;
         let mut stall_counts: Vec<u32> = vec![1, stalls / 2, stalls - 1];
         stall_counts.retain(|k| *k >= 1 && *k < stalls);
         stall_counts.dedup();
-        let cuts = stall_counts.iter().map(|&k| market_cut(&case, k, dps)).collect();
+        let dps = case.sc.market.devices_per_stall;
+        let cuts = stall_counts.iter().filter_map(|&k| cut_market(&case, k, dps)).collect();
         if let Some(c) = s.try_cuts(&case, "stalls", cuts, &mut steps, |c| c.sc.market.stalls.to_string()) {
             case = c;
         }
         let (stalls, dps) = (case.sc.market.stalls, case.sc.market.devices_per_stall);
-        let market_cut = |c: &Case, new_dps: u32| -> Case {
-            let mut n = c.clone();
-            n.sc.faults = cut_faults(&c.sc.faults, dps, stalls, new_dps);
-            n.sc.market.devices_per_stall = new_dps;
-            n.sc.customers.selling_devices_per_stall = n.sc.customers.selling_devices_per_stall.min(new_dps);
-            n.broken = c.broken.map(|d| renumber(d, dps, stalls, new_dps).unwrap_or(u32::MAX));
-            n
-        };
         let mut dps_counts: Vec<u32> = vec![1, dps - 1];
         dps_counts.retain(|k| *k >= 1 && *k < dps);
         dps_counts.dedup();
-        let cuts = dps_counts.iter().map(|&k| market_cut(&case, k)).collect();
+        let cuts = dps_counts.iter().filter_map(|&k| cut_market(&case, stalls, k)).collect();
         if let Some(c) = s.try_cuts(&case, "tablets per stall", cuts, &mut steps, |c| c.sc.market.devices_per_stall.to_string()) {
             case = c;
         }
