@@ -97,7 +97,7 @@ async fn reset(db: &pg::TestDb, store: &Store, markets: &[Arc<PreparedMarket>]) 
 
 async fn commit(store: &Store, m: &PreparedMarket, batch: usize) {
     let tx = store.begin(&m.reg.market).await.unwrap();
-    tx.commit(&m.batches[batch], &[], &[], DAY_MS).await.unwrap();
+    tx.commit(&m.batches[batch], &[], &[], &[], DAY_MS).await.unwrap();
 }
 
 fn cloud_ingest(c: &mut Criterion) {

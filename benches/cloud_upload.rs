@@ -34,6 +34,7 @@ fn cloud_config(dir: &std::path::Path) -> stallmesh_cloud::CloudConfig {
         nats_stream: "STALLMESH".into(),
         admin_token: "bench".into(),
         watermark_interval_ms: 2_000,
+        hold_ttl_ms: 600_000,
     }
 }
 

@@ -65,6 +65,9 @@ pub enum Command {
         #[command(flatten)]
         node: NodeAddr,
     },
+    /// Limited drops: plan one (from an organiser's device), list them, follow one.
+    #[command(subcommand)]
+    Drop(DropCmd),
     /// Add or change a product in the catalogue.
     Product(ProductArgs),
     /// Show stock per SKU: total, this device's rights, rights per device.
@@ -203,6 +206,48 @@ pub enum RoleArg {
     Organiser,
     /// The market's cloud ingest (register it with `stallmesh cloud market add`).
     Cloud,
+    /// An online sales channel: sells and moves stock rights, never edits the catalogue.
+    Online,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DropCmd {
+    /// Plan a drop: `stallmesh drop plan "Summer tote" --sku TOTE --units 200 --in 30m
+    /// --share <device>=150 --share <device>=50`. Nothing of the SKU sells before it opens.
+    Plan {
+        /// What staff and buyers see: "Summer tote, 200 numbered".
+        name: String,
+        #[arg(long)]
+        sku: String,
+        /// Units released, all new stock: the shares must add up to it.
+        #[arg(long)]
+        units: u64,
+        /// When it opens, RFC 3339 (`2026-12-05T14:00:00Z`).
+        #[arg(long, conflicts_with = "in_", required_unless_present = "in_")]
+        at: Option<String>,
+        /// When it opens, from now (`30m`, `2h`, `0s` for at once).
+        #[arg(long = "in", id = "in_")]
+        in_: Option<String>,
+        /// DEVICE=UNITS, once per device given units (a tablet's id from `stallmesh status`).
+        #[arg(long = "share", required = true)]
+        shares: Vec<String>,
+        /// Units the online channel sells one buyer.
+        #[arg(long)]
+        max_per_buyer: Option<u64>,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// Every drop this node knows, latest first: status, units left and sold.
+    List {
+        #[command(flatten)]
+        node: NodeAddr,
+    },
+    /// One drop, per device: planned, held now, sold.
+    Show {
+        id: String,
+        #[command(flatten)]
+        node: NodeAddr,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -264,6 +309,20 @@ pub enum CloudMarketCmd {
     /// Register a market, given the directory `stallmesh device enroll --role cloud --out DIR` wrote.
     Add {
         /// The cloud device's directory (device.key, certificate.json, market.json).
+        dir: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
+        cloud: String,
+        /// The cloud's admin token; default: read from DATA_DIR/admin.token.
+        #[arg(long, env = "STALLMESH_CLOUD_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The cloud's data directory, where it wrote admin.token.
+        #[arg(long, default_value = "stallmesh-cloud")]
+        data_dir: PathBuf,
+    },
+    /// Set up a registered market's online channel, given the directory `stallmesh device enroll
+    /// --role online --out DIR` wrote: the cloud then sells that device's share of drops online.
+    Online {
+        /// The online device's directory (device.key, certificate.json, market.json).
         dir: PathBuf,
         #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
         cloud: String,
@@ -596,6 +655,87 @@ fn run_loyalty(cmd: LoyaltyCmd) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// When a drop opens, in ms since the epoch, from `--at` (RFC 3339) or `--in` (a duration from now).
+fn drop_start_ms(at: Option<&str>, in_: Option<&str>) -> Result<u64, ClientError> {
+    let since_epoch = match (at, in_) {
+        (Some(at), _) => humantime::parse_rfc3339_weak(at)
+            .map_err(|e| ClientError::Usage(format!("--at {at:?}: {e} (write it as 2026-12-05T14:00:00Z)")))?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| ClientError::Usage(format!("--at {at:?} is before 1970")))?,
+        (None, Some(d)) => {
+            let d = humantime::parse_duration(d).map_err(|e| ClientError::Usage(format!("--in {d:?}: {e} (write it as 30m or 2h)")))?;
+            std::time::SystemTime::now()
+                .checked_add(d)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .ok_or_else(|| ClientError::Usage("--in is too far ahead".into()))?
+        }
+        (None, None) => return Err(ClientError::Usage("say when the drop opens: --at or --in".into())),
+    };
+    u64::try_from(since_epoch.as_millis()).map_err(|_| ClientError::Usage("the start is too far ahead".into()))
+}
+
+fn print_drop(d: &Value) {
+    println!(
+        "drop {}  {:?}  {} x {}  {}  sold {}, left {}{}",
+        d["id"].as_str().unwrap_or("?"),
+        d["name"].as_str().unwrap_or(""),
+        d["units"],
+        d["sku"].as_str().unwrap_or("?"),
+        match d["status"].as_str() {
+            Some("scheduled") => format!("opens in {}", humantime::format_duration(std::time::Duration::from_secs(d["opens_in_ms"].as_u64().unwrap_or(0) / 1000))),
+            Some(s) => s.to_string(),
+            None => "?".into(),
+        },
+        d["sold"],
+        d["left"],
+        if d["sold_out_at_ms"].is_u64() { format!(" (sold out at {} ms)", d["sold_out_at_ms"]) } else { String::new() }
+    );
+}
+
+fn run_drop(cmd: DropCmd) -> Result<(), ClientError> {
+    match cmd {
+        DropCmd::Plan { name, sku, units, at, in_, shares, max_per_buyer, node } => {
+            let start_ms = drop_start_ms(at.as_deref(), in_.as_deref())?;
+            let plan = shares
+                .iter()
+                .map(|s| {
+                    let (device, n) = s.split_once('=').ok_or_else(|| ClientError::Usage(format!("--share {s:?}: write DEVICE=UNITS")))?;
+                    let n: u64 = n.trim().parse().map_err(|_| ClientError::Usage(format!("--share {s:?}: UNITS must be a whole number")))?;
+                    Ok(json!({ "device": device.trim(), "units": n }))
+                })
+                .collect::<Result<Vec<_>, ClientError>>()?;
+            let body = json!({ "name": name, "sku": sku, "units": units, "start_ms": start_ms, "plan": plan, "max_per_buyer": max_per_buyer });
+            let d = Client::new(&node.url).post("/api/v1/drops", &body)?;
+            print_drop(&d);
+        }
+        DropCmd::List { node } => {
+            let r = Client::new(&node.url).get("/api/v1/drops")?;
+            let drops = r["drops"].as_array().cloned().unwrap_or_default();
+            if drops.is_empty() {
+                println!("no drops");
+            }
+            drops.iter().for_each(print_drop);
+        }
+        DropCmd::Show { id, node } => {
+            let d = Client::new(&node.url).get(&format!("/api/v1/drops/{}", path_segment(id.trim())))?;
+            print_drop(&d);
+            println!("  {:<16} {:<10} {:<12} {:>8} {:>8} {:>8}", "device", "role", "stall", "planned", "held", "sold");
+            for c in d["channels"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<16} {:<10} {:<12} {:>8} {:>8} {:>8}",
+                    c["device"].as_str().unwrap_or("?").chars().take(16).collect::<String>(),
+                    c["role"].as_str().unwrap_or("?"),
+                    c["stall"].as_str().unwrap_or("?"),
+                    c["planned"],
+                    c["held"],
+                    c["sold"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs a client verb and prints its result for a person.
 pub fn run_client(cmd: Command) -> Result<(), ClientError> {
     match cmd {
@@ -635,6 +775,7 @@ pub fn run_client(cmd: Command) -> Result<(), ClientError> {
             let r = Client::new(&node.url).post("/api/v1/restocks", &json!({ "sku": sku, "qty": qty }))?;
             println!("restocked {qty} x {sku}; this device now holds {}", r["rights_here"]);
         }
+        Command::Drop(cmd) => run_drop(cmd)?,
         Command::Transfer { sku, qty, to, node } => {
             let r = Client::new(&node.url).post("/api/v1/transfers", &json!({ "sku": sku, "qty": qty, "to_device": to }))?;
             println!("gave {qty} x {sku} to {to}; this device now holds {}", r["rights_here"]);

@@ -18,6 +18,7 @@ pub fn run(cmd: CloudCmd, shutdown: impl std::future::Future<Output = ()> + Send
     match cmd {
         CloudCmd::Up(args) => up(args, shutdown),
         CloudCmd::Market(CloudMarketCmd::Add { dir, cloud, token, data_dir }) => add_market(&dir, &cloud, token, &data_dir),
+        CloudCmd::Market(CloudMarketCmd::Online { dir, cloud, token, data_dir }) => set_online(&dir, &cloud, token, &data_dir),
         CloudCmd::Tail { market, after, follow, cloud } => tail(&market, after, follow, &cloud),
     }
 }
@@ -50,18 +51,47 @@ fn up(args: CloudUpArgs, shutdown: impl std::future::Future<Output = ()> + Send 
     })
 }
 
-fn add_market(dir: &std::path::Path, cloud: &str, token: Option<String>, data_dir: &std::path::Path) -> Result<(), String> {
-    let creds = files::load_device(dir).map_err(|e| e.to_string())?;
-    let token = match token {
-        Some(t) => t,
+fn admin_token(token: Option<String>, data_dir: &std::path::Path) -> Result<String, String> {
+    match token {
+        Some(t) => Ok(t),
         None => {
             let path = data_dir.join(stallmesh_cloud::ADMIN_TOKEN_FILE);
-            std::fs::read_to_string(&path)
+            Ok(std::fs::read_to_string(&path)
                 .map_err(|e| format!("{}: {e} (pass --token, or --data-dir of the running cloud)", path.display()))?
                 .trim()
-                .to_string()
+                .to_string())
         }
+    }
+}
+
+fn refused(url: &str, e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(code, r) => {
+            let b: Option<CloudErrorBody> = r.into_json().ok();
+            b.map_or_else(|| format!("{url}: HTTP {code}"), |b| format!("the cloud refused ({code} {}): {}", b.error, b.message))
+        }
+        e => format!("{url}: {e}"),
+    }
+}
+
+fn set_online(dir: &std::path::Path, cloud: &str, token: Option<String>, data_dir: &std::path::Path) -> Result<(), String> {
+    let creds = files::load_device(dir).map_err(|e| e.to_string())?;
+    let token = admin_token(token, data_dir)?;
+    let body = stallmesh_api::cloud::SetOnlineChannel {
+        certificate: hex::encode(postcard::to_allocvec(&creds.certificate).expect("certificates serialize")),
+        device_key: hex::encode(creds.key.secret()),
     };
+    let url = format!("{}/v1/markets/{}/online", cloud.trim_end_matches('/'), creds.market.market_id.to_hex());
+    let r = ureq::put(&url).set("authorization", &format!("Bearer {token}")).send_json(&body).map_err(|e| refused(&url, e))?;
+    let done: stallmesh_api::cloud::OnlineChannelSet = r.into_json().map_err(|e| format!("{url}: {e}"))?;
+    let verb = if done.created { "is set up" } else { "was already set up" };
+    println!("the online channel of market {:?} {verb}: device {} (give it a share when you plan a drop)", creds.market.name, done.online_device);
+    Ok(())
+}
+
+fn add_market(dir: &std::path::Path, cloud: &str, token: Option<String>, data_dir: &std::path::Path) -> Result<(), String> {
+    let creds = files::load_device(dir).map_err(|e| e.to_string())?;
+    let token = admin_token(token, data_dir)?;
     let body = RegisterMarket {
         name: creds.market.name.clone(),
         market_public_key: creds.market.public_key.to_hex(),

@@ -91,6 +91,7 @@ fn admin(cmd: Command) -> Result<(), String> {
                 RoleArg::Seller => Role::Seller,
                 RoleArg::Organiser => Role::Organiser,
                 RoleArg::Cloud => Role::Cloud,
+                RoleArg::Online => Role::Online,
             };
             let expires = now_ms().saturating_add(valid_days.saturating_mul(24 * 3_600_000));
             let certificate = market_key.enrol(key.device_id(), &stall, role, expires);

@@ -552,6 +552,7 @@ impl Node {
             LocalOp::MintVoucher { .. } => "voucher_mint",
             LocalOp::RedeemVoucher { .. } => "voucher_redemption",
             LocalOp::RecommendationFeedback(_) => "recommendation_feedback",
+            LocalOp::PlanDrop { .. } => "drop",
         };
         let _span = tracing::debug_span!("local_op", kind).entered();
         let result = if self.group_commit {

@@ -66,6 +66,17 @@ pub enum LogBody {
         basket: Vec<String>,
         arm: String,
     },
+    /// An organiser's drop: `units` of `sku` released at `start_ms`, split by `plan` (device → units).
+    Drop {
+        drop_id: String,
+        name: String,
+        sku: String,
+        units: u64,
+        start_ms: u64,
+        plan: BTreeMap<String, u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_per_buyer: Option<u64>,
+    },
 }
 
 impl LogBody {
@@ -84,6 +95,7 @@ impl LogBody {
             LogBody::VoucherMinted { .. } => "voucher_minted",
             LogBody::VoucherRedeemed { .. } => "voucher_redeemed",
             LogBody::RecommendationFeedback { .. } => "recommendation_feedback",
+            LogBody::Drop { .. } => "drop",
         }
     }
 }
@@ -156,6 +168,117 @@ pub struct CloudErrorBody {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<UploadRefused>,
+    /// `sold_out` (HTTP 409): where the units are, and whether some may come back online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sold_out: Option<SoldOutView>,
+}
+
+// ---- the online channel: `/v1/markets/{market}/online`, `/v1/markets/{market}/drops/{drop}/…`
+
+/// `PUT /v1/markets/{market}/online` (with the cloud's admin token): the market's online channel,
+/// a device the organiser enrolled with role `online` (`stallmesh device enroll --role online`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetOnlineChannel {
+    /// Its enrolment certificate, hex of its binary (postcard) form.
+    pub certificate: String,
+    /// Its secret key, 64 hex characters.
+    pub device_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OnlineChannelSet {
+    pub market: String,
+    /// The online device: plan drops with a share for it.
+    pub online_device: String,
+    /// `false`: it was set up already, with this same device.
+    pub created: bool,
+}
+
+/// `POST /v1/markets/{market}/drops/{drop}/holds`, with an `Idempotency-Key` header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceHold {
+    /// The buyer as the shop knows them (an account id): limits per buyer count by it.
+    pub buyer: String,
+    pub qty: u64,
+}
+
+/// A buyer's hold on units of a drop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HoldView {
+    pub id: String,
+    pub drop: String,
+    pub sku: String,
+    pub buyer: String,
+    pub qty: u64,
+    /// `held`, `paid` or `expired`.
+    pub status: String,
+    pub placed_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// 0 once expired or paid.
+    pub expires_in_ms: u64,
+    /// The online device's sale, once paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sale_id: Option<String>,
+}
+
+/// `POST /v1/markets/{market}/drops/{drop}/orders`, with an `Idempotency-Key` header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrder {
+    pub hold: String,
+}
+
+/// A paid hold: the online device's sale, in the market's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OrderView {
+    pub sale_id: String,
+    pub hold: String,
+    pub drop: String,
+    pub sku: String,
+    pub qty: u64,
+    pub total_cents: u64,
+    pub currency: String,
+    /// The market log's length once the sale was in it.
+    pub offset: u64,
+}
+
+/// `sold_out`: nothing free online now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SoldOutView {
+    pub available_online: u64,
+    /// Units in other buyers' unpaid holds: they come back if not paid in time.
+    pub in_holds: u64,
+    /// Units the stalls hold.
+    pub held_at_stalls: u64,
+    /// Whether units may still become available online (holds expiring, stalls' units moved).
+    pub may_return: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_expiry_ms: Option<u64>,
+}
+
+/// `GET /v1/markets/{market}/drops/{drop}`: a drop as the online channel sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OnlineDrop {
+    pub drop_id: String,
+    pub name: String,
+    pub sku: String,
+    pub units: u64,
+    pub start_ms: u64,
+    /// `scheduled`, `open` or `sold_out` (nothing free online).
+    pub status: String,
+    pub opens_in_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_buyer: Option<u64>,
+    pub online_device: String,
+    /// Free to hold now.
+    pub available_online: u64,
+    pub in_holds: u64,
+    pub held_at_stalls: u64,
+    pub sold_online: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_expiry_ms: Option<u64>,
 }
 
 /// `changes_rejected` (HTTP 422): the upload's good changes were logged, these were not.
@@ -211,6 +334,15 @@ mod tests {
                 arm: "treatment".into(),
             },
             LogBody::Enrolment { stall: "s".into(), role: "cloud".into(), expires_at_ms: 1 },
+            LogBody::Drop {
+                drop_id: "d".into(),
+                name: "n".into(),
+                sku: "S".into(),
+                units: 3,
+                start_ms: 4,
+                plan: BTreeMap::from([("x".to_string(), 3)]),
+                max_per_buyer: Some(1),
+            },
         ];
         for body in bodies {
             let event = LogEvent { market: "m".into(), offset: 7, device: "d".into(), seq: 3, time_ms: 9, digest: "h".into(), body };

@@ -9,6 +9,7 @@
 //!
 //! Requests are strict: a JSON object with exactly the documented keys (see [`strict`]).
 
+pub mod drops;
 pub mod loyalty;
 pub mod strict;
 pub mod till;
@@ -564,6 +565,7 @@ pub enum EventView {
     VoucherMinted { voucher: String },
     VoucherRedeemed { voucher: String, proven: bool },
     RecommendationFeedback { action: String, sku: String, reason: String },
+    Drop { drop_id: String, name: String, sku: String, units: u64, start_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

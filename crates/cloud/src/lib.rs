@@ -38,6 +38,8 @@ pub enum CloudStartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("[cloud_service] {0}")]
+    Config(String),
 }
 
 /// A running cloud: its address and the server's task.
@@ -110,7 +112,15 @@ pub async fn start(
     if !config.nats_url.is_empty() {
         nats::spawn(config.nats_url.clone(), config.nats_stream.clone(), markets.clone()).await.map_err(CloudStartError::Nats)?;
     }
-    let app = service::router(service::CloudState { markets: markets.clone(), admin_token: Arc::new(token) });
+    if !(stallmesh_shop::MIN_HOLD_TTL_MS..=stallmesh_shop::MAX_HOLD_TTL_MS).contains(&config.hold_ttl_ms) {
+        return Err(CloudStartError::Config(format!(
+            "hold_ttl_ms = {} is outside {}..={} (10 s to 1 h)",
+            config.hold_ttl_ms,
+            stallmesh_shop::MIN_HOLD_TTL_MS,
+            stallmesh_shop::MAX_HOLD_TTL_MS
+        )));
+    }
+    let app = service::router(service::CloudState { markets: markets.clone(), admin_token: Arc::new(token), hold_ttl_ms: config.hold_ttl_ms });
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
     Ok(RunningCloud { addr, markets, server })
 }

@@ -5,11 +5,12 @@
 //! from what the store holds: this process keeps no state that the store does not.
 
 use crate::metrics::{CloudMetrics, MarketLabel, ReasonLabel};
-use crate::store::{MarketRegistration, Registered, Store, StoreError};
+use crate::store::{MarketRegistration, MarketTx, OnlineRegistration, Registered, Store, StoreError};
 use stallmesh_identity::{DeviceId, MarketId, SignedChange};
 use stallmesh_ingest::wire::{AuthError, CloudReply, RequestAuth};
 use stallmesh_ingest::{IngestError, LogRecord, MarketIngest, RejectedChange};
-use stallmesh_ledger::MarketContext;
+use stallmesh_ledger::{Ledger, MarketContext};
+use stallmesh_shop::{Hold, HoldRequest, HoldsView, Paid, Placed, ShopError};
 use stallmesh_sync::{MemoryLog, Message, ProtocolError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ use tokio::sync::watch;
 /// every loaded market is in use is a request refused with 503, counted, rather than unloading a
 /// market mid-batch.
 pub const MAX_LOADED_MARKETS: usize = 1_024;
+
+mod shop;
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -46,6 +49,8 @@ pub enum SyncError {
     Ingest(#[from] IngestError),
     #[error("this process serves at most {MAX_LOADED_MARKETS} markets at once")]
     TooManyMarkets,
+    #[error("{0}")]
+    Shop(#[from] ShopError),
 }
 
 impl SyncError {
@@ -60,6 +65,18 @@ impl SyncError {
             SyncError::Store(StoreError::UnknownMarket(_)) => "unknown_market",
             SyncError::Store(_) | SyncError::Ingest(_) => "store_unavailable",
             SyncError::TooManyMarkets => "too_many_markets",
+            SyncError::Shop(e) => match e {
+                ShopError::Invalid { .. } => "invalid_request",
+                ShopError::NoOnlineChannel => "no_online_channel",
+                ShopError::UnknownDrop(_) => "unknown_drop",
+                ShopError::UnknownHold(_) => "unknown_hold",
+                ShopError::DropNotStarted { .. } => "drop_not_started",
+                ShopError::BuyerLimit { .. } => "buyer_limit",
+                ShopError::SoldOut { .. } => "sold_out",
+                ShopError::IdempotencyConflict(_) => "idempotency_conflict",
+                ShopError::HoldExpired { .. } => "hold_expired",
+                ShopError::Ledger(_) => "online_channel_unavailable",
+            },
         }
     }
 }
@@ -70,11 +87,48 @@ struct Loaded {
     ///
     /// [`ChangeLog`]: stallmesh_sync::ChangeLog
     log: MemoryLog,
+    /// The market's online channel: its device's own ledger, fed the same log (its own sales
+    /// among them), so it sells from what it holds exactly as a tablet would.
+    online: Option<Ledger>,
+}
+
+impl Loaded {
+    /// Hands changes the log took in to the online channel's ledger too (the cloud's ledger
+    /// verified them; the online one checks them again, as any replica does).
+    fn feed_online(&mut self, changes: &[SignedChange]) {
+        let Some(online) = self.online.as_mut() else { return };
+        let report = online.apply_remote(changes.iter().cloned());
+        if !report.rejected.is_empty() {
+            // Both ledgers run the same rules on the same changes: a disagreement is a bug.
+            tracing::error!(rejected = report.rejected.len(), "the online channel refused changes the cloud logged");
+        }
+    }
 }
 
 pub struct MarketSlot {
     pub registration: MarketRegistration,
+    /// Read with the registration, and again when a shop request finds none (set up since).
+    online: Option<OnlineRegistration>,
     loaded: Option<Loaded>,
+}
+
+/// A hold as placed or found, and whether this request created it.
+#[derive(Debug, Clone)]
+pub struct HoldOutcome {
+    pub hold: Hold,
+    pub created: bool,
+    pub now_ms: u64,
+}
+
+/// A paid hold, and whether this request paid it.
+#[derive(Debug, Clone)]
+pub struct OrderOutcome {
+    pub hold: Hold,
+    pub created: bool,
+    pub total_cents: u64,
+    pub currency: String,
+    /// The log's length after the sale was logged.
+    pub offset: u64,
 }
 
 pub struct Markets {
@@ -105,6 +159,7 @@ impl Markets {
             return Ok(s.clone());
         }
         let registration = self.store.market(market).await?.ok_or(SyncError::UnknownMarket(*market))?;
+        let online = self.store.online(market).await?;
         let mut slots = self.slots.lock().expect("slots lock");
         if slots.len() >= MAX_LOADED_MARKETS && !slots.contains_key(market) {
             // A slot is handed out only under this lock, so one whose Arc nobody else holds is idle
@@ -115,7 +170,7 @@ impl Markets {
             self.metrics.markets_unloaded.inc();
             tracing::info!(unloaded = %idle, loading = %market, "market limit reached: an idle market is unloaded");
         }
-        Ok(slots.entry(*market).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(MarketSlot { registration, loaded: None }))).clone())
+        Ok(slots.entry(*market).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(MarketSlot { registration, online, loaded: None }))).clone())
     }
 
     /// The loaded slots, for the watermark ticker.
@@ -150,10 +205,17 @@ impl Markets {
                 log.add(r.entry.change.clone());
             }
             let reg = &slot.registration;
+            let online = match &slot.online {
+                Some(o) => Some(
+                    Ledger::restore(MarketContext::new(reg.market_key), o.device_key(), o.certificate.clone(), records.iter().map(|r| r.entry.clone()))
+                        .map_err(IngestError::Restore)?,
+                ),
+                None => None,
+            };
             let ingest = MarketIngest::restore(MarketContext::new(reg.market_key), reg.device_key(), reg.certificate.clone(), records)?
                 .with_watermark_interval_ms(self.watermark_interval_ms);
-            tracing::info!(%market, offset = ingest.offset(), "market loaded from the store");
-            slot.loaded = Some(Loaded { ingest, log });
+            tracing::info!(%market, offset = ingest.offset(), online = online.is_some(), "market loaded from the store");
+            slot.loaded = Some(Loaded { ingest, log, online });
         }
         let loaded = slot.loaded.as_mut().expect("just loaded");
         let stored = self.store.next_offset(&market).await?;
@@ -169,6 +231,7 @@ impl Markets {
     fn take_in(loaded: &mut Loaded, records: Vec<LogRecord>) -> Result<(), IngestError> {
         let changes: Vec<SignedChange> = records.iter().map(|r| r.entry.change.clone()).collect();
         loaded.ingest.catch_up(records)?;
+        loaded.feed_online(&changes);
         for c in changes {
             loaded.log.add(c);
         }
@@ -255,26 +318,57 @@ impl Markets {
         result
     }
 
-    async fn ingest_into(&self, market: MarketId, loaded: &mut Loaded, changes: Vec<SignedChange>, now: u64) -> Result<(CloudReply, usize), SyncError> {
+    /// Takes the market's lock in the store and catches up with what other processes appended
+    /// between our refresh and the lock, so offsets continue their log and neither the cloud
+    /// device nor the online one ever signs one position twice.
+    async fn lock(&self, market: MarketId, loaded: &mut Loaded) -> Result<MarketTx<'_>, SyncError> {
         let mut tx = self.store.begin(&market).await?;
         if tx.next_offset() != loaded.ingest.next_offset() {
-            // Another process appended between our refresh and the lock: take it in first, so
-            // offsets continue its log and the cloud device never signs one position twice.
             let records = tx.load_after(loaded.ingest.offset()).await?;
             Self::take_in(loaded, records)?;
             if tx.next_offset() != loaded.ingest.next_offset() {
                 return Err(StoreError::OffsetMoved { market, expected: loaded.ingest.next_offset(), found: tx.next_offset() }.into());
             }
         }
+        Ok(tx)
+    }
+
+    /// Ingests `changes` and commits them with `holds`, then hands what was logged to the
+    /// in-memory log and the online channel.
+    async fn log_and_commit(
+        &self,
+        market: MarketId,
+        loaded: &mut Loaded,
+        tx: MarketTx<'_>,
+        changes: Vec<SignedChange>,
+        holds: &[Hold],
+        now: u64,
+    ) -> Result<stallmesh_ingest::Batch, SyncError> {
         let batch = loaded.ingest.ingest(changes, now);
-        tx.commit(&batch.records, &batch.rejected, &batch.evidence, now).await?;
+        tx.commit(&batch.records, &batch.rejected, &batch.evidence, holds, now).await?;
         self.count(&market, batch.records.len(), batch.duplicates, &batch.rejected);
-        // The cloud's own changes of this batch (its watermark) go back to the uploader at once.
-        let me = loaded.ingest.cloud_device();
-        let own: Vec<SignedChange> = batch.records.iter().filter(|r| r.entry.change.device == me).map(|r| r.entry.change.clone()).collect();
-        for r in &batch.records {
-            loaded.log.add(r.entry.change.clone());
+        let logged: Vec<SignedChange> = batch.records.iter().map(|r| r.entry.change.clone()).collect();
+        loaded.feed_online(&logged);
+        for c in logged {
+            loaded.log.add(c);
         }
+        self.published(&market, loaded.ingest.offset());
+        Ok(batch)
+    }
+
+    async fn ingest_into(&self, market: MarketId, loaded: &mut Loaded, changes: Vec<SignedChange>, now: u64) -> Result<(CloudReply, usize), SyncError> {
+        let tx = self.lock(market, loaded).await?;
+        let batch = self.log_and_commit(market, loaded, tx, changes, &[], now).await?;
+        // The cloud's own changes of this batch (its watermark) and the online channel's (its
+        // enrolment, its sales) go back to the uploader at once.
+        let me = loaded.ingest.cloud_device();
+        let online = loaded.online.as_ref().map(|o| o.device());
+        let own: Vec<SignedChange> = batch
+            .records
+            .iter()
+            .filter(|r| r.entry.change.device == me || Some(r.entry.change.device) == online)
+            .map(|r| r.entry.change.clone())
+            .collect();
         let mut reply = Self::reply(&loaded.ingest, own, false);
         reply.accepted = batch.records.len() as u64;
         reply.duplicates = batch.duplicates;

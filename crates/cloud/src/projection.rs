@@ -20,11 +20,7 @@ pub fn sale_loyalty_view(l: &SaleLoyalty) -> stallmesh_api::SaleLoyaltyView {
 }
 
 pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Seller => "seller",
-        Role::Organiser => "organiser",
-        Role::Cloud => "cloud",
-    }
+    role.as_str()
 }
 
 pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
@@ -82,6 +78,15 @@ pub fn log_event(market: &MarketId, record: &LogRecord) -> LogEvent {
             chosen_sku: f.chosen_sku.clone(),
             basket: f.basket.clone(),
             arm: f.arm.clone(),
+        },
+        EventBody::DropPlanned { name, sku, units, start_ms, plan, max_per_buyer } => LogBody::Drop {
+            max_per_buyer: *max_per_buyer,
+            drop_id: stallmesh_ledger::drop_id(change.dot()),
+            name: name.clone(),
+            sku: sku.clone(),
+            units: *units,
+            start_ms: *start_ms,
+            plan: plan.iter().map(|(d, n)| (d.to_hex(), *n)).collect(),
         },
     };
     LogEvent {

@@ -5,6 +5,10 @@
 //! - `GET  /v1/markets/{market}/events?after=&limit=&wait_ms=` — the reconciled log, NDJSON.
 //! - `GET  /v1/markets`, `GET /v1/markets/{market}` — registered markets, offsets, counters.
 //! - `POST /v1/markets` — register a market (admin token).
+//! - `PUT  /v1/markets/{market}/online` — set up the market's online channel (admin token).
+//! - `GET  /v1/markets/{market}/drops/{drop}`, `POST …/holds`, `POST …/orders` — online checkout
+//!   of a drop (admin token: the shop's own server calls these for its buyers), `Idempotency-Key`
+//!   on every POST.
 //! - `GET  /metrics`, `GET /healthz`.
 
 use crate::markets::{Markets, SyncError};
@@ -14,10 +18,14 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
-use stallmesh_api::cloud::{CloudErrorBody, MarketList, MarketRegistered, MarketSummary, RegisterMarket, RejectedView, UploadRefused};
+use stallmesh_api::cloud::{
+    CloudErrorBody, HoldView, MarketList, MarketRegistered, MarketSummary, OnlineChannelSet, OnlineDrop, OrderView, PlaceHold, PlaceOrder,
+    RegisterMarket, RejectedView, SetOnlineChannel, SoldOutView, UploadRefused,
+};
+use stallmesh_shop::{HoldRequest, ShopError};
 use stallmesh_identity::{Certificate, MarketId, MarketPublicKey, Role};
 use stallmesh_ingest::wire::{self, RequestAuth, MAX_BODY_BYTES};
 use std::sync::Arc;
@@ -38,6 +46,8 @@ pub const MAX_JSON_BODY_BYTES: usize = 16 * 1024;
 pub struct CloudState {
     pub markets: Arc<Markets>,
     pub admin_token: Arc<String>,
+    /// How long an online buyer's hold lasts unless paid.
+    pub hold_ttl_ms: u64,
 }
 
 pub struct CloudError {
@@ -47,7 +57,7 @@ pub struct CloudError {
 
 impl CloudError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, body: CloudErrorBody { error: code.into(), message: message.into(), details: None } }
+        Self { status, body: CloudErrorBody { error: code.into(), message: message.into(), details: None, sold_out: None } }
     }
 }
 
@@ -69,8 +79,27 @@ impl From<SyncError> for CloudError {
             SyncError::Protocol(_) | SyncError::WrongMessage(_) => StatusCode::BAD_REQUEST,
             SyncError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             SyncError::Store(_) | SyncError::Ingest(_) | SyncError::TooManyMarkets => StatusCode::SERVICE_UNAVAILABLE,
+            SyncError::Shop(s) => match s {
+                ShopError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                ShopError::NoOnlineChannel | ShopError::UnknownDrop(_) | ShopError::UnknownHold(_) => StatusCode::NOT_FOUND,
+                ShopError::DropNotStarted { .. }
+                | ShopError::BuyerLimit { .. }
+                | ShopError::SoldOut { .. }
+                | ShopError::IdempotencyConflict(_) => StatusCode::CONFLICT,
+                ShopError::HoldExpired { .. } => StatusCode::GONE,
+                ShopError::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
         };
         let mut err = CloudError::new(status, e.label(), e.to_string());
+        if let SyncError::Shop(ShopError::SoldOut { available, in_holds, held_elsewhere, may_return, next_expiry_ms }) = &e {
+            err.body.sold_out = Some(SoldOutView {
+                available_online: *available,
+                in_holds: *in_holds,
+                held_at_stalls: *held_elsewhere,
+                may_return: *may_return,
+                next_expiry_ms: *next_expiry_ms,
+            });
+        }
         if let SyncError::Rejected { reply, .. } = e {
             let rejected = reply
                 .rejected
@@ -129,6 +158,10 @@ pub fn router(state: CloudState) -> Router {
         .route("/v1/markets", get(list_markets).post(register_market))
         .route("/v1/markets/{market}", get(market_view))
         .route("/v1/markets/{market}/events", get(events))
+        .route("/v1/markets/{market}/online", put(set_online))
+        .route("/v1/markets/{market}/drops/{drop}", get(online_drop))
+        .route("/v1/markets/{market}/drops/{drop}/holds", post(place_hold))
+        .route("/v1/markets/{market}/drops/{drop}/orders", post(place_order))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
@@ -262,11 +295,8 @@ async fn register_market(State(state): State<CloudState>, headers: HeaderMap, bo
 }
 
 async fn register_inner(state: &CloudState, headers: HeaderMap, body: Result<Json<RegisterMarket>, JsonRejection>) -> CloudResult<Response> {
-    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     // Compared in full whatever the length: the token is long and random, so timing says nothing useful.
-    if token.is_none_or(|t| !constant_time_eq(t.as_bytes(), state.admin_token.as_bytes())) {
-        return Err(CloudError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "registering a market takes the cloud's admin token (Authorization: Bearer …)"));
-    }
+    require_admin(state, &headers, "registering a market")?;
     let Json(req) = body?;
     let market_key = MarketPublicKey::from_hex(&req.market_public_key).map_err(|e| invalid(format!("market_public_key: {e}")))?;
     let cert_bytes = hex::decode(&req.certificate).map_err(|e| invalid(format!("certificate: {e}")))?;
@@ -300,6 +330,175 @@ async fn register_inner(state: &CloudState, headers: HeaderMap, body: Result<Jso
     };
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(MarketRegistered { market: market.to_hex(), cloud_device, created })).into_response())
+}
+
+/// The admin token, or 401 naming what it is needed for.
+fn require_admin(state: &CloudState, headers: &HeaderMap, what: &str) -> CloudResult<()> {
+    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if token.is_none_or(|t| !constant_time_eq(t.as_bytes(), state.admin_token.as_bytes())) {
+        return Err(CloudError::new(StatusCode::UNAUTHORIZED, "unauthenticated", format!("{what} takes the cloud's admin token (Authorization: Bearer …)")));
+    }
+    Ok(())
+}
+
+/// The `Idempotency-Key` header every checkout POST carries: a retry with the same key is
+/// answered with what the first request did.
+fn idempotency_key(headers: &HeaderMap) -> CloudResult<String> {
+    let missing = || CloudError::new(StatusCode::BAD_REQUEST, "idempotency_key_required", "send an Idempotency-Key header (a UUID per attempt of one purchase step)");
+    let key = headers.get("idempotency-key").ok_or_else(missing)?.to_str().map_err(|_| missing())?.trim();
+    if key.is_empty() || key.len() > stallmesh_shop::MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(CloudError::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            format!("the Idempotency-Key must be 1..={} characters", stallmesh_shop::MAX_IDEMPOTENCY_KEY_LEN),
+        ));
+    }
+    Ok(key.to_string())
+}
+
+async fn set_online(
+    State(state): State<CloudState>,
+    headers: HeaderMap,
+    market: Result<Path<String>, PathRejection>,
+    body: Result<Json<SetOnlineChannel>, JsonRejection>,
+) -> CloudResult<Response> {
+    let result = async {
+        require_admin(&state, &headers, "setting up an online channel")?;
+        let Path(market) = market?;
+        let market = market_id(&market)?;
+        let Json(req) = body?;
+        let registration = state.markets.store.market(&market).await?.ok_or(SyncError::UnknownMarket(market))?;
+        let cert_bytes = hex::decode(&req.certificate).map_err(|e| invalid(format!("certificate: {e}")))?;
+        let certificate: Certificate = postcard::from_bytes(&cert_bytes).map_err(|e| invalid(format!("certificate: {e}")))?;
+        let mut device_secret = [0u8; 32];
+        hex::decode_to_slice(&req.device_key, &mut device_secret).map_err(|e| invalid(format!("device_key: {e}")))?;
+        certificate
+            .verify(&registration.market_key, crate::markets::now_ms())
+            .map_err(|e| invalid(format!("the certificate is not this market's: {e}")))?;
+        if certificate.role != Role::Online {
+            return Err(invalid("the certificate is not for a device of role online: enrol one with `stallmesh device enroll --role online`"));
+        }
+        let online = crate::store::OnlineRegistration { device_secret, certificate };
+        if online.device_key().device_id() != online.certificate.device {
+            return Err(invalid("the device key does not match the certificate"));
+        }
+        let (created, device) = match state.markets.set_online(&market, online).await {
+            Ok((outcome, device)) => (outcome == Registered::New, device),
+            Err(SyncError::Store(StoreError::Conflict(m))) => {
+                return Err(CloudError::new(StatusCode::CONFLICT, "online_channel_exists", format!("market {m} has another online device")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(OnlineChannelSet { market: market.to_hex(), online_device: device.to_hex(), created })).into_response())
+    }
+    .await;
+    counted(&state, result)
+}
+
+fn hold_view(h: &stallmesh_shop::Hold, now_ms: u64) -> HoldView {
+    let status = h.status(now_ms);
+    HoldView {
+        id: h.id.clone(),
+        drop: h.drop.clone(),
+        sku: h.sku.clone(),
+        buyer: h.buyer.clone(),
+        qty: h.qty,
+        status: status.as_str().into(),
+        placed_at_ms: h.placed_ms,
+        expires_at_ms: h.expires_ms,
+        expires_in_ms: if status == stallmesh_shop::HoldStatus::Held { h.expires_ms.saturating_sub(now_ms) } else { 0 },
+        sale_id: h.sale.clone(),
+    }
+}
+
+async fn place_hold(
+    State(state): State<CloudState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<PlaceHold>, JsonRejection>,
+) -> CloudResult<Response> {
+    let result = async {
+        require_admin(&state, &headers, "online checkout")?;
+        let Path((market, drop)) = path?;
+        let market = market_id(&market)?;
+        let key = idempotency_key(&headers)?;
+        let Json(req) = body?;
+        let req = HoldRequest { drop, buyer: req.buyer, qty: req.qty, idempotency_key: key };
+        let outcome = state.markets.place_hold(&market, req, state.hold_ttl_ms).await?;
+        let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(hold_view(&outcome.hold, outcome.now_ms))).into_response())
+    }
+    .await;
+    counted(&state, result)
+}
+
+async fn place_order(
+    State(state): State<CloudState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<PlaceOrder>, JsonRejection>,
+) -> CloudResult<Response> {
+    let result = async {
+        require_admin(&state, &headers, "online checkout")?;
+        let Path((market, drop)) = path?;
+        let market = market_id(&market)?;
+        // Required like a hold's; the hold itself makes the payment idempotent (a hold is sold
+        // once: its sale's client_ref names it), so a retry with any key finds the same order.
+        idempotency_key(&headers)?;
+        let Json(req) = body?;
+        let outcome = state.markets.pay_hold(&market, &drop, &req.hold).await?;
+        let h = &outcome.hold;
+        let view = OrderView {
+            sale_id: h.sale.clone().unwrap_or_default(),
+            hold: h.id.clone(),
+            drop: h.drop.clone(),
+            sku: h.sku.clone(),
+            qty: h.qty,
+            total_cents: outcome.total_cents,
+            currency: outcome.currency,
+            offset: outcome.offset,
+        };
+        let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(view)).into_response())
+    }
+    .await;
+    counted(&state, result)
+}
+
+async fn online_drop(State(state): State<CloudState>, headers: HeaderMap, path: Result<Path<(String, String)>, PathRejection>) -> CloudResult<Json<OnlineDrop>> {
+    let result = async {
+        require_admin(&state, &headers, "online checkout")?;
+        let Path((market, drop)) = path?;
+        let market = market_id(&market)?;
+        let v = state.markets.online_drop(&market, &drop).await?;
+        let available_online = v.held_online.saturating_sub(v.in_holds);
+        let status = if v.now_ms < v.drop.start_ms {
+            "scheduled"
+        } else if available_online == 0 {
+            "sold_out"
+        } else {
+            "open"
+        };
+        Ok(Json(OnlineDrop {
+            drop_id: v.drop.id.clone(),
+            name: v.drop.name.clone(),
+            sku: v.drop.sku.clone(),
+            units: v.drop.units,
+            start_ms: v.drop.start_ms,
+            status: status.into(),
+            opens_in_ms: v.drop.start_ms.saturating_sub(v.now_ms),
+            max_per_buyer: v.drop.max_per_buyer,
+            online_device: v.online_device.to_hex(),
+            available_online,
+            in_holds: v.in_holds,
+            held_at_stalls: v.held_elsewhere,
+            sold_online: v.sold_online,
+            next_expiry_ms: v.next_expiry_ms,
+        }))
+    }
+    .await;
+    counted(&state, result)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -63,7 +63,7 @@ impl CloudMarket {
             self.ingest.catch_up(records).unwrap();
         }
         let batch = self.ingest.ingest(changes, now_ms);
-        tx.commit(&batch.records, &batch.rejected, &batch.evidence, now_ms).await.unwrap();
+        tx.commit(&batch.records, &batch.rejected, &batch.evidence, &[], now_ms).await.unwrap();
         batch
     }
 }
@@ -306,9 +306,9 @@ async fn rejections_evidence_and_revocations_are_kept() {
     // Evidence is kept once per change, whichever batch carries it again.
     let evidence: Vec<SignedChange> = vec![changes[1].clone(), changes[1].clone()];
     let tx = store.begin(&cm.reg.market).await.unwrap();
-    tx.commit(&[], &[], &evidence, DAY_MS).await.unwrap();
+    tx.commit(&[], &[], &evidence, &[], DAY_MS).await.unwrap();
     let tx = store.begin(&cm.reg.market).await.unwrap();
-    tx.commit(&[], &[], &evidence[..1], DAY_MS).await.unwrap();
+    tx.commit(&[], &[], &evidence[..1], &[], DAY_MS).await.unwrap();
     let row = c.query_one("SELECT count(*), min(digest), min(seq) FROM evidence", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, String>(1), row.get::<_, i64>(2)), (1, changes[1].digest().to_hex(), 1));
 }
@@ -380,7 +380,7 @@ async fn transactions_on_one_market_take_turns_and_other_markets_do_not_wait() {
     let (_, changes) = tablet(&markets[0].m, 1, "Fish", 250);
     let batch = markets[0].ingest.ingest(changes, DAY_MS);
     let n = batch.records.len() as u64;
-    tx.commit(&batch.records, &batch.rejected, &batch.evidence, DAY_MS).await.unwrap();
+    tx.commit(&batch.records, &batch.rejected, &batch.evidence, &[], DAY_MS).await.unwrap();
     let mut second = tokio::time::timeout(PROMPTLY, waiting).await.expect("the lock is released by the commit").unwrap().unwrap();
     assert_eq!(second.next_offset(), start + n, "it sees what the first committed");
     assert_eq!(second.load_after(start - 1).await.unwrap(), batch.records, "and can catch up under the lock");
@@ -414,7 +414,7 @@ async fn an_aborted_transaction_leaves_nothing_and_releases_the_market() {
     let mut broken = batch.records.clone();
     broken.push(LogRecord { offset: broken.last().unwrap().offset + 1, entry: batch.records[0].entry.clone() });
     let tx = store.begin(&market).await.unwrap();
-    assert!(matches!(tx.commit(&broken, &[], &[], DAY_MS).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(tx.commit(&broken, &[], &[], &[], DAY_MS).await, Err(StoreError::Unavailable(_))));
     let c = db.client().await;
     assert_eq!(store.next_offset(&market).await.unwrap(), before);
     assert_eq!(count(&c, "SELECT count(*) FROM events").await as u64, before - 1);
@@ -425,7 +425,7 @@ async fn an_aborted_transaction_leaves_nothing_and_releases_the_market() {
 
     // A commit abandoned mid-flight (its future dropped) is all or nothing.
     let tx = store.begin(&market).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_micros(50), tx.commit(&batch.records, &[], &[], DAY_MS)).await;
+    let _ = tokio::time::timeout(Duration::from_micros(50), tx.commit(&batch.records, &[], &[], &[], DAY_MS)).await;
     let tx = tokio::time::timeout(PROMPTLY, store.begin(&market)).await.expect("the lock is released").unwrap();
     let n = tx.next_offset();
     assert!(n == before || n == before + batch.records.len() as u64, "all or nothing: {n}");
@@ -435,7 +435,7 @@ async fn an_aborted_transaction_leaves_nothing_and_releases_the_market() {
     assert_eq!(sales, if n == before { 0 } else { 1 });
     // The same batch still commits: the market goes on.
     if n == before {
-        tx.commit(&batch.records, &[], &[], DAY_MS).await.unwrap();
+        tx.commit(&batch.records, &[], &[], &[], DAY_MS).await.unwrap();
     } else {
         drop(tx);
     }

@@ -40,6 +40,8 @@ pub struct CloudConfig {
     /// Empty: generated once into `<data_dir>/admin.token` (mode 0600).
     pub admin_token: String,
     pub watermark_interval_ms: u64,
+    /// How long an online buyer's hold on a drop's units lasts unless paid.
+    pub hold_ttl_ms: u64,
 }
 
 /// Most inference workers: each holds its own copy of the models in memory, and a tablet has a

@@ -373,6 +373,22 @@ pub enum Role {
     Organiser,
     /// The market's cloud ingest: records only what the cloud holds (its watermark), never sells.
     Cloud,
+    /// An online sales channel (a web shop, a live stream) run by the cloud: sells and moves stock
+    /// rights like a tablet, never edits the catalogue. Appended last: earlier certificates keep
+    /// their encoding.
+    Online,
+}
+
+impl Role {
+    /// The role's name, as the CLI, the API and the cloud's log write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Seller => "seller",
+            Role::Organiser => "organiser",
+            Role::Cloud => "cloud",
+            Role::Online => "online",
+        }
+    }
 }
 
 /// The market's statement that a device belongs to it.
@@ -398,6 +414,7 @@ impl Certificate {
             Role::Seller => 1,
             Role::Organiser => 2,
             Role::Cloud => 3,
+            Role::Online => 4,
         });
         m.extend_from_slice(&self.expires_at_ms.to_le_bytes());
         m

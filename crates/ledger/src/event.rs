@@ -135,6 +135,13 @@ pub enum EventBody {
     VoucherRedeemed { voucher: VoucherId, proven: bool },
     /// Staff dismissed or overrode a recommendation.
     RecommendationFeedback { feedback: RecommendationFeedback },
+    /// A limited drop, recorded only by an organiser: `units` new units of `sku`, released at
+    /// `start_ms`, split between devices by `plan` (devices in order, once each, shares summing to
+    /// `units`); each share becomes its device's stock rights. Before `start_ms` no device sells
+    /// the SKU (each checks its own sales against its clock, as the till's rule, like the offline
+    /// budget: replicas check only what rights allow). `max_per_buyer`: what the online channel
+    /// sells one buyer (stalls' buyers are anonymous).
+    DropPlanned { name: String, sku: String, units: u64, start_ms: u64, plan: Vec<(DeviceId, u64)>, max_per_buyer: Option<u64> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +266,18 @@ pub(crate) fn write_event<T: Transactable>(tx: &mut T, list: &ObjId, index: usiz
             tx.put(&map, "kind", "voucher_redeemed")?;
             tx.put(&map, "voucher", voucher.0.to_vec())?;
             tx.put(&map, "proven", *proven)?;
+        }
+        EventBody::DropPlanned { name, sku, units, start_ms, plan, max_per_buyer } => {
+            tx.put(&map, "kind", "drop_planned")?;
+            if let Some(n) = max_per_buyer {
+                tx.put(&map, "max_per_buyer", *n)?;
+            }
+            tx.put(&map, "name", name.as_str())?;
+            tx.put(&map, "sku", sku.as_str())?;
+            tx.put(&map, "units", *units)?;
+            tx.put(&map, "start_ms", *start_ms)?;
+            // One scalar, as a watermark's heads: a plan of many devices stays one small op.
+            tx.put(&map, "plan", postcard::to_allocvec(plan).expect("serializable"))?;
         }
         EventBody::RecommendationFeedback { feedback } => {
             tx.put(&map, "kind", "rec_feedback")?;
@@ -464,6 +483,17 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
                 },
             }
         }
+        "drop_planned" => EventBody::DropPlanned {
+            name: get_str(doc, &map, "name")?,
+            sku: get_str(doc, &map, "sku")?,
+            units: get_u64(doc, &map, "units")?,
+            start_ms: get_u64(doc, &map, "start_ms")?,
+            plan: decode_postcard(&get_bytes(doc, &map, "plan")?, "plan")?,
+            max_per_buyer: match scalar(doc, &map, "max_per_buyer") {
+                None => None,
+                Some(_) => Some(get_u64(doc, &map, "max_per_buyer")?),
+            },
+        },
         other => return Err(DecodeError { field: "kind", problem: format!("unknown kind {other:?}") }),
     };
     Ok(Event { time_ms, body })

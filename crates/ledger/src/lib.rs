@@ -44,7 +44,7 @@ pub use event::{
 };
 pub use heads::Heads;
 pub use journal::decode_change_event;
-pub use state::{sale_id, CloudWatermark, DeviceRecord, FeedbackRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
+pub use state::{drop_id, sale_id, CloudWatermark, DeviceRecord, DropProgress, DropRecord, FeedbackRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
 
 use journal::Journal;
 use stallmesh_identity::{Certificate, ChangeDigest, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
@@ -90,6 +90,11 @@ pub const MAX_PHOTO_BYTES: usize = 48 * 1024;
 /// Devices one cloud watermark lists: far above any market (tens of tablets), and what fits one
 /// change (asserted in `validate.rs`).
 pub const MAX_WATERMARK_DEVICES: usize = 1_024;
+/// A drop's name: "Summer tote, 200 numbered", shown on the till and the shop.
+pub const MAX_DROP_NAME_LEN: usize = 80;
+/// Devices one drop's plan splits its units between: every stall's tablets and the online channel
+/// of a large market, and what fits one change (asserted in `validate.rs`).
+pub const MAX_DROP_PLAN_DEVICES: usize = 256;
 /// Most recommended SKUs recorded on one sale.
 pub const MAX_RECOMMENDED: usize = 20;
 /// Different changes kept as evidence for one journal position: two is proof; a few more show how
@@ -159,6 +164,9 @@ pub enum LocalOp {
     Revoke(Revocation),
     /// The cloud's watermark (only a device of role `cloud` records it): see [`EventBody::CloudHolds`].
     RecordCloudHolds { offset: u64, heads: Vec<(DeviceId, u64)> },
+    /// An organiser plans a drop: see [`EventBody::DropPlanned`]. `plan` may list devices in any
+    /// order; it is recorded sorted.
+    PlanDrop { name: String, sku: String, units: u64, start_ms: u64, plan: Vec<(DeviceId, u64)>, max_per_buyer: Option<u64> },
 }
 
 /// A card on a sale, as the till asks: the points the sale earns (from the market's earning rule,
@@ -236,6 +244,8 @@ pub enum LedgerError {
     VoucherExists(stallmesh_identity::VoucherId),
     #[error("not enough loyalty rights: {asset} asked {requested}, this device holds {held_here}")]
     InsufficientLoyaltyRights { asset: String, requested: u64, held_here: u64 },
+    #[error("{sku} is in drop {drop:?}, which opens at {start_ms} ms since the epoch: nothing of it sells before then")]
+    DropNotStarted { sku: String, drop: String, start_ms: u64 },
 }
 
 /// Why a remote change was rejected. The label is stable, for metrics.
@@ -563,6 +573,11 @@ impl Ledger {
             EventBody::Transferred { to, .. } | EventBody::LoyaltyTransferred { to, .. } if *to == self.me => {
                 self.unreferenced_transfers_in.push(dot)
             }
+            // A drop's share is rights received from the organiser: the first spend names it (an
+            // organiser's own share is in its own journal, before anything that spends it).
+            EventBody::DropPlanned { plan, .. } if dot.device != self.me && plan.iter().any(|(d, _)| *d == self.me) => {
+                self.unreferenced_transfers_in.push(dot)
+            }
             _ => {}
         }
     }
@@ -572,3 +587,5 @@ impl Ledger {
 mod tests;
 #[cfg(test)]
 mod loyalty_tests;
+#[cfg(test)]
+mod drop_tests;

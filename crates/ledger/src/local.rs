@@ -24,7 +24,7 @@ impl Ledger {
     /// operation is acknowledged to anyone.
     pub fn record(&mut self, op: LocalOp, now_ms: u64) -> Result<Entry, LedgerError> {
         self.may_record(now_ms)?;
-        let body = self.validate(op)?;
+        let body = self.validate(op, now_ms)?;
         self.commit_local(Event { time_ms: now_ms, body })
     }
 
@@ -42,7 +42,7 @@ impl Ledger {
         self.certificate.verify(&self.ctx.market_key, now_ms).map_err(LedgerError::Certificate)
     }
 
-    fn validate(&self, op: LocalOp) -> Result<EventBody, LedgerError> {
+    fn validate(&self, op: LocalOp, now_ms: u64) -> Result<EventBody, LedgerError> {
         let limits =
             |body: &EventBody| validate::check_event_body(body).map_err(|e| LedgerError::Invalid { field: e.field, problem: e.problem });
         let known = |sku: &str| -> Result<&ProductRecord, LedgerError> {
@@ -52,8 +52,11 @@ impl Ledger {
         let next_lamport = || {
             self.lamport.checked_add(1).ok_or(LedgerError::Invalid { field: "lamport", problem: "the catalogue clock is exhausted".into() })
         };
-        let is_cloud = self.certificate.role == stallmesh_identity::Role::Cloud;
+        use stallmesh_identity::Role;
+        let role = self.certificate.role;
+        let is_cloud = role == Role::Cloud;
         let what = match &op {
+            LocalOp::PlanDrop { .. } => "drops",
             LocalOp::RecordCloudHolds { .. } => "watermarks",
             LocalOp::Revoke(_) => "revocations",
             LocalOp::UpsertProduct(_) | LocalOp::AttachPhoto { .. } => "catalogue changes",
@@ -66,12 +69,34 @@ impl Ledger {
             LocalOp::RecordCloudHolds { .. } if !is_cloud => return Err(LedgerError::RoleForbids { role: "seller or organiser", what }),
             LocalOp::RecordCloudHolds { .. } | LocalOp::Revoke(_) => {}
             _ if is_cloud => return Err(LedgerError::RoleForbids { role: "cloud", what }),
+            LocalOp::Sell { .. } | LocalOp::Transfer { .. } => {}
+            _ if role == Role::Online => return Err(LedgerError::RoleForbids { role: "online", what }),
+            LocalOp::PlanDrop { .. } if role != Role::Organiser => return Err(LedgerError::RoleForbids { role: "seller", what }),
             _ => {}
         }
         Ok(match op {
             LocalOp::RecordCloudHolds { offset, heads } => {
                 let body = EventBody::CloudHolds { offset, heads };
                 limits(&body)?;
+                body
+            }
+            LocalOp::PlanDrop { name, sku, units, start_ms, mut plan, max_per_buyer } => {
+                plan.sort_by_key(|(device, _)| *device);
+                let body = EventBody::DropPlanned { name, sku, units, start_ms, plan, max_per_buyer };
+                limits(&body)?;
+                let EventBody::DropPlanned { sku, plan, .. } = &body else { unreachable!("built above") };
+                known(sku)?;
+                for (device, _) in plan {
+                    match self.state.devices.get(device) {
+                        None => return Err(LedgerError::UnknownDevice(*device)),
+                        Some(d) if d.revoked_at_ms.is_some() => return Err(LedgerError::UnknownDevice(*device)),
+                        // The cloud's device never sells: units given to it would be stranded.
+                        Some(d) if d.certificate.role == Role::Cloud => {
+                            return Err(LedgerError::Invalid { field: "plan", problem: format!("device {device} is the cloud's and cannot sell") })
+                        }
+                        Some(_) => {}
+                    }
+                }
                 body
             }
             LocalOp::UpsertProduct(p) => {
@@ -171,6 +196,9 @@ impl Ledger {
                 let mut currency: Option<&str> = None;
                 for l in &lines {
                     let p = known(&l.sku)?;
+                    if let Some((drop, start_ms)) = self.state.drop_not_started(&l.sku, now_ms) {
+                        return Err(LedgerError::DropNotStarted { sku: l.sku.clone(), drop: drop.to_string(), start_ms });
+                    }
                     match currency {
                         None => currency = Some(&p.product.currency),
                         Some(c) if c != p.product.currency => {

@@ -14,6 +14,29 @@ pub fn sale_id(dot: Dot) -> String {
     format!("{}-{}", hex::encode(&dot.device.0[..8]), dot.seq)
 }
 
+/// A drop's id is its journal position, as a sale's: unique by construction.
+pub fn drop_id(dot: Dot) -> String {
+    sale_id(dot)
+}
+
+/// A drop as planned ([`EventBody::DropPlanned`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DropRecord {
+    pub id: String,
+    /// The organiser that planned it, and where in its journal.
+    pub author: DeviceId,
+    pub seq: u64,
+    /// When the organiser recorded it (its clock).
+    pub planned_at_ms: u64,
+    pub name: String,
+    pub sku: String,
+    pub units: u64,
+    pub start_ms: u64,
+    /// device → units of the drop it was given.
+    pub plan: BTreeMap<DeviceId, u64>,
+    pub max_per_buyer: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeviceRecord {
     pub certificate: Certificate,
@@ -106,6 +129,8 @@ pub struct State {
     pub cloud_watermarks: BTreeMap<DeviceId, CloudWatermark>,
     /// Cards' points, vouchers, unproven spending and exposures (`loyalty.rs`).
     pub loyalty: crate::loyalty::LoyaltyState,
+    /// Drops by id ([`drop_id`]).
+    pub drops: BTreeMap<String, DropRecord>,
     /// Staff's dismissals and overrides of recommendations, in fold order (every replica folds a
     /// device's journal in order; across devices the order may differ, so readers sort).
     pub recommendation_feedback: Vec<FeedbackRecord>,
@@ -116,6 +141,9 @@ pub struct State {
     /// device → client_ref → id of the device's earliest sale carrying it. Derived from `sales` in
     /// [`State::fold`], so a till's retry is found without scanning the day's sales.
     client_refs: HashMap<DeviceId, HashMap<String, String>>,
+    /// sku → the latest start of a drop of it, and that drop's id: what a till checks before
+    /// selling (the latest start decides whether any of the SKU's drops has yet to open).
+    latest_drop_start: HashMap<String, (u64, String)>,
     /// device → the times of its sales (author's clock), sorted. Derived from `sales` in
     /// [`State::fold`], so a recent-sales count is a binary search, not a scan of the day.
     sale_times_ms: HashMap<DeviceId, Vec<u64>>,
@@ -132,6 +160,11 @@ impl State {
     /// named, the same on every replica. O(1).
     pub fn sale_by_client_ref(&self, device: &DeviceId, client_ref: &str) -> Option<&str> {
         self.client_refs.get(device)?.get(client_ref).map(String::as_str)
+    }
+
+    /// The drop of `sku` that opens after `now_ms`, if any: (drop id, start). O(1).
+    pub fn drop_not_started(&self, sku: &str, now_ms: u64) -> Option<(&str, u64)> {
+        self.latest_drop_start.get(sku).filter(|(start_ms, _)| *start_ms > now_ms).map(|(start_ms, id)| (id.as_str(), *start_ms))
     }
 
     /// How many sales `device` recorded at or after `since_ms` (by its own clock, as the sales
@@ -167,12 +200,18 @@ impl State {
             _ => self.devices.get(&dot.device).map(|d| d.certificate.role),
         };
         let is_cloud = role == Some(stallmesh_identity::Role::Cloud);
+        let is_online = role == Some(stallmesh_identity::Role::Online);
         match &event.body {
             EventBody::CloudHolds { .. } if !is_cloud => {
                 return Err(FoldError::Invalid("only a device of role cloud records what the cloud holds".into()))
             }
+            EventBody::DropPlanned { .. } if role != Some(stallmesh_identity::Role::Organiser) => {
+                return Err(FoldError::Invalid("only a device of role organiser plans a drop".into()))
+            }
             EventBody::Enrolled { .. } | EventBody::CloudHolds { .. } | EventBody::Revoked { .. } => {}
             _ if is_cloud => return Err(FoldError::Invalid("a device of role cloud records only enrolments, revocations and watermarks".into())),
+            EventBody::Sold { .. } | EventBody::Transferred { .. } => {}
+            _ if is_online => return Err(FoldError::Invalid("a device of role online records only sales and transfers".into())),
             _ => {}
         }
         self.loyalty.check(&dot.device, &event.body)?;
@@ -194,6 +233,11 @@ impl State {
             },
             EventBody::Transferred { to, .. } if *to == dot.device => Err(FoldError::Invalid("transfer to self".into())),
             EventBody::Transferred { sku, qty, .. } => spend(sku, *qty),
+            // As a restock: new units, unreachable past u64 within the limits.
+            EventBody::DropPlanned { sku, units, .. } => match self.total_rights(sku).checked_add(*units) {
+                Some(_) => Ok(()),
+                None => Err(FoldError::Invalid(format!("drop of {units} {sku} takes the market's stock rights past u64::MAX"))),
+            },
             EventBody::Sold { lines, .. } => {
                 let mut per_sku: BTreeMap<&str, u64> = BTreeMap::new();
                 for l in lines {
@@ -297,6 +341,33 @@ impl State {
             }
             // Folded into `self.loyalty` above.
             EventBody::LoyaltyTransferred { .. } | EventBody::VoucherMinted { .. } | EventBody::VoucherRedeemed { .. } => {}
+            EventBody::DropPlanned { name, sku, units, start_ms, plan, max_per_buyer } => {
+                self.total_rights(sku).checked_add(*units).expect("checked: a SKU's total stock rights stay within u64");
+                for (device, share) in plan {
+                    let held = self.rights.entry(sku.clone()).or_default().entry(*device).or_default();
+                    *held = held.checked_add(*share).expect("a device holds at most the SKU's total");
+                }
+                let id = drop_id(dot);
+                let latest = self.latest_drop_start.entry(sku.clone()).or_insert((*start_ms, id.clone()));
+                // The latest start wins, ties by id: the same on every replica whatever the order.
+                if (*start_ms, &id) > (latest.0, &latest.1) {
+                    *latest = (*start_ms, id.clone());
+                }
+                let record = DropRecord {
+                    id: id.clone(),
+                    author: dot.device,
+                    seq: dot.seq,
+                    planned_at_ms: event.time_ms,
+                    name: name.clone(),
+                    sku: sku.clone(),
+                    units: *units,
+                    start_ms: *start_ms,
+                    plan: plan.iter().copied().collect(),
+                    max_per_buyer: *max_per_buyer,
+                };
+                let previous = self.drops.insert(id, record);
+                assert!(previous.is_none(), "a journal position is folded at most once");
+            }
             EventBody::RecommendationFeedback { feedback } => self.recommendation_feedback.push(FeedbackRecord {
                 device: dot.device,
                 seq: dot.seq,
@@ -340,6 +411,25 @@ impl State {
         StockView { sku: sku.to_string(), total: self.total_rights(sku), per_device }
     }
 
+    /// What became of a drop: units of its SKU each device holds now and sold since it opened.
+    /// Scans the day's sales (a drop is looked at by people, not on a till's hot path); sums
+    /// saturate, since a projection must never panic under the node's lock.
+    pub fn drop_progress(&self, drop: &DropRecord) -> DropProgress {
+        let held = self.stock(&drop.sku).per_device;
+        let mut sold: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        let mut last_sale_ms = None;
+        for sale in self.sales.values().filter(|s| s.time_ms >= drop.start_ms) {
+            let units = sale.lines.iter().filter(|l| l.sku == drop.sku).fold(0u64, |n, l| n.saturating_add(l.qty));
+            if units > 0 {
+                let n = sold.entry(sale.device).or_default();
+                *n = n.saturating_add(units);
+                last_sale_ms = last_sale_ms.max(Some(sale.time_ms));
+            }
+        }
+        let sold_out_at_ms = if held.is_empty() { last_sale_ms } else { None };
+        DropProgress { held, sold, sold_out_at_ms }
+    }
+
     /// Revenue and units over every sale. Sums run in u128 and are clamped to u64: a market's
     /// revenue past u64::MAX cents (1.8e17 EUR) can only come from forged sales, and a projection
     /// must never panic under the node's lock.
@@ -375,6 +465,17 @@ pub struct StockView {
     pub sku: String,
     pub total: u64,
     pub per_device: BTreeMap<DeviceId, u64>,
+}
+
+/// [`State::drop_progress`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropProgress {
+    /// device → units of the drop's SKU it holds (devices holding none are left out).
+    pub held: BTreeMap<DeviceId, u64>,
+    /// device → units of the SKU it sold at or after the drop's start (by the seller's clock).
+    pub sold: BTreeMap<DeviceId, u64>,
+    /// With nothing left anywhere: the time of the last sale of the SKU since the start.
+    pub sold_out_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

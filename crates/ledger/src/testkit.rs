@@ -19,8 +19,13 @@ impl TestMarket {
 
     /// A fresh, enrolled ledger for device number `n` of stall `stall`; returns its enrolment entry too.
     pub fn device(&self, n: u16, stall: &str) -> (Ledger, Entry) {
+        self.device_as(n, stall, Role::Organiser)
+    }
+
+    /// As [`TestMarket::device`], enrolled with `role`.
+    pub fn device_as(&self, n: u16, stall: &str, role: Role) -> (Ledger, Entry) {
         let key = self.device_key(n);
-        let cert = self.key.enrol(key.device_id(), stall, Role::Organiser, u64::MAX);
+        let cert = self.key.enrol(key.device_id(), stall, role, u64::MAX);
         let mut ledger = Ledger::new(self.ctx.clone(), key, cert);
         let entry = ledger.enrol_self(0).expect("valid certificate").expect("first enrolment");
         (ledger, entry)

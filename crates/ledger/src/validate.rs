@@ -10,7 +10,7 @@ use crate::event::{
 };
 use stallmesh_loyalty::MAX_POINTS_PER_SALE;
 use crate::{
-    MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
+    MAX_CHANGE_BYTES, MAX_CLIENT_REF_LEN, MAX_DROP_NAME_LEN, MAX_DROP_PLAN_DEVICES, MAX_EVIDENCE_CHANGES, MAX_EVIDENCE_PER_POSITION, MAX_NAME_LEN, MAX_OPEN_SEGMENT_DOCS,
     MAX_PENDING_CHANGES, MAX_PENDING_PER_UNENROLLED, MAX_PHOTO_BYTES, MAX_STAFF_NAME_CHARS, MAX_PRICE_CENTS, MAX_QTY, MAX_RECOMMENDED, MAX_SALE_LINES,
     MAX_SKU_LEN, MAX_TAGS, MAX_TAG_LEN, MAX_VOUCHER_LABEL_LEN, MAX_WATERMARK_DEVICES, SEGMENT_CHANGES,
 };
@@ -49,6 +49,10 @@ const _: () = assert!(MAX_PENDING_PER_UNENROLLED < MAX_PENDING_CHANGES);
 /// A watermark of the largest market fits one change: each device costs its 32-byte id and a
 /// varint count (at most 10 bytes), plus automerge's framing.
 const _: () = assert!(MAX_WATERMARK_DEVICES * (32 + 10) + 1024 <= MAX_CHANGE_BYTES);
+/// The largest drop plan fits one change, as a watermark does: each device costs its id and a varint.
+const _: () = assert!(MAX_DROP_PLAN_DEVICES * (32 + 10) + MAX_DROP_NAME_LEN + MAX_SKU_LEN + 1024 <= MAX_CHANGE_BYTES);
+// Every share of a valid drop is at most its units, so a plan's sum is checked, never wrapped.
+const _: () = assert!((MAX_DROP_PLAN_DEVICES as u128) * (MAX_QTY as u128) <= u64::MAX as u128);
 // Two conflicting changes at one position are the proof of a fork; the total bound holds one position's.
 const _: () = assert!(MAX_EVIDENCE_PER_POSITION >= 2 && MAX_EVIDENCE_PER_POSITION <= MAX_EVIDENCE_CHANGES);
 // This device's own journal document is always kept open, so the bound must leave room for it.
@@ -124,6 +128,13 @@ pub fn check_event_body(body: &EventBody) -> Checked {
         }
         EventBody::VoucherRedeemed { .. } => Ok(()),
         EventBody::RecommendationFeedback { feedback } => check_feedback(feedback),
+        EventBody::DropPlanned { name, sku, units, plan, max_per_buyer, .. } => {
+            check_drop(name, sku, *units, plan)?;
+            match max_per_buyer {
+                Some(n) if *n == 0 || n > units => Err(invalid("max_per_buyer", format!("must be 1..={units}, the drop's units"))),
+                _ => Ok(()),
+            }
+        }
         EventBody::Sold { lines, total_cents, currency, client_ref, recommendation, loyalty, staff } => {
             if let Some(s) = staff {
                 check_staff(s)?;
@@ -168,6 +179,26 @@ fn check_product(p: &Product) -> Checked {
     check_currency(&p.currency)?;
     if p.tags.len() > MAX_TAGS || p.tags.iter().any(|t| t.is_empty() || t.len() > MAX_TAG_LEN) {
         return Err(invalid("tags", format!("at most {MAX_TAGS} tags of 1..={MAX_TAG_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn check_drop(name: &str, sku: &str, units: u64, plan: &[(stallmesh_identity::DeviceId, u64)]) -> Checked {
+    check_text("name", name, MAX_DROP_NAME_LEN)?;
+    check_sku(sku)?;
+    check_qty(units).map_err(|e| invalid("units", e.problem))?;
+    if plan.is_empty() || plan.len() > MAX_DROP_PLAN_DEVICES {
+        return Err(invalid("plan", format!("must list 1..={MAX_DROP_PLAN_DEVICES} devices")));
+    }
+    if plan.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return Err(invalid("plan", "devices must be listed once each, in order"));
+    }
+    if plan.iter().any(|(_, share)| *share == 0) {
+        return Err(invalid("plan", "every device listed gets at least one unit"));
+    }
+    let planned = plan.iter().try_fold(0u64, |sum, (_, share)| sum.checked_add(*share));
+    if planned != Some(units) {
+        return Err(invalid("plan", format!("the shares must add up to the drop's {units} units")));
     }
     Ok(())
 }

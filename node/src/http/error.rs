@@ -64,6 +64,7 @@ impl From<NodeError> for ApiError {
                     LedgerError::VoucherHeldElsewhere { .. } => (StatusCode::CONFLICT, "voucher_held_elsewhere"),
                     LedgerError::VoucherExists(_) => (StatusCode::CONFLICT, "voucher_exists"),
                     LedgerError::UnknownVoucher(_) => (StatusCode::NOT_FOUND, "unknown_voucher"),
+                    LedgerError::DropNotStarted { .. } => (StatusCode::CONFLICT, "drop_not_started"),
                 };
                 let mut err = ApiError::new(status, code, message);
                 if let LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere } = le {

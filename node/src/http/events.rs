@@ -89,6 +89,7 @@ fn kind(body: &EventBody) -> &'static str {
     match body {
         EventBody::Sold { .. } => "sale",
         EventBody::Restocked { .. } | EventBody::Transferred { .. } => "stock",
+        EventBody::DropPlanned { .. } => "drop",
         EventBody::ProductUpserted { .. } => "product",
         EventBody::PhotoAttached { .. } => "photo",
         EventBody::LoyaltyTransferred { .. } | EventBody::VoucherMinted { .. } | EventBody::VoucherRedeemed { .. } => "loyalty",

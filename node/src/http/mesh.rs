@@ -108,6 +108,13 @@ fn event_view(change: &SignedChange, body: &EventBody) -> EventView {
         EventBody::RecommendationFeedback { feedback: f } => {
             EventView::RecommendationFeedback { action: f.action.as_str().into(), sku: f.sku.clone(), reason: f.reason.clone() }
         }
+        EventBody::DropPlanned { name, sku, units, start_ms, .. } => EventView::Drop {
+            drop_id: stallmesh_ledger::drop_id(change.dot()),
+            name: name.clone(),
+            sku: sku.clone(),
+            units: *units,
+            start_ms: *start_ms,
+        },
     }
 }
 

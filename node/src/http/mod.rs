@@ -7,6 +7,7 @@
 
 mod catalogue;
 mod drain;
+mod drops;
 mod error;
 pub mod events;
 pub mod loyalty;
@@ -94,6 +95,8 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/kpis", get(till::kpis))
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/session", get(session::show).post(session::sign_in).delete(session::sign_out))
+        .route("/api/v1/drops", post(drops::plan_drop).get(drops::list_drops))
+        .route("/api/v1/drops/{drop}", get(drops::show_drop))
         .route("/api/v1/restocks", post(stock::restock))
         .route("/api/v1/transfers", post(stock::transfer))
         .route("/api/v1/sales", post(sales::create_sale).get(sales::list_sales))

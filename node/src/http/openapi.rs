@@ -14,7 +14,7 @@ use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::{OpenApi as Document, Ref, RefOr, Schema};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use super::{catalogue, events, loyalty, mesh, sales, search, session, status, stock, till};
+use super::{catalogue, drops, events, loyalty, mesh, sales, search, session, status, stock, till};
 
 /// Declares a body of raw bytes (a string of format `binary` in the document).
 macro_rules! binary_body {
@@ -81,6 +81,7 @@ pub const SHARED_ERRORS: &[(&str, &str)] = &[
     paths(
         catalogue::create_product, catalogue::list_products, catalogue::update_product, catalogue::attach_photo, catalogue::get_photo,
         stock::stock, stock::restock, stock::transfer,
+        drops::plan_drop, drops::list_drops, drops::show_drop,
         sales::create_sale, sales::list_sales,
         search::search, search::search_image, search::recommendations, search::recommendation_lift,
         till::record_feedback, till::list_feedback, till::kpis, till::scan_card,

@@ -9,7 +9,6 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use stallmesh_api::{CloudStatus, CloudWatermarkView, Health, IndexView, UplinkView, InferenceHealth, JournalView, ModelView, NodeView, RecoveryView, SetAsideView, Status};
-use stallmesh_identity::Role;
 use stallmesh_ledger::LedgerError;
 
 /// A damaged store file moved aside on start, for the operator; `None` when none was.
@@ -115,12 +114,7 @@ pub(super) async fn status(State(app): State<AppState>) -> Json<Status> {
         market_id: info.market_id.clone(),
         device: info.device.clone(),
         stall: info.stall.clone(),
-        role: match info.role {
-            Role::Seller => "seller",
-            Role::Organiser => "organiser",
-            Role::Cloud => "cloud",
-        }
-        .into(),
+        role: info.role.as_str().into(),
         demo: info.demo,
         store_path: info.store_path.display().to_string(),
     };

@@ -2,7 +2,8 @@
 //! and for small deployments. redb locks the file, so only one process serves it; within that
 //! process the service's per-market lock serialises offset assignment.
 
-use super::{decode_entry, encode_entry, Events, MarketRegistration, Registered, StoreError};
+use super::{decode_entry, encode_entry, Events, MarketRegistration, OnlineRegistration, Registered, StoreError};
+use stallmesh_shop::{Hold, HoldsView};
 use crate::projection::log_event;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,16 @@ const LOG: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("log");
 const REJECTIONS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("rejections");
 /// (market id, digest) → a conflicting change kept as evidence (postcard).
 const EVIDENCE: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("evidence");
+/// market id → [`OnlineRow`] (postcard): the market's online channel.
+const ONLINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("online");
+/// (market id, hold id) → a [`Hold`] (postcard).
+const HOLDS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("holds");
+
+#[derive(Serialize, Deserialize)]
+struct OnlineRow {
+    device_secret: [u8; 32],
+    certificate: Certificate,
+}
 
 #[derive(Serialize, Deserialize)]
 struct MarketRow {
@@ -47,6 +58,8 @@ impl EmbeddedStore {
             tx.open_table(LOG).map_err(unavailable)?;
             tx.open_table(REJECTIONS).map_err(unavailable)?;
             tx.open_table(EVIDENCE).map_err(unavailable)?;
+            tx.open_table(ONLINE).map_err(unavailable)?;
+            tx.open_table(HOLDS).map_err(unavailable)?;
         }
         tx.commit().map_err(unavailable)?;
         Ok(Self { db })
@@ -146,6 +159,51 @@ impl EmbeddedStore {
         Ok(self.records(market, after, limit)?.iter().map(|r| log_event(market, r)).collect())
     }
 
+    pub fn online(&self, market: &MarketId) -> Result<Option<OnlineRegistration>, StoreError> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let t = tx.open_table(ONLINE).map_err(unavailable)?;
+        match t.get(&market.0[..]).map_err(unavailable)? {
+            None => Ok(None),
+            Some(v) => {
+                let row: OnlineRow = postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(Some(OnlineRegistration { device_secret: row.device_secret, certificate: row.certificate }))
+            }
+        }
+    }
+
+    pub fn set_online(&self, market: &MarketId, online: &OnlineRegistration) -> Result<Registered, StoreError> {
+        let tx = self.db.begin_write().map_err(unavailable)?;
+        {
+            if tx.open_table(MARKETS).map_err(unavailable)?.get(&market.0[..]).map_err(unavailable)?.is_none() {
+                return Err(StoreError::UnknownMarket(*market));
+            }
+            let mut t = tx.open_table(ONLINE).map_err(unavailable)?;
+            let existing: Option<OnlineRow> = match t.get(&market.0[..]).map_err(unavailable)? {
+                Some(v) => Some(postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+                None => None,
+            };
+            if let Some(row) = existing {
+                return if row.certificate.device == online.certificate.device { Ok(Registered::Already) } else { Err(StoreError::Conflict(*market)) };
+            }
+            let row = OnlineRow { device_secret: online.device_secret, certificate: online.certificate.clone() };
+            t.insert(&market.0[..], &postcard::to_allocvec(&row).expect("rows serialize")[..]).map_err(unavailable)?;
+        }
+        tx.commit().map_err(unavailable)?;
+        Ok(Registered::New)
+    }
+
+    fn holds_of(&self, market: &MarketId) -> Result<Vec<Hold>, StoreError> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let t = tx.open_table(HOLDS).map_err(unavailable)?;
+        let mut out = Vec::new();
+        // Every id sorts after "" and before the first string past hex digits.
+        for item in t.range((&market.0[..], "")..(&market.0[..], "~")).map_err(unavailable)? {
+            let (_, v) = item.map_err(unavailable)?;
+            out.push(postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
     /// The caller holds the market's lock in the service (see the module's comment).
     pub fn begin(&self, market: &MarketId) -> Result<EmbeddedTx<'_>, StoreError> {
         let next_offset = self.next_offset(market)?;
@@ -168,8 +226,29 @@ impl EmbeddedTx<'_> {
         self.store.load_log(&self.market, after)
     }
 
-    pub fn commit(self, records: &[LogRecord], rejected: &[RejectedChange], evidence: &[SignedChange], _now_ms: u64) -> Result<(), StoreError> {
-        if records.is_empty() && rejected.is_empty() && evidence.is_empty() {
+    pub fn hold(&self, id: &str) -> Result<Option<Hold>, StoreError> {
+        let tx = self.store.db.begin_read().map_err(unavailable)?;
+        let t = tx.open_table(HOLDS).map_err(unavailable)?;
+        match t.get((&self.market.0[..], id)).map_err(unavailable)? {
+            None => Ok(None),
+            Some(v) => postcard::from_bytes(v.value()).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// Scans the market's holds: one process, a few thousand holds at most per drop.
+    pub fn holds_view(&self, sku: &str, drop: &str, buyer: &str, now_ms: u64) -> Result<HoldsView, StoreError> {
+        Ok(HoldsView::of(&self.store.holds_of(&self.market)?, sku, drop, buyer, now_ms))
+    }
+
+    pub fn commit(
+        self,
+        records: &[LogRecord],
+        rejected: &[RejectedChange],
+        evidence: &[SignedChange],
+        holds: &[Hold],
+        _now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() && rejected.is_empty() && evidence.is_empty() && holds.is_empty() {
             return Ok(());
         }
         let m = &self.market.0[..];
@@ -196,6 +275,10 @@ impl EmbeddedTx<'_> {
             let mut kept = tx.open_table(EVIDENCE).map_err(unavailable)?;
             for c in evidence {
                 kept.insert((m, &c.digest().0[..]), &postcard::to_allocvec(c).expect("serializes")[..]).map_err(unavailable)?;
+            }
+            let mut held = tx.open_table(HOLDS).map_err(unavailable)?;
+            for h in holds {
+                held.insert((m, h.id.as_str()), &postcard::to_allocvec(h).expect("serializes")[..]).map_err(unavailable)?;
             }
             row.next_offset += records.len() as u64;
             markets.insert(m, &postcard::to_allocvec(&row).expect("rows serialize")[..]).map_err(unavailable)?;

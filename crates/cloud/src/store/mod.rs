@@ -13,6 +13,7 @@ pub mod postgres;
 use stallmesh_api::cloud::LogEvent;
 use stallmesh_identity::{Certificate, DeviceKey, MarketId, MarketPublicKey, SignedChange};
 use stallmesh_ingest::{LogRecord, RejectedChange};
+use stallmesh_shop::{Hold, HoldsView};
 
 /// A market the cloud serves, with the credentials of its own device of that market (enrolled by
 /// the organiser with role `cloud`). Kept in the store, so any cloud process can serve any market.
@@ -39,6 +40,26 @@ impl std::fmt::Debug for MarketRegistration {
             .field("name", &self.name)
             .field("cloud_device", &self.certificate.device)
             .finish_non_exhaustive()
+    }
+}
+
+/// A market's online channel: the device of role `online` (enrolled by the organiser) that the
+/// cloud runs for it, selling online from the stock rights it holds.
+#[derive(Clone)]
+pub struct OnlineRegistration {
+    pub device_secret: [u8; 32],
+    pub certificate: Certificate,
+}
+
+impl OnlineRegistration {
+    pub fn device_key(&self) -> DeviceKey {
+        DeviceKey::from_secret(self.device_secret)
+    }
+}
+
+impl std::fmt::Debug for OnlineRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnlineRegistration").field("device", &self.certificate.device).finish_non_exhaustive()
     }
 }
 
@@ -104,6 +125,22 @@ impl Store {
         }
     }
 
+    /// The market's online channel, if one was set up.
+    pub async fn online(&self, market: &MarketId) -> Result<Option<OnlineRegistration>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.online(market),
+            Store::Postgres(s) => s.online(market).await,
+        }
+    }
+
+    /// Sets up the market's online channel (once: a second device is a conflict).
+    pub async fn set_online(&self, market: &MarketId, online: &OnlineRegistration, now_ms: u64) -> Result<Registered, StoreError> {
+        match self {
+            Store::Embedded(s) => s.set_online(market, online),
+            Store::Postgres(s) => s.set_online(market, online, now_ms).await,
+        }
+    }
+
     /// The market's log records with offset > `after`, in order (to rebuild the ingest core).
     pub async fn load_log(&self, market: &MarketId, after: u64) -> Result<Vec<LogRecord>, StoreError> {
         match self {
@@ -162,13 +199,31 @@ impl MarketTx<'_> {
         }
     }
 
+    /// The hold stored under `id`, read under the lock.
+    pub async fn hold(&mut self, id: &str) -> Result<Option<Hold>, StoreError> {
+        match self {
+            MarketTx::Embedded(t) => t.hold(id),
+            MarketTx::Postgres(t) => t.hold(id).await,
+        }
+    }
+
+    /// What a hold decision weighs ([`HoldsView`]), read under the lock.
+    pub async fn holds_view(&mut self, sku: &str, drop: &str, buyer: &str, now_ms: u64) -> Result<HoldsView, StoreError> {
+        match self {
+            MarketTx::Embedded(t) => t.holds_view(sku, drop, buyer, now_ms),
+            MarketTx::Postgres(t) => t.holds_view(sku, drop, buyer, now_ms).await,
+        }
+    }
+
     /// Writes the batch: `records` (offsets continuing [`MarketTx::next_offset`] without gaps),
-    /// their projections, `rejected` and `evidence`, and the new next offset, atomically.
+    /// their projections, `rejected` and `evidence`, `holds` (new or changed), and the new next
+    /// offset, atomically.
     pub async fn commit(
         self,
         records: &[LogRecord],
         rejected: &[RejectedChange],
         evidence: &[SignedChange],
+        holds: &[Hold],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         if let Some(first) = records.first() {
@@ -176,8 +231,8 @@ impl MarketTx<'_> {
         }
         assert!(records.windows(2).all(|w| w[1].offset == w[0].offset + 1), "a batch's offsets are gapless");
         match self {
-            MarketTx::Embedded(t) => t.commit(records, rejected, evidence, now_ms),
-            MarketTx::Postgres(t) => t.commit(records, rejected, evidence, now_ms).await,
+            MarketTx::Embedded(t) => t.commit(records, rejected, evidence, holds, now_ms),
+            MarketTx::Postgres(t) => t.commit(records, rejected, evidence, holds, now_ms).await,
         }
     }
 }

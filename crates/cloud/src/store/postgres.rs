@@ -30,8 +30,9 @@
 //! for each other. A batch is written with one multi-row `INSERT … SELECT FROM unnest(…)` per
 //! table, not one statement per row.
 
-use super::{decode_entry, encode_entry, Events, MarketRegistration, Registered, StoreError};
+use super::{decode_entry, encode_entry, Events, MarketRegistration, OnlineRegistration, Registered, StoreError};
 use crate::projection::{log_event, role_name};
+use stallmesh_shop::{Hold, HoldsView};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use stallmesh_identity::{Certificate, DeviceId, MarketId, MarketPublicKey, SignedChange};
 use stallmesh_ingest::{LogRecord, RejectedChange};
@@ -305,6 +306,56 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    pub async fn online(&self, market: &MarketId) -> Result<Option<OnlineRegistration>, StoreError> {
+        let c = self.conn().await?;
+        let stmt = c.prepare_cached("SELECT device_secret, certificate FROM online_channels WHERE market = $1").await.map_err(pg)?;
+        let Some(row) = c.query_opt(&stmt, &[&market.to_hex()]).await.map_err(pg)? else { return Ok(None) };
+        let device_secret: [u8; 32] =
+            row.get::<_, &[u8]>(0).try_into().map_err(|_| corrupt(format!("market {market}: online device secret of the wrong length")))?;
+        let certificate: Certificate =
+            postcard::from_bytes(row.get::<_, &[u8]>(1)).map_err(|e| corrupt(format!("market {market}: online certificate: {e}")))?;
+        Ok(Some(OnlineRegistration { device_secret, certificate }))
+    }
+
+    pub async fn set_online(&self, market: &MarketId, online: &OnlineRegistration, now_ms: u64) -> Result<Registered, StoreError> {
+        let c = self.conn().await?;
+        let device = online.certificate.device.to_hex();
+        let certificate = postcard::to_allocvec(&online.certificate).expect("certificates serialize");
+        let inserted = c
+            .execute(
+                "INSERT INTO online_channels (market, device, device_secret, certificate, registered_at) \
+                 SELECT $1, $2, $3, $4, stallmesh_ms_to_timestamptz($5) WHERE EXISTS (SELECT 1 FROM markets WHERE id = $1) \
+                 ON CONFLICT (market) DO NOTHING",
+                &[&market.to_hex(), &device, &&online.device_secret[..], &certificate, &int(now_ms)],
+            )
+            .await
+            .map_err(pg)?;
+        if inserted == 1 {
+            return Ok(Registered::New);
+        }
+        let row = c.query_opt("SELECT device FROM online_channels WHERE market = $1", &[&market.to_hex()]).await.map_err(pg)?;
+        match row {
+            None => Err(StoreError::UnknownMarket(*market)),
+            Some(r) if r.get::<_, &str>(0) == device => Ok(Registered::Already),
+            Some(_) => Err(StoreError::Conflict(*market)),
+        }
+    }
+}
+
+fn hold_row(row: &tokio_postgres::Row) -> Result<Hold, StoreError> {
+    Ok(Hold {
+        id: row.get(0),
+        drop: row.get(1),
+        sku: row.get(2),
+        buyer: row.get(3),
+        qty: uint(row.get(4), "hold quantity")?,
+        placed_ms: uint(row.get(5), "hold time")?,
+        expires_ms: uint(row.get(6), "hold expiry")?,
+        sale: row.get(7),
+    })
+}
+
 const MARKET_COLUMNS: &str = "SELECT id, name, market_public_key, device_secret, certificate, \
                               stallmesh_timestamptz_to_ms(registered_at) FROM markets";
 
@@ -406,12 +457,42 @@ impl PgTx {
         load_records(self.client(), &self.market, after, usize::MAX).await
     }
 
+    pub async fn hold(&mut self, id: &str) -> Result<Option<Hold>, StoreError> {
+        let c = self.client();
+        let stmt = c
+            .prepare_cached("SELECT id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id FROM holds WHERE market = $1 AND id = $2")
+            .await
+            .map_err(pg)?;
+        c.query_opt(&stmt, &[&self.market.to_hex(), &id]).await.map_err(pg)?.as_ref().map(hold_row).transpose()
+    }
+
+    /// One statement: the SKU's unpaid unexpired holds (both indexes serve it) and the buyer's.
+    pub async fn holds_view(&mut self, sku: &str, drop: &str, buyer: &str, now_ms: u64) -> Result<HoldsView, StoreError> {
+        let c = self.client();
+        let stmt = c
+            .prepare_cached(
+                "SELECT COALESCE(SUM(qty) FILTER (WHERE sku = $2 AND sale_id IS NULL AND expires_at_ms > $5), 0)::bigint, \
+                        COALESCE(SUM(qty) FILTER (WHERE drop_id = $3 AND buyer = $4 AND (sale_id IS NOT NULL OR expires_at_ms > $5)), 0)::bigint, \
+                        MIN(expires_at_ms) FILTER (WHERE sku = $2 AND sale_id IS NULL AND expires_at_ms > $5) \
+                   FROM holds WHERE market = $1 AND ((sku = $2 AND sale_id IS NULL AND expires_at_ms > $5) OR (drop_id = $3 AND buyer = $4))",
+            )
+            .await
+            .map_err(pg)?;
+        let row = c.query_one(&stmt, &[&self.market.to_hex(), &sku, &drop, &buyer, &int(now_ms)]).await.map_err(pg)?;
+        Ok(HoldsView {
+            held_units: uint(row.get(0), "held units")?,
+            buyer_units: uint(row.get(1), "buyer's units")?,
+            next_expiry_ms: row.get::<_, Option<i64>>(2).map(|t| uint(t, "hold expiry")).transpose()?,
+        })
+    }
+
     /// Writes the batch and the new next offset, and commits (releasing the market's lock).
     pub async fn commit(
         mut self,
         records: &[LogRecord],
         rejected: &[RejectedChange],
         evidence: &[SignedChange],
+        holds: &[Hold],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         if let Some(first) = records.first() {
@@ -421,6 +502,21 @@ impl PgTx {
         }
         let c = self.client();
         write_batch(c, &self.market, records, rejected, evidence, now_ms).await?;
+        if !holds.is_empty() {
+            let stmt = c
+                .prepare_cached(
+                    "INSERT INTO holds (market, id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (market, id) DO UPDATE SET sale_id = EXCLUDED.sale_id",
+                )
+                .await
+                .map_err(pg)?;
+            let market = self.market.to_hex();
+            for h in holds {
+                let row: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
+                    [&market, &h.id, &h.drop, &h.sku, &h.buyer, &int(h.qty), &int(h.placed_ms), &int(h.expires_ms), &h.sale];
+                c.execute(&stmt, &row).await.map_err(pg)?;
+            }
+        }
         if !records.is_empty() {
             let stmt = c
                 .prepare_cached("UPDATE markets SET next_offset = next_offset + $2 WHERE id = $1 RETURNING next_offset")
@@ -596,7 +692,9 @@ impl<'a> Columns<'a> {
                 | EventBody::VoucherMinted { .. }
                 | EventBody::VoucherRedeemed { .. }
                 // Feedback is read from `events` by the view `recommendation_feedback` (V3).
-                | EventBody::RecommendationFeedback { .. } => {}
+                | EventBody::RecommendationFeedback { .. }
+                // Drops by the views `drops` and `drop_plan` (V4).
+                | EventBody::DropPlanned { .. } => {}
             }
             c.ev_offset.push(offset);
             c.ev_device.push(device);

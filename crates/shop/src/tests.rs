@@ -1,0 +1,160 @@
+//! Specifications of online checkout: holds reserve the online device's rights, expire, and are
+//! sold at most once.
+
+use super::*;
+use stallmesh_identity::SignedChange;
+use stallmesh_ledger::testkit::{product, TestMarket};
+
+fn changes(entries: &[Entry]) -> Vec<SignedChange> {
+    entries.iter().map(|e| e.change.clone()).collect()
+}
+
+const START_MS: u64 = 1_000_000;
+
+/// An organiser's drop of `units` totes at START_MS: `online` units to the online device, the
+/// rest to the organiser's own stall. Returns the online device's ledger, and the drop's id.
+fn drop_of(units: u64, online: u64, max_per_buyer: Option<u64>) -> (TestMarket, Ledger, Ledger, String) {
+    let m = TestMarket::new(60);
+    let (mut organiser, e0) = m.device(1, "Office");
+    let (mut web, w0) = m.device_as(2, "online", Role::Online);
+    organiser.apply_remote(changes(std::slice::from_ref(&w0)));
+    let p = organiser.record(LocalOp::UpsertProduct(product("tote", 3_500)), 1).unwrap();
+    let mut plan = vec![(web.device(), online)];
+    if units > online {
+        plan.push((organiser.device(), units - online));
+    }
+    let op = LocalOp::PlanDrop { name: "Tote".into(), sku: "tote".into(), units, start_ms: START_MS, plan, max_per_buyer };
+    let d = organiser.record(op, 2).unwrap();
+    web.apply_remote(changes(&[e0, p, d.clone()]));
+    let id = stallmesh_ledger::drop_id(d.change.dot());
+    (m, organiser, web, id)
+}
+
+fn req(drop: &str, buyer: &str, qty: u64, key: &str) -> HoldRequest {
+    HoldRequest { drop: drop.into(), buyer: buyer.into(), qty, idempotency_key: key.into() }
+}
+
+/// Places holds as a driver would: the view from every hold kept so far, new ones kept.
+struct Shop {
+    market: MarketId,
+    web: Ledger,
+    holds: Vec<Hold>,
+}
+
+impl Shop {
+    fn hold(&mut self, r: HoldRequest, now_ms: u64) -> Result<Hold, ShopError> {
+        let id = hold_id(&self.market, &r.buyer, &r.idempotency_key);
+        let existing = self.holds.iter().find(|h| h.id == id).cloned();
+        let sku = self.web.state().drops.get(&r.drop).map(|d| d.sku.clone()).unwrap_or_default();
+        let view = HoldsView::of(&self.holds, &sku, &r.drop, &r.buyer, now_ms);
+        match place_hold(&self.web, &self.market, existing.as_ref(), &view, &r, DEFAULT_HOLD_TTL_MS, now_ms)? {
+            Placed::New(h) => {
+                self.holds.push(h.clone());
+                Ok(h)
+            }
+            Placed::Again(h) => Ok(h),
+        }
+    }
+
+    fn pay(&mut self, id: &str, now_ms: u64) -> Result<Hold, ShopError> {
+        let i = self.holds.iter().position(|h| h.id == id).ok_or_else(|| ShopError::UnknownHold(id.into()))?;
+        match pay(&mut self.web, &self.holds[i], now_ms)? {
+            Paid::New { hold, .. } => {
+                self.holds[i] = hold.clone();
+                Ok(hold)
+            }
+            Paid::Again(h) => Ok(h),
+        }
+    }
+}
+
+fn shop(units: u64, online: u64, max_per_buyer: Option<u64>) -> (Shop, String) {
+    let (m, _, web, id) = drop_of(units, online, max_per_buyer);
+    (Shop { market: m.ctx.market, web, holds: Vec::new() }, id)
+}
+
+#[test]
+fn holds_reserve_the_online_devices_units_and_the_next_buyer_is_told_sold_out_and_whether_units_may_return() {
+    let (mut s, drop) = shop(10, 3, None);
+    let t = START_MS;
+    s.hold(req(&drop, "ann", 2, "k1"), t).unwrap();
+    s.hold(req(&drop, "bob", 1, "k1"), t).unwrap();
+    let err = s.hold(req(&drop, "cat", 1, "k1"), t + 1).unwrap_err();
+    match err {
+        ShopError::SoldOut { available: 0, in_holds: 3, held_elsewhere: 7, may_return: true, next_expiry_ms } => {
+            assert_eq!(next_expiry_ms, Some(t + DEFAULT_HOLD_TTL_MS))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn nothing_is_held_before_the_drop_opens() {
+    let (mut s, drop) = shop(5, 5, None);
+    assert_eq!(s.hold(req(&drop, "ann", 1, "k"), START_MS - 1).unwrap_err(), ShopError::DropNotStarted { start_ms: START_MS });
+    assert!(s.holds.is_empty());
+}
+
+#[test]
+fn an_expired_hold_gives_its_units_back_and_cannot_be_paid() {
+    let (mut s, drop) = shop(2, 2, None);
+    let ann = s.hold(req(&drop, "ann", 2, "k"), START_MS).unwrap();
+    assert!(matches!(s.hold(req(&drop, "bob", 1, "k"), START_MS + 1), Err(ShopError::SoldOut { may_return: true, .. })));
+    let after = ann.expires_ms;
+    let bob = s.hold(req(&drop, "bob", 2, "k"), after).expect("the expired hold's units are free again");
+    assert_eq!(s.pay(&ann.id, after).unwrap_err(), ShopError::HoldExpired { expired_at_ms: ann.expires_ms });
+    let paid = s.pay(&bob.id, after + 1).unwrap();
+    assert!(paid.sale.is_some());
+    assert_eq!(s.web.state().rights_of("tote", &s.web.device()), 0);
+    assert_eq!(s.web.state().sales.len(), 1, "only the paid hold became a sale");
+}
+
+#[test]
+fn a_retried_hold_or_payment_is_answered_with_the_first_and_never_sold_twice() {
+    let (mut s, drop) = shop(5, 5, None);
+    let first = s.hold(req(&drop, "ann", 2, "tap"), START_MS).unwrap();
+    let again = s.hold(req(&drop, "ann", 2, "tap"), START_MS + 5).unwrap();
+    assert_eq!(first, again, "a double tap holds once");
+    assert_eq!(s.holds.len(), 1);
+    assert!(matches!(s.hold(req(&drop, "ann", 3, "tap"), START_MS + 6), Err(ShopError::IdempotencyConflict(_))));
+
+    let paid = s.pay(&first.id, START_MS + 10).unwrap();
+    assert_eq!(s.pay(&first.id, START_MS + 11).unwrap(), paid, "a retried payment finds the sale");
+    // Even a stale copy of the hold (another process's, not yet written back) sells nothing twice.
+    let stale = Hold { sale: None, ..paid.clone() };
+    assert!(matches!(pay(&mut s.web, &stale, START_MS + 12), Ok(Paid::Again(h)) if h.sale == paid.sale));
+    assert_eq!(s.web.state().sales.len(), 1);
+}
+
+#[test]
+fn a_buyer_gets_at_most_the_drops_limit_over_all_holds_and_orders() {
+    let (mut s, drop) = shop(10, 10, Some(2));
+    let h = s.hold(req(&drop, "ann", 1, "a"), START_MS).unwrap();
+    s.pay(&h.id, START_MS + 1).unwrap();
+    s.hold(req(&drop, "ann", 1, "b"), START_MS + 2).unwrap();
+    assert_eq!(s.hold(req(&drop, "ann", 1, "c"), START_MS + 3).unwrap_err(), ShopError::BuyerLimit { limit: 2, already: 2, asked: 1 });
+    s.hold(req(&drop, "bob", 2, "a"), START_MS + 3).expect("the limit is per buyer");
+}
+
+#[test]
+fn bad_requests_are_refused_precisely() {
+    let (mut s, drop) = shop(5, 5, None);
+    let field = |e: ShopError| match e {
+        ShopError::Invalid { field, .. } => field,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(field(s.hold(req(&drop, "", 1, "k"), START_MS).unwrap_err()), "buyer");
+    assert_eq!(field(s.hold(req(&drop, "ann", 0, "k"), START_MS).unwrap_err()), "qty");
+    assert_eq!(field(s.hold(req(&drop, "ann", MAX_HOLD_UNITS + 1, "k"), START_MS).unwrap_err()), "qty");
+    assert_eq!(field(s.hold(req(&drop, "ann", 1, &"k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1)), START_MS).unwrap_err()), "idempotency_key");
+    assert_eq!(s.hold(req("nope-1", "ann", 1, "k"), START_MS).unwrap_err(), ShopError::UnknownDrop("nope-1".into()));
+    assert!(s.holds.is_empty());
+}
+
+#[test]
+fn a_device_that_is_not_the_online_channel_places_no_holds() {
+    let (m, organiser, _, drop) = drop_of(5, 5, None);
+    let r = req(&drop, "ann", 1, "k");
+    let err = place_hold(&organiser, &m.ctx.market, None, &HoldsView::default(), &r, DEFAULT_HOLD_TTL_MS, START_MS).unwrap_err();
+    assert_eq!(err, ShopError::NoOnlineChannel);
+}
