@@ -288,6 +288,12 @@ fn two_tablets_sell_from_the_page_and_each_sees_the_other_live() {
                 tap(&a, "[data-testid=sell]").await;
                 last = receipt_after(&a, &last).await;
             }
+            // The page records a sale's time in the frame after its receipt shows: under load the
+            // last one may land a moment after the test saw that receipt.
+            let recorded = Instant::now();
+            while js(&a, "return window.stallmesh.saleTimingsMs.length;").await.as_u64() != Some(TIMED_SALES as u64) && recorded.elapsed() < SHOWN {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let mut timings: Vec<f64> = js(&a, "return window.stallmesh.saleTimingsMs;").await.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             timings.sort_by(f64::total_cmp);
             assert_eq!(timings.len(), TIMED_SALES);

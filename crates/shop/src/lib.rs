@@ -266,7 +266,7 @@ pub fn place_hold(
         expires_ms: now_ms.saturating_add(ttl_ms),
         sale: None,
     };
-    debug_assert!(hold.reserves(now_ms) == req.qty && view.held_units + req.qty <= rights, "a new hold fits the online device's rights");
+    debug_assert!(hold.reserves(now_ms) == req.qty && view.held_units.saturating_add(req.qty) <= rights, "a new hold fits the online device's rights");
     Ok(Placed::New(hold))
 }
 
