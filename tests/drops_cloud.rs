@@ -126,7 +126,7 @@ fn a_drop_sold_at_three_stalls_and_online_at_once_sells_exactly_its_units_each_o
     // uplink dies half-way and comes back.
     let online_sold = Arc::new(Mutex::new(Vec::new()));
     let refusals = Arc::new(Mutex::new(Vec::new()));
-    let stall_sold: Vec<String> = std::thread::scope(|s| {
+    let mut stall_sold: Vec<String> = std::thread::scope(|s| {
         let w = &w;
         let tills: Vec<_> = (1..=3).map(|k| s.spawn(move || sell_out_at_stalls(w, k))).collect();
         for b in 0..30 {
@@ -150,10 +150,25 @@ fn a_drop_sold_at_three_stalls_and_online_at_once_sells_exactly_its_units_each_o
         tills.into_iter().flat_map(|t| t.join().unwrap()).collect()
     });
     link.restore();
-    let online_sold = online_sold.lock().unwrap().clone();
+    let mut online_sold = online_sold.lock().unwrap().clone();
     let refusals = refusals.lock().unwrap().clone();
-    assert_eq!(stall_sold.len(), 30, "the stalls sold exactly their 30");
     assert!(refusals.iter().all(|c| c == "sold_out"), "{refusals:?}");
+
+    // Rights may have moved between the channels meanwhile (a till short of units asks the online
+    // channel; the online channel, sold out, asks the tills): whatever is left anywhere is sold.
+    let mut n = 0;
+    eventually(Duration::from_secs(60), "nothing left on any channel", || {
+        for k in 1..=3 {
+            stall_sold.extend(sell_out_at_stalls(&w, k));
+        }
+        while let Ok(sale) = buy_online(&w, &drop, &format!("late-{n}"), 1) {
+            online_sold.push(sale);
+            n += 1;
+        }
+        n += 1;
+        let (_, v) = shop(&w, "GET", &format!("/drops/{drop}"), None, None);
+        v["available_online"] == 0 && v["in_holds"] == 0 && v["held_at_stalls"] == 0
+    });
 
     // Exactly 50 sold over all channels, each sale once in the cloud's log, 20 of them online.
     let mut sold: BTreeSet<String> = stall_sold.iter().cloned().collect();
@@ -169,13 +184,13 @@ fn a_drop_sold_at_three_stalls_and_online_at_once_sells_exactly_its_units_each_o
         .filter(|l| l["sku"] == "TOTE")
         .map(|l| l["qty"].as_u64().unwrap())
         .sum();
-    assert_eq!(units_sold, 50, "exactly the drop's units, never more");
+    assert_eq!(units_sold, 50, "exactly the drop's units, never more, none lost");
     let online_units: u64 = log
         .iter()
         .filter(|e| e["kind"] == "sale" && e["device"] == online.as_str())
         .map(|e| e["lines"][0]["qty"].as_u64().unwrap())
         .sum();
-    assert_eq!(online_units, 20, "online sold exactly its share");
+    assert_eq!(online_units + stall_sold.len() as u64, 50, "what each channel sold adds up");
 
     // The online sales reach every tablet through the uplink; every till shows the drop sold out.
     for k in 1..=3 {
@@ -186,9 +201,9 @@ fn a_drop_sold_at_three_stalls_and_online_at_once_sells_exactly_its_units_each_o
     }
     let d = &w.tablet(3, "/api/v1/drops")["drops"][0];
     let online_channel = d["channels"].as_array().unwrap().iter().find(|c| c["device"] == online.as_str()).unwrap();
-    assert_eq!((online_channel["role"].as_str(), online_channel["sold"].as_u64()), (Some("online"), Some(20)), "{d}");
+    assert_eq!((online_channel["role"].as_str(), online_channel["sold"].as_u64()), (Some("online"), Some(online_units)), "{d}");
     let (status, v) = shop(&w, "GET", &format!("/drops/{drop}"), None, None);
-    assert_eq!((status, v["status"].as_str(), v["sold_online"].as_u64()), (200, Some("sold_out"), Some(20)), "{v}");
+    assert_eq!((status, v["status"].as_str(), v["sold_online"].as_u64()), (200, Some("sold_out"), Some(online_units)), "{v}");
 }
 
 #[test]
@@ -235,4 +250,63 @@ fn an_unpaid_hold_expires_and_its_units_go_to_the_next_buyer_and_a_late_payment_
     let unauthenticated = ureq::post(&url).set("idempotency-key", "k").send_json(json!({ "buyer": "dan", "qty": 1 }));
     assert!(matches!(unauthenticated, Err(ureq::Error::Status(401, _))));
     assert_eq!(w.cloud_sale_ids().len(), 1);
+}
+
+#[test]
+fn rights_move_between_the_online_channel_and_a_stall_through_the_uplink_and_wait_while_it_is_cut() {
+    let (w, link, online) = market(None, &[]);
+    let tablet = w.device(1);
+    let drop = plan_drop(&w, 10, 0, &[(tablet.clone(), 1), (online.clone(), 9)], None);
+    let sell = |qty: u64| post(&format!("{}/api/v1/sales", w.http[1]), &json!({ "lines": [{ "sku": "TOTE", "qty": qty }] }));
+    let transfers = |from: &str, to: &str| -> u64 {
+        w.cloud_log().iter().filter(|e| e["kind"] == "transfer" && e["device"] == from && e["to_device"] == to).map(|e| e["qty"].as_u64().unwrap()).sum()
+    };
+
+    // The till sells its one; the next customer wants two, and waits while the online channel's
+    // units come through the uplink (no other tablet holds any).
+    assert_eq!(sell(1).0, 201);
+    let (status, sale) = sell(2);
+    assert_eq!(status, 201, "the till got the online channel's units while the customer waited: {sale}");
+    eventually(CONVERGE, "the online channel's transfer in the log", || transfers(&online, &tablet) > 0);
+    let given = transfers(&online, &tablet);
+    assert!((2..=9).contains(&given), "it gave what the sale lacked and a refill, never all it had to: {given}");
+
+    // The uplink dies. Online sells what it still holds, then is sold out while the stall holds
+    // units: they cannot move, so buyers are told units may come back.
+    link.cut();
+    let left_online = 9 - given;
+    if left_online > 0 {
+        assert!(buy_online(&w, &drop, "ann", left_online.min(2)).is_ok());
+        for n in 0..left_online.saturating_sub(2) {
+            assert!(buy_online(&w, &drop, &format!("early-{n}"), 1).is_ok());
+        }
+    }
+    let (status, refused) = shop(&w, "POST", &format!("/drops/{drop}/holds"), Some("bob-1"), Some(&json!({ "buyer": "bob", "qty": 1 })));
+    assert_eq!((status, refused["sold_out"]["may_return"].as_bool()), (409, Some(true)), "{refused}");
+    assert!(refused["sold_out"]["held_at_stalls"].as_u64().unwrap() > 0, "{refused}");
+    std::thread::sleep(Duration::from_secs(6)); // more than a heads refresh: nothing can cross
+    assert_eq!(transfers(&tablet, &online), 0, "nothing moved over a cut uplink");
+
+    // It comes back: the stall gives the online channel a share of what it holds.
+    link.restore();
+    let mut n = 0;
+    eventually(CONVERGE, "a buyer gets a unit the stall gave the online channel", || {
+        n += 1;
+        buy_online(&w, &drop, &format!("retry-{n}"), 1).is_ok()
+    });
+    let back = transfers(&tablet, &online);
+    assert!(back > 0, "the stall's transfer to the online channel is in the log");
+
+    // Never more than the drop's ten units sold, over every channel.
+    let units: u64 = w
+        .cloud_log()
+        .iter()
+        .filter(|e| e["kind"] == "sale")
+        .flat_map(|e| e["lines"].as_array().unwrap().clone())
+        .filter(|l| l["sku"] == "TOTE")
+        .map(|l| l["qty"].as_u64().unwrap())
+        .sum();
+    assert!(units <= 10, "{units} units sold of ten");
+    let (_, v) = shop(&w, "GET", &format!("/drops/{drop}"), None, None);
+    assert_eq!(v["sold_online"].as_u64().unwrap() + v["available_online"].as_u64().unwrap() + v["in_holds"].as_u64().unwrap() + v["held_at_stalls"].as_u64().unwrap() + 3, 10, "{v}");
 }

@@ -128,7 +128,7 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
         None
     } else {
         tracing::info!(cloud = %config.cloud.url, "uploading the market's changes to the cloud whenever it is reachable");
-        Some(uplink::start(node.clone(), config.cloud.url.clone()))
+        Some(uplink::start(node.clone(), config.cloud.url.clone(), rebalance_policy(config)))
     };
     let loyalty = std::sync::Arc::new(http::loyalty::LoyaltyDesk::new(&config.loyalty));
     let staff = std::sync::Arc::new(http::session::StaffDesk {
@@ -159,17 +159,18 @@ pub async fn start(config: &Config, shutdown: impl std::future::Future<Output = 
     Ok(Running { node, addr, server })
 }
 
+/// The market's rebalancing settings (`[mesh]`), for peers and for the online channel alike.
+fn rebalance_policy(config: &Config) -> stallmesh_sync::rebalance::RebalancePolicy {
+    stallmesh_sync::rebalance::RebalancePolicy { min_keep: config.mesh.min_keep, low_watermark: config.mesh.low_watermark, refill: config.mesh.refill }
+}
+
 fn start_mesh(node: &Node, config: &Config) -> Result<mesh::MeshHandle, StartError> {
     let parse = |a: &String| a.parse::<libp2p::Multiaddr>().map_err(|e| StartError::Mesh(mesh::MeshError::Transport(format!("{a}: {e}"))));
     let mesh_config = mesh::MeshConfig {
         listen: config.mesh.listen.iter().map(parse).collect::<Result<_, _>>()?,
         bootstrap: config.mesh.bootstrap.iter().map(parse).collect::<Result<_, _>>()?,
         mdns: config.mesh.mdns,
-        rebalance: stallmesh_sync::rebalance::RebalancePolicy {
-            min_keep: config.mesh.min_keep,
-            low_watermark: config.mesh.low_watermark,
-            refill: config.mesh.refill,
-        },
+        rebalance: rebalance_policy(config),
     };
     let (secret, psk) = node.mesh_secrets();
     let certificate = node.read(|l| l.certificate().clone());

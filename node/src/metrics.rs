@@ -76,6 +76,10 @@ pub struct Metrics {
     pub pipeline_lagged: Family<Subscriber, Counter>,
     pub index_wait_timeouts: Counter,
     pub uplink_requests: Family<Outcome, Counter>,
+    /// Transfers this tablet made to the market's online channel when it sold out.
+    pub online_rights_given: Counter,
+    /// Asks this tablet sent the online channel for units a till ran short of.
+    pub online_rights_asked: Counter,
     pub uplink_changes_uploaded: Counter,
     pub cloud_entries_not_uploaded: Gauge,
     pub cloud_sales_not_uploaded: Gauge,
@@ -129,6 +133,8 @@ impl Metrics {
             pipeline_lagged: Family::default(),
             index_wait_timeouts: Counter::default(),
             uplink_requests: Family::default(),
+            online_rights_given: Counter::default(),
+            online_rights_asked: Counter::default(),
             uplink_changes_uploaded: Counter::default(),
             cloud_entries_not_uploaded: Gauge::default(),
             cloud_sales_not_uploaded: Gauge::default(),
@@ -231,6 +237,8 @@ impl Metrics {
             m.index_wait_timeouts.clone(),
         );
         registry.register("uplink_requests", "Requests of this tablet's uplink to the cloud: ok, rejected (some changes refused), failed", m.uplink_requests.clone());
+        registry.register("online_rights_given", "Transfers to the market's online channel after it sold out", m.online_rights_given.clone());
+        registry.register("online_rights_asked", "Asks to the market's online channel for units a till ran short of", m.online_rights_asked.clone());
         registry.register("uplink_changes_uploaded", "Changes this tablet uploaded to the cloud (any device's)", m.uplink_changes_uploaded.clone());
         registry.register(
             "cloud_entries_not_uploaded",

@@ -3,12 +3,19 @@
 //! commit may give the cloud something to take) and at the core's `poll_timeout`. What the cloud
 //! sends back (its watermark, other tablets' uploads) is applied like any peer's changes, so it
 //! reaches the rest of the mesh from here.
+//!
+//! The market's online channel is reached through it too: a till short of units the online device
+//! holds asks for them ([`UplinkHandle::ask_for_sale`], answered with its transfer), and the online
+//! channel's own asks arrive in replies (`rights_wanted`), given to by this tablet's rebalancing
+//! policy as it gives a peer that asks.
 
 use crate::runtime::{now_ms, Node};
 use stallmesh_api::cloud::CloudErrorBody;
 use stallmesh_identity::{DeviceId, DeviceKey, SignedChange};
 use stallmesh_ingest::uplink::{Uplink, HEADS_REFRESH_MS};
-use stallmesh_ingest::wire::{self, CloudReply, RequestAuth};
+use stallmesh_ingest::wire::{self, CloudReply, OnlineWants, RequestAuth};
+use stallmesh_ledger::LocalOp;
+use stallmesh_sync::rebalance::{recent_sales_since_ms, RebalancePolicy};
 use stallmesh_ingest::RejectedChange;
 use stallmesh_sync::ChangeLog;
 use std::io::Read;
@@ -35,14 +42,49 @@ pub struct UplinkSnapshot {
     pub refused: u64,
 }
 
+/// A reply within this long counts as a live uplink: a till may wait on the online channel.
+pub const LIVE_UPLINK_MS: u64 = 15_000;
+
 #[derive(Clone)]
 pub struct UplinkHandle {
     snapshot: Arc<Mutex<UplinkSnapshot>>,
+    /// Asks for the online channel's units, taken by the uplink thread (bounded there).
+    asks: Arc<Mutex<Vec<(String, u64, bool)>>>,
+    wake: mpsc::SyncSender<()>,
+    policy: RebalancePolicy,
 }
 
 impl UplinkHandle {
     pub fn snapshot(&self) -> UplinkSnapshot {
         self.snapshot.lock().expect("uplink snapshot").clone()
+    }
+
+    /// Whether the cloud answered lately and nothing failed since.
+    pub fn live(&self, now_ms: u64) -> bool {
+        let s = self.snapshot();
+        s.failures == 0 && s.last_success_ms.is_some_and(|t| now_ms.saturating_sub(t) <= LIVE_UPLINK_MS)
+    }
+
+    /// A sale needing `requested` units of `sku` was refused holding `held_here`, and the online
+    /// channel holds `held_online`: ask it for what is short plus a refill (the policy's), as a
+    /// peer would be asked. False: nothing to ask.
+    pub fn ask_for_sale(&self, node: &Node, sku: &str, requested: u64, held_here: u64, held_online: u64) -> bool {
+        let Some(qty) = self.policy.shortfall_wanted(requested, held_here, held_online) else { return false };
+        node.metrics.online_rights_asked.inc();
+        self.want_rights(sku, qty, true);
+        true
+    }
+
+    /// Asks the market's online channel for `qty` units of `sku` (`for_sale`: a customer waits):
+    /// sent before anything else, its transfer applied as it comes back.
+    pub fn want_rights(&self, sku: &str, qty: u64, for_sale: bool) {
+        let mut asks = self.asks.lock().expect("uplink asks");
+        // Merged by the core; bounded here too, so a stalled thread cannot grow it.
+        if asks.len() < stallmesh_ingest::uplink::MAX_RIGHTS_ASKS {
+            asks.push((sku.to_string(), qty, for_sale));
+        }
+        drop(asks);
+        let _ = self.wake.try_send(());
     }
 }
 
@@ -56,12 +98,13 @@ impl ChangeLog for NodeLog<'_> {
 }
 
 /// Starts the uplink to `url` (e.g. `http://127.0.0.1:7880`).
-pub fn start(node: Node, url: String) -> UplinkHandle {
+pub fn start(node: Node, url: String, policy: RebalancePolicy) -> UplinkHandle {
     let url = url.trim_end_matches('/').to_string();
     let snapshot = Arc::new(Mutex::new(UplinkSnapshot { url: url.clone(), ..Default::default() }));
-    let handle = UplinkHandle { snapshot: snapshot.clone() };
     // A commit wakes the thread; one pending wake-up is enough, so the channel holds one.
     let (wake, woken) = mpsc::sync_channel::<()>(1);
+    let asks = Arc::new(Mutex::new(Vec::new()));
+    let handle = UplinkHandle { snapshot: snapshot.clone(), asks: asks.clone(), wake: wake.clone(), policy };
     let (mut commits, _) = node.subscribe();
     tokio::spawn(async move {
         loop {
@@ -75,12 +118,19 @@ pub fn start(node: Node, url: String) -> UplinkHandle {
     });
     std::thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || run(node, url, snapshot, woken))
+        .spawn(move || run(node, url, snapshot, woken, asks, policy))
         .expect("spawning the uplink thread");
     handle
 }
 
-fn run(node: Node, url: String, snapshot: Arc<Mutex<UplinkSnapshot>>, woken: mpsc::Receiver<()>) {
+fn run(
+    node: Node,
+    url: String,
+    snapshot: Arc<Mutex<UplinkSnapshot>>,
+    woken: mpsc::Receiver<()>,
+    asks: Arc<Mutex<Vec<(String, u64, bool)>>>,
+    policy: RebalancePolicy,
+) {
     let (secret, _) = node.mesh_secrets();
     let key = DeviceKey::from_secret(secret);
     let certificate = node.read(|l| l.certificate().clone());
@@ -95,6 +145,9 @@ fn run(node: Node, url: String, snapshot: Arc<Mutex<UplinkSnapshot>>, woken: mps
     let _span = tracing::info_span!("uplink", cloud = %url).entered();
     tracing::info!("uplink to the cloud started");
     loop {
+        for (sku, qty, for_sale) in asks.lock().expect("uplink asks").drain(..) {
+            core.want_rights(sku, qty, for_sale);
+        }
         let heads = node.read(|l| l.heads());
         let now = now_ms();
         if let Some(out) = core.poll(now, &heads, &NodeLog(&node)) {
@@ -107,13 +160,17 @@ fn run(node: Node, url: String, snapshot: Arc<Mutex<UplinkSnapshot>>, woken: mps
             let now = now_ms();
             match outcome {
                 Ok(response) => match read_reply(response) {
-                    Ok(reply) => {
+                    Ok(mut reply) => {
+                        let wanted = std::mem::take(&mut reply.rights_wanted);
                         let back = core.on_reply(reply, out.changes, now);
                         node.metrics.uplink_requests.get_or_create(&crate::metrics::Outcome { outcome: "ok" }).inc();
                         node.metrics.uplink_changes_uploaded.inc_by(out.changes as u64);
                         if !back.is_empty() {
                             let refused = apply_from_cloud(&node, back);
                             core.refuse_downloads(refused);
+                        }
+                        for w in wanted {
+                            give_online(&node, &policy, w);
                         }
                     }
                     Err(e) => fail(&node, &mut core, now, e),
@@ -183,6 +240,32 @@ fn read_rejections(response: ureq::Response) -> Vec<RejectedChange> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The online channel sold out of a SKU this tablet holds: give what the rebalancing policy spares,
+/// as to a peer that asked for a refill (no customer waits at this till for it). Only a device the
+/// ledger knows as the market's online channel is given to.
+fn give_online(node: &Node, policy: &RebalancePolicy, w: OnlineWants) {
+    let now = now_ms();
+    let give = node.read(|l| {
+        let state = l.state();
+        let online = state.devices.get(&w.device).is_some_and(|d| d.certificate.role == stallmesh_identity::Role::Online && d.revoked_at_ms.is_none());
+        if !online {
+            return 0;
+        }
+        let since = recent_sales_since_ms(now);
+        policy.give(state.rights_of(&w.sku, &l.device()), w.qty, state.sales_of_device_since(&l.device(), since), state.sales_of_device_since(&w.device, since), false)
+    });
+    if give == 0 {
+        return;
+    }
+    match node.execute(LocalOp::Transfer { sku: w.sku.clone(), qty: give, to: w.device }) {
+        Ok(_) => {
+            node.metrics.online_rights_given.inc();
+            tracing::info!(sku = %w.sku, qty = give, "gave stock rights to the online channel, which sold out");
+        }
+        Err(e) => tracing::warn!(sku = %w.sku, error = %e, "could not give stock rights to the online channel"),
+    }
 }
 
 /// The cloud's changes are verified by this tablet's ledger like any peer's, and made durable.

@@ -90,6 +90,10 @@ struct Loaded {
     /// The market's online channel: its device's own ledger, fed the same log (its own sales
     /// among them), so it sells from what it holds exactly as a tablet would.
     online: Option<Ledger>,
+    /// sku → (units, until ms): what the online channel, sold out while the tablets hold some,
+    /// asks them for in every reply until a tablet's transfer to it is logged or the ask lapses.
+    /// Advisory and in memory: a lost ask costs only a buyer's retry.
+    online_asks: BTreeMap<String, (u64, u64)>,
 }
 
 impl Loaded {
@@ -102,6 +106,25 @@ impl Loaded {
             // Both ledgers run the same rules on the same changes: a disagreement is a bug.
             tracing::error!(rejected = report.rejected.len(), "the online channel refused changes the cloud logged");
         }
+        let me = online.device();
+        for e in &report.applied {
+            if let stallmesh_ledger::EventBody::Transferred { sku, to, .. } = &e.event.body {
+                if *to == me {
+                    self.online_asks.remove(sku); // a tablet answered
+                }
+            }
+        }
+    }
+
+    /// Asks to put in a reply: the online channel's unexpired ones.
+    fn online_wants(&self, now_ms: u64) -> Vec<stallmesh_ingest::wire::OnlineWants> {
+        let Some(online) = &self.online else { return Vec::new() };
+        self.online_asks
+            .iter()
+            .filter(|(_, (_, until))| *until > now_ms)
+            .take(stallmesh_ingest::wire::MAX_RIGHTS_WANTED)
+            .map(|(sku, (qty, _))| stallmesh_ingest::wire::OnlineWants { device: online.device(), sku: sku.clone(), qty: *qty })
+            .collect()
     }
 }
 
@@ -215,7 +238,7 @@ impl Markets {
             let ingest = MarketIngest::restore(MarketContext::new(reg.market_key), reg.device_key(), reg.certificate.clone(), records)?
                 .with_watermark_interval_ms(self.watermark_interval_ms);
             tracing::info!(%market, offset = ingest.offset(), online = online.is_some(), "market loaded from the store");
-            slot.loaded = Some(Loaded { ingest, log, online });
+            slot.loaded = Some(Loaded { ingest, log, online, online_asks: BTreeMap::new() });
         }
         let loaded = slot.loaded.as_mut().expect("just loaded");
         let stored = self.store.next_offset(&market).await?;
@@ -273,7 +296,7 @@ impl Markets {
                 let theirs: BTreeMap<DeviceId, u64> = heads.into_iter().collect();
                 let (changes, more) = loaded.ingest.missing_for(&theirs, &loaded.log).map_err(StoreError::Unavailable)?;
                 self.metrics.changes_served.inc_by(changes.len() as u64);
-                Ok(Self::reply(&loaded.ingest, changes, more))
+                Ok(Self::reply(loaded, changes, more))
             }
             Message::Changes { changes, .. } => {
                 let n = changes.len();
@@ -291,17 +314,19 @@ impl Markets {
                 Ok(reply)
             }
             Message::HeadsWanted => Err(SyncError::WrongMessage("HeadsWanted")),
-            Message::RightsWanted { .. } => Err(SyncError::WrongMessage("RightsWanted")),
+            Message::RightsWanted { sku, qty, for_sale } => self.online_give(&mut slot, auth.device, sku, qty, for_sale).await,
             Message::LoyaltyWanted { .. } => Err(SyncError::WrongMessage("LoyaltyWanted")),
         }
     }
 
-    fn reply(ingest: &MarketIngest, changes: Vec<SignedChange>, more: bool) -> CloudReply {
+    fn reply(loaded: &Loaded, changes: Vec<SignedChange>, more: bool) -> CloudReply {
+        let ingest = &loaded.ingest;
         CloudReply {
             offset: ingest.offset(),
             heads: ingest.heads().iter().map(|(d, n)| (*d, *n)).collect(),
             changes,
             more,
+            rights_wanted: loaded.online_wants(now_ms()),
             ..Default::default()
         }
     }
@@ -369,7 +394,7 @@ impl Markets {
             .filter(|r| r.entry.change.device == me || Some(r.entry.change.device) == online)
             .map(|r| r.entry.change.clone())
             .collect();
-        let mut reply = Self::reply(&loaded.ingest, own, false);
+        let mut reply = Self::reply(loaded, own, false);
         reply.accepted = batch.records.len() as u64;
         reply.duplicates = batch.duplicates;
         reply.pending = batch.pending;

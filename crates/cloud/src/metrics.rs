@@ -32,6 +32,10 @@ pub struct CloudMetrics {
     pub nats_failures: Counter,
     /// Idle markets unloaded to make room for another (the store holds everything; reloaded on use).
     pub markets_unloaded: Counter,
+    /// Transfers the online channel made to tablets that asked through their uplink.
+    pub online_rights_given: Counter,
+    /// Transfers tablets made to the online channel after it asked (counted as they are logged).
+    pub online_rights_asked: Counter,
 }
 
 impl CloudMetrics {
@@ -48,6 +52,8 @@ impl CloudMetrics {
             nats_published: Counter::default(),
             nats_failures: Counter::default(),
             markets_unloaded: Counter::default(),
+            online_rights_given: Counter::default(),
+            online_rights_asked: Counter::default(),
         };
         registry.register("changes_accepted", "Changes verified and appended to a market's log", m.accepted.clone());
         registry.register("changes_duplicate", "Uploaded changes the log already held (several tablets upload)", m.duplicates.clone());
@@ -62,6 +68,8 @@ impl CloudMetrics {
             "Idle markets unloaded from memory to make room for another (reloaded from the store on use)",
             m.markets_unloaded.clone(),
         );
+        registry.register("online_rights_given", "Transfers of the online channel to tablets that ran short", m.online_rights_given.clone());
+        registry.register("online_rights_asked", "Times the online channel, sold out, asked the tablets for units", m.online_rights_asked.clone());
         CloudMetrics { registry: Arc::new(registry), ..m }
     }
 

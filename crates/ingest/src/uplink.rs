@@ -24,6 +24,10 @@ pub const HEADS_REFRESH_MS: u64 = 5_000;
 pub const UPLOAD_MAX_CHANGES: usize = MAX_CHANGES_PER_MESSAGE;
 pub const UPLOAD_MAX_BYTES: usize = MAX_CHANGE_BYTES_PER_MESSAGE;
 
+/// SKUs a tablet may be waiting on the online channel for at once: a till short of a drop's units
+/// asks for one SKU at a time; beyond this, an older ask is replaced (counted).
+pub const MAX_RIGHTS_ASKS: usize = 16;
+
 /// The ledger's refusal labels that pass with time (`Rejection::label`): the cloud's pending
 /// buffer was full, or it had not seen the author's enrolment yet.
 pub const TEMPORARY_REFUSALS: [&str; 2] = ["pending_full", "unenrolled"];
@@ -46,6 +50,9 @@ pub struct UplinkStats {
     pub bytes_uploaded: u64,
     pub changes_downloaded: u64,
     pub rejected: u64,
+    /// Asks for the online channel's units sent, and those dropped at [`MAX_RIGHTS_ASKS`].
+    pub rights_asked: u64,
+    pub rights_asks_dropped: u64,
     /// Duplicates the cloud reported: another tablet (or a lost reply's retry) uploaded them first.
     pub duplicates: u64,
 }
@@ -71,6 +78,9 @@ pub struct Uplink {
     refused_downloads: BTreeMap<DeviceId, u64>,
     /// Consecutive uploads that moved none of the cloud's heads.
     stalled: u32,
+    /// sku → (units, for a waiting sale): asks for the online channel's units, sent before
+    /// anything else (a customer may be waiting), one per request.
+    rights_asks: BTreeMap<String, (u64, bool)>,
     rng: u64,
     stats: UplinkStats,
 }
@@ -91,6 +101,7 @@ impl Uplink {
             refused: BTreeMap::new(),
             refused_downloads: BTreeMap::new(),
             stalled: 0,
+            rights_asks: BTreeMap::new(),
             rng: seed | 1,
             stats: UplinkStats::default(),
         }
@@ -133,12 +144,25 @@ impl Uplink {
         mine.iter().map(|(d, n)| n.saturating_sub(cloud.get(d).copied().unwrap_or(0))).sum()
     }
 
+    /// This tablet ran short of `sku` (`for_sale`: a customer waits) and the market's online
+    /// channel holds some: ask it through the cloud. Asks for one SKU merge (the larger count).
+    pub fn want_rights(&mut self, sku: String, qty: u64, for_sale: bool) {
+        if !self.rights_asks.contains_key(&sku) && self.rights_asks.len() >= MAX_RIGHTS_ASKS {
+            // Replace the oldest-named (first in order) ask: a full queue is a busy till, not a leak.
+            self.rights_asks.pop_first();
+            self.stats.rights_asks_dropped += 1;
+        }
+        let ask = self.rights_asks.entry(sku).or_insert((0, false));
+        *ask = (ask.0.max(qty), ask.1 || for_sale);
+        debug_assert!(self.rights_asks.len() <= MAX_RIGHTS_ASKS);
+    }
+
     /// When [`Uplink::poll`] next has something to send, given this tablet's heads.
     pub fn poll_timeout(&self, mine: &Heads) -> Option<u64> {
         if self.in_flight {
             return None;
         }
-        if self.cloud_heads.is_none() || self.lacking(mine) > 0 {
+        if self.cloud_heads.is_none() || self.lacking(mine) > 0 || !self.rights_asks.is_empty() {
             return Some(self.retry_at_ms);
         }
         Some(self.retry_at_ms.max(self.last_heads_ms.unwrap_or(0).saturating_add(HEADS_REFRESH_MS)))
@@ -149,6 +173,13 @@ impl Uplink {
     pub fn poll(&mut self, now_ms: u64, mine: &Heads, log: &impl ChangeLog) -> Option<Outgoing> {
         if self.in_flight || now_ms < self.retry_at_ms {
             return None;
+        }
+        if let Some((sku, (qty, for_sale))) = self.rights_asks.pop_first() {
+            // Sent even before the cloud's heads are known: the ask needs none of them.
+            self.in_flight = true;
+            self.stats.requests += 1;
+            self.stats.rights_asked += 1;
+            return Some(Outgoing { body: Message::RightsWanted { sku, qty, for_sale }.encode(), changes: 0 });
         }
         let refresh_due = self.last_heads_ms.is_none_or(|t| now_ms >= t.saturating_add(HEADS_REFRESH_MS));
         let cloud = match self.effective_cloud_heads() {

@@ -23,8 +23,10 @@ pub const CONTENT_TYPE: &str = "application/x-stallmesh-sync";
 pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 60 * 1000;
 /// Largest request or reply body: one sync message.
 pub const MAX_BODY_BYTES: usize = MAX_MESSAGE_BYTES;
-/// First byte of every reply.
-pub const REPLY_VERSION: u8 = 1;
+/// First byte of every reply. 2: `rights_wanted`.
+pub const REPLY_VERSION: u8 = 2;
+/// SKUs one reply asks the tablets for (the online channel's sold-out SKUs): a drop or a few.
+pub const MAX_RIGHTS_WANTED: usize = 16;
 
 /// The path a market's uploads go to.
 pub fn sync_path(market: &MarketId) -> String {
@@ -132,6 +134,17 @@ pub struct CloudReply {
     pub changes: Vec<SignedChange>,
     /// The cloud had more for the requester than one reply holds.
     pub more: bool,
+    /// The market's online channel sold out of these while the tablets hold some: a tablet gives
+    /// what its rebalancing policy spares, as it would a peer that asked.
+    pub rights_wanted: Vec<OnlineWants>,
+}
+
+/// The online channel (`device`, of role `online`) asks for `qty` units of `sku`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlineWants {
+    pub device: DeviceId,
+    pub sku: String,
+    pub qty: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
@@ -164,6 +177,9 @@ impl CloudReply {
                 }
                 if reply.changes.len() > MAX_CHANGES_PER_MESSAGE || reply.rejected.len() > MAX_CHANGES_PER_MESSAGE {
                     return Err(ReplyError::OverLimit("changes"));
+                }
+                if reply.rights_wanted.len() > MAX_RIGHTS_WANTED || reply.rights_wanted.iter().any(|w| w.sku.len() > stallmesh_ledger::MAX_SKU_LEN) {
+                    return Err(ReplyError::OverLimit("rights_wanted"));
                 }
                 Ok(reply)
             }

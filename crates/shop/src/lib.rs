@@ -313,5 +313,41 @@ pub fn pay(online: &mut Ledger, hold: &Hold, now_ms: u64) -> Result<Paid, ShopEr
     }
 }
 
+/// A tablet whose till ran short asked the online channel, through its uplink, for `requested`
+/// units of `sku`: what the online channel gives by the market's rebalancing policy (the very
+/// `RebalancePolicy::give` tablets use with each other), never touching units in buyers' holds,
+/// recorded as its signed transfer. `None`: nothing to give.
+pub fn give_rights(
+    online: &mut Ledger,
+    policy: &stallmesh_sync::rebalance::RebalancePolicy,
+    held_units: u64,
+    sku: &str,
+    requested: u64,
+    to: stallmesh_identity::DeviceId,
+    for_sale: bool,
+    now_ms: u64,
+) -> Result<Option<Entry>, ShopError> {
+    if online.certificate().role != Role::Online {
+        return Err(ShopError::NoOnlineChannel);
+    }
+    let me = online.device();
+    let state = online.state();
+    let free = state.rights_of(sku, &me).saturating_sub(held_units);
+    let since = stallmesh_sync::rebalance::recent_sales_since_ms(now_ms);
+    // One transfer moves at most the ledger's MAX_QTY.
+    let give = policy
+        .give(free, requested, state.sales_of_device_since(&me, since), state.sales_of_device_since(&to, since), for_sale)
+        .min(stallmesh_ledger::MAX_QTY);
+    if give == 0 || to == me {
+        return Ok(None);
+    }
+    debug_assert!(give <= free, "units in holds are never given away");
+    match online.record(LocalOp::Transfer { sku: sku.to_string(), qty: give, to }, now_ms) {
+        Ok(entry) => Ok(Some(entry)),
+        Err(LedgerError::UnknownSku(_) | LedgerError::UnknownDevice(_)) => Ok(None),
+        Err(e) => Err(ShopError::Ledger(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests;

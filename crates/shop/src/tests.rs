@@ -158,3 +158,20 @@ fn a_device_that_is_not_the_online_channel_places_no_holds() {
     let err = place_hold(&organiser, &m.ctx.market, None, &HoldsView::default(), &r, DEFAULT_HOLD_TTL_MS, START_MS).unwrap_err();
     assert_eq!(err, ShopError::NoOnlineChannel);
 }
+
+#[test]
+fn a_tablet_short_of_units_gets_what_the_online_channel_holds_beyond_its_buyers_holds() {
+    let (mut s, drop) = shop(10, 5, None);
+    let (_, organiser, _, _) = drop_of(10, 5, None);
+    let tablet = organiser.device();
+    let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
+    s.hold(req(&drop, "ann", 3, "k"), START_MS).unwrap();
+    let held = HoldsView::of(&s.holds, "tote", &drop, "", START_MS).held_units;
+    // A customer waits at the till for 4: the online channel has sold nothing lately and 2 free.
+    let given = give_rights(&mut s.web, &policy, held, "tote", 4, tablet, true, START_MS).unwrap().expect("it gives");
+    assert!(matches!(&given.event.body, stallmesh_ledger::EventBody::Transferred { qty: 2, to, .. } if *to == tablet), "{given:?}");
+    assert_eq!(s.web.state().rights_of("tote", &s.web.device()), 3, "Ann's hold is untouched");
+    assert_eq!(give_rights(&mut s.web, &policy, held, "tote", 4, tablet, true, START_MS).unwrap(), None, "nothing free is left");
+    let ann = s.holds[0].id.clone();
+    s.pay(&ann, START_MS + 1).expect("the held units are still there to sell");
+}

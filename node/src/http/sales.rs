@@ -65,6 +65,8 @@ pub(super) async fn create_sale(
     let started = tokio::time::Instant::now();
     let elapsed_ms = || started.elapsed().as_millis() as u64;
     let mut wait = SaleWait::new(0);
+    // Whether this sale asked the market's online channel (through the uplink) already: once.
+    let mut asked_online = false;
     // Subscribed before the first attempt: a transfer applied right after it still wakes the wait.
     let mut arrived = node.rights_arrived();
     let result = loop {
@@ -79,7 +81,23 @@ pub(super) async fn create_sale(
         let Some(mesh) = &app.mesh else { break r };
         mesh.refused(sku, *requested, *held_here, *held_elsewhere_total, true);
         let reachable = mesh.reachable_devices();
-        let reachable_holder = held_elsewhere.iter().any(|(d, n)| *n > 0 && reachable.contains(d));
+        // The online channel is reachable through a live uplink: ask it once, and wait for it as
+        // for a peer.
+        let online = app.uplink.as_ref().filter(|u| u.live(crate::runtime::now_ms())).and_then(|u| {
+            let held_online = node.read(|l| {
+                let state = l.state();
+                held_elsewhere
+                    .iter()
+                    .filter(|(d, _)| state.devices.get(d).is_some_and(|r| r.certificate.role == stallmesh_identity::Role::Online))
+                    .map(|(_, n)| *n)
+                    .sum::<u64>()
+            });
+            (held_online > 0).then_some((u, held_online))
+        });
+        if let (Some((uplink, held_online)), false) = (online, asked_online) {
+            asked_online = uplink.ask_for_sale(node, sku, *requested, *held_here, held_online);
+        }
+        let reachable_holder = held_elsewhere.iter().any(|(d, n)| *n > 0 && reachable.contains(d)) || online.is_some();
         if let Err(end) = wait.refused(sku, *requested, reachable_holder, elapsed_ms()) {
             tracing::debug!(reason = end.label(), "sale refused for stock rights without waiting further");
             break r;

@@ -22,6 +22,10 @@ pub struct OnlineDropView {
     pub now_ms: u64,
 }
 
+/// How long the online channel asks the tablets for a SKU it sold out of: a few uplink heads
+/// refreshes, so every tablet with an uplink hears it; a buyer refused again asks again.
+pub const ONLINE_ASK_MS: u64 = 30_000;
+
 /// The store reads a step needs, named from the online ledger once caught up under the lock.
 #[derive(Default)]
 struct Reads {
@@ -129,6 +133,7 @@ impl Markets {
         let market = *market;
         let id = stallmesh_shop::hold_id(&market, &req.buyer, &req.idempotency_key);
         let (drop, buyer) = (req.drop.clone(), req.buyer.clone());
+        let (asked_drop, asked_qty) = (req.drop.clone(), req.qty);
         let plan = move |online: &Ledger| {
             let sku = online.state().drops.get(&drop).map(|d| d.sku.clone()).ok_or_else(|| ShopError::UnknownDrop(drop.clone()))?;
             Ok(Reads { hold: Some(id), view: Some((sku, drop, buyer)) })
@@ -139,7 +144,30 @@ impl Markets {
                 Placed::Again(h) => Ok((HoldOutcome { hold: h, created: false, now_ms: now }, Vec::new(), Vec::new())),
             }
         };
-        Ok(self.with_online(&mut slot, plan, step).await?.0)
+        let result = self.with_online(&mut slot, plan, step).await;
+        if let Err(SyncError::Shop(ShopError::SoldOut { held_elsewhere, .. })) = &result {
+            if *held_elsewhere > 0 {
+                self.ask_tablets(&mut slot, &asked_drop, asked_qty);
+            }
+        }
+        Ok(result?.0)
+    }
+
+    /// The online channel sold out of `sku` while the tablets hold some: ask them, in every
+    /// reply to an uplink, for `qty` plus a refill, for [`ONLINE_ASK_MS`] or until one gives.
+    fn ask_tablets(&self, slot: &mut MarketSlot, drop: &str, qty: u64) {
+        let Some(loaded) = slot.loaded.as_mut() else { return };
+        let Some(sku) = loaded.online.as_ref().and_then(|o| o.state().drops.get(drop)).map(|d| d.sku.clone()) else { return };
+        let sku = &sku;
+        let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
+        let want = qty.saturating_add(policy.refill);
+        if !loaded.online_asks.contains_key(sku) && loaded.online_asks.len() >= stallmesh_ingest::wire::MAX_RIGHTS_WANTED {
+            return; // asks for other SKUs fill the reply; this one is asked again on the next refusal
+        }
+        let until = now_ms().saturating_add(ONLINE_ASK_MS);
+        let ask = loaded.online_asks.entry(sku.clone()).or_insert((0, 0));
+        *ask = (ask.0.max(want), until);
+        self.metrics.online_rights_asked.inc();
     }
 
     /// Pays a held hold: the online device's signed sale, logged with the hold in one commit.
@@ -167,6 +195,35 @@ impl Markets {
         let sale = hold.sale.as_ref().and_then(|id| online.state().sales.get(id));
         let (total_cents, currency) = sale.map_or((0, String::new()), |s| (s.total_cents, s.currency.clone()));
         Ok(OrderOutcome { hold, created, total_cents, currency, offset })
+    }
+
+    /// A tablet's till ran short and its uplink asks the online channel for units (the sync
+    /// protocol's `RightsWanted`): the channel gives what the market's rebalancing policy says,
+    /// never units in buyers' holds, and the transfer goes back in the reply. A market without an
+    /// online channel answers with nothing given.
+    pub(super) async fn online_give(&self, slot: &mut MarketSlot, to: DeviceId, sku: String, qty: u64, for_sale: bool) -> Result<CloudReply, SyncError> {
+        let plan = {
+            let sku = sku.clone();
+            move |_: &Ledger| Ok(Reads { hold: None, view: Some((sku, String::new(), String::new())) })
+        };
+        let step = move |online: &mut Ledger, read: Read, now: u64| -> Step<Option<SignedChange>> {
+            let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
+            let given = stallmesh_shop::give_rights(online, &policy, read.view.held_units, &sku, qty, to, for_sale, now)?.map(|e| e.change);
+            Ok((given.clone(), given.into_iter().collect(), Vec::new()))
+        };
+        let given = match self.with_online(slot, plan, step).await {
+            Ok((given, _)) => given,
+            Err(SyncError::Shop(ShopError::NoOnlineChannel)) => None,
+            Err(e) => return Err(e),
+        };
+        if given.is_some() {
+            self.metrics.online_rights_given.inc();
+        }
+        if slot.loaded.is_none() {
+            self.refresh(slot).await?;
+        }
+        let loaded = slot.loaded.as_ref().expect("refreshed");
+        Ok(Self::reply(loaded, given.into_iter().collect(), false))
     }
 
     /// A drop as the online channel sees it, for a shop's product page.
