@@ -349,3 +349,38 @@ fn a_refusal_that_names_no_change_backs_off_instead_of_retrying_at_once() {
     assert!(at >= uplink::BACKOFF_BASE_MS / 2, "waits the backoff: {at}");
     assert!(up.refused().is_empty());
 }
+
+#[test]
+fn an_ask_for_the_online_channels_units_goes_before_any_upload_merged_per_sku_and_bounded() {
+    let m = TestMarket::new(12);
+    let (me, mine) = tablet(&m, 1, 3);
+    let mut log = MemoryLog::default();
+    for c in &mine {
+        log.add(c.clone());
+    }
+    let mut up = Uplink::new(9);
+    up.want_rights("SKU-1".into(), 2, false);
+    up.want_rights("SKU-1".into(), 6, true);
+    let out = up.poll(0, me.heads_ref(), &log).expect("the ask is due at once");
+    assert_eq!(Message::decode(&out.body).unwrap(), Message::RightsWanted { sku: "SKU-1".into(), qty: 6, for_sale: true });
+    assert_eq!(out.changes, 0);
+    assert!(up.poll(0, me.heads_ref(), &log).is_none(), "one request at a time");
+    up.on_reply(CloudReply::default(), 0, 0);
+    let next = up.poll(0, me.heads_ref(), &log).unwrap();
+    assert!(matches!(Message::decode(&next.body).unwrap(), Message::Changes { .. }), "then the usual uploads (the reply said what the cloud holds)");
+
+    for i in 0..uplink::MAX_RIGHTS_ASKS + 3 {
+        up.want_rights(format!("SKU-{i:02}"), 1, true);
+    }
+    assert_eq!(up.stats().rights_asks_dropped, 3, "a full queue replaces asks and counts them");
+}
+
+#[test]
+fn a_reply_asking_for_more_skus_than_its_limit_is_refused() {
+    let wants = |n: usize| CloudReply {
+        rights_wanted: (0..n).map(|i| crate::wire::OnlineWants { device: DeviceId([1; 32]), sku: format!("S{i}"), qty: 1 }).collect(),
+        ..Default::default()
+    };
+    assert!(CloudReply::decode(&wants(crate::wire::MAX_RIGHTS_WANTED).encode()).is_ok());
+    assert!(matches!(CloudReply::decode(&wants(crate::wire::MAX_RIGHTS_WANTED + 1).encode()), Err(crate::wire::ReplyError::OverLimit("rights_wanted"))));
+}
