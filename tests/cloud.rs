@@ -29,13 +29,7 @@ fn market_day(postgres_url: Option<&str>) -> World {
     let mut w = World::new(3);
     w.start_cloud(postgres_url);
     w.register_market();
-    let link = Link::to(w.cloud_url.trim_start_matches("http://").to_string());
-    w.start_tablet(1, Some(&link.addr));
-    w.start_tablet(2, None);
-    w.start_tablet(3, None);
-    for k in 1..=3 {
-        eventually(CONVERGE, &format!("tablet {k} meshed"), || w.tablet(k, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len) >= 2);
-    }
+    let link = w.start_three_tablets();
     let p = json!({ "sku": "HNY-500", "name": "Heather honey", "price_cents": 850, "currency": "EUR", "stall": "Stall 1" });
     assert_eq!(post(&format!("{}/api/v1/products", w.http[1]), &p).0, 201);
     assert_eq!(post(&format!("{}/api/v1/restocks", w.http[1]), &json!({ "sku": "HNY-500", "qty": 300 })).0, 201);

@@ -56,13 +56,7 @@ fn market(postgres_url: Option<&str>, cloud_env: &[(&str, &str)]) -> (World, Lin
     w.start_cloud_with(postgres_url, cloud_env);
     w.register_market();
     let online = w.set_up_online_channel();
-    let link = Link::to(w.cloud_url.trim_start_matches("http://").to_string());
-    w.start_tablet(1, Some(&link.addr));
-    w.start_tablet(2, None);
-    w.start_tablet(3, None);
-    for k in 1..=3 {
-        eventually(CONVERGE, &format!("tablet {k} meshed"), || w.tablet(k, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len) >= 2);
-    }
+    let link = w.start_three_tablets();
     let p = json!({ "sku": "TOTE", "name": "Summer tote", "price_cents": 3500, "currency": "EUR", "stall": "Stall 1" });
     assert_eq!(post(&format!("{}/api/v1/products", w.http[1]), &p).0, 201);
     (w, link, online)

@@ -307,32 +307,25 @@ pub enum CloudCmd {
 #[derive(Subcommand, Debug)]
 pub enum CloudMarketCmd {
     /// Register a market, given the directory `stallmesh device enroll --role cloud --out DIR` wrote.
-    Add {
-        /// The cloud device's directory (device.key, certificate.json, market.json).
-        dir: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
-        cloud: String,
-        /// The cloud's admin token; default: read from DATA_DIR/admin.token.
-        #[arg(long, env = "STALLMESH_CLOUD_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// The cloud's data directory, where it wrote admin.token.
-        #[arg(long, default_value = "stallmesh-cloud")]
-        data_dir: PathBuf,
-    },
+    Add(CloudDeviceArgs),
     /// Set up a registered market's online channel, given the directory `stallmesh device enroll
     /// --role online --out DIR` wrote: the cloud then sells that device's share of drops online.
-    Online {
-        /// The online device's directory (device.key, certificate.json, market.json).
-        dir: PathBuf,
-        #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
-        cloud: String,
-        /// The cloud's admin token; default: read from DATA_DIR/admin.token.
-        #[arg(long, env = "STALLMESH_CLOUD_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// The cloud's data directory, where it wrote admin.token.
-        #[arg(long, default_value = "stallmesh-cloud")]
-        data_dir: PathBuf,
-    },
+    Online(CloudDeviceArgs),
+}
+
+/// A device the cloud runs for a market, handed to the cloud with its admin token.
+#[derive(Args, Debug)]
+pub struct CloudDeviceArgs {
+    /// The device's directory (device.key, certificate.json, market.json).
+    pub dir: PathBuf,
+    #[arg(long, default_value = "http://127.0.0.1:7880", env = "STALLMESH_CLOUD_URL")]
+    pub cloud: String,
+    /// The cloud's admin token; default: read from DATA_DIR/admin.token.
+    #[arg(long, env = "STALLMESH_CLOUD_SERVICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The cloud's data directory, where it wrote admin.token.
+    #[arg(long, default_value = "stallmesh-cloud")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -17,8 +17,8 @@ const TAIL_RETRY_MS: u64 = 1_000;
 pub fn run(cmd: CloudCmd, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
     match cmd {
         CloudCmd::Up(args) => up(args, shutdown),
-        CloudCmd::Market(CloudMarketCmd::Add { dir, cloud, token, data_dir }) => add_market(&dir, &cloud, token, &data_dir),
-        CloudCmd::Market(CloudMarketCmd::Online { dir, cloud, token, data_dir }) => set_online(&dir, &cloud, token, &data_dir),
+        CloudCmd::Market(CloudMarketCmd::Add(a)) => add_market(&a.dir, &a.cloud, a.token, &a.data_dir),
+        CloudCmd::Market(CloudMarketCmd::Online(a)) => set_online(&a.dir, &a.cloud, a.token, &a.data_dir),
         CloudCmd::Tail { market, after, follow, cloud } => tail(&market, after, follow, &cloud),
     }
 }

@@ -153,6 +153,21 @@ impl World {
         assert!(out.status.success(), "market add: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Starts tablets 1 to 3 meshed over loopback, tablet 1 reaching the cloud through the
+    /// returned link (cut it for a dead 4G), the others with no uplink; waits until they mesh.
+    pub fn start_three_tablets(&mut self) -> Link {
+        let link = Link::to(self.cloud_url.trim_start_matches("http://").to_string());
+        self.start_tablet(1, Some(&link.addr));
+        self.start_tablet(2, None);
+        self.start_tablet(3, None);
+        for k in 1..=3 {
+            crate::netns::eventually(CONVERGE, &format!("tablet {k} meshed"), || {
+                self.tablet(k, "/api/v1/mesh")["peers"].as_array().map_or(0, Vec::len) >= 2
+            });
+        }
+        link
+    }
+
     /// Runs a `stallmesh` command in the world's directory; panics with its stderr if it fails.
     pub fn run(&self, args: &[&str]) -> String {
         let out = Command::new(binary()).args(args).current_dir(self.dir.path()).output().unwrap();
