@@ -369,7 +369,16 @@ impl Markets {
         holds: &[Hold],
         now: u64,
     ) -> Result<stallmesh_ingest::Batch, SyncError> {
+        // The online channel's own changes (its enrolment, its sales, its transfers) must all be
+        // logged by this very batch: a sale held back or refused would leave a hold marked paid
+        // with no sale in the log. Checked before anything commits; the caller drops the market's
+        // core on the error, so both ledgers are rebuilt from the store.
+        let online = loaded.online.as_ref().map(|o| o.device());
+        let own: Vec<stallmesh_identity::Dot> = changes.iter().filter(|c| Some(c.device) == online).map(|c| c.dot()).collect();
         let batch = loaded.ingest.ingest(changes, now);
+        if let Some(missing) = own.iter().find(|d| !batch.records.iter().any(|r| r.entry.change.dot() == **d)) {
+            return Err(StoreError::Unavailable(format!("the online channel's change {}:{} was not logged", missing.device.short(), missing.seq)).into());
+        }
         tx.commit(&batch.records, &batch.rejected, &batch.evidence, holds, now).await?;
         self.count(&market, batch.records.len(), batch.duplicates, &batch.rejected);
         let logged: Vec<SignedChange> = batch.records.iter().map(|r| r.entry.change.clone()).collect();

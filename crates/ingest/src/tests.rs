@@ -384,3 +384,15 @@ fn a_reply_asking_for_more_skus_than_its_limit_is_refused() {
     assert!(CloudReply::decode(&wants(crate::wire::MAX_RIGHTS_WANTED).encode()).is_ok());
     assert!(matches!(CloudReply::decode(&wants(crate::wire::MAX_RIGHTS_WANTED + 1).encode()), Err(crate::wire::ReplyError::OverLimit("rights_wanted"))));
 }
+
+#[test]
+fn a_reply_with_nothing_to_ask_is_written_in_version_1_so_the_previous_release_reads_it() {
+    let plain = CloudReply { offset: 4, heads: vec![(DeviceId([2; 32]), 7)], accepted: 1, more: true, ..Default::default() };
+    let bytes = plain.encode();
+    assert_eq!(bytes[0], crate::wire::REPLY_VERSION_1);
+    assert_eq!(CloudReply::decode(&bytes).unwrap(), plain);
+    let asking = CloudReply { rights_wanted: vec![crate::wire::OnlineWants { device: DeviceId([3; 32]), sku: "TOTE".into(), qty: 6 }], ..plain };
+    let bytes = asking.encode();
+    assert_eq!(bytes[0], crate::wire::REPLY_VERSION);
+    assert_eq!(CloudReply::decode(&bytes).unwrap(), asking);
+}

@@ -25,6 +25,11 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 60 * 1000;
 pub const MAX_BODY_BYTES: usize = MAX_MESSAGE_BYTES;
 /// First byte of every reply. 2: `rights_wanted`.
 pub const REPLY_VERSION: u8 = 2;
+/// The reply before `rights_wanted`: still written when there is nothing to ask, so tablets of
+/// the previous release keep reading the cloud's replies through an upgrade, and still read, so
+/// an upgraded tablet keeps working with a cloud not upgraded yet.
+pub const REPLY_VERSION_1: u8 = 1;
+const _: () = assert!(REPLY_VERSION_1 < REPLY_VERSION);
 /// SKUs one reply asks the tablets for (the online channel's sold-out SKUs): a drop or a few.
 pub const MAX_RIGHTS_WANTED: usize = 16;
 
@@ -159,8 +164,46 @@ pub enum ReplyError {
     OverLimit(&'static str),
 }
 
+/// [`CloudReply`] in version 1: every field but `rights_wanted`, in the same order.
+#[derive(Serialize)]
+struct ReplyV1Ref<'a> {
+    offset: u64,
+    heads: &'a Vec<(DeviceId, u64)>,
+    accepted: u64,
+    duplicates: u64,
+    pending: u64,
+    rejected: &'a Vec<RejectedChange>,
+    changes: &'a Vec<SignedChange>,
+    more: bool,
+}
+
+#[derive(Deserialize)]
+struct ReplyV1 {
+    offset: u64,
+    heads: Vec<(DeviceId, u64)>,
+    accepted: u64,
+    duplicates: u64,
+    pending: u64,
+    rejected: Vec<RejectedChange>,
+    changes: Vec<SignedChange>,
+    more: bool,
+}
+
 impl CloudReply {
     pub fn encode(&self) -> Vec<u8> {
+        if self.rights_wanted.is_empty() {
+            let v1 = ReplyV1Ref {
+                offset: self.offset,
+                heads: &self.heads,
+                accepted: self.accepted,
+                duplicates: self.duplicates,
+                pending: self.pending,
+                rejected: &self.rejected,
+                changes: &self.changes,
+                more: self.more,
+            };
+            return postcard::to_extend(&v1, vec![REPLY_VERSION_1]).expect("replies serialize");
+        }
         postcard::to_extend(self, vec![REPLY_VERSION]).expect("replies serialize")
     }
 
@@ -169,23 +212,36 @@ impl CloudReply {
         if bytes.len() > MAX_BODY_BYTES {
             return Err(ReplyError::Oversized(bytes.len()));
         }
-        match bytes.split_first() {
-            Some((&REPLY_VERSION, body)) => {
-                let reply: CloudReply = postcard::from_bytes(body).map_err(|e| ReplyError::Malformed(e.to_string()))?;
-                if reply.heads.len() > MAX_HEADS_ENTRIES {
-                    return Err(ReplyError::OverLimit("heads"));
+        let reply = match bytes.split_first() {
+            Some((&REPLY_VERSION, body)) => postcard::from_bytes(body).map_err(|e| ReplyError::Malformed(e.to_string()))?,
+            Some((&REPLY_VERSION_1, body)) => {
+                let r: ReplyV1 = postcard::from_bytes(body).map_err(|e| ReplyError::Malformed(e.to_string()))?;
+                CloudReply {
+                    offset: r.offset,
+                    heads: r.heads,
+                    accepted: r.accepted,
+                    duplicates: r.duplicates,
+                    pending: r.pending,
+                    rejected: r.rejected,
+                    changes: r.changes,
+                    more: r.more,
+                    rights_wanted: Vec::new(),
                 }
-                if reply.changes.len() > MAX_CHANGES_PER_MESSAGE || reply.rejected.len() > MAX_CHANGES_PER_MESSAGE {
-                    return Err(ReplyError::OverLimit("changes"));
-                }
-                if reply.rights_wanted.len() > MAX_RIGHTS_WANTED || reply.rights_wanted.iter().any(|w| w.sku.len() > stallmesh_ledger::MAX_SKU_LEN) {
-                    return Err(ReplyError::OverLimit("rights_wanted"));
-                }
-                Ok(reply)
             }
-            Some((&v, _)) => Err(ReplyError::Version(Some(v))),
-            None => Err(ReplyError::Version(None)),
+            Some((&v, _)) => return Err(ReplyError::Version(Some(v))),
+            None => return Err(ReplyError::Version(None)),
+        };
+        let reply: CloudReply = reply;
+        if reply.heads.len() > MAX_HEADS_ENTRIES {
+            return Err(ReplyError::OverLimit("heads"));
         }
+        if reply.changes.len() > MAX_CHANGES_PER_MESSAGE || reply.rejected.len() > MAX_CHANGES_PER_MESSAGE {
+            return Err(ReplyError::OverLimit("changes"));
+        }
+        if reply.rights_wanted.len() > MAX_RIGHTS_WANTED || reply.rights_wanted.iter().any(|w| w.sku.len() > stallmesh_ledger::MAX_SKU_LEN) {
+            return Err(ReplyError::OverLimit("rights_wanted"));
+        }
+        Ok(reply)
     }
 }
 

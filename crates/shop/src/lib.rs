@@ -34,6 +34,8 @@ pub const MAX_HOLD_UNITS: u64 = 100;
 pub const MAX_BUYER_LEN: usize = 128;
 /// An idempotency key, as clients generate them (a UUID is 36).
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+/// A drop's id as the ledger writes it (16 hex characters, '-', a journal position).
+pub const MAX_DROP_ID_LEN: usize = 64;
 const _: () = assert!(MIN_HOLD_TTL_MS <= DEFAULT_HOLD_TTL_MS && DEFAULT_HOLD_TTL_MS <= MAX_HOLD_TTL_MS);
 // A sale of one hold is one line within the ledger's limits.
 const _: () = assert!(MAX_HOLD_UNITS <= stallmesh_ledger::MAX_QTY);
@@ -195,6 +197,17 @@ fn check_text(field: &'static str, v: &str, max: usize) -> Result<(), ShopError>
     Ok(())
 }
 
+/// The limits of a hold request alone: a driver checks them before reading anything for it.
+pub fn check_request(req: &HoldRequest) -> Result<(), ShopError> {
+    check_text("buyer", &req.buyer, MAX_BUYER_LEN)?;
+    check_text("idempotency_key", &req.idempotency_key, MAX_IDEMPOTENCY_KEY_LEN)?;
+    check_text("drop", &req.drop, MAX_DROP_ID_LEN)?;
+    if req.qty == 0 || req.qty > MAX_HOLD_UNITS {
+        return Err(invalid("qty", format!("must be 1..={MAX_HOLD_UNITS}")));
+    }
+    Ok(())
+}
+
 /// A hold placed, or found again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
@@ -219,11 +232,7 @@ pub fn place_hold(
     if online.certificate().role != Role::Online {
         return Err(ShopError::NoOnlineChannel);
     }
-    check_text("buyer", &req.buyer, MAX_BUYER_LEN)?;
-    check_text("idempotency_key", &req.idempotency_key, MAX_IDEMPOTENCY_KEY_LEN)?;
-    if req.qty == 0 || req.qty > MAX_HOLD_UNITS {
-        return Err(invalid("qty", format!("must be 1..={MAX_HOLD_UNITS}")));
-    }
+    check_request(req)?;
     let id = hold_id(market, &req.buyer, &req.idempotency_key);
     if let Some(h) = existing {
         debug_assert_eq!(h.id, id, "the driver looks the hold up by this request's id");
@@ -236,6 +245,11 @@ pub fn place_hold(
     let drop = state.drops.get(&req.drop).ok_or_else(|| ShopError::UnknownDrop(req.drop.clone()))?;
     if now_ms < drop.start_ms {
         return Err(ShopError::DropNotStarted { start_ms: drop.start_ms });
+    }
+    // Another drop of the same SKU not open yet stops its sales (the till's rule), so a hold here
+    // could never be paid: refused now rather than at payment.
+    if let Some((_, start_ms)) = state.drop_not_started(&drop.sku, now_ms) {
+        return Err(ShopError::DropNotStarted { start_ms });
     }
     if let Some(limit) = drop.max_per_buyer {
         if view.buyer_units.saturating_add(req.qty) > limit {
@@ -302,6 +316,7 @@ pub fn pay(online: &mut Ledger, hold: &Hold, now_ms: u64) -> Result<Paid, ShopEr
         // Another process paid it and its hold row was not written back (it is, in the same
         // transaction): still, the ledger is the judge of "sold once".
         Err(LedgerError::AlreadyRecorded { sale_id, .. }) => Ok(Paid::Again(Hold { sale: Some(sale_id), ..hold.clone() })),
+        Err(LedgerError::DropNotStarted { start_ms, .. }) => Err(ShopError::DropNotStarted { start_ms }),
         Err(LedgerError::InsufficientRights { held_here, held_elsewhere_total, .. }) => Err(ShopError::SoldOut {
             available: held_here,
             in_holds: 0,

@@ -175,3 +175,13 @@ fn a_tablet_short_of_units_gets_what_the_online_channel_holds_beyond_its_buyers_
     let ann = s.holds[0].id.clone();
     s.pay(&ann, START_MS + 1).expect("the held units are still there to sell");
 }
+
+#[test]
+fn no_hold_is_placed_while_another_drop_of_the_sku_has_yet_to_open_since_it_could_not_be_paid() {
+    let (m, mut organiser, mut web, open_drop) = drop_of(5, 5, None);
+    let later = LocalOp::PlanDrop { name: "Encore".into(), sku: "tote".into(), units: 1, start_ms: START_MS * 3, plan: vec![(web.device(), 1)], max_per_buyer: None };
+    let d = organiser.record(later, 3).unwrap();
+    web.apply_remote(changes(std::slice::from_ref(&d)));
+    let err = place_hold(&web, &m.ctx.market, None, &HoldsView::default(), &req(&open_drop, "ann", 1, "k"), DEFAULT_HOLD_TTL_MS, START_MS).unwrap_err();
+    assert_eq!(err, ShopError::DropNotStarted { start_ms: START_MS * 3 });
+}

@@ -105,29 +105,39 @@ impl Markets {
         if let Some(enrolment) = online.enrol_self(now).map_err(ShopError::Ledger)? {
             changes.push(enrolment.change);
         }
-        let reads = plan(online)?;
-        let mut read = Read::default();
-        if let Some(id) = &reads.hold {
-            read.hold = tx.hold(id).await?;
-        }
-        if let Some((sku, drop, buyer)) = &reads.view {
-            read.view = tx.holds_view(sku, drop, buyer, now).await?;
-        }
-        let (value, more, holds) = step(online, read, now)?;
-        changes.extend(more);
+        let decided = match plan(online) {
+            Ok(reads) => {
+                let mut read = Read::default();
+                if let Some(id) = &reads.hold {
+                    read.hold = tx.hold(id).await?;
+                }
+                if let Some((sku, drop, buyer)) = &reads.view {
+                    read.view = tx.holds_view(sku, drop, buyer, now).await?;
+                }
+                step(online, read, now)
+            }
+            Err(e) => Err(e),
+        };
+        let (value, holds) = match decided {
+            Ok((value, more, holds)) => {
+                changes.extend(more);
+                (Ok(value), holds)
+            }
+            // A refusal changes nothing, but an enrolment signed just now must still be logged:
+            // the online ledger holds it, and a later change of the device builds on it.
+            Err(e) => (Err(e), Vec::new()),
+        };
         if changes.is_empty() && holds.is_empty() {
-            return Ok((value, loaded.ingest.offset())); // the transaction rolls back: nothing to write
+            return value.map(|v| (v, loaded.ingest.offset())); // the transaction rolls back: nothing to write
         }
-        let batch = self.log_and_commit(market, loaded, tx, changes, &holds, now).await?;
-        if let Some(r) = batch.rejected.first() {
-            // The online ledger and the cloud's apply the same rules: unreachable but for a bug.
-            return Err(StoreError::Unavailable(format!("the cloud refused the online channel's change: {}", r.message)).into());
-        }
-        Ok((value, loaded.ingest.offset()))
+        self.log_and_commit(market, loaded, tx, changes, &holds, now).await?;
+        value.map(|v| (v, loaded.ingest.offset()))
     }
 
     /// Places a buyer's hold on units of a drop the online channel holds.
     pub async fn place_hold(&self, market: &MarketId, req: HoldRequest, ttl_ms: u64) -> Result<HoldOutcome, SyncError> {
+        // Checked before anything is read for it: bad text never reaches the store.
+        stallmesh_shop::check_request(&req)?;
         let slot = self.slot(market).await?;
         let mut slot = slot.lock().await;
         let market = *market;
@@ -161,10 +171,12 @@ impl Markets {
         let sku = &sku;
         let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
         let want = qty.saturating_add(policy.refill);
+        let now = now_ms();
+        loaded.online_asks.retain(|_, (_, until)| *until > now);
         if !loaded.online_asks.contains_key(sku) && loaded.online_asks.len() >= stallmesh_ingest::wire::MAX_RIGHTS_WANTED {
             return; // asks for other SKUs fill the reply; this one is asked again on the next refusal
         }
-        let until = now_ms().saturating_add(ONLINE_ASK_MS);
+        let until = now.saturating_add(ONLINE_ASK_MS);
         let ask = loaded.online_asks.entry(sku.clone()).or_insert((0, 0));
         *ask = (ask.0.max(want), until);
         self.metrics.online_rights_asked.inc();
@@ -172,6 +184,11 @@ impl Markets {
 
     /// Pays a held hold: the online device's signed sale, logged with the hold in one commit.
     pub async fn pay_hold(&self, market: &MarketId, drop: &str, hold_id: &str) -> Result<OrderOutcome, SyncError> {
+        // A hold id is what `hold_id` writes (32 hex characters): anything else names no hold,
+        // and never reaches the store.
+        if hold_id.len() != 32 || !hold_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ShopError::UnknownHold(hold_id.chars().take(64).collect()).into());
+        }
         let slot = self.slot(market).await?;
         let mut slot = slot.lock().await;
         let (drop, id) = (drop.to_string(), hold_id.to_string());
@@ -202,6 +219,10 @@ impl Markets {
     /// never units in buyers' holds, and the transfer goes back in the reply. A market without an
     /// online channel answers with nothing given.
     pub(super) async fn online_give(&self, slot: &mut MarketSlot, to: DeviceId, sku: String, qty: u64, for_sale: bool) -> Result<CloudReply, SyncError> {
+        // The SKU's limits, before it is looked up in the store (the message bounds only its size).
+        let as_transfer = stallmesh_ledger::EventBody::Transferred { sku: sku.clone(), qty: 1, to };
+        stallmesh_ledger::validate::check_event_body(&as_transfer)
+            .map_err(|e| ShopError::Invalid { field: "sku", problem: e.problem })?;
         let plan = {
             let sku = sku.clone();
             move |_: &Ledger| Ok(Reads { hold: None, view: Some((sku, String::new(), String::new())) })
