@@ -413,6 +413,63 @@ fn two_tablets_sell_from_the_page_and_each_sees_the_other_live() {
     });
 }
 
+/// The drop panel's text now (empty when there is none).
+async fn drop_text(c: &Client) -> String {
+    match c.find(css("[data-testid=drop]")).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[test]
+fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_the_other_stalls() {
+    const NAME: &str = "the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_the_other_stalls";
+    if !browser_here(NAME) {
+        return;
+    }
+    in_netns(NAME, || {
+        let lan = Lan::with_market(2);
+        for k in [1, 2] {
+            eventually(CONVERGE, &format!("node {k} meshed"), || lan.peers(k) >= 1);
+        }
+        let tote = json!({ "sku": "TOTE", "name": "Summer tote", "price_cents": 3500, "currency": "EUR", "stall": "Stall" });
+        assert_eq!(lan.post(1, "/api/v1/products", &tote).0, 201);
+        let (one, two) = (lan.get(1, "/api/v1/status")["node"]["device"].clone(), lan.get(2, "/api/v1/status")["node"]["device"].clone());
+        let start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 6_000;
+        let plan = json!([{ "device": one, "units": 3 }, { "device": two, "units": 2 }]);
+        let body = json!({ "name": "Summer tote", "sku": "TOTE", "units": 5, "start_ms": start_ms, "plan": plan });
+        eventually(CONVERGE, "tablet 2 known to tablet 1", || lan.post(1, "/api/v1/drops", &body).0 == 201);
+
+        let driver = Driver::start();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let c = browser(&driver, 1280, 800).await;
+            open(&c, lan.url(1)).await;
+            shown(&c, "[data-testid=drop][data-status=scheduled]").await;
+            let before = drop_text(&c).await;
+            assert!(before.contains("opens in 0:0"), "a countdown: {before}");
+            assert!(before.contains("here 3") && before.contains("other stalls 2"), "{before}");
+            screenshot(&c, "drop-countdown").await;
+            until("the drop opens on the till", || async { drop_text(&c).await.contains("open") && !drop_text(&c).await.contains("opens in") }).await;
+
+            // Tablet 2 sells its two; then this till sells its three: sold out here too.
+            for _ in 0..2 {
+                assert_eq!(lan.post(2, "/api/v1/sales", &json!({ "lines": [{ "sku": "TOTE", "qty": 1 }] })).0, 201);
+            }
+            until("tablet 2's sales on this till", || async { drop_text(&c).await.contains("sold 2 of 5: here 0 · other stalls 2") }).await;
+            // Tablet 2 may have been refilled from here meanwhile (the mesh rebalances): three left in all.
+            let shown_text = drop_text(&c).await;
+            let left = shown_text.lines().find(|l| l.starts_with("left:")).unwrap_or_default().to_string();
+            let units: u64 = left.split(|ch: char| !ch.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum();
+            assert_eq!(units, 3, "{shown_text}");
+            assert_eq!(lan.post(1, "/api/v1/sales", &json!({ "lines": [{ "sku": "TOTE", "qty": 3 }] })).0, 201);
+            until("sold out", || async { drop_text(&c).await.contains("sold out at") }).await;
+            assert!(drop_text(&c).await.contains("sold 5 of 5: here 3 · other stalls 2"), "{}", drop_text(&c).await);
+            screenshot(&c, "drop-sold-out").await;
+        });
+    });
+}
+
 #[test]
 fn a_till_reachable_from_the_lan_asks_staff_for_a_pin_and_records_who_sold() {
     const NAME: &str = "a_till_reachable_from_the_lan_asks_staff_for_a_pin_and_records_who_sold";

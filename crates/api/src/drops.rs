@@ -32,6 +32,8 @@ request! {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DropChannel {
     pub device: String,
+    /// The device answering: "here" on its till.
+    pub this_device: bool,
     pub stall: Option<String>,
     /// `seller`, `organiser`, `online`; absent for a device whose enrolment has not arrived here.
     pub role: Option<String>,

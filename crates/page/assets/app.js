@@ -1,7 +1,8 @@
 // Start-up, sign-in, screens (hash routing), the live event stream and the offline banner.
 
 import { api, byTestId, describeError, el, onSignInRequired, say } from "/api.js";
-import { loadMesh, loadProducts, loadStatus, loadStock, metrics, state, subscribe } from "/store.js";
+import { loadDrops, loadMesh, loadProducts, loadStatus, loadStock, metrics, state, subscribe } from "/store.js";
+import { initDrops } from "/drops.js";
 import { initTill, loadRecent, showTill } from "/till.js";
 import { refreshCard } from "/card.js";
 import { initStock, showStock } from "/stock.js";
@@ -107,6 +108,7 @@ function startApp(session) {
     started = true;
     initTill({ refreshSoon });
     initStock();
+    initDrops();
     initMesh();
     initLoyalty();
     subscribe("mesh", updateLiveness);
@@ -160,6 +162,8 @@ async function runRefresh() {
   if (any("product", "photo")) jobs.push(loadProducts());
   if (any("sale", "stock", "product", "mesh", "other")) jobs.push(loadStock());
   if (any("sale")) jobs.push(loadRecent());
+  // A drop's units move with sales and transfers (stock), and a new one arrives as a `drop` commit.
+  if (any("drop", "sale", "stock")) jobs.push(loadDrops());
   if (any("mesh", "other") || screen === "mesh") jobs.push(loadMesh(), loadStatus());
   if (any("loyalty", "sale")) refreshCard();
   if (screen === "kpis" && any("sale", "product")) jobs.push(showKpis());

@@ -9,6 +9,7 @@ export const state = {
   mesh: null, // MeshView; { peers: [] } when the node runs without a mesh
   status: null, // Status
   live: null, // last `status` event: { peers_connected, unshared_sales, cloud_offset }
+  drops: [], // DropView[]: every drop this node knows
   session: null,
 };
 
@@ -39,6 +40,11 @@ export async function loadProducts() {
 export async function loadStock() {
   state.stock = await api("/api/v1/stock");
   publish("stock");
+}
+
+export async function loadDrops() {
+  state.drops = (await api("/api/v1/drops")).drops || [];
+  publish("drops");
 }
 
 export async function loadMesh() {

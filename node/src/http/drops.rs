@@ -11,7 +11,7 @@ use stallmesh_identity::DeviceId;
 use stallmesh_ledger::{DropRecord, LocalOp, State as LedgerState};
 use std::collections::BTreeSet;
 
-fn drop_view(state: &LedgerState, d: &DropRecord, now_ms: u64) -> DropView {
+fn drop_view(state: &LedgerState, me: DeviceId, d: &DropRecord, now_ms: u64) -> DropView {
     let progress = state.drop_progress(d);
     let devices: BTreeSet<DeviceId> =
         d.plan.keys().chain(progress.held.keys()).chain(progress.sold.keys()).copied().collect();
@@ -21,6 +21,7 @@ fn drop_view(state: &LedgerState, d: &DropRecord, now_ms: u64) -> DropView {
             let record = state.devices.get(&device);
             DropChannel {
                 device: device.to_hex(),
+                this_device: device == me,
                 stall: record.map(|r| r.certificate.stall.clone()),
                 role: record.map(|r| r.certificate.role.as_str().to_string()),
                 planned: d.plan.get(&device).copied().unwrap_or(0),
@@ -71,14 +72,14 @@ pub(super) async fn plan_drop(
     let op = LocalOp::PlanDrop { name: r.name, sku: r.sku, units: r.units, start_ms: r.start_ms, plan, max_per_buyer: r.max_per_buyer };
     let entry = blocking(&node, move |n| n.execute(op)).await?;
     let id = stallmesh_ledger::drop_id(entry.change.dot());
-    let view = node.read(|l| l.state().drops.get(&id).map(|d| drop_view(l.state(), d, now_ms())));
+    let view = node.read(|l| l.state().drops.get(&id).map(|d| drop_view(l.state(), l.device(), d, now_ms())));
     view.map(|v| (StatusCode::CREATED, Json(v))).ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "a recorded drop is not in the state"))
 }
 
 #[utoipa::path(get, path = "/api/v1/drops", tag = "drops", responses((status = 200, description = "Every drop this device knows, latest start first, with units held and sold per device", body = stallmesh_api::drops::DropList)))]
 pub(super) async fn list_drops(State(node): State<Node>) -> Json<DropList> {
     let now = now_ms();
-    let mut drops: Vec<DropView> = node.read(|l| l.state().drops.values().map(|d| drop_view(l.state(), d, now)).collect());
+    let mut drops: Vec<DropView> = node.read(|l| l.state().drops.values().map(|d| drop_view(l.state(), l.device(), d, now)).collect());
     drops.sort_by(|a, b| b.start_ms.cmp(&a.start_ms).then_with(|| a.id.cmp(&b.id)));
     Json(DropList { drops })
 }
@@ -86,7 +87,7 @@ pub(super) async fn list_drops(State(node): State<Node>) -> Json<DropList> {
 #[utoipa::path(get, path = "/api/v1/drops/{drop}", tag = "drops", params(("drop" = String, Path, description = "The drop's id")), responses((status = 200, description = "The drop", body = stallmesh_api::drops::DropView), (status = 404, description = "`unknown_drop`: not planned, or not replicated here yet", body = stallmesh_api::ErrorBody)))]
 pub(super) async fn show_drop(State(node): State<Node>, Path(id): Path<String>) -> ApiResult<Json<DropView>> {
     let now = now_ms();
-    node.read(|l| l.state().drops.get(&id).map(|d| drop_view(l.state(), d, now)))
+    node.read(|l| l.state().drops.get(&id).map(|d| drop_view(l.state(), l.device(), d, now)))
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_drop", format!("no drop {id:?} is known here")))
 }
