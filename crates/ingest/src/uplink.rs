@@ -175,7 +175,9 @@ impl Uplink {
             return None;
         }
         if let Some((sku, (qty, for_sale))) = self.rights_asks.pop_first() {
-            // Sent even before the cloud's heads are known: the ask needs none of them.
+            // Sent even before the cloud's heads are known: the ask needs none of them. A failed
+            // ask is not repeated: its customer is answered by the till's own wait, and the next
+            // shortfall asks again.
             self.in_flight = true;
             self.stats.requests += 1;
             self.stats.rights_asked += 1;
