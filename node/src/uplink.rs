@@ -15,7 +15,7 @@ use stallmesh_identity::{DeviceId, DeviceKey, SignedChange};
 use stallmesh_ingest::uplink::{Uplink, HEADS_REFRESH_MS};
 use stallmesh_ingest::wire::{self, CloudReply, OnlineWants, RequestAuth};
 use stallmesh_ledger::LocalOp;
-use stallmesh_sync::rebalance::{recent_sales_since_ms, RebalancePolicy};
+use stallmesh_sync::rebalance::RebalancePolicy;
 use stallmesh_ingest::RejectedChange;
 use stallmesh_sync::ChangeLog;
 use std::io::Read;
@@ -42,8 +42,7 @@ pub struct UplinkSnapshot {
     pub refused: u64,
 }
 
-/// A reply within this long counts as a live uplink: a till may wait on the online channel.
-pub const LIVE_UPLINK_MS: u64 = 15_000;
+use stallmesh_ingest::uplink::LIVE_UPLINK_MS;
 
 #[derive(Clone)]
 pub struct UplinkHandle {
@@ -247,15 +246,7 @@ fn read_rejections(response: ureq::Response) -> Vec<RejectedChange> {
 /// ledger knows as the market's online channel is given to.
 fn give_online(node: &Node, policy: &RebalancePolicy, w: OnlineWants) {
     let now = now_ms();
-    let give = node.read(|l| {
-        let state = l.state();
-        let online = state.devices.get(&w.device).is_some_and(|d| d.certificate.role == stallmesh_identity::Role::Online && d.revoked_at_ms.is_none());
-        if !online {
-            return 0;
-        }
-        let since = recent_sales_since_ms(now);
-        policy.give(state.rights_of(&w.sku, &l.device()), w.qty, state.sales_of_device_since(&l.device(), since), state.sales_of_device_since(&w.device, since), false)
-    });
+    let give = node.read(|l| stallmesh_shop::spare_for_online(l, w.device, &w.sku, w.qty, policy, now));
     if give == 0 {
         return;
     }

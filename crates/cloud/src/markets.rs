@@ -90,11 +90,14 @@ struct Loaded {
     /// The market's online channel: its device's own ledger, fed the same log (its own sales
     /// among them), so it sells from what it holds exactly as a tablet would.
     online: Option<Ledger>,
-    /// sku → (units, until ms): what the online channel, sold out while the tablets hold some,
-    /// asks them for in every reply until a tablet's transfer to it is logged or the ask lapses.
-    /// Advisory and in memory: a lost ask costs only a buyer's retry.
-    online_asks: BTreeMap<String, (u64, u64)>,
+    /// What the online channel, sold out while the tablets hold some, asks them for in every
+    /// reply until a tablet's transfer to it is logged or the ask lapses. Advisory and in memory:
+    /// a lost ask costs only a buyer's retry.
+    online_asks: stallmesh_shop::OnlineAsks,
 }
+
+// Every open ask fits in one reply.
+const _: () = assert!(stallmesh_shop::MAX_ONLINE_ASKS <= stallmesh_ingest::wire::MAX_RIGHTS_WANTED);
 
 impl Loaded {
     /// Hands changes the log took in to the online channel's ledger too (the cloud's ledger
@@ -110,7 +113,7 @@ impl Loaded {
         for e in &report.applied {
             if let stallmesh_ledger::EventBody::Transferred { sku, to, .. } = &e.event.body {
                 if *to == me {
-                    self.online_asks.remove(sku); // a tablet answered
+                    self.online_asks.answered(sku);
                 }
             }
         }
@@ -120,10 +123,8 @@ impl Loaded {
     fn online_wants(&self, now_ms: u64) -> Vec<stallmesh_ingest::wire::OnlineWants> {
         let Some(online) = &self.online else { return Vec::new() };
         self.online_asks
-            .iter()
-            .filter(|(_, (_, until))| *until > now_ms)
-            .take(stallmesh_ingest::wire::MAX_RIGHTS_WANTED)
-            .map(|(sku, (qty, _))| stallmesh_ingest::wire::OnlineWants { device: online.device(), sku: sku.clone(), qty: *qty })
+            .open(now_ms)
+            .map(|(sku, qty)| stallmesh_ingest::wire::OnlineWants { device: online.device(), sku: sku.to_string(), qty })
             .collect()
     }
 }
@@ -238,7 +239,7 @@ impl Markets {
             let ingest = MarketIngest::restore(MarketContext::new(reg.market_key), reg.device_key(), reg.certificate.clone(), records)?
                 .with_watermark_interval_ms(self.watermark_interval_ms);
             tracing::info!(%market, offset = ingest.offset(), online = online.is_some(), "market loaded from the store");
-            slot.loaded = Some(Loaded { ingest, log, online, online_asks: BTreeMap::new() });
+            slot.loaded = Some(Loaded { ingest, log, online, online_asks: Default::default() });
         }
         let loaded = slot.loaded.as_mut().expect("just loaded");
         let stored = self.store.next_offset(&market).await?;

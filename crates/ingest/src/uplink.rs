@@ -27,6 +27,10 @@ pub const UPLOAD_MAX_BYTES: usize = MAX_CHANGE_BYTES_PER_MESSAGE;
 /// SKUs a tablet may be waiting on the online channel for at once: a till short of a drop's units
 /// asks for one SKU at a time; beyond this, an older ask is replaced (counted).
 pub const MAX_RIGHTS_ASKS: usize = 16;
+/// A reply within this long counts as a live uplink: a till may wait on the online channel (three
+/// heads refreshes, so one lost request does not end it).
+pub const LIVE_UPLINK_MS: u64 = 15_000;
+const _: () = assert!(LIVE_UPLINK_MS >= 2 * HEADS_REFRESH_MS);
 
 /// The ledger's refusal labels that pass with time (`Rejection::label`): the cloud's pending
 /// buffer was full, or it had not seen the author's enrolment yet.
@@ -124,6 +128,10 @@ impl Uplink {
     }
     pub fn failures(&self) -> u32 {
         self.failures
+    }
+    /// Whether the cloud answered within [`LIVE_UPLINK_MS`] and nothing failed since.
+    pub fn live(&self, now_ms: u64) -> bool {
+        self.failures == 0 && self.last_success_ms.is_some_and(|t| now_ms.saturating_sub(t) <= LIVE_UPLINK_MS)
     }
     pub fn refused(&self) -> &BTreeMap<DeviceId, u64> {
         &self.refused

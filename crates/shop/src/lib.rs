@@ -21,6 +21,9 @@ use sha2::{Digest, Sha256};
 use stallmesh_identity::{MarketId, Role};
 use stallmesh_ledger::{Entry, Ledger, LedgerError, LineRequest, LocalOp};
 
+mod asks;
+pub use asks::{spare_for_online, OnlineAsks, MAX_ONLINE_ASKS, ONLINE_ASK_MS};
+
 /// How long a hold lasts unless paid: time to type a card number, short enough that an
 /// abandoned basket gives its units back within minutes, not the day some platforms keep them.
 pub const DEFAULT_HOLD_TTL_MS: u64 = 10 * 60 * 1000;

@@ -185,3 +185,33 @@ fn no_hold_is_placed_while_another_drop_of_the_sku_has_yet_to_open_since_it_coul
     let err = place_hold(&web, &m.ctx.market, None, &HoldsView::default(), &req(&open_drop, "ann", 1, "k"), DEFAULT_HOLD_TTL_MS, START_MS).unwrap_err();
     assert_eq!(err, ShopError::DropNotStarted { start_ms: START_MS * 3 });
 }
+
+#[test]
+fn a_sold_out_online_channel_asks_the_tablets_for_a_refill_until_one_gives_or_the_ask_lapses() {
+    let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
+    let mut asks = OnlineAsks::default();
+    assert!(asks.sold_out("tote", 2, &policy, 1_000));
+    assert!(asks.sold_out("tote", 1, &policy, 2_000), "a smaller ask keeps the larger");
+    assert_eq!(asks.open(2_000).collect::<Vec<_>>(), vec![("tote", 2 + policy.refill)]);
+    assert_eq!(asks.open(2_000 + ONLINE_ASK_MS).count(), 0, "it lapses after ONLINE_ASK_MS");
+    asks.sold_out("tote", 1, &policy, 3_000);
+    asks.answered("tote");
+    assert_eq!(asks.open(3_000).count(), 0, "a tablet's transfer answers it");
+    for i in 0..MAX_ONLINE_ASKS {
+        assert!(asks.sold_out(&format!("sku-{i}"), 1, &policy, 4_000));
+    }
+    assert!(!asks.sold_out("one-too-many", 1, &policy, 4_000), "no more SKUs than one reply carries");
+    assert!(asks.sold_out("one-too-many", 1, &policy, 4_000 + ONLINE_ASK_MS), "once the others lapsed");
+}
+
+#[test]
+fn a_tablet_spares_units_only_for_the_markets_online_channel() {
+    let (m, organiser, web, _) = drop_of(10, 4, None);
+    let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
+    let (stranger, _) = m.device(3, "Stall 3");
+    // The organiser holds 6 totes and sold none lately: it spares them to the online channel.
+    assert!(spare_for_online(&organiser, web.device(), "tote", 5, &policy, START_MS) > 0);
+    // An ask naming a device that is not the market's online channel moves nothing.
+    assert_eq!(spare_for_online(&organiser, stranger.device(), "tote", 5, &policy, START_MS), 0);
+    assert_eq!(spare_for_online(&organiser, organiser.device(), "tote", 5, &policy, START_MS), 0);
+}

@@ -88,6 +88,9 @@ pub struct Report {
     /// With loyalty customers in the scenario.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loyalty: Option<LoyaltyReport>,
+    /// With a drop sold at the stalls and online in the scenario.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropReport>,
     /// Bucket by bucket, at a resolution that fits the run, with the faults as they happened.
     pub series: crate::series::Series,
     pub digest: String,
@@ -95,6 +98,50 @@ pub struct Report {
 
 /// Loyalty over the day: what customers' cards earned and redeemed, vouchers, and what was spent
 /// twice across partitions (the exposures every replica reports).
+/// A drop sold at the stalls and online at once: where its units went, how long online buyers
+/// waited, what the holds did, and how rights moved between the channels.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DropReport {
+    pub units: u64,
+    /// Planned to the online channel; the rest to the stalls' selling tablets.
+    pub planned_online: u64,
+    pub sold_online: u64,
+    pub sold_per_stall: Vec<u64>,
+    /// From the opening until the last unit was sold; `None`: units were left.
+    pub sold_out_after_s: Option<f64>,
+    /// Units still held at the end (unsold), by the online channel and per stall.
+    pub left_online: u64,
+    pub left_per_stall: Vec<u64>,
+    pub online_buyers: u64,
+    /// Hold requests (first tries and retries), holds placed, paid, abandoned, expired (abandoned
+    /// or paid too late), payments after expiry, units freed by expiry.
+    pub hold_requests: u64,
+    pub holds_placed: u64,
+    pub holds_paid: u64,
+    pub holds_abandoned: u64,
+    pub holds_expired: u64,
+    pub paid_too_late: u64,
+    pub units_returned_by_expiry: u64,
+    /// 409 sold out answers, and buyers who left without units (sold out for good, out of
+    /// patience, over the per-buyer limit).
+    pub sold_out_replies: u64,
+    pub buyer_limit_replies: u64,
+    pub buyers_left_empty: u64,
+    /// Buyers who got a hold, and how long from arriving until they did (retries included).
+    pub buyers_who_held: u64,
+    pub hold_wait_ms_p50: f64,
+    pub hold_wait_ms_p99: f64,
+    pub hold_wait_ms_max: f64,
+    /// The online channel's asks to the tablets, and units the tablets gave it.
+    pub online_asks: u64,
+    pub units_given_to_online: u64,
+    /// Tills short of the drop asking the online channel through their uplink, and units it gave.
+    pub tablet_asks_online: u64,
+    pub units_given_by_online: u64,
+    /// Walk-in buyers of the drop at the stalls (one unit each).
+    pub walk_ins: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoyaltyReport {
     pub card_sales: u64,
@@ -189,6 +236,28 @@ impl Report {
                 format!("{} / {} / {} ({} refused)", l.vouchers_minted, l.vouchers_redeemed_proven, l.vouchers_redeemed_unproven, l.vouchers_refused),
             );
             row("spent twice (exposures)", format!("{}: {} points, {} vouchers", l.exposures, l.points_exposed, l.vouchers_exposed));
+        }
+        if let Some(d) = &self.drop {
+            let stalls: u64 = d.sold_per_stall.iter().sum();
+            row(
+                "drop sold online / at stalls / of",
+                format!("{} / {} {:?} / {} (planned online {})", d.sold_online, stalls, d.sold_per_stall, d.units, d.planned_online),
+            );
+            row("drop sold out after", d.sold_out_after_s.map_or("NOT sold out".into(), |s| format!("{s:.1} s")));
+            row("drop left online / at stalls", format!("{} / {:?}", d.left_online, d.left_per_stall));
+            row(
+                "online buyers held / left empty / of",
+                format!("{} / {} / {} ({} requests, {} sold out answers)", d.buyers_who_held, d.buyers_left_empty, d.online_buyers, d.hold_requests, d.sold_out_replies),
+            );
+            row("wait for a hold p50 / p99 / max", format!("{:.0} / {:.0} / {:.0} ms", d.hold_wait_ms_p50, d.hold_wait_ms_p99, d.hold_wait_ms_max));
+            row(
+                "holds placed / paid / abandoned / expired",
+                format!("{} / {} / {} / {} ({} paid too late, {} units back)", d.holds_placed, d.holds_paid, d.holds_abandoned, d.holds_expired, d.paid_too_late, d.units_returned_by_expiry),
+            );
+            row(
+                "rights to online / from online",
+                format!("{} units ({} asks) / {} units ({} asks)", d.units_given_to_online, d.online_asks, d.units_given_by_online, d.tablet_asks_online),
+            );
         }
         row("faults fired", format!("{:?}", self.faults_fired));
         row("wall time (engine / protocol)", format!("{:.0} ms ({:.0} / {:.0} ms)", self.wall_ms, self.engine_ms, self.protocol_ms));

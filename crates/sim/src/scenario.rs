@@ -43,7 +43,72 @@ pub struct Scenario {
     /// Customers with loyalty cards and vouchers; absent, nobody carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loyalty: Option<LoyaltySpec>,
+    /// A limited drop sold at the stalls and by the market's online channel at once; absent, the
+    /// market has no online channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropSpec>,
 }
+
+/// A drop: `units` of a new SKU opening at `at_s`, planned between the online channel (run by
+/// the cloud, as `stallmesh-cloud` runs it) and the stalls' selling tablets; online buyers
+/// placing holds and paying (or abandoning) through the cloud, walk-in buyers at the stalls.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DropSpec {
+    /// When the drop opens, seconds into the day (planned before the day, by device 0).
+    pub at_s: f64,
+    pub units: u64,
+    /// Of them, planned to the online channel; the rest evenly to the selling tablets of every
+    /// stall (the remainder to the first).
+    pub online_units: u64,
+    /// The drop's per-buyer limit (0: none).
+    pub max_per_buyer: u64,
+    /// Online buyers, arriving uniformly over `online_window_s` from the opening.
+    pub online_buyers: u32,
+    pub online_window_s: f64,
+    /// Units an online buyer asks for: uniform in 1..=buyer_units_max.
+    pub buyer_units_max: u64,
+    /// Of buyers holding units, those who never pay: their holds expire.
+    pub abandon_share: f64,
+    /// The others pay after an exponential time with this mean (some past their hold's expiry).
+    pub checkout_mean_s: f64,
+    /// The cloud's hold time (its `cloud_service.hold_ttl_ms`).
+    pub hold_ttl_s: f64,
+    /// A buyer told "sold out, units may come back" tries again after this (plus up to as much
+    /// again at random), until `patience_s` after arriving.
+    pub retry_s: f64,
+    pub patience_s: f64,
+    /// One way between a buyer and the cloud (the buyer's own internet, not the market's 4G).
+    pub buyer_latency_ms: f64,
+    /// Walk-in buyers of the drop at each stall per minute, for `stall_window_s` from the opening.
+    pub stall_buyers_per_min: f64,
+    pub stall_window_s: f64,
+}
+
+impl Default for DropSpec {
+    fn default() -> Self {
+        Self {
+            at_s: 600.0,
+            units: 200,
+            online_units: 80,
+            max_per_buyer: 2,
+            online_buyers: 1_000,
+            online_window_s: 60.0,
+            buyer_units_max: 2,
+            abandon_share: 0.2,
+            checkout_mean_s: 40.0,
+            hold_ttl_s: 120.0,
+            retry_s: 10.0,
+            patience_s: 300.0,
+            buyer_latency_ms: 40.0,
+            stall_buyers_per_min: 4.0,
+            stall_window_s: 1_800.0,
+        }
+    }
+}
+
+/// Online buyers in one drop: a crowd, not a way to exhaust memory.
+pub const MAX_DROP_BUYERS: u32 = 100_000;
 
 /// Loyalty customers: cards that come back to other stalls, redemptions, voucher drops.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -299,6 +364,9 @@ impl Scenario {
                 }
             }
         }
+        if let Some(d) = &self.drop {
+            d.validate(self.duration_h * 3600.0)?;
+        }
         for f in &self.faults {
             match f {
                 FaultSpec::Partition { groups, .. } => groups.iter().flatten().try_for_each(|d| check_device(*d))?,
@@ -324,6 +392,42 @@ impl Scenario {
 
     pub fn devices(&self) -> u32 {
         self.market.stalls * self.market.devices_per_stall
+    }
+}
+
+impl DropSpec {
+    fn validate(&self, day_s: f64) -> Result<(), String> {
+        if !(0.0..day_s).contains(&self.at_s) {
+            return Err("drop.at_s must be within the day".into());
+        }
+        if self.units == 0 || self.units > stallmesh_ledger::MAX_QTY || self.online_units > self.units {
+            return Err(format!("drop.units must be 1..={} and drop.online_units at most drop.units", stallmesh_ledger::MAX_QTY));
+        }
+        if self.online_buyers > MAX_DROP_BUYERS {
+            return Err(format!("drop.online_buyers: at most {MAX_DROP_BUYERS}"));
+        }
+        if self.buyer_units_max == 0 || self.buyer_units_max > stallmesh_shop::MAX_HOLD_UNITS {
+            return Err(format!("drop.buyer_units_max must be 1..={}", stallmesh_shop::MAX_HOLD_UNITS));
+        }
+        let ttl_ms = self.hold_ttl_s * 1000.0;
+        if !(stallmesh_shop::MIN_HOLD_TTL_MS as f64..=stallmesh_shop::MAX_HOLD_TTL_MS as f64).contains(&ttl_ms) {
+            return Err(format!(
+                "drop.hold_ttl_s must be {}..={} s, as the cloud allows",
+                stallmesh_shop::MIN_HOLD_TTL_MS / 1000,
+                stallmesh_shop::MAX_HOLD_TTL_MS / 1000
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.abandon_share) {
+            return Err("drop.abandon_share must be within [0, 1]".into());
+        }
+        let times = [self.online_window_s, self.checkout_mean_s, self.retry_s, self.patience_s, self.buyer_latency_ms, self.stall_window_s];
+        if times.iter().any(|t| !(t.is_finite() && *t >= 0.0)) || self.stall_buyers_per_min < 0.0 || !self.stall_buyers_per_min.is_finite() {
+            return Err("drop times and rates must be finite and not negative".into());
+        }
+        if self.retry_s <= 0.0 {
+            return Err("drop.retry_s must be positive".into());
+        }
+        Ok(())
     }
 }
 

@@ -45,6 +45,7 @@ pub const MAX_EVENTS: u64 = 2_000_000_000;
 
 mod checker;
 mod cloud;
+mod drops;
 mod faults;
 mod loyalty;
 mod network;
@@ -97,6 +98,9 @@ pub enum BrokenCloud {
     DropsOneSale,
     /// Uplinks upload only their own tablet's journal, never the other devices' they hold.
     UploadsOwnJournalOnly,
+    /// The online channel's store reads no holds for a decision (a lost index): each buyer's
+    /// hold ignores the others'.
+    HoldsReadAsNone,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -189,6 +193,22 @@ enum Ev {
     VoucherAfterWait {
         dev: u32,
         voucher: stallmesh_identity::VoucherId,
+    },
+    /// An online buyer's hold request reaches the cloud.
+    DropBuyer {
+        buyer: u32,
+    },
+    /// An online buyer's payment reaches the cloud.
+    DropPay {
+        buyer: u32,
+    },
+    /// An online buyer's hold expires (unless paid).
+    DropHoldExpiry {
+        buyer: u32,
+    },
+    /// A walk-in buyer of the drop at a stall.
+    DropWalkIn {
+        stall: u32,
     },
 }
 
@@ -379,6 +399,8 @@ pub struct World {
     protocol_calls: u64,
     /// Loyalty customers, when the scenario has them.
     loyalty: Option<loyalty::LoyaltySim>,
+    /// The drop and the online channel, when the scenario has one.
+    drop: Option<drops::DropSim>,
     /// The report's time series.
     series: SeriesBuilder,
     /// Each SKU's index in catalogue order (stall, then product): the series' stock columns.
@@ -514,6 +536,12 @@ impl World {
             dropped_one: false,
             timeline: VecDeque::new(),
         };
+        // The online channel's device: number n + 1, role `online`, run by the cloud.
+        let drop = sc.drop.clone().map(|spec| {
+            let secret = secret_of(n + 1);
+            let cert = market_key.enrol(DeviceKey::from_secret(secret).device_id(), "online", Role::Online, u64::MAX);
+            drops::DropSim::new(spec, seed, &ctx, secret, cert)
+        });
         let stall_rngs = (0..sc.market.stalls).map(|s| ChaCha8Rng::seed_from_u64(mix(seed, "stall", s as u64))).collect();
         let products: Vec<Vec<Product>> = (0..sc.market.stalls)
             .map(|s| {
@@ -591,6 +619,7 @@ impl World {
             protocol_time: Duration::ZERO,
             protocol_calls: 0,
             loyalty,
+            drop,
         };
         w.setup();
         w
@@ -686,6 +715,7 @@ impl World {
         let cloud_key = DeviceKey::from_secret(self.cloud.key_secret);
         let mut cloud_ledger = Ledger::new(self.ctx.clone(), cloud_key, self.cloud.cert.clone());
         shared.push(cloud_ledger.enrol_self(self.cloud_now_ms()).expect("valid certificate").expect("first enrolment"));
+        self.enrol_online(&mut shared);
         let enrolments = shared.clone();
         // Each stall's first device adds its catalogue and stock, and shares the stock out evenly.
         let dps = self.sc.market.devices_per_stall;
@@ -708,6 +738,7 @@ impl World {
                 }
             }
         }
+        self.plan_drop(&mut shared);
         // Every device starts the day holding all of it: restored as from its store (the entries
         // were made by the simulation's own ledgers, and checked when the authors recorded them).
         let shared_rc: Vec<Rc<Entry>> = shared.iter().map(|e| self.intern(e.clone())).collect();
@@ -730,6 +761,7 @@ impl World {
         }
         self.cloud.last_offset = shared.len() as u64;
         self.cloud.records = shared.len() as u64;
+        self.start_drop(&shared);
         // Topology: the stall's own devices, plus random others. The cloud is not on the Wi-Fi.
         let per = self.sc.network.peers_per_device;
         for a in 0..n {
@@ -876,6 +908,10 @@ impl World {
                 }
             }
             Ev::VoucherAfterWait { dev, voucher } => self.redeem_voucher(dev, voucher, None),
+            Ev::DropBuyer { buyer } => self.on_drop_buyer(buyer),
+            Ev::DropPay { buyer } => self.on_drop_pay(buyer),
+            Ev::DropHoldExpiry { buyer } => self.on_drop_hold_expiry(buyer),
+            Ev::DropWalkIn { stall } => self.on_drop_walk_in(stall),
         }
     }
 
@@ -955,6 +991,11 @@ impl World {
                     self.sales_after_waiting += 1;
                 }
                 self.loyalty_acked(&entry);
+                let stall = self.devices[dev as usize].stall;
+                let drop_units: u64 = lines.iter().filter(|l| l.sku == drops::DROP_SKU).map(|l| l.qty).sum();
+                if drop_units > 0 {
+                    self.drop_sold(drops::Channel::Stall(stall), drop_units);
+                }
                 self.local_entry(dev, entry);
                 // Ask for a refill where the sale left this device low, as the node does after a sale.
                 for l in &lines {
@@ -968,9 +1009,12 @@ impl World {
             Err(LedgerError::InsufficientRights { sku, requested, held_here, held_elsewhere_total, held_elsewhere }) => {
                 let ask = self.devices[dev as usize].rebalancer.after_refusal(&sku, requested, held_here, held_elsewhere_total, true, now);
                 self.ask(dev, ask);
+                // The online channel is reachable through a live uplink: asked once, waited for as a peer.
+                let held_online = self.held_online_seen_by(dev, &sku);
+                let online = self.ask_online_for_sale(dev, &sku, requested, held_here, held_online, wait.is_none());
                 let peers = self.devices[dev as usize].sync.peers();
                 let reachable_holds =
-                    held_elsewhere.iter().any(|(d, n)| *n > 0 && peers.keys().any(|p| self.devices[*p as usize].id == *d));
+                    online || held_elsewhere.iter().any(|(d, n)| *n > 0 && peers.keys().any(|p| self.devices[*p as usize].id == *d));
                 let wait_now_ms = self.now / US_PER_MS;
                 let (id, mut wait) = match wait {
                     Some((id, w)) => (id, w.wait),
@@ -1003,6 +1047,7 @@ impl World {
                 let reason = match &e {
                     LedgerError::Revoked => "revoked",
                     LedgerError::UnknownSku(_) => "unknown_sku",
+                    LedgerError::DropNotStarted { .. } => "drop_not_started",
                     _ => "invalid",
                 };
                 self.refuse(dev, reason, None);
@@ -1408,6 +1453,7 @@ impl World {
             per_hour: self.hours[..hours_run.min(self.hours.len())].to_vec(),
             cloud: self.cloud_report(),
             loyalty: self.loyalty.as_ref().map(|l| l.report.clone()),
+            drop: self.drop.as_ref().map(|d| d.report.clone()),
             series,
             digest: String::new(),
         }

@@ -406,3 +406,33 @@ fn a_passing_run_has_nothing_to_shrink() {
     let sc = small("");
     assert_eq!(stallmesh_sim::shrink(&sc, &Options { seed: 1, ..Default::default() }, 2, &mut |_| {}).unwrap_err(), stallmesh_sim::ShrinkError::Passes(1));
 }
+
+#[test]
+fn a_drop_sold_at_the_stalls_and_online_through_a_flapping_uplink_is_never_oversold_and_every_expired_hold_comes_back() {
+    let sc = shipped("drop-live.toml");
+    let r = run(&sc, Options { seed: 7, ..Default::default() });
+    let table = r.report.table();
+    // Always on during the run: units over all channels never above the drop's, holds never above
+    // what the online channel holds, a held hold always payable, an expired one reserving nothing.
+    assert!(r.violations.is_empty(), "{:#?}\n{table}", r.violations);
+    let d = r.report.drop.clone().expect("a drop scenario reports the drop");
+    let sold = d.sold_online + d.sold_per_stall.iter().sum::<u64>();
+    let left = d.left_online + d.left_per_stall.iter().sum::<u64>();
+    assert_eq!(sold + left, d.units, "every unit is sold or held somewhere\n{table}");
+    assert_eq!(d.sold_out_after_s.is_some(), left == 0, "{table}");
+    assert!(d.sold_online > 0 && d.sold_per_stall.iter().all(|n| *n > 0), "both channels sold\n{table}");
+    assert!(d.holds_abandoned > 0 && d.units_returned_by_expiry > 0, "abandoned holds expired and gave their units back\n{table}");
+    assert!(d.buyers_who_held > 0 && d.buyers_left_empty > 0, "a crowd larger than the drop: some buyers held, some left\n{table}");
+    assert!(d.units_given_to_online + d.units_given_by_online > 0, "rights moved between the channels\n{table}");
+    let buyers = d.online_buyers;
+    assert!(d.hold_requests >= buyers && d.sold_out_replies > 0, "{table}");
+}
+
+#[test]
+fn the_drop_checker_catches_holds_that_ignore_each_other() {
+    let sc = shipped("drop-live.toml");
+    let r = run(&sc, Options { seed: 7, broken_cloud: Some(BrokenCloud::HoldsReadAsNone), ..Default::default() });
+    let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
+    assert!(names.contains(&"holds_within_online_rights"), "{names:?}");
+    assert!(names.contains(&"a_hold_is_a_promise"), "a buyer holding units could not pay for them: {names:?}");
+}

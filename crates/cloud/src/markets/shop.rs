@@ -22,10 +22,6 @@ pub struct OnlineDropView {
     pub now_ms: u64,
 }
 
-/// How long the online channel asks the tablets for a SKU it sold out of: a few uplink heads
-/// refreshes, so every tablet with an uplink hears it; a buyer refused again asks again.
-pub const ONLINE_ASK_MS: u64 = 30_000;
-
 /// The store reads a step needs, named from the online ledger once caught up under the lock.
 #[derive(Default)]
 struct Reads {
@@ -164,21 +160,14 @@ impl Markets {
     }
 
     /// The online channel sold out of `sku` while the tablets hold some: ask them, in every
-    /// reply to an uplink, for `qty` plus a refill, for [`ONLINE_ASK_MS`] or until one gives.
+    /// reply to an uplink, for `qty` plus a refill, for `stallmesh_shop::ONLINE_ASK_MS` or until one gives.
     fn ask_tablets(&self, slot: &mut MarketSlot, drop: &str, qty: u64) {
         let Some(loaded) = slot.loaded.as_mut() else { return };
         let Some(sku) = loaded.online.as_ref().and_then(|o| o.state().drops.get(drop)).map(|d| d.sku.clone()) else { return };
-        let sku = &sku;
         let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
-        let want = qty.saturating_add(policy.refill);
-        let now = now_ms();
-        loaded.online_asks.retain(|_, (_, until)| *until > now);
-        if !loaded.online_asks.contains_key(sku) && loaded.online_asks.len() >= stallmesh_ingest::wire::MAX_RIGHTS_WANTED {
+        if !loaded.online_asks.sold_out(&sku, qty, &policy, now_ms()) {
             return; // asks for other SKUs fill the reply; this one is asked again on the next refusal
         }
-        let until = now.saturating_add(ONLINE_ASK_MS);
-        let ask = loaded.online_asks.entry(sku.clone()).or_insert((0, 0));
-        *ask = (ask.0.max(want), until);
         self.metrics.online_rights_asked.inc();
     }
 

@@ -29,6 +29,7 @@ impl World {
         self.devices.iter().all(|d| d.up && d.ledger.pending_len() == 0 && d.ledger.heads_ref() == first)
             && cloud.pending_len() == 0
             && cloud.heads_ref() == first
+            && self.drop.as_ref().is_none_or(|d| d.online.heads_ref() == first)
     }
 
     /// Every replica's ledger, the cloud's last, with its name in violations.
@@ -41,6 +42,8 @@ impl World {
             return;
         }
         self.trace_cloud(format!("VIOLATION {detail}"));
+        // A sale of the online channel (numbered after the tablets) is the cloud's.
+        let device = device.filter(|d| *d < self.n());
         let timeline = match device {
             Some(d) => self.devices[d as usize].timeline.iter().cloned().collect(),
             None => self.cloud.timeline.iter().cloned().collect(),
@@ -179,7 +182,8 @@ impl World {
 
     pub(super) fn check(&mut self) -> Vec<Violation> {
         let mut v = Vec::new();
-        let timeline = |w: &World, d: u32| w.devices[d as usize].timeline.iter().cloned().collect::<Vec<_>>();
+        // Device n is the online channel: its timeline is the cloud's.
+        let timeline = |w: &World, d: u32| w.devices.get(d as usize).map_or(&w.cloud.timeline, |x| &x.timeline).iter().cloned().collect::<Vec<_>>();
         let name = |d: Option<u32>| d.map_or("the cloud".to_string(), |d| format!("device {d}"));
         if self.converged_after_heal.is_none() {
             let first = self.devices[0].ledger.heads_ref();
@@ -215,7 +219,7 @@ impl World {
                     v.push(Violation {
                         invariant: "no_acknowledged_sale_lost",
                         detail: format!("sale {id}, acknowledged by device {seller}, is missing on {}", name(d)),
-                        device: Some(seller),
+                        device: Some(seller).filter(|d| *d < self.n()),
                         timeline: timeline(self, seller),
                     });
                     break;
@@ -256,6 +260,7 @@ impl World {
         self.check_cloud_at_end();
         v.append(&mut self.cloud_violations);
         v.extend(self.check_loyalty());
+        v.extend(self.check_drop());
         v
     }
 }

@@ -173,6 +173,9 @@ impl World {
                 self.commit_cloud_batch(batch);
                 self.schedule_cloud_wake();
             }
+            Ok(Message::RightsWanted { sku, qty, for_sale }) => {
+                reply.changes = self.online_give(dev, &sku, qty, for_sale, now_ms).into_iter().collect();
+            }
             other => {
                 self.trace_cloud(format!("request #{id} from {dev} is not an uplink message: {other:?}"));
                 return; // a 400: the tablet times out
@@ -180,6 +183,7 @@ impl World {
         }
         reply.heads = self.cloud.ingest.heads().iter().map(|(d, n)| (*d, *n)).collect();
         reply.offset = self.cloud.ingest.offset();
+        reply.rights_wanted = self.online_wants(now_ms);
         let body = reply.encode();
         match self.uplink_transit(dev, body.len()) {
             Some(at) => self.push(at, Ev::CloudReply { dev, id, body }),
@@ -189,7 +193,8 @@ impl World {
 
     /// The cloud's driver commits what the ingest core produced, in order, before answering (as
     /// the cloud service does in one transaction); the checker sees each record.
-    fn commit_cloud_batch(&mut self, batch: Batch) {
+    pub(super) fn commit_cloud_batch(&mut self, batch: Batch) {
+        let mut logged: Vec<SignedChange> = Vec::with_capacity(batch.records.len());
         for r in batch.records {
             if self.opts.broken_cloud == Some(BrokenCloud::DropsOneSale)
                 && !self.cloud.dropped_one
@@ -201,8 +206,11 @@ impl World {
             }
             self.cloud_logged(r.offset, &r.entry);
             // The cloud's watermarks join the market's changes (what a tablet's log view reads).
+            logged.push(r.entry.change.clone());
             self.intern(r.entry);
         }
+        // The online channel's ledger follows the log, as the cloud feeds it.
+        self.feed_online(logged);
     }
 
     /// The acknowledged sale this entry records, if it records one.
@@ -247,18 +255,21 @@ impl World {
         let Some((_, sent)) = u.in_flight.filter(|(want, _)| *want == id) else { return }; // timed out already
         u.in_flight = None;
         let now_ms = self.dev_now_ms(dev);
-        let changes = self.protocol(|w| {
+        let (changes, wanted) = self.protocol(|w| {
             let core = &mut w.devices[dev as usize].uplink.as_mut().expect("checked above").core;
             match CloudReply::decode(&body) {
                 Err(e) => {
                     core.on_failure(now_ms, format!("the reply does not decode: {e}"));
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 }
                 Ok(reply) if !reply.rejected.is_empty() => {
                     core.on_rejected(&reply.rejected, now_ms);
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 }
-                Ok(reply) => core.on_reply(reply, sent, now_ms),
+                Ok(mut reply) => {
+                    let wanted = std::mem::take(&mut reply.rights_wanted);
+                    (core.on_reply(reply, sent, now_ms), wanted)
+                }
             }
         });
         self.trace(Some(dev), format!("uplink reply #{id}: {} changes back", changes.len()));
@@ -267,6 +278,10 @@ impl World {
             if rights_arrived {
                 self.retry_waiting(dev);
             }
+        }
+        // The online channel sold out of what this tablet may spare: it gives, as the node does.
+        for w in wanted {
+            self.give_online(dev, w);
         }
         self.schedule_uplink(dev);
     }
