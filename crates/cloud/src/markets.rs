@@ -10,7 +10,7 @@ use stallmesh_identity::{DeviceId, MarketId, SignedChange};
 use stallmesh_ingest::wire::{AuthError, CloudReply, RequestAuth};
 use stallmesh_ingest::{IngestError, LogRecord, MarketIngest, RejectedChange};
 use stallmesh_ledger::{Ledger, MarketContext};
-use stallmesh_shop::{Hold, HoldRequest, HoldsView, Paid, Placed, ShopError};
+use stallmesh_shop::{Hold, HoldBook, HoldRequest, HoldsWanted, Paid, Placed, ShopError};
 use stallmesh_sync::{MemoryLog, Message, ProtocolError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use tokio::sync::watch;
 pub const MAX_LOADED_MARKETS: usize = 1_024;
 
 mod shop;
+pub use shop::{MAX_CHECKOUT_BATCH, MAX_CHECKOUT_QUEUE};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -51,6 +52,8 @@ pub enum SyncError {
     TooManyMarkets,
     #[error("{0}")]
     Shop(#[from] ShopError),
+    #[error("the market's online checkout has {MAX_CHECKOUT_QUEUE} requests waiting; retry shortly with the same idempotency key")]
+    CheckoutBusy,
 }
 
 impl SyncError {
@@ -65,6 +68,7 @@ impl SyncError {
             SyncError::Store(StoreError::UnknownMarket(_)) => "unknown_market",
             SyncError::Store(_) | SyncError::Ingest(_) => "store_unavailable",
             SyncError::TooManyMarkets => "too_many_markets",
+            SyncError::CheckoutBusy => "checkout_busy",
             SyncError::Shop(e) => match e {
                 ShopError::Invalid { .. } => "invalid_request",
                 ShopError::NoOnlineChannel => "no_online_channel",
@@ -162,11 +166,19 @@ pub struct Markets {
     offsets: Mutex<BTreeMap<MarketId, watch::Sender<u64>>>,
     pub metrics: CloudMetrics,
     watermark_interval_ms: u64,
+    checkout_queues: shop::CheckoutQueues,
 }
 
 impl Markets {
     pub fn new(store: Store, metrics: CloudMetrics, watermark_interval_ms: u64) -> Self {
-        Self { store, slots: Mutex::new(BTreeMap::new()), offsets: Mutex::new(BTreeMap::new()), metrics, watermark_interval_ms }
+        Self {
+            store,
+            slots: Mutex::new(BTreeMap::new()),
+            offsets: Mutex::new(BTreeMap::new()),
+            metrics,
+            watermark_interval_ms,
+            checkout_queues: Default::default(),
+        }
     }
 
     /// Registers a market with its cloud device's credentials (role `cloud`, checked by the caller).

@@ -36,6 +36,11 @@ pub struct CloudMetrics {
     pub online_rights_given: Counter,
     /// Transfers tablets made to the online channel after it asked (counted as they are logged).
     pub online_rights_asked: Counter,
+    /// Checkout requests refused because the market's queue was full (`MAX_CHECKOUT_QUEUE`).
+    pub checkout_busy: Counter,
+    /// Checkout batches committed, and the requests they decided (their ratio: the batch size).
+    pub checkout_batches: Counter,
+    pub checkout_requests: Counter,
 }
 
 impl CloudMetrics {
@@ -54,6 +59,9 @@ impl CloudMetrics {
             markets_unloaded: Counter::default(),
             online_rights_given: Counter::default(),
             online_rights_asked: Counter::default(),
+            checkout_busy: Counter::default(),
+            checkout_batches: Counter::default(),
+            checkout_requests: Counter::default(),
         };
         registry.register("changes_accepted", "Changes verified and appended to a market's log", m.accepted.clone());
         registry.register("changes_duplicate", "Uploaded changes the log already held (several tablets upload)", m.duplicates.clone());
@@ -70,6 +78,9 @@ impl CloudMetrics {
         );
         registry.register("online_rights_given", "Transfers of the online channel to tablets that ran short", m.online_rights_given.clone());
         registry.register("online_rights_asked", "Times the online channel, sold out, asked the tablets for units", m.online_rights_asked.clone());
+        registry.register("checkout_busy", "Online checkout requests refused: the market's queue was full", m.checkout_busy.clone());
+        registry.register("checkout_batches", "Online checkout batches decided and committed in one transaction", m.checkout_batches.clone());
+        registry.register("checkout_requests", "Online checkout requests decided in batches", m.checkout_requests.clone());
         CloudMetrics { registry: Arc::new(registry), ..m }
     }
 

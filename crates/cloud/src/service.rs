@@ -78,7 +78,7 @@ impl From<SyncError> for CloudError {
             SyncError::Revoked(_) => StatusCode::FORBIDDEN,
             SyncError::Protocol(_) | SyncError::WrongMessage(_) => StatusCode::BAD_REQUEST,
             SyncError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            SyncError::Store(_) | SyncError::Ingest(_) | SyncError::TooManyMarkets => StatusCode::SERVICE_UNAVAILABLE,
+            SyncError::Store(_) | SyncError::Ingest(_) | SyncError::TooManyMarkets | SyncError::CheckoutBusy => StatusCode::SERVICE_UNAVAILABLE,
             SyncError::Shop(s) => match s {
                 ShopError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 ShopError::NoOnlineChannel | ShopError::UnknownDrop(_) | ShopError::UnknownHold(_) => StatusCode::NOT_FOUND,

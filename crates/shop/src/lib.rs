@@ -22,7 +22,9 @@ use stallmesh_identity::{MarketId, Role};
 use stallmesh_ledger::{Entry, Ledger, LedgerError, LineRequest, LocalOp};
 
 mod asks;
+mod book;
 pub use asks::{spare_for_online, OnlineAsks, MAX_ONLINE_ASKS, ONLINE_ASK_MS};
+pub use book::{HoldBook, HoldsWanted};
 
 /// How long a hold lasts unless paid: time to type a card number, short enough that an
 /// abandoned basket gives its units back within minutes, not the day some platforms keep them.

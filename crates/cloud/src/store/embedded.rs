@@ -3,7 +3,7 @@
 //! process the service's per-market lock serialises offset assignment.
 
 use super::{decode_entry, encode_entry, Events, MarketRegistration, OnlineRegistration, Registered, StoreError};
-use stallmesh_shop::{Hold, HoldsView};
+use stallmesh_shop::{Hold, HoldsWanted};
 use crate::projection::log_event;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -226,18 +226,12 @@ impl EmbeddedTx<'_> {
         self.store.load_log(&self.market, after)
     }
 
-    pub fn hold(&self, id: &str) -> Result<Option<Hold>, StoreError> {
-        let tx = self.store.db.begin_read().map_err(unavailable)?;
-        let t = tx.open_table(HOLDS).map_err(unavailable)?;
-        match t.get((&self.market.0[..], id)).map_err(unavailable)? {
-            None => Ok(None),
-            Some(v) => postcard::from_bytes(v.value()).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
-        }
-    }
-
     /// Scans the market's holds: one process, a few thousand holds at most per drop.
-    pub fn holds_view(&self, sku: &str, drop: &str, buyer: &str, now_ms: u64) -> Result<HoldsView, StoreError> {
-        Ok(HoldsView::of(&self.store.holds_of(&self.market)?, sku, drop, buyer, now_ms))
+    pub fn holds_for(&self, wanted: &HoldsWanted, now_ms: u64) -> Result<Vec<Hold>, StoreError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.holds_of(&self.market)?.into_iter().filter(|h| wanted.wants(h, now_ms)).collect())
     }
 
     pub fn commit(

@@ -13,7 +13,7 @@ pub mod postgres;
 use stallmesh_api::cloud::LogEvent;
 use stallmesh_identity::{Certificate, DeviceKey, MarketId, MarketPublicKey, SignedChange};
 use stallmesh_ingest::{LogRecord, RejectedChange};
-use stallmesh_shop::{Hold, HoldsView};
+use stallmesh_shop::{Hold, HoldsWanted};
 
 /// A market the cloud serves, with the credentials of its own device of that market (enrolled by
 /// the organiser with role `cloud`). Kept in the store, so any cloud process can serve any market.
@@ -199,19 +199,12 @@ impl MarketTx<'_> {
         }
     }
 
-    /// The hold stored under `id`, read under the lock.
-    pub async fn hold(&mut self, id: &str) -> Result<Option<Hold>, StoreError> {
+    /// The holds a batch of checkout decisions weighs ([`HoldsWanted`]), read under the lock in
+    /// one statement.
+    pub async fn holds_for(&mut self, wanted: &HoldsWanted, now_ms: u64) -> Result<Vec<Hold>, StoreError> {
         match self {
-            MarketTx::Embedded(t) => t.hold(id),
-            MarketTx::Postgres(t) => t.hold(id).await,
-        }
-    }
-
-    /// What a hold decision weighs ([`HoldsView`]), read under the lock.
-    pub async fn holds_view(&mut self, sku: &str, drop: &str, buyer: &str, now_ms: u64) -> Result<HoldsView, StoreError> {
-        match self {
-            MarketTx::Embedded(t) => t.holds_view(sku, drop, buyer, now_ms),
-            MarketTx::Postgres(t) => t.holds_view(sku, drop, buyer, now_ms).await,
+            MarketTx::Embedded(t) => t.holds_for(wanted, now_ms),
+            MarketTx::Postgres(t) => t.holds_for(wanted, now_ms).await,
         }
     }
 

@@ -32,7 +32,7 @@
 
 use super::{decode_entry, encode_entry, Events, MarketRegistration, OnlineRegistration, Registered, StoreError};
 use crate::projection::{log_event, role_name};
-use stallmesh_shop::{Hold, HoldsView};
+use stallmesh_shop::{Hold, HoldsWanted};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use stallmesh_identity::{Certificate, DeviceId, MarketId, MarketPublicKey, SignedChange};
 use stallmesh_ingest::{LogRecord, RejectedChange};
@@ -457,33 +457,28 @@ impl PgTx {
         load_records(self.client(), &self.market, after, usize::MAX).await
     }
 
-    pub async fn hold(&mut self, id: &str) -> Result<Option<Hold>, StoreError> {
-        let c = self.client();
-        let stmt = c
-            .prepare_cached("SELECT id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id FROM holds WHERE market = $1 AND id = $2")
-            .await
-            .map_err(pg)?;
-        c.query_opt(&stmt, &[&self.market.to_hex(), &id]).await.map_err(pg)?.as_ref().map(hold_row).transpose()
-    }
-
-    /// One statement: the SKU's unpaid unexpired holds (both indexes serve it) and the buyer's.
-    pub async fn holds_view(&mut self, sku: &str, drop: &str, buyer: &str, now_ms: u64) -> Result<HoldsView, StoreError> {
+    /// One statement (the primary key and both hold indexes serve it): holds by id, the SKUs'
+    /// unpaid unexpired holds, and the buyers' holds of their drops.
+    pub async fn holds_for(&mut self, wanted: &HoldsWanted, now_ms: u64) -> Result<Vec<Hold>, StoreError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
         let c = self.client();
         let stmt = c
             .prepare_cached(
-                "SELECT COALESCE(SUM(qty) FILTER (WHERE sku = $2 AND sale_id IS NULL AND expires_at_ms > $5), 0)::bigint, \
-                        COALESCE(SUM(qty) FILTER (WHERE drop_id = $3 AND buyer = $4 AND (sale_id IS NOT NULL OR expires_at_ms > $5)), 0)::bigint, \
-                        MIN(expires_at_ms) FILTER (WHERE sku = $2 AND sale_id IS NULL AND expires_at_ms > $5) \
-                   FROM holds WHERE market = $1 AND ((sku = $2 AND sale_id IS NULL AND expires_at_ms > $5) OR (drop_id = $3 AND buyer = $4))",
+                "SELECT id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id FROM holds \
+                  WHERE market = $1 AND (id = ANY($2) \
+                     OR (sku = ANY($3) AND sale_id IS NULL AND expires_at_ms > $6) \
+                     OR (drop_id, buyer) IN (SELECT * FROM UNNEST($4::text[], $5::text[])))",
             )
             .await
             .map_err(pg)?;
-        let row = c.query_one(&stmt, &[&self.market.to_hex(), &sku, &drop, &buyer, &int(now_ms)]).await.map_err(pg)?;
-        Ok(HoldsView {
-            held_units: uint(row.get(0), "held units")?,
-            buyer_units: uint(row.get(1), "buyer's units")?,
-            next_expiry_ms: row.get::<_, Option<i64>>(2).map(|t| uint(t, "hold expiry")).transpose()?,
-        })
+        let ids: Vec<&str> = wanted.ids.iter().map(String::as_str).collect();
+        let skus: Vec<&str> = wanted.skus.iter().map(String::as_str).collect();
+        let drops: Vec<&str> = wanted.buyers.iter().map(|(d, _)| d.as_str()).collect();
+        let buyers: Vec<&str> = wanted.buyers.iter().map(|(_, b)| b.as_str()).collect();
+        let rows = c.query(&stmt, &[&self.market.to_hex(), &ids, &skus, &drops, &buyers, &int(now_ms)]).await.map_err(pg)?;
+        rows.iter().map(hold_row).collect()
     }
 
     /// Writes the batch and the new next offset, and commits (releasing the market's lock).
