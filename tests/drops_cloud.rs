@@ -304,3 +304,47 @@ fn rights_move_between_the_online_channel_and_a_stall_through_the_uplink_and_wai
     let (_, v) = shop(&w, "GET", &format!("/drops/{drop}"), None, None);
     assert_eq!(v["sold_online"].as_u64().unwrap() + v["available_online"].as_u64().unwrap() + v["in_holds"].as_u64().unwrap() + v["held_at_stalls"].as_u64().unwrap() + 3, 10, "{v}");
 }
+
+/// A metric of the cloud's `/metrics` text (0 when absent).
+fn cloud_metric(w: &World, name: &str) -> u64 {
+    let text = ureq::get(&format!("{}/metrics", w.cloud_url)).call().unwrap().into_string().unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_crowd_of_buyers_decided_in_batches_holds_exactly_the_online_units_each_buyer_within_the_limit_and_a_double_tap_once() {
+    let (w, _link, online) = market(None, &[]);
+    let drop = plan_drop(&w, 30, 0, &[(online, 30)], Some(2));
+    // 60 buyers at once, each asking for 2 units, twice with the same key (a double tap) and once
+    // more with a new key (over the limit): 15 buyers get their 2, nobody more than 2.
+    let held: Arc<Mutex<Vec<(String, u64, Value)>>> = Arc::default();
+    std::thread::scope(|s| {
+        for b in 0..60 {
+            let (w, drop, held) = (&w, &drop, held.clone());
+            s.spawn(move || {
+                let buyer = format!("buyer-{b}");
+                for key in ["tap", "tap", "again"] {
+                    let (status, body) = shop(w, "POST", &format!("/drops/{drop}/holds"), Some(&format!("{buyer}-{key}")), Some(&json!({ "buyer": buyer, "qty": 2 })));
+                    assert!(matches!(status, 200 | 201 | 409), "{status} {body}");
+                    held.lock().unwrap().push((buyer.clone(), u64::from(status), body));
+                }
+            });
+        }
+    });
+    let held = held.lock().unwrap();
+    let created: Vec<&(String, u64, Value)> = held.iter().filter(|(_, s, _)| *s == 201).collect();
+    assert_eq!(created.iter().map(|(_, _, h)| h["qty"].as_u64().unwrap()).sum::<u64>(), 30, "exactly the online units are held");
+    let ids: BTreeSet<&str> = created.iter().map(|(_, _, h)| h["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), created.len(), "each hold created once");
+    for (buyer, _, _) in &created {
+        assert_eq!(created.iter().filter(|(b, _, _)| b == buyer).count(), 1, "{buyer} holds at most the limit");
+    }
+    for (buyer, status, body) in held.iter().filter(|(_, s, _)| *s == 200) {
+        assert!(ids.contains(body["id"].as_str().unwrap()), "{buyer}'s double tap finds the first hold: {status} {body}");
+    }
+    let refusals: BTreeSet<&str> = held.iter().filter(|(_, s, _)| *s == 409).map(|(_, _, b)| b["error"].as_str().unwrap()).collect();
+    assert!(refusals.iter().all(|e| ["sold_out", "buyer_limit"].contains(e)), "{refusals:?}");
+    let (batches, requests) = (cloud_metric(&w, "stallmesh_cloud_checkout_batches_total"), cloud_metric(&w, "stallmesh_cloud_checkout_requests_total"));
+    assert_eq!(requests, 180, "every request went through a batch");
+    assert!(batches < requests, "waiting requests were decided together: {batches} batches for {requests} requests");
+}
