@@ -466,6 +466,37 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
             until("sold out", || async { drop_text(&c).await.contains("sold out at") }).await;
             assert!(drop_text(&c).await.contains("sold 5 of 5: here 3 · other stalls 2"), "{}", drop_text(&c).await);
             screenshot(&c, "drop-sold-out").await;
+
+            // The KPIs screen: the drop's sell-through per channel, and when it sold out.
+            tap(&c, "[data-testid=nav-kpis]").await;
+            shown(&c, "[data-testid=kpi-drop]").await;
+            until("the drop sold out on the KPIs", || async {
+                let t = c.find(css("[data-testid=kpi-drop-status]")).await.ok();
+                match t {
+                    Some(e) => e.text().await.unwrap_or_default().contains("after opening"),
+                    None => false,
+                }
+            })
+            .await;
+            let text = c.find(css("[data-testid=kpi-drop]")).await.unwrap().text().await.unwrap();
+            assert!(text.contains("5 of 5 sold") && text.contains("sold out at"), "{text}");
+            let mut planned = 0;
+            let mut sold = 0;
+            for row in c.find_all(css("[data-testid=kpi-drop-channel]")).await.unwrap() {
+                let cells: Vec<String> = {
+                    let mut v = Vec::new();
+                    for td in row.find_all(css("td")).await.unwrap() {
+                        v.push(td.text().await.unwrap());
+                    }
+                    v
+                };
+                assert_eq!(cells.len(), 5, "{cells:?}");
+                planned += cells[1].parse::<u64>().unwrap();
+                sold += cells[2].parse::<u64>().unwrap();
+                assert_eq!((cells[3].as_str(), cells[4].as_str()), ("0", "100%"), "every channel sold all it had: {cells:?}");
+            }
+            assert_eq!((planned, sold), (5, 5), "{text}");
+            screenshot(&c, "drop-kpis").await;
         });
     });
 }

@@ -166,7 +166,7 @@ async function runRefresh() {
   if (any("drop", "sale", "stock")) jobs.push(loadDrops());
   if (any("mesh", "other") || screen === "mesh") jobs.push(loadMesh(), loadStatus());
   if (any("loyalty", "sale")) refreshCard();
-  if (screen === "kpis" && any("sale", "product")) jobs.push(showKpis());
+  if (screen === "kpis" && any("sale", "product", "drop", "stock")) jobs.push(showKpis());
   if (screen === "loyalty" && any("loyalty", "sale")) jobs.push(showLoyalty());
   const results = await Promise.allSettled(jobs);
   const failed = results.find((r) => r.status === "rejected");

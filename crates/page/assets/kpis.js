@@ -1,7 +1,7 @@
-// KPIs: revenue, average order, revenue per open hour, sales per hour, top products and the
-// suggestions experiment's lift.
+// KPIs: revenue, average order, revenue per open hour, sales per hour, top products, the
+// suggestions experiment's lift, and each drop's sell-through per channel.
 
-import { api, byTestId, describeError, el, money, percent, say, svgEl } from "/api.js";
+import { api, byTestId, describeError, el, money, percent, say, svgEl, time } from "/api.js";
 
 const $ = (id) => byTestId(id);
 let seq = 0;
@@ -9,8 +9,11 @@ let seq = 0;
 export async function showKpis() {
   const mine = ++seq;
   try {
-    const k = await api("/api/v1/kpis");
-    if (mine === seq) render(k);
+    const [k, d] = await Promise.all([api("/api/v1/kpis"), api("/api/v1/drops")]);
+    if (mine === seq) {
+      render(k);
+      renderDrops(d.drops || []);
+    }
     say($("kpi-message"), "");
   } catch (err) {
     if (mine === seq) say($("kpi-message"), describeError(err), "error");
@@ -96,4 +99,64 @@ function renderLift(lift) {
     el("p", { text: armText("Suggestions shown", lift.treatment) }),
     el("p", { text: armText("Held back (control)", lift.control) }),
   );
+}
+
+// Drops: per channel (online, and each stall over its tablets) the units planned, sold and left,
+// and the sell-through (sold of what it had: sold + left, since rights move between channels).
+function renderDrops(drops) {
+  const box = $("kpi-drops");
+  if (!drops.length) {
+    box.replaceChildren(el("p", { class: "muted", text: "No drops planned." }));
+    return;
+  }
+  box.replaceChildren(...drops.map(dropTable));
+}
+
+function dropTable(d) {
+  const channels = new Map();
+  for (const c of d.channels) {
+    const name = c.role === "online" ? "Online" : c.stall || "Unknown tablet";
+    const g = channels.get(name) || { planned: 0, sold: 0, left: 0 };
+    g.planned += c.planned;
+    g.sold += c.sold;
+    g.left += c.held;
+    channels.set(name, g);
+  }
+  const status =
+    d.status === "sold_out"
+      ? `sold out${d.sold_out_at_ms ? ` at ${time(d.sold_out_at_ms)}, ${span(d.sold_out_at_ms - d.start_ms)} after opening` : ""}`
+      : d.status === "scheduled"
+        ? `opens at ${time(d.start_ms)}`
+        : "open";
+  const num = (text) => el("td", { class: "num", text: String(text) });
+  return el(
+    "div",
+    { testid: "kpi-drop", class: "kpi-drop", "data-drop": d.id },
+    el("p", {}, el("strong", { text: d.name }), ` · ${d.sold} of ${d.units} sold · `, el("span", { testid: "kpi-drop-status", text: status })),
+    el(
+      "table",
+      { class: "kpi-drop-channels" },
+      el("thead", {}, el("tr", {}, ...["Channel", "Planned", "Sold", "Left", "Sell-through"].map((h) => el("th", { text: h })))),
+      el(
+        "tbody",
+        {},
+        ...[...channels].map(([name, g]) =>
+          el(
+            "tr",
+            { testid: "kpi-drop-channel", "data-channel": name },
+            el("td", { text: name }),
+            num(g.planned),
+            num(g.sold),
+            num(g.left),
+            num(g.sold + g.left > 0 ? percent(g.sold / (g.sold + g.left), 0) : "—"),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+function span(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  return s >= 3600 ? `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min` : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }

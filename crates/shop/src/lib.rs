@@ -24,7 +24,7 @@ use stallmesh_ledger::{Entry, Ledger, LedgerError, LineRequest, LocalOp};
 mod asks;
 mod book;
 pub use asks::{spare_for_online, OnlineAsks, MAX_ONLINE_ASKS, ONLINE_ASK_MS};
-pub use book::{HoldBook, HoldsWanted};
+pub use book::{HoldBook, HoldsRead, HoldsWanted};
 
 /// How long a hold lasts unless paid: time to type a card number, short enough that an
 /// abandoned basket gives its units back within minutes, not the day some platforms keep them.

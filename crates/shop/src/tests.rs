@@ -215,3 +215,39 @@ fn a_tablet_spares_units_only_for_the_markets_online_channel() {
     assert_eq!(spare_for_online(&organiser, stranger.device(), "tote", 5, &policy, START_MS), 0);
     assert_eq!(spare_for_online(&organiser, organiser.device(), "tote", 5, &policy, START_MS), 0);
 }
+
+#[test]
+fn a_batchs_book_sees_the_holds_placed_and_paid_before_each_decision_as_a_fresh_read_would() {
+    let hold = |id: &str, buyer: &str, qty: u64, expires_ms: u64| Hold {
+        id: id.into(),
+        drop: "d".into(),
+        sku: "tote".into(),
+        buyer: buyer.into(),
+        qty,
+        placed_ms: 0,
+        expires_ms,
+        sale: None,
+    };
+    let now = 1_000;
+    let stored = vec![hold("a", "ann", 2, 5_000), hold("b", "bob", 1, 500), hold("c", "cat", 3, 9_000)];
+    let wanted = HoldsWanted {
+        ids: ["a".to_string(), "n".to_string()].into(),
+        skus: ["tote".to_string()].into(),
+        buyers: [("d".to_string(), "ann".to_string()), ("d".to_string(), "dan".to_string())].into(),
+    };
+    let mut book = HoldBook::read(HoldsRead::of(&stored, &wanted, now), now);
+    // b expired: only a and c reserve units; ann's 2 count for her limit.
+    assert_eq!(book.view("tote", "d", "ann"), HoldsView { held_units: 5, buyer_units: 2, next_expiry_ms: Some(5_000) });
+    // Dan places a hold, then Ann pays hers: each later decision sees it, as a fresh read would.
+    book.put(hold("n", "dan", 4, 7_000));
+    book.put(Hold { sale: Some("sale-1".into()), ..hold("a", "ann", 2, 5_000) });
+    let all = vec![Hold { sale: Some("sale-1".into()), ..hold("a", "ann", 2, 5_000) }, hold("b", "bob", 1, 500), hold("c", "cat", 3, 9_000), hold("n", "dan", 4, 7_000)];
+    let fresh = HoldsRead::of(&all, &wanted, now);
+    for buyer in ["ann", "dan"] {
+        let v = book.view("tote", "d", buyer);
+        assert_eq!(v.held_units, fresh.held["tote"].0, "{buyer}");
+        assert_eq!(v.buyer_units, fresh.buyers[&("d".to_string(), buyer.to_string())], "{buyer}");
+    }
+    assert_eq!(book.view("tote", "d", "dan").held_units, 7, "c's 3 and dan's 4; ann's paid hold reserves nothing now");
+    assert_eq!(book.changed().iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), vec!["a", "n"], "what the driver writes");
+}

@@ -929,18 +929,28 @@ impl World {
         r
     }
 
+    /// The tablets of `stall` that serve customers (`selling_devices_per_stall`, 0: all of them).
+    fn sellers(&self, stall: u32) -> std::ops::Range<u32> {
+        let dps = self.sc.market.devices_per_stall;
+        let sellers = match self.sc.customers.selling_devices_per_stall {
+            0 => dps,
+            k => k.min(dps),
+        };
+        stall * dps..stall * dps + sellers
+    }
+
+    /// Of them, those up now.
+    fn sellers_up(&self, stall: u32) -> Vec<u32> {
+        self.sellers(stall).filter(|d| self.devices[*d as usize].up).collect()
+    }
+
     fn on_arrival(&mut self, stall: u32) {
         if self.day_over {
             return;
         }
         let next = self.next_arrival(stall, self.now);
         self.push(next, Ev::Arrival { stall });
-        let dps = self.sc.market.devices_per_stall;
-        let sellers = match self.sc.customers.selling_devices_per_stall {
-            0 => dps,
-            k => k.min(dps),
-        };
-        let up: Vec<u32> = (stall * dps..stall * dps + sellers).filter(|d| self.devices[*d as usize].up).collect();
+        let up = self.sellers_up(stall);
         if up.is_empty() {
             self.customers_lost += 1;
             self.trace(None, format!("customer stall={stall} lost: no device up"));

@@ -122,7 +122,7 @@ impl Markets {
         let mut book = HoldBook::default();
         let decided = match plan(online) {
             Ok(wanted) => {
-                book = HoldBook::read(tx.holds_for(&wanted, now).await?);
+                book = HoldBook::read(tx.holds_for(&wanted, now).await?, now);
                 step(online, &mut book, now)
             }
             Err(e) => Err(e),
@@ -280,7 +280,7 @@ impl Markets {
             Checkout::Hold { req, ttl_ms } => {
                 let sku = online.state().drops.get(&req.drop).map(|d| d.sku.clone()).ok_or_else(|| ShopError::UnknownDrop(req.drop.clone()))?;
                 let id = stallmesh_shop::hold_id(market, &req.buyer, &req.idempotency_key);
-                let view = book.view(&sku, &req.drop, &req.buyer, now);
+                let view = book.view(&sku, &req.drop, &req.buyer);
                 let existing = book.get(&id).cloned();
                 match stallmesh_shop::place_hold(online, market, existing.as_ref(), &view, req, *ttl_ms, now)? {
                     Placed::New(h) => {
@@ -340,7 +340,7 @@ impl Markets {
         };
         let step = move |online: &mut Ledger, book: &mut HoldBook, now: u64| -> Step<Option<SignedChange>> {
             let policy = stallmesh_sync::rebalance::RebalancePolicy::default();
-            let held = book.view(&sku, "", "", now).held_units;
+            let held = book.view(&sku, "", "").held_units;
             let given = stallmesh_shop::give_rights(online, &policy, held, &sku, qty, to, for_sale, now)?.map(|e| e.change);
             Ok((given.clone(), given.into_iter().collect()))
         };
@@ -374,7 +374,7 @@ impl Markets {
         let step = move |online: &mut Ledger, book: &mut HoldBook, now: u64| -> Step<OnlineDropView> {
             let state = online.state();
             let record = state.drops.get(&drop).cloned().ok_or(ShopError::UnknownDrop(drop))?;
-            let view = book.view(&record.sku, "", "", now);
+            let view = book.view(&record.sku, "", "");
             let me = online.device();
             let held_online = state.rights_of(&record.sku, &me);
             let drop_view = OnlineDropView {

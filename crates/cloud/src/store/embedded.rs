@@ -3,7 +3,7 @@
 //! process the service's per-market lock serialises offset assignment.
 
 use super::{decode_entry, encode_entry, Events, MarketRegistration, OnlineRegistration, Registered, StoreError};
-use stallmesh_shop::{Hold, HoldsWanted};
+use stallmesh_shop::{Hold, HoldsRead, HoldsWanted};
 use crate::projection::log_event;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -227,11 +227,11 @@ impl EmbeddedTx<'_> {
     }
 
     /// Scans the market's holds: one process, a few thousand holds at most per drop.
-    pub fn holds_for(&self, wanted: &HoldsWanted, now_ms: u64) -> Result<Vec<Hold>, StoreError> {
+    pub fn holds_for(&self, wanted: &HoldsWanted, now_ms: u64) -> Result<HoldsRead, StoreError> {
         if wanted.is_empty() {
-            return Ok(Vec::new());
+            return Ok(HoldsRead::default());
         }
-        Ok(self.store.holds_of(&self.market)?.into_iter().filter(|h| wanted.wants(h, now_ms)).collect())
+        Ok(HoldsRead::of(&self.store.holds_of(&self.market)?, wanted, now_ms))
     }
 
     pub fn commit(

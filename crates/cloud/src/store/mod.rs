@@ -13,7 +13,7 @@ pub mod postgres;
 use stallmesh_api::cloud::LogEvent;
 use stallmesh_identity::{Certificate, DeviceKey, MarketId, MarketPublicKey, SignedChange};
 use stallmesh_ingest::{LogRecord, RejectedChange};
-use stallmesh_shop::{Hold, HoldsWanted};
+use stallmesh_shop::{Hold, HoldsRead, HoldsWanted};
 
 /// A market the cloud serves, with the credentials of its own device of that market (enrolled by
 /// the organiser with role `cloud`). Kept in the store, so any cloud process can serve any market.
@@ -199,9 +199,8 @@ impl MarketTx<'_> {
         }
     }
 
-    /// The holds a batch of checkout decisions weighs ([`HoldsWanted`]), read under the lock in
-    /// one statement.
-    pub async fn holds_for(&mut self, wanted: &HoldsWanted, now_ms: u64) -> Result<Vec<Hold>, StoreError> {
+    /// What a batch of checkout decisions weighs ([`HoldsWanted`]), read under the lock.
+    pub async fn holds_for(&mut self, wanted: &HoldsWanted, now_ms: u64) -> Result<HoldsRead, StoreError> {
         match self {
             MarketTx::Embedded(t) => t.holds_for(wanted, now_ms),
             MarketTx::Postgres(t) => t.holds_for(wanted, now_ms).await,

@@ -32,7 +32,7 @@
 
 use super::{decode_entry, encode_entry, Events, MarketRegistration, OnlineRegistration, Registered, StoreError};
 use crate::projection::{log_event, role_name};
-use stallmesh_shop::{Hold, HoldsWanted};
+use stallmesh_shop::{Hold, HoldsRead, HoldsWanted};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use stallmesh_identity::{Certificate, DeviceId, MarketId, MarketPublicKey, SignedChange};
 use stallmesh_ingest::{LogRecord, RejectedChange};
@@ -457,28 +457,61 @@ impl PgTx {
         load_records(self.client(), &self.market, after, usize::MAX).await
     }
 
-    /// One statement (the primary key and both hold indexes serve it): holds by id, the SKUs'
-    /// unpaid unexpired holds, and the buyers' holds of their drops.
-    pub async fn holds_for(&mut self, wanted: &HoldsWanted, now_ms: u64) -> Result<Vec<Hold>, StoreError> {
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Three statements sent together (pipelined: one round trip), each served by an index: the
+    /// holds named by id (the primary key), the SKUs' held units (`holds_unpaid`), the buyers'
+    /// units of their drops (`holds_buyer`).
+    pub async fn holds_for(&mut self, wanted: &HoldsWanted, now_ms: u64) -> Result<HoldsRead, StoreError> {
         let c = self.client();
-        let stmt = c
-            .prepare_cached(
-                "SELECT id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id FROM holds \
-                  WHERE market = $1 AND (id = ANY($2) \
-                     OR (sku = ANY($3) AND sale_id IS NULL AND expires_at_ms > $6) \
-                     OR (drop_id, buyer) IN (SELECT * FROM UNNEST($4::text[], $5::text[])))",
-            )
-            .await
-            .map_err(pg)?;
+        let market = self.market.to_hex();
+        let now = int(now_ms);
         let ids: Vec<&str> = wanted.ids.iter().map(String::as_str).collect();
         let skus: Vec<&str> = wanted.skus.iter().map(String::as_str).collect();
         let drops: Vec<&str> = wanted.buyers.iter().map(|(d, _)| d.as_str()).collect();
         let buyers: Vec<&str> = wanted.buyers.iter().map(|(_, b)| b.as_str()).collect();
-        let rows = c.query(&stmt, &[&self.market.to_hex(), &ids, &skus, &drops, &buyers, &int(now_ms)]).await.map_err(pg)?;
-        rows.iter().map(hold_row).collect()
+        let by_id = async {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let stmt = c
+                .prepare_cached("SELECT id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id FROM holds WHERE market = $1 AND id = ANY($2)")
+                .await?;
+            c.query(&stmt, &[&market, &ids]).await
+        };
+        let held = async {
+            if skus.is_empty() {
+                return Ok(Vec::new());
+            }
+            let stmt = c
+                .prepare_cached(
+                    "SELECT sku, SUM(qty)::bigint, MIN(expires_at_ms) FROM holds \
+                      WHERE market = $1 AND sku = ANY($2) AND sale_id IS NULL AND expires_at_ms > $3 GROUP BY sku",
+                )
+                .await?;
+            c.query(&stmt, &[&market, &skus, &now]).await
+        };
+        let of_buyers = async {
+            if buyers.is_empty() {
+                return Ok(Vec::new());
+            }
+            let stmt = c
+                .prepare_cached(
+                    "SELECT h.drop_id, h.buyer, SUM(h.qty)::bigint FROM holds h \
+                       JOIN UNNEST($2::text[], $3::text[]) AS b (drop_id, buyer) ON h.drop_id = b.drop_id AND h.buyer = b.buyer \
+                      WHERE h.market = $1 AND (h.sale_id IS NOT NULL OR h.expires_at_ms > $4) GROUP BY h.drop_id, h.buyer",
+                )
+                .await?;
+            c.query(&stmt, &[&market, &drops, &buyers, &now]).await
+        };
+        let (by_id, held, of_buyers) = tokio::try_join!(by_id, held, of_buyers).map_err(pg)?;
+        let mut read = HoldsRead { holds: by_id.iter().map(hold_row).collect::<Result<_, _>>()?, ..Default::default() };
+        for row in &held {
+            let expiry = row.get::<_, Option<i64>>(2).map(|t| uint(t, "hold expiry")).transpose()?;
+            read.held.insert(row.get::<_, String>(0), (uint(row.get(1), "held units")?, expiry));
+        }
+        for row in &of_buyers {
+            read.buyers.insert((row.get::<_, String>(0), row.get::<_, String>(1)), uint(row.get(2), "buyer's units")?);
+        }
+        Ok(read)
     }
 
     /// Writes the batch and the new next offset, and commits (releasing the market's lock).
@@ -498,19 +531,30 @@ impl PgTx {
         let c = self.client();
         write_batch(c, &self.market, records, rejected, evidence, now_ms).await?;
         if !holds.is_empty() {
-            let stmt = c
-                .prepare_cached(
-                    "INSERT INTO holds (market, id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (market, id) DO UPDATE SET sale_id = EXCLUDED.sale_id",
-                )
-                .await
-                .map_err(pg)?;
-            let market = self.market.to_hex();
-            for h in holds {
-                let row: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
-                    [&market, &h.id, &h.drop, &h.sku, &h.buyer, &int(h.qty), &int(h.placed_ms), &int(h.expires_ms), &h.sale];
-                c.execute(&stmt, &row).await.map_err(pg)?;
-            }
+            // One statement for a whole checkout batch (ids are distinct: a batch writes each once).
+            let col = |f: fn(&Hold) -> &str| holds.iter().map(f).collect::<Vec<&str>>();
+            let num = |f: fn(&Hold) -> u64| holds.iter().map(|h| int(f(h))).collect::<Vec<i64>>();
+            let sale: Vec<Option<&str>> = holds.iter().map(|h| h.sale.as_deref()).collect();
+            exec(
+                c,
+                "INSERT INTO holds (market, id, drop_id, sku, buyer, qty, placed_at_ms, expires_at_ms, sale_id) \
+                 SELECT $1, i, d, s, b, q, p, x, sa \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::text[]) \
+                 AS u(i, d, s, b, q, p, x, sa) \
+                 ON CONFLICT (market, id) DO UPDATE SET sale_id = EXCLUDED.sale_id",
+                &[
+                    &self.market.to_hex(),
+                    &col(|h| &h.id),
+                    &col(|h| &h.drop),
+                    &col(|h| &h.sku),
+                    &col(|h| &h.buyer),
+                    &num(|h| h.qty),
+                    &num(|h| h.placed_ms),
+                    &num(|h| h.expires_ms),
+                    &sale,
+                ],
+            )
+            .await?;
         }
         if !records.is_empty() {
             let stmt = c

@@ -102,13 +102,7 @@ impl World {
     pub(super) fn plan_drop(&mut self, shared: &mut Vec<Entry>) {
         let Some(d) = self.drop.as_ref() else { return };
         let spec = d.spec.clone();
-        let dps = self.sc.market.devices_per_stall;
-        let sellers_per_stall = match self.sc.customers.selling_devices_per_stall {
-            0 => dps,
-            k => k.min(dps),
-        };
-        let sellers: Vec<DeviceId> =
-            (0..self.sc.market.stalls).flat_map(|s| (s * dps..s * dps + sellers_per_stall).map(|x| self.devices[x as usize].id)).collect();
+        let sellers: Vec<DeviceId> = (0..self.sc.market.stalls).flat_map(|s| self.sellers(s)).map(|x| self.devices[x as usize].id).collect();
         let online_id = d.online.device();
         let at_stalls = spec.units - spec.online_units;
         let each = at_stalls / sellers.len() as u64;
@@ -414,12 +408,7 @@ impl World {
         }
         let next = self.next_walk_in(self.now);
         self.push(next, Ev::DropWalkIn { stall });
-        let dps = self.sc.market.devices_per_stall;
-        let sellers = match self.sc.customers.selling_devices_per_stall {
-            0 => dps,
-            k => k.min(dps),
-        };
-        let up: Vec<u32> = (stall * dps..stall * dps + sellers).filter(|x| self.devices[*x as usize].up).collect();
+        let up = self.sellers_up(stall);
         let d = self.drop.as_mut().expect("a drop");
         d.report.walk_ins += 1;
         if up.is_empty() {
