@@ -177,7 +177,7 @@ impl Markets {
     async fn checkout(&self, market: &MarketId, checkout: Checkout) -> Result<CheckoutDone, SyncError> {
         let slot = self.slot(market).await?;
         let queue = self.checkout_queues.0.lock().expect("checkout queues").entry(*market).or_default().clone();
-        let (answer, mut answered) = tokio::sync::oneshot::channel();
+        let (answer, mut answered) = tokio::sync::oneshot::channel::<Result<CheckoutDone, SyncError>>();
         {
             let mut q = queue.lock().expect("checkout queue");
             if q.len() >= MAX_CHECKOUT_QUEUE {
@@ -187,7 +187,18 @@ impl Markets {
             q.push_back(Queued { checkout, answer });
         }
         loop {
-            let mut slot = slot.lock().await;
+            // Answered by a batch another request ran: done, without queueing for the lock (so
+            // the next lock holder finds every request that arrived meanwhile, and batches grow
+            // with the crowd instead of each answered request running a batch of one).
+            let mut slot = tokio::select! {
+                biased;
+                done = &mut answered => {
+                    // The batch it was in was abandoned midway (its caller went away): nothing of
+                    // it committed, and a retry with the same idempotency key is safe.
+                    return done.unwrap_or(Err(SyncError::CheckoutBusy));
+                }
+                slot = slot.lock() => slot,
+            };
             let batch: Vec<Queued> = {
                 let mut q = queue.lock().expect("checkout queue");
                 let n = q.len().min(MAX_CHECKOUT_BATCH);
@@ -195,14 +206,6 @@ impl Markets {
             };
             if !batch.is_empty() {
                 self.run_checkout(&mut slot, batch).await;
-            }
-            drop(slot);
-            match answered.try_recv() {
-                Ok(done) => return done,
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue, // still queued: the next batch
-                // The batch it was in was abandoned midway (its caller went away): nothing of it
-                // committed, and a retry with the same idempotency key is safe.
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(SyncError::CheckoutBusy),
             }
         }
     }
