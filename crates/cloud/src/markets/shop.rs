@@ -192,8 +192,9 @@ impl Markets {
             let mut slot = tokio::select! {
                 biased;
                 done = &mut answered => {
-                    // The batch it was in was abandoned midway (its caller went away): nothing of
-                    // it committed, and a retry with the same idempotency key is safe.
+                    // The batch it was in was abandoned midway (the request running it went
+                    // away, dropping its future): it may or may not have committed, and a retry
+                    // with the same idempotency key finds whichever (the same hold, the same sale).
                     return done.unwrap_or(Err(SyncError::CheckoutBusy));
                 }
                 slot = slot.lock() => slot,
