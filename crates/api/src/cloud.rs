@@ -48,8 +48,10 @@ pub enum LogBody {
     },
     Photo { sku: String, jpeg_bytes: u64, lamport: u64 },
     Revocation { device: String, revoked_at_ms: u64 },
-    /// The cloud's watermark: its log held `covers_offset` entries, and of each device's journal the
-    /// first `heads` entries (named apart from the event's own `offset`, which it flattens beside).
+    /// The cloud's watermark: its log held `covers_offset` entries, and of each listed device's
+    /// journal the first `heads` entries (named apart from the event's own `offset`, which it
+    /// flattens beside). It lists only the devices whose count grew since the cloud's previous
+    /// watermark; what the cloud holds of a device is its highest count over all watermarks.
     CloudWatermark { covers_offset: u64, heads: BTreeMap<String, u64> },
     /// Loyalty rights moved: `asset` is `points` (of `card`) or `voucher`.
     LoyaltyTransfer { asset: String, id: String, qty: u64, to_device: String },

@@ -21,7 +21,7 @@ pub mod uplink;
 pub mod wire;
 
 use stallmesh_identity::{Certificate, DeviceId, DeviceKey, Dot, SignedChange};
-use stallmesh_ledger::{Entry, EventBody, Heads, Ledger, LedgerError, LocalOp, MarketContext, RestoreError};
+use stallmesh_ledger::{Entry, EventBody, Heads, Ledger, LedgerError, LocalOp, MarketContext, RestoreError, MAX_WATERMARK_DEVICES};
 use stallmesh_sync::ChangeLog;
 use std::collections::BTreeMap;
 
@@ -273,7 +273,29 @@ impl MarketIngest {
     fn record_watermark(&mut self, batch: &mut Batch, now_ms: u64) {
         let me = self.cloud_device();
         let covered = self.others_total();
-        let heads: Vec<(DeviceId, u64)> = self.heads().iter().filter(|(d, _)| **d != me).map(|(d, n)| (*d, *n)).collect();
+        // Only what grew since the last watermark: the ledger's fold of this cloud device's own
+        // watermarks is what every replica holds of them (after a restart too, since the log
+        // restores it), so the merge on a tablet gives the cloud's full heads.
+        let said = self.ledger.state().cloud_watermarks.get(&me).map(|w| &w.heads);
+        let mut heads: Vec<(DeviceId, u64)> = self
+            .heads()
+            .iter()
+            .filter(|(d, n)| **d != me && said.and_then(|h| h.get(*d)) != Some(*n))
+            .map(|(d, n)| (*d, *n))
+            .collect();
+        // More devices grew than one watermark may list (a first watermark of a huge market): the
+        // rest go in the next, due one interval later.
+        let covered = if heads.len() > MAX_WATERMARK_DEVICES {
+            heads.truncate(MAX_WATERMARK_DEVICES);
+            u64::MAX
+        } else {
+            covered
+        };
+        if heads.is_empty() {
+            // Restored from the log, the core re-covers when due; nothing grew since the last one.
+            self.last_watermark = Some((now_ms, covered));
+            return;
+        }
         let op = LocalOp::RecordCloudHolds { offset: self.offset(), heads };
         match self.ledger.record(op, now_ms) {
             Ok(entry) => {
@@ -281,8 +303,8 @@ impl MarketIngest {
                 self.last_watermark = Some((now_ms, covered));
                 self.stats.watermarks += 1;
             }
-            // A revoked or expired cloud device, or a market past the watermark's device limit:
-            // the log goes on without watermarks, and says why once per interval.
+            // A revoked or expired cloud device: the log goes on without watermarks, and says why
+            // once per interval.
             Err(e) => {
                 tracing::error!(error = %e, "the cloud cannot record its watermark");
                 self.last_watermark = Some((now_ms, covered));

@@ -111,6 +111,52 @@ fn a_watermark_is_recorded_at_most_once_per_interval_and_only_for_new_changes() 
 }
 
 #[test]
+fn a_watermark_lists_only_the_devices_that_grew_and_a_replica_merges_them_into_the_cloud_heads() {
+    let m = TestMarket::new(5);
+    let (key, cert) = cloud_of(&m, 100);
+    let (cloud, created) = MarketIngest::create(m.ctx.clone(), key, cert.clone(), 0).unwrap();
+    let mut cloud = cloud.with_watermark_interval_ms(1_000);
+    let (_, a) = tablet(&m, 1, 4);
+    let (_, b) = tablet(&m, 2, 2);
+    let listed = |batch: &Batch| -> Vec<Vec<(DeviceId, u64)>> {
+        batch
+            .records
+            .iter()
+            .filter_map(|r| match &r.entry.event.body {
+                EventBody::CloudHolds { heads, .. } => Some(heads.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = cloud.ingest(a[..5].iter().chain(&b).cloned().collect(), 100);
+    let mut both = vec![(a[0].device, 5), (b[0].device, b.len() as u64)];
+    both.sort();
+    assert_eq!(listed(&first), vec![both], "the first watermark lists every device");
+    let second = cloud.ingest(a[5..].to_vec(), 1_200);
+    assert_eq!(listed(&second), vec![vec![(a[0].device, a.len() as u64)]], "the next lists only the tablet that grew");
+    let mut log: Vec<LogRecord> = [&created, &first, &second].iter().flat_map(|b| b.records.iter().cloned()).collect();
+    // A replica merges them: it holds what the cloud holds of both tablets.
+    let (mut peer, _) = m.device(50, "Peer");
+    assert!(peer.apply_remote(log.iter().map(|r| r.entry.change.clone())).rejected.is_empty());
+    let mark = peer.state().cloud_watermarks.get(&cloud.cloud_device()).expect("watermark held");
+    assert_eq!(mark.heads.get(&a[0].device), Some(&(a.len() as u64)));
+    assert_eq!(mark.heads.get(&b[0].device), Some(&(b.len() as u64)), "kept from the first watermark");
+    assert_eq!(mark.offset, cloud.offset() - 1, "offset and time are the latest watermark's");
+    // Restored from its log, the cloud lists nothing again; a restart is no reason for a watermark.
+    let mut restored = MarketIngest::restore(m.ctx.clone(), cloud_of(&m, 100).0, cert, log.clone()).unwrap().with_watermark_interval_ms(1_000);
+    assert!(restored.tick(5_000).is_none_or(|b| listed(&b).is_empty()), "nothing grew since the last watermark");
+    let (mut b_ledger, _) = tablet(&m, 2, 2);
+    let more = b_ledger.record(sell("SKU-2", 1), 9_000).unwrap().change;
+    let third = restored.ingest(vec![more], 9_000);
+    assert_eq!(listed(&third), vec![vec![(b[0].device, b.len() as u64 + 1)]]);
+    log.extend(third.records);
+    assert!(peer.apply_remote(log.iter().map(|r| r.entry.change.clone())).rejected.is_empty());
+    let mark = peer.state().cloud_watermarks.get(&cloud.cloud_device()).expect("watermark held");
+    assert_eq!(mark.heads.get(&a[0].device), Some(&(a.len() as u64)), "still what the cloud holds of the quiet tablet");
+    assert_eq!(mark.heads.get(&b[0].device), Some(&(b.len() as u64 + 1)));
+}
+
+#[test]
 fn only_a_cloud_device_records_watermarks_and_a_cloud_device_records_nothing_else() {
     let m = TestMarket::new(4);
     let (mut seller, _) = m.device(1, "Test Stall");

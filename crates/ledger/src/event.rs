@@ -124,7 +124,11 @@ pub enum EventBody {
     /// The market's revocation of a device, recorded by whichever device learnt of it.
     Revoked { revocation: Revocation },
     /// The cloud's watermark, recorded only by a device of role `cloud`: its reconciled log holds
-    /// `offset` entries, and of each device's journal the first `heads` entries.
+    /// `offset` entries, and of each listed device's journal the first `heads` entries. It lists
+    /// only the devices whose count grew since this cloud device's previous watermark (the first
+    /// lists all): every replica applies every watermark, so one listing a thousand unchanged
+    /// tablets each time would be most of what a large market replicates. Folded by merging
+    /// ([`crate::CloudWatermark`]).
     CloudHolds { offset: u64, heads: Vec<(DeviceId, u64)> },
     /// Moves loyalty rights (a card's points, a voucher's redemption) from the author to `to`.
     LoyaltyTransferred { asset: LoyaltyAsset, qty: u64, to: DeviceId },

@@ -303,6 +303,24 @@ impl Rejection {
 /// verifies every change ([`VerifyAll`]).
 pub trait KnownValid {
     fn known_valid(&self, change: &SignedChange) -> bool;
+
+    /// What a ledger of this market found applying a change byte-for-byte equal to `change` to its
+    /// journal, if the caller knows: the event automerge gave and the digest of the change that
+    /// journal held before it. Both follow from the bytes and the journal before them alone, so a
+    /// replica holding that same predecessor takes the event instead of decoding the change again;
+    /// everything that depends on the replica (position, revocation, enrolment, the fold's checks
+    /// against its own state) is checked as always. The node never vouches (`None`).
+    fn known_applied(&self, _change: &SignedChange) -> Option<KnownApplied> {
+        None
+    }
+}
+
+/// See [`KnownValid::known_applied`].
+#[derive(Debug, Clone)]
+pub struct KnownApplied {
+    pub event: Event,
+    /// The digest of the change held just before it; `None` for a journal's first change.
+    pub after: Option<ChangeDigest>,
 }
 
 /// Vouches for nothing: every signature is checked.

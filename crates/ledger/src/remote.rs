@@ -49,7 +49,8 @@ impl Ledger {
                 && dot.seq == last.seq + 1
                 && Journal::segment_index(dot.seq) != 0
                 && run.len() < SEGMENT_CHANGES as usize;
-            if continues && matches!(self.precheck_at(&change, dot.seq, known), Ok(Readiness::Ready)) {
+            let vouched = || known.known_applied(&change).is_some();
+            if continues && !vouched() && matches!(self.precheck_at(&change, dot.seq, known), Ok(Readiness::Ready)) {
                 run.push(change);
                 return;
             }
@@ -63,8 +64,33 @@ impl Ledger {
             }
             Ok(Readiness::Conflict) => self.equivocation(change, report),
             Ok(Readiness::Wait) => self.hold(change, report, known),
-            Ok(Readiness::Ready) => run.push(change),
+            Ok(Readiness::Ready) => match known.known_applied(&change) {
+                Some(k) if self.journals.get(&dot.device).and_then(|j| j.digests.last()) == k.after.as_ref() => {
+                    self.apply_known(change, k.event, report)
+                }
+                _ => run.push(change),
+            },
         }
+    }
+
+    /// Appends a ready change whose event another ledger decoded on the same predecessor
+    /// ([`crate::KnownValid::known_applied`]): checked against this replica and folded as
+    /// [`Ledger::apply_run`] does, without automerge. The journal's document, now behind its
+    /// journal, is dropped (rebuilt from the segment's raw changes if ever needed).
+    fn apply_known(&mut self, change: SignedChange, event: Event, report: &mut ApplyReport) {
+        let dot = change.dot();
+        if let Err(why) = self.check_remote(dot, &event) {
+            self.reject(report, dot, why);
+            return;
+        }
+        let journal = self.journals.entry(dot.device).or_default();
+        journal.advance(&change);
+        if journal.doc.take().is_some() {
+            self.open_docs.retain(|d| *d != dot.device);
+        }
+        self.advanced(dot.device);
+        self.after_fold(dot, &event);
+        report.applied.push(Entry { change, event });
     }
 
     /// Keeps a change until its predecessor or causal dependencies arrive (bounded).

@@ -88,16 +88,18 @@ pub struct PhotoRecord {
     pub author: DeviceId,
 }
 
-/// What one cloud device last said its reconciled log holds (its latest [`EventBody::CloudHolds`]).
+/// What one cloud device has said its reconciled log holds: its [`EventBody::CloudHolds`] folded
+/// together (each lists only what grew since the one before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CloudWatermark {
-    /// The cloud's journal position of this watermark: a later one supersedes it.
+    /// The cloud's journal position of its latest watermark (`time_ms` and `offset` are that one's).
     pub seq: u64,
     /// When the cloud recorded it (the cloud's clock).
     pub time_ms: u64,
     /// Entries in the cloud's reconciled log of this market.
     pub offset: u64,
-    /// device → entries of its journal the cloud holds.
+    /// device → entries of its journal the cloud holds: each device's highest count over all its
+    /// watermarks.
     pub heads: BTreeMap<DeviceId, u64>,
 }
 
@@ -321,11 +323,21 @@ impl State {
                 }
             }
             EventBody::CloudHolds { offset, heads } => {
-                let newer = self.cloud_watermarks.get(&dot.device).is_none_or(|w| dot.seq > w.seq);
-                if newer {
-                    let mark =
-                        CloudWatermark { seq: dot.seq, time_ms: event.time_ms, offset: *offset, heads: heads.iter().copied().collect() };
-                    self.cloud_watermarks.insert(dot.device, mark);
+                // A watermark lists only the devices whose count grew since the cloud's previous
+                // one: they are merged over it, each device's highest count winning, so the result
+                // does not depend on arrival order either.
+                let mark = self.cloud_watermarks.entry(dot.device).or_insert_with(|| CloudWatermark {
+                    seq: dot.seq,
+                    time_ms: event.time_ms,
+                    offset: *offset,
+                    heads: BTreeMap::new(),
+                });
+                if dot.seq >= mark.seq {
+                    (mark.seq, mark.time_ms, mark.offset) = (dot.seq, event.time_ms, *offset);
+                }
+                for (device, held) in heads {
+                    let count = mark.heads.entry(*device).or_insert(0);
+                    *count = (*count).max(*held);
                 }
             }
             EventBody::Revoked { revocation } => {

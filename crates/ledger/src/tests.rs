@@ -181,6 +181,52 @@ fn a_signature_is_skipped_only_for_changes_the_caller_vouches_for() {
 }
 
 #[test]
+fn a_vouched_event_is_taken_only_on_the_same_predecessor_and_still_checked_against_the_replica() {
+    // What a ledger found applying a change, keyed by its exact bytes (as the simulator shares it).
+    struct Applied(Vec<(SignedChange, crate::KnownApplied)>);
+    impl crate::KnownValid for Applied {
+        fn known_valid(&self, c: &SignedChange) -> bool {
+            self.0.iter().any(|(k, _)| k == c)
+        }
+        fn known_applied(&self, c: &SignedChange) -> Option<crate::KnownApplied> {
+            self.0.iter().find(|(k, _)| k == c).map(|(_, a)| a.clone())
+        }
+    }
+    let m = TestMarket::new(6);
+    let (mut a, ea) = stocked(&m, 1, "eggs", 10);
+    let sale = a.record(sell("eggs", 2), 9).unwrap();
+    let after = Some(ea[2].change.digest());
+    let big_sale = {
+        let (mut other, _) = stocked(&m, 1, "eggs", 100);
+        other.record(sell("eggs", 50), 9).unwrap().event
+    };
+    // The real event on the real predecessor: taken as is, the same state as decoding it.
+    let (mut decoded, _) = m.device(2, "Test Stall");
+    let mut vouched = m.device(3, "Test Stall").0;
+    decoded.apply_remote(changes(&ea));
+    vouched.apply_remote(changes(&ea));
+    assert_eq!(decoded.apply_remote([sale.change.clone()]).applied.len(), 1);
+    let known = Applied(vec![(sale.change.clone(), crate::KnownApplied { event: sale.event.clone(), after })]);
+    assert_eq!(vouched.apply_remote_known([sale.change.clone()], &known).applied.len(), 1);
+    assert_same_business_state(&decoded, &vouched);
+    // An event vouched on another predecessor is not taken: the change is decoded, and its own
+    // event (2 units) is what the replica folds, not the vouched one (50).
+    let (mut elsewhere, _) = m.device(4, "Test Stall");
+    elsewhere.apply_remote(changes(&ea));
+    let other_chain = Applied(vec![(sale.change.clone(), crate::KnownApplied { event: big_sale.clone(), after: Some(ea[1].change.digest()) })]);
+    let r = elsewhere.apply_remote_known([sale.change.clone()], &other_chain);
+    assert!(matches!(&r.applied[0].event.body, EventBody::Sold { lines, .. } if lines[0].qty == 2), "{:?}", r.applied);
+    assert_same_business_state(&decoded, &elsewhere);
+    // Taken, the event is still checked against this replica's state: 50 units the seller does
+    // not hold are refused.
+    let (mut checked, _) = m.device(5, "Test Stall");
+    checked.apply_remote(changes(&ea));
+    let lying = Applied(vec![(sale.change.clone(), crate::KnownApplied { event: big_sale, after })]);
+    let r = checked.apply_remote_known([sale.change.clone()], &lying);
+    assert!(matches!(r.rejected[..], [(_, Rejection::Fold(FoldError::Overspend { .. }))]), "{:?}", r.rejected);
+}
+
+#[test]
 fn a_replica_keeping_two_documents_open_holds_what_one_keeping_all_holds() {
     let m = TestMarket::new(5);
     let sellers: Vec<(Ledger, Vec<Entry>)> = (1..=5).map(|n| stocked(&m, n, &format!("sku{n}"), 50)).collect();

@@ -10,10 +10,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp};
 use sha2::{Digest, Sha256};
-use stallmesh_identity::{Certificate, DeviceId, DeviceKey, Dot, MarketKey, Role, SignedChange};
+use stallmesh_identity::{Certificate, ChangeDigest, DeviceId, DeviceKey, Dot, MarketKey, Role, SignedChange};
 use stallmesh_ingest::uplink::{Uplink, UplinkStats};
 use stallmesh_ingest::{LogRecord, MarketIngest};
-use stallmesh_ledger::{sale_id, Entry, EventBody, Ledger, LedgerError, LineRequest, LocalOp, LoyaltyOnSale, MarketContext, Product};
+use stallmesh_ledger::{sale_id, Entry, EventBody, KnownApplied, Ledger, LedgerError, LineRequest, LocalOp, LoyaltyOnSale, MarketContext, Product};
 use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, AskStats, Rebalancer, SaleWait, SaleWaitStep};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
 use std::cmp::Reverse;
@@ -358,6 +358,9 @@ pub struct World {
     /// heads name, so each tablet's change log is a view of this one (see `HeldLog`).
     all_changes: MemoryLog,
     entries: BTreeMap<stallmesh_identity::Dot, Rc<Entry>>,
+    /// Each interned entry (past a journal's first) → the digest of the change its ledger held
+    /// before it, on which its event was decoded.
+    applied_after: BTreeMap<Dot, ChangeDigest>,
     acked: Vec<AckedSale>,
     acked_index: BTreeMap<String, u32>,
     restocked: BTreeMap<String, u64>,
@@ -435,13 +438,37 @@ impl stallmesh_sync::ChangeLog for HeldLog<'_> {
 
 /// Changes some ledger of the market already accepted: every entry in `World::entries` was
 /// recorded by its author or applied by a replica's `apply_remote`, so its signature is good, and a
-/// change equal to it byte for byte (signature included) needs no second check.
-struct Interned<'a>(&'a BTreeMap<Dot, Rc<Entry>>);
+/// change equal to it byte for byte (signature included) needs no second check; nor a second
+/// automerge decode by a replica holding the same change before it (`applied_after`).
+struct Interned<'a> {
+    entries: &'a BTreeMap<Dot, Rc<Entry>>,
+    applied_after: &'a BTreeMap<Dot, ChangeDigest>,
+}
+
+impl<'a> Interned<'a> {
+    fn equal(&self, change: &SignedChange) -> Option<&'a Rc<Entry>> {
+        self.entries.get(&change.dot()).filter(|e| e.change == *change)
+    }
+}
 
 impl stallmesh_ledger::KnownValid for Interned<'_> {
     fn known_valid(&self, change: &SignedChange) -> bool {
-        self.0.get(&change.dot()).is_some_and(|e| e.change == *change)
+        self.equal(change).is_some()
     }
+
+    fn known_applied(&self, change: &SignedChange) -> Option<KnownApplied> {
+        let e = self.equal(change)?;
+        let after = match change.seq {
+            0 => None,
+            _ => Some(*self.applied_after.get(&change.dot())?),
+        };
+        Some(KnownApplied { event: e.event.clone(), after })
+    }
+}
+
+/// The digest of the change `ledger` holds just before `dot`.
+fn held_before(ledger: &Ledger, dot: Dot) -> Option<ChangeDigest> {
+    ledger.held_digest(Dot { device: dot.device, seq: dot.seq.checked_sub(1)? })
 }
 
 /// Notes a broadcast in a device's duplicate cache. Entries older than the cache's time decide
@@ -592,6 +619,7 @@ impl World {
             products,
             all_changes: MemoryLog::default(),
             entries: BTreeMap::new(),
+            applied_after: BTreeMap::new(),
             acked: Vec::new(),
             acked_index: BTreeMap::new(),
             restocked: BTreeMap::new(),
@@ -625,16 +653,27 @@ impl World {
         w
     }
 
-    /// The one shared copy of an entry (every tablet that holds it points here).
-    fn intern(&mut self, entry: Entry) -> Rc<Entry> {
+    /// The one shared copy of an entry (every tablet that holds it points here). `after`: the
+    /// digest of the change held before it by the ledger that recorded or applied it, on which its
+    /// event was decoded (`Interned::known_applied`); see [`held_before`].
+    fn intern(&mut self, entry: Entry, after: Option<ChangeDigest>) -> Rc<Entry> {
         let dot = entry.change.dot();
         if let Some(e) = self.entries.get(&dot) {
             return e.clone();
+        }
+        if let Some(digest) = after {
+            self.applied_after.insert(dot, digest);
         }
         self.all_changes.add(entry.change.clone());
         let e = Rc::new(entry);
         self.entries.insert(dot, e.clone());
         e
+    }
+
+    /// [`World::intern`] of an entry tablet `dev` holds.
+    fn intern_held(&mut self, dev: u32, entry: Entry) -> Rc<Entry> {
+        let after = held_before(&self.devices[dev as usize].ledger, entry.change.dot());
+        self.intern(entry, after)
     }
 
     fn n(&self) -> u32 {
@@ -741,7 +780,14 @@ impl World {
         self.plan_drop(&mut shared);
         // Every device starts the day holding all of it: restored as from its store (the entries
         // were made by the simulation's own ledgers, and checked when the authors recorded them).
-        let shared_rc: Vec<Rc<Entry>> = shared.iter().map(|e| self.intern(e.clone())).collect();
+        let mut last_of: BTreeMap<DeviceId, ChangeDigest> = BTreeMap::new();
+        let shared_rc: Vec<Rc<Entry>> = shared
+            .iter()
+            .map(|e| {
+                let after = last_of.insert(e.change.device, e.change.digest());
+                self.intern(e.clone(), after)
+            })
+            .collect();
         let setup_bytes: u64 = shared.iter().map(|e| e.change.encoded_len() as u64).sum();
         for d in 0..n {
             let ledger = restore(self, d, &shared);
@@ -1187,7 +1233,7 @@ impl World {
     fn local_entry(&mut self, dev: u32, entry: Entry) {
         self.note_held(dev, &entry);
         let change = entry.change.clone();
-        let entry = self.intern(entry);
+        let entry = self.intern_held(dev, entry);
         let d = &mut self.devices[dev as usize];
         // A durable commit makes the relaxed ones before it durable too (`Store::append_relaxed`):
         // the store stays a causal prefix when a sale spends rights that just arrived.
@@ -1289,7 +1335,7 @@ impl World {
             })
             .collect();
         let report = self.protocol(|w| {
-            let known = Interned(&w.entries);
+            let known = Interned { entries: &w.entries, applied_after: &w.applied_after };
             w.devices[dev as usize].ledger.apply_remote_known(changes, &known)
         });
         for (dot, why) in &report.rejected {
@@ -1303,7 +1349,7 @@ impl World {
         let grew = !report.applied.is_empty();
         for e in report.applied {
             self.note_held(dev, &e);
-            let e = self.intern(e);
+            let e = self.intern_held(dev, e);
             self.devices[dev as usize].unsynced.push(e);
         }
         self.schedule_commit(dev);
@@ -1510,7 +1556,7 @@ mod tests {
         .unwrap();
         let w = World::new(sc, Options::default());
         let accepted = w.entries.values().next().expect("the day's opening entries").change.clone();
-        let known = Interned(&w.entries);
+        let known = Interned { entries: &w.entries, applied_after: &w.applied_after };
         assert!(known.known_valid(&accepted));
         let mut altered = accepted.clone();
         let mut bytes = altered.change.to_vec();

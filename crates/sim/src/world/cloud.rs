@@ -207,7 +207,8 @@ impl World {
             self.cloud_logged(r.offset, &r.entry);
             // The cloud's watermarks join the market's changes (what a tablet's log view reads).
             logged.push(r.entry.change.clone());
-            self.intern(r.entry);
+            let after = held_before(self.cloud.ingest.ledger(), r.entry.change.dot());
+            self.intern(r.entry, after);
         }
         // The online channel's ledger follows the log, as the cloud feeds it.
         self.feed_online(logged);

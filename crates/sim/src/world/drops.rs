@@ -494,7 +494,7 @@ impl World {
             return;
         }
         let report = self.protocol(|w| {
-            let known = Interned(&w.entries);
+            let known = Interned { entries: &w.entries, applied_after: &w.applied_after };
             w.drop.as_mut().expect("checked above").online.apply_remote_known(changes, &known)
         });
         if let Some((dot, why)) = report.rejected.first() {
