@@ -52,14 +52,19 @@ impl Journal {
         Ok(self.doc.as_deref_mut().expect("just built"))
     }
 
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.digests.shrink_to_fit();
+        self.segment_changes.shrink_to_fit();
+    }
+
     pub(crate) fn advance(&mut self, change: &SignedChange) {
         debug_assert_eq!(change.seq, self.next_seq, "a journal grows one position at a time");
         let change_bytes = change.change.clone();
-        self.digests.push(change.digest());
+        push_compact(&mut self.digests, change.digest());
         if Self::segment_index(self.next_seq) == 0 {
             self.segment_changes.clear();
         }
-        self.segment_changes.push(change_bytes);
+        push_compact(&mut self.segment_changes, change_bytes);
         self.next_seq += 1;
         if Self::segment_index(self.next_seq) == 0 {
             // Segment complete: its document is never written again; free it.
@@ -69,6 +74,16 @@ impl Journal {
         debug_assert_eq!(self.digests.len() as u64, self.next_seq, "one digest per held change");
         debug_assert_eq!(self.segment_changes.len(), Self::segment_index(self.next_seq), "the raw changes of the current segment");
     }
+}
+
+/// Pushes growing by an eighth (at least 4), not by doubling: a replica keeps a journal for every
+/// device of the market, most of them take a change now and then, and doubling would leave each
+/// of those up to half empty. An eighth keeps pushes amortised O(1).
+fn push_compact<T>(v: &mut Vec<T>, item: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact((v.len() / 8).max(4));
+    }
+    v.push(item);
 }
 
 /// Most operations replayed from one change when reading it on its own (a 100-line sale takes

@@ -44,7 +44,7 @@ pub use event::{
 };
 pub use heads::Heads;
 pub use journal::decode_change_event;
-pub use state::{drop_id, sale_id, CloudWatermark, DeviceRecord, DropProgress, DropRecord, FeedbackRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
+pub use state::{drop_id, sale_id, CloudWatermark, DeviceRecord, Holders, DropProgress, DropRecord, FeedbackRecord, FoldError, PhotoRecord, ProductRecord, Sale, SalesSummary, State, StockView};
 
 use journal::Journal;
 use stallmesh_identity::{Certificate, ChangeDigest, DeviceId, DeviceKey, Dot, MarketId, MarketPublicKey, Revocation, SignedChange};
@@ -444,6 +444,10 @@ impl Ledger {
             ledger.advanced(dot.device);
             ledger.after_fold(dot, &entry.event);
         }
+        // Restored journals grew by doubling: most devices' journals take nothing more for a while.
+        for journal in ledger.journals.values_mut() {
+            journal.shrink_to_fit();
+        }
         Ok(ledger)
     }
 
@@ -574,7 +578,7 @@ impl Ledger {
             // The broken build: clamp instead of asserting, so the simulator's checker sees the damage.
             if let EventBody::Sold { lines, .. } = &event.body {
                 for l in lines {
-                    let r = self.state.rights.entry(l.sku.clone()).or_default().entry(dot.device).or_default();
+                    let r = self.state.rights.entry(l.sku.clone()).or_default().held_mut(dot.device);
                     *r += l.qty.saturating_sub(*r);
                 }
             }

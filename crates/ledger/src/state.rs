@@ -103,6 +103,56 @@ pub struct CloudWatermark {
     pub heads: BTreeMap<DeviceId, u64>,
 }
 
+/// One SKU's stock rights: device → units, in device order. A sorted list, not a map: a SKU has a
+/// handful of holders (its stall's tablets), every replica keeps one of these per SKU of the
+/// market, and the smallest `BTreeMap` allocates room for eleven.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holders(Vec<(DeviceId, u64)>);
+
+impl Holders {
+    pub fn get(&self, device: &DeviceId) -> Option<&u64> {
+        self.0.binary_search_by(|(d, _)| d.cmp(device)).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, device: &DeviceId) -> Option<&mut u64> {
+        self.0.binary_search_by(|(d, _)| d.cmp(device)).ok().map(|i| &mut self.0[i].1)
+    }
+
+    /// The device's units, added at 0 if it held none.
+    pub fn held_mut(&mut self, device: DeviceId) -> &mut u64 {
+        let i = match self.0.binary_search_by(|(d, _)| d.cmp(&device)) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (device, 0));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Sets the device's units.
+    pub fn insert(&mut self, device: DeviceId, units: u64) {
+        *self.held_mut(device) = units;
+    }
+
+    /// (device, units) in device order.
+    pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &u64)> + '_ {
+        self.0.iter().map(|(d, n)| (d, n))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &u64> + '_ {
+        self.0.iter().map(|(_, n)| n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Why an event cannot be folded into the state. For a remote change this is a protocol violation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum FoldError {
@@ -119,7 +169,7 @@ pub struct State {
     pub devices: BTreeMap<DeviceId, DeviceRecord>,
     pub products: BTreeMap<String, ProductRecord>,
     /// sku → device → units that device may sell. Never negative (u64, checked on every spend).
-    pub rights: BTreeMap<String, BTreeMap<DeviceId, u64>>,
+    pub rights: BTreeMap<String, Holders>,
     pub sales: BTreeMap<String, Sale>,
     pub photos: BTreeMap<String, PhotoRecord>,
     /// Product and photo events folded so far: tells a derived index (search) when to rebuild.
@@ -280,13 +330,13 @@ impl State {
             EventBody::Restocked { sku, qty } => {
                 // `check` refuses a restock taking the SKU's total past u64; a device holds at most the total.
                 self.total_rights(sku).checked_add(*qty).expect("checked: a SKU's total stock rights stay within u64");
-                let held = self.rights.entry(sku.clone()).or_default().entry(dot.device).or_default();
+                let held = self.rights.entry(sku.clone()).or_default().held_mut(dot.device);
                 *held = held.checked_add(*qty).expect("a device holds at most the SKU's total");
                 self.restocks += 1;
             }
             EventBody::Transferred { sku, qty, to } => {
                 self.spend(sku, &dot.device, *qty);
-                let held = self.rights.entry(sku.clone()).or_default().entry(*to).or_default();
+                let held = self.rights.entry(sku.clone()).or_default().held_mut(*to);
                 // A transfer moves rights without changing the SKU's total, which fits u64.
                 *held = held.checked_add(*qty).expect("transferred rights within the SKU's total");
                 self.transfers += 1;
@@ -356,7 +406,7 @@ impl State {
             EventBody::DropPlanned { name, sku, units, start_ms, plan, max_per_buyer } => {
                 self.total_rights(sku).checked_add(*units).expect("checked: a SKU's total stock rights stay within u64");
                 for (device, share) in plan {
-                    let held = self.rights.entry(sku.clone()).or_default().entry(*device).or_default();
+                    let held = self.rights.entry(sku.clone()).or_default().held_mut(*device);
                     *held = held.checked_add(*share).expect("a device holds at most the SKU's total");
                 }
                 let id = drop_id(dot);

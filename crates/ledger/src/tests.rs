@@ -1133,3 +1133,23 @@ fn an_enrolled_peers_change_that_makes_automerge_panic_is_refused_and_the_ledger
     assert_eq!(report.applied.len(), 1, "{:?}", report.rejected);
     assert!(tablet.state().products.contains_key("JAM"));
 }
+
+#[test]
+fn a_skus_holders_are_kept_in_device_order_whatever_order_they_arrive_in() {
+    let (a, b, c) = (DeviceId([3; 32]), DeviceId([1; 32]), DeviceId([2; 32]));
+    let mut one = crate::Holders::default();
+    let mut other = crate::Holders::default();
+    for (d, n) in [(a, 5), (b, 1), (c, 7)] {
+        *one.held_mut(d) += n;
+    }
+    for (d, n) in [(c, 7), (a, 5), (b, 1)] {
+        other.insert(d, n);
+    }
+    assert_eq!(one, other, "the same holders compare equal on every replica");
+    assert_eq!(one.iter().map(|(d, n)| (*d, *n)).collect::<Vec<_>>(), vec![(b, 1), (c, 7), (a, 5)]);
+    assert_eq!(one.get(&c), Some(&7));
+    assert_eq!(one.get(&DeviceId([9; 32])), None);
+    *one.get_mut(&a).unwrap() -= 5;
+    assert_eq!(one.values().sum::<u64>(), 8);
+    assert_eq!(one.len(), 3, "a holder spent to zero is still listed, as before");
+}

@@ -1,15 +1,23 @@
 //! Runs one scenario file with one seed and prints the report as JSON (the measurement harness;
 //! `stallmesh sim` is the full CLI, but building the node pulls in libp2p and tract). With a
-//! third argument, also writes `report.html` into that directory.
+//! third argument, also writes `report.html` into that directory. With seeds `A..B`, runs the
+//! same sweep as `stallmesh sim --seeds A..B --jobs N` and prints its summary.
 //!
 //! `cargo run --release -p stallmesh-sim --example run_scenario -- simulations/market-day.toml 1 [out/]`
+//! `cargo run --release -p stallmesh-sim --example run_scenario -- simulations/flaky-wifi.toml 1..1001 [jobs]`
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let path = args.next().expect("usage: run_scenario <scenario.toml> [seed] [out-dir]");
-    let seed: u64 = args.next().map_or(1, |s| s.parse().expect("seed is a number"));
-    let out = args.next().map(std::path::PathBuf::from);
+    let path = args.next().expect("usage: run_scenario <scenario.toml> [seed | A..B] [out-dir | jobs]");
+    let seed_arg = args.next().unwrap_or_else(|| "1".to_string());
     let scenario = stallmesh_sim::Scenario::load(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{e}"));
+    if let Some((a, b)) = seed_arg.split_once("..") {
+        let (a, b): (u64, u64) = (a.parse().expect("seeds A..B"), b.parse().expect("seeds A..B"));
+        let jobs: usize = args.next().map_or(2, |s| s.parse().expect("jobs is a number"));
+        return sweep(&scenario, a..b, jobs);
+    }
+    let seed: u64 = seed_arg.parse().expect("seed is a number");
+    let out = args.next().map(std::path::PathBuf::from);
     let r = stallmesh_sim::run(&scenario, stallmesh_sim::Options { seed, ..Default::default() });
     for v in &r.violations {
         eprintln!("violation: {} {}", v.invariant, v.detail);
@@ -19,4 +27,40 @@ fn main() {
         r.report.write_html(&r.violations, &dir.join("report.html")).expect("report.html is written");
     }
     println!("{}", serde_json::to_string(&r.report).expect("the report serializes"));
+}
+
+fn sweep(scenario: &stallmesh_sim::Scenario, seeds: std::ops::Range<u64>, jobs: usize) {
+    let started = std::time::Instant::now();
+    let results = stallmesh_sim::sweep(scenario, seeds, jobs);
+    let wall_s = started.elapsed().as_secs_f64();
+    if results.is_empty() {
+        println!("no seeds");
+        return;
+    }
+    let mut p99: Vec<f64> = results.iter().map(|(_, r, _)| r.convergence_ms_p99).collect();
+    p99.sort_by(f64::total_cmp);
+    let mut sales: Vec<u64> = results.iter().map(|(_, r, _)| r.sales).collect();
+    sales.sort_unstable();
+    println!(
+        "{}: {} seeds in {wall_s:.1} s on {jobs} jobs; sales per day median {} (min {}, max {}); convergence p99 median {:.1} ms, worst {:.1} ms",
+        scenario.name,
+        results.len(),
+        sales[sales.len() / 2],
+        sales[0],
+        sales[sales.len() - 1],
+        p99[p99.len() / 2],
+        p99[p99.len() - 1]
+    );
+    let mut by_invariant: std::collections::BTreeMap<&str, Vec<u64>> = std::collections::BTreeMap::new();
+    for (seed, _, v) in &results {
+        if let Some(first) = v.first() {
+            by_invariant.entry(first.invariant).or_default().push(*seed);
+        }
+    }
+    for (invariant, seeds) in &by_invariant {
+        println!("  FAILED {invariant}: {} seeds {seeds:?}", seeds.len());
+    }
+    if by_invariant.is_empty() {
+        println!("all {} seeds passed", results.len());
+    }
 }

@@ -135,7 +135,9 @@ enum Ev {
         to: u32,
         epoch: u64,
         bytes: Rc<Vec<u8>>,
-        ordered: bool,
+        /// `None`: a message on the ordered stream; a broadcast carries its gossip message id
+        /// (a hash of its bytes, computed once where it was published).
+        broadcast: Option<u64>,
     },
     Dial {
         a: u32,
@@ -187,7 +189,8 @@ enum Ev {
     CardAfterWait {
         dev: u32,
         lines: Vec<LineRequest>,
-        card: LoyaltyOnSale,
+        /// Boxed: the rarest event must not make every queued event larger (see `Item`).
+        card: Box<LoyaltyOnSale>,
     },
     /// A voucher redemption after the till waited for the holder to hand it over.
     VoucherAfterWait {
@@ -217,6 +220,10 @@ struct Item {
     seq: u64,
     ev: Ev,
 }
+
+// A market day queues hundreds of thousands of events and every push and pop moves items along the
+// heap: keep them small (large payloads are boxed).
+const _: () = assert!(std::mem::size_of::<Item>() <= 64);
 
 impl PartialEq for Item {
     fn eq(&self, o: &Self) -> bool {
@@ -923,7 +930,7 @@ impl World {
         match ev {
             Ev::Arrival { stall } => self.on_arrival(stall),
             Ev::Wake { dev } => self.on_wake(dev),
-            Ev::Deliver { from, to, epoch, bytes, ordered } => self.on_deliver(from, to, epoch, bytes, ordered),
+            Ev::Deliver { from, to, epoch, bytes, broadcast } => self.on_deliver(from, to, epoch, bytes, broadcast),
             Ev::Dial { a, b } => self.on_dial(a, b),
             Ev::Commit { dev } => {
                 let d = &mut self.devices[dev as usize];
@@ -947,7 +954,7 @@ impl World {
             Ev::VoucherDrop(i) => self.voucher_drop(i),
             Ev::CardAfterWait { dev, lines, card } => {
                 if self.devices[dev as usize].up {
-                    let card = self.card_after_wait(dev, card);
+                    let card = self.card_after_wait(dev, *card);
                     self.sell(dev, lines, None, Some(card));
                 } else {
                     self.customers_lost += 1;
@@ -1019,7 +1026,7 @@ impl World {
         let card = self.customer_card(dev, &lines);
         self.customer_voucher(dev);
         match card {
-            Some(Err(card)) => self.push(self.now + loyalty::ASK_WAIT_US, Ev::CardAfterWait { dev, lines, card }),
+            Some(Err(card)) => self.push(self.now + loyalty::ASK_WAIT_US, Ev::CardAfterWait { dev, lines, card: Box::new(card) }),
             Some(Ok(card)) => self.sell(dev, lines, None, Some(card)),
             None => self.sell(dev, lines, None, None),
         }
@@ -1284,12 +1291,13 @@ impl World {
         let mut queue: VecDeque<Output<u32>> = outputs.into();
         while let Some(o) = queue.pop_front() {
             match o {
-                Output::Send { to, bytes } => self.transmit(dev, to, Rc::new(bytes), true),
+                Output::Send { to, bytes } => self.transmit(dev, to, Rc::new(bytes), None),
                 Output::Broadcast { bytes } => {
+                    let id = Some(fnv_bytes(&bytes));
                     let bytes = Rc::new(bytes);
                     let peers: Vec<u32> = self.devices[dev as usize].sync.peers().keys().copied().collect();
                     for p in peers {
-                        self.transmit(dev, p, bytes.clone(), false);
+                        self.transmit(dev, p, bytes.clone(), id);
                     }
                 }
                 Output::Apply { from, changes } => {

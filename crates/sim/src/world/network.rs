@@ -30,7 +30,8 @@ impl World {
         !self.devices[dev as usize].up || self.uplink_outage()
     }
 
-    pub(super) fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, ordered: bool) {
+    pub(super) fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, broadcast: Option<u64>) {
+        let ordered = broadcast.is_none();
         let key = pair(from, to);
         let Some(conn) = self.conns.get(&key) else { return };
         let epoch = conn.epoch;
@@ -65,13 +66,14 @@ impl World {
             at = at.max(conn.last_deliver[dir]);
             conn.last_deliver[dir] = at;
         }
-        self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), ordered });
+        self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), broadcast });
         if duplicate {
-            self.push(at + delay_us, Ev::Deliver { from, to, epoch, bytes, ordered });
+            self.push(at + delay_us, Ev::Deliver { from, to, epoch, bytes, broadcast });
         }
     }
 
-    pub(super) fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, ordered: bool) {
+    pub(super) fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, broadcast: Option<u64>) {
+        let ordered = broadcast.is_none();
         match self.conns.get(&pair(from, to)) {
             Some(c) if c.epoch == epoch => {}
             _ => return, // the stream was reset since: its bytes are gone
@@ -84,8 +86,7 @@ impl World {
         }
         // Gossipsub hands the application a broadcast once (its duplicate cache, by message id,
         // remembers for a minute) and forwards it to its own mesh peers.
-        if !ordered {
-            let h = fnv_bytes(&bytes);
+        if let Some(h) = broadcast {
             let t = self.now;
             let seen = &mut self.devices[to as usize].seen;
             if seen.get(&h).is_some_and(|first| t.saturating_sub(*first) < GOSSIP_DUPLICATE_CACHE_US) {
@@ -94,7 +95,7 @@ impl World {
             remember_broadcast(seen, h, t);
             let peers: Vec<u32> = self.devices[to as usize].sync.peers().keys().copied().filter(|p| *p != from).collect();
             for p in peers {
-                self.transmit(to, p, bytes.clone(), false);
+                self.transmit(to, p, bytes.clone(), broadcast);
             }
         }
         let now = self.dev_now_ms(to);
