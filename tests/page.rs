@@ -435,10 +435,15 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
         let tote = json!({ "sku": "TOTE", "name": "Summer tote", "price_cents": 3500, "currency": "EUR", "stall": "Stall" });
         assert_eq!(lan.post(1, "/api/v1/products", &tote).0, 201);
         let (one, two) = (lan.get(1, "/api/v1/status")["node"]["device"].clone(), lan.get(2, "/api/v1/status")["node"]["device"].clone());
-        let start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 6_000;
         let plan = json!([{ "device": one, "units": 3 }, { "device": two, "units": 2 }]);
-        let body = json!({ "name": "Summer tote", "sku": "TOTE", "units": 5, "start_ms": start_ms, "plan": plan });
-        eventually(CONVERGE, "tablet 2 known to tablet 1", || lan.post(1, "/api/v1/drops", &body).0 == 201);
+        // The drop opens 8 s after it is planned (not after the first attempt: tablet 1 may take a
+        // while to learn tablet 2), time for a browser to start and show the countdown.
+        let planned = || {
+            let start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 8_000;
+            let body = json!({ "name": "Summer tote", "sku": "TOTE", "units": 5, "start_ms": start_ms, "plan": plan });
+            lan.post(1, "/api/v1/drops", &body).0 == 201
+        };
+        eventually(CONVERGE, "tablet 2 known to tablet 1", planned);
 
         let driver = Driver::start();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -450,7 +455,13 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
             assert!(before.contains("opens in 0:0"), "a countdown: {before}");
             assert!(before.contains("here 3") && before.contains("other stalls 2"), "{before}");
             screenshot(&c, "drop-countdown").await;
-            until("the drop opens on the till", || async { drop_text(&c).await.contains("open") && !drop_text(&c).await.contains("opens in") }).await;
+            // One read of the panel: it is re-rendered every second, and a read of the element being
+            // replaced is empty (which would pass a second, separate "no countdown" check).
+            until("the drop opens on the till", || async {
+                let t = drop_text(&c).await;
+                t.contains("open") && !t.contains("opens in")
+            })
+            .await;
 
             // Tablet 2 sells its two; then this till sells its three: sold out here too.
             for _ in 0..2 {
