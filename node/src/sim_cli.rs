@@ -1,8 +1,7 @@
 //! `stallmesh sim`: runs a scenario (or a sweep of seeds), prints the report, checks invariants.
 
 use crate::cli::SimArgs;
-use stallmesh_sim::{check_determinism, run, shrink, sweep_with, Options, Scenario, Violation};
-use std::collections::BTreeMap;
+use stallmesh_sim::{check_determinism, run, shrink, sweep_with, Options, Scenario, SweepSummary, Violation};
 use std::path::Path;
 
 /// Past this many seeds a sweep prints a summary instead of a line per seed.
@@ -120,6 +119,7 @@ pub fn run_sim(args: SimArgs) -> Result<u8, String> {
             bar.finish_and_clear();
         }
         let wall_s = started.elapsed().as_secs_f64();
+        let summary = SweepSummary::of(&results);
         if results.len() <= SWEEP_LINES_MAX {
             println!("{:>6} {:>8} {:>8} {:>12} {:>12}  result", "seed", "sales", "refused", "conv p99 ms", "wall ms");
             for (seed, r, v) in &results {
@@ -132,29 +132,12 @@ pub fn run_sim(args: SimArgs) -> Result<u8, String> {
                     if v.is_empty() { "ok".to_string() } else { format!("FAILED: {}", v[0].invariant) }
                 );
             }
-        } else {
-            let mut p99: Vec<f64> = results.iter().map(|(_, r, _)| r.convergence_ms_p99).collect();
-            p99.sort_by(f64::total_cmp);
-            let mut sales: Vec<u64> = results.iter().map(|(_, r, _)| r.sales).collect();
-            sales.sort_unstable();
-            println!(
-                "{} seeds: sales per day median {} (min {}, max {}); convergence p99 median {:.1} ms, worst {:.1} ms",
-                results.len(),
-                sales[sales.len() / 2],
-                sales[0],
-                sales[sales.len() - 1],
-                p99[p99.len() / 2],
-                p99[p99.len() - 1]
-            );
+        } else if let Some(summary) = &summary {
+            println!("{summary}");
         }
         println!("sweep wall time {wall_s:.1} s on {} jobs", args.jobs);
         // Failing seeds grouped by the invariant each broke first.
-        let mut by_invariant: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-        for (seed, _, v) in &results {
-            if let Some(first) = v.first() {
-                by_invariant.entry(first.invariant).or_default().push(*seed);
-            }
-        }
+        let by_invariant = summary.map(|s| s.failing).unwrap_or_default();
         if by_invariant.is_empty() {
             println!("all {} seeds passed", results.len());
             return Ok(0);

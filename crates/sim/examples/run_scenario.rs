@@ -33,34 +33,15 @@ fn sweep(scenario: &stallmesh_sim::Scenario, seeds: std::ops::Range<u64>, jobs: 
     let started = std::time::Instant::now();
     let results = stallmesh_sim::sweep(scenario, seeds, jobs);
     let wall_s = started.elapsed().as_secs_f64();
-    if results.is_empty() {
+    let Some(summary) = stallmesh_sim::SweepSummary::of(&results) else {
         println!("no seeds");
         return;
-    }
-    let mut p99: Vec<f64> = results.iter().map(|(_, r, _)| r.convergence_ms_p99).collect();
-    p99.sort_by(f64::total_cmp);
-    let mut sales: Vec<u64> = results.iter().map(|(_, r, _)| r.sales).collect();
-    sales.sort_unstable();
-    println!(
-        "{}: {} seeds in {wall_s:.1} s on {jobs} jobs; sales per day median {} (min {}, max {}); convergence p99 median {:.1} ms, worst {:.1} ms",
-        scenario.name,
-        results.len(),
-        sales[sales.len() / 2],
-        sales[0],
-        sales[sales.len() - 1],
-        p99[p99.len() / 2],
-        p99[p99.len() - 1]
-    );
-    let mut by_invariant: std::collections::BTreeMap<&str, Vec<u64>> = std::collections::BTreeMap::new();
-    for (seed, _, v) in &results {
-        if let Some(first) = v.first() {
-            by_invariant.entry(first.invariant).or_default().push(*seed);
-        }
-    }
-    for (invariant, seeds) in &by_invariant {
+    };
+    println!("{}: {summary}; {wall_s:.1} s on {jobs} jobs", scenario.name);
+    for (invariant, seeds) in &summary.failing {
         println!("  FAILED {invariant}: {} seeds {seeds:?}", seeds.len());
     }
-    if by_invariant.is_empty() {
-        println!("all {} seeds passed", results.len());
+    if summary.failing.is_empty() {
+        println!("all {} seeds passed", summary.seeds);
     }
 }

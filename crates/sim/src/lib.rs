@@ -85,3 +85,54 @@ pub fn sweep_with(
     out.sort_by_key(|(seed, _, _)| *seed);
     out
 }
+
+/// A sweep's results in a few numbers: sales per day and convergence p99 over the seeds, and the
+/// failing seeds grouped by the invariant each broke first (what `stallmesh sim --seeds` and the
+/// measurement harness print).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepSummary {
+    pub seeds: usize,
+    /// Sales per day: median, min, max.
+    pub sales: (u64, u64, u64),
+    /// Convergence p99 in ms: median over the seeds, and the worst.
+    pub convergence_p99_ms: (f64, f64),
+    /// Invariant → the seeds that broke it first, in seed order.
+    pub failing: std::collections::BTreeMap<&'static str, Vec<u64>>,
+}
+
+impl SweepSummary {
+    /// `None` for an empty sweep.
+    pub fn of(results: &[(u64, Report, Vec<Violation>)]) -> Option<SweepSummary> {
+        if results.is_empty() {
+            return None;
+        }
+        let mut sales: Vec<u64> = results.iter().map(|(_, r, _)| r.sales).collect();
+        sales.sort_unstable();
+        let mut p99: Vec<f64> = results.iter().map(|(_, r, _)| r.convergence_ms_p99).collect();
+        p99.sort_by(f64::total_cmp);
+        let mut failing = std::collections::BTreeMap::<&'static str, Vec<u64>>::new();
+        for (seed, _, v) in results {
+            if let Some(first) = v.first() {
+                failing.entry(first.invariant).or_default().push(*seed);
+            }
+        }
+        Some(SweepSummary {
+            seeds: results.len(),
+            sales: (sales[sales.len() / 2], sales[0], sales[sales.len() - 1]),
+            convergence_p99_ms: (p99[p99.len() / 2], p99[p99.len() - 1]),
+            failing,
+        })
+    }
+}
+
+impl std::fmt::Display for SweepSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (median, min, max) = self.sales;
+        let (p99_median, p99_worst) = self.convergence_p99_ms;
+        write!(
+            f,
+            "{} seeds: sales per day median {median} (min {min}, max {max}); convergence p99 median {p99_median:.1} ms, worst {p99_worst:.1} ms",
+            self.seeds
+        )
+    }
+}
