@@ -644,7 +644,7 @@ impl Driver {
             .peers()
             .iter()
             .filter(|(p, s)| self.verified.contains_key(p) && s.their_total > 0)
-            .map(|(_, s)| crate::recovery::PeerView { entries_of_this_device: s.their_heads.get(&me).copied().unwrap_or(0) })
+            .map(|(p, _)| crate::recovery::PeerView { entries_of_this_device: self.sync.peer_holds(p, &me).unwrap_or(0) })
             .collect();
         self.node.recovery_step(now, &views);
     }
@@ -838,7 +838,7 @@ impl Driver {
             .peers()
             .iter()
             .filter(|(p, _)| self.verified.contains_key(p))
-            .filter_map(|(_, s)| s.their_heads.get(&me).copied())
+            .filter_map(|(p, _)| self.sync.peer_holds(p, &me))
             .max()
             .unwrap_or(0);
         let mut status = self.status.lock().expect("status lock");

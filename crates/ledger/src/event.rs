@@ -8,6 +8,7 @@ use automerge::transaction::Transactable;
 use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 use stallmesh_identity::{CardId, Certificate, DeviceId, Revocation, VoucherId};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
@@ -98,9 +99,9 @@ pub enum LoyaltyAsset {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
     /// Always entry 0 of a journal: the market's certificate for its author.
-    Enrolled { certificate: Certificate },
+    Enrolled { certificate: Arc<Certificate> },
     /// Last writer wins per SKU, ordered by (lamport, author).
-    ProductUpserted { product: Product, lamport: u64 },
+    ProductUpserted { product: Arc<Product>, lamport: u64 },
     /// New stock: adds stock rights to the author.
     Restocked { sku: String, qty: u64 },
     /// Moves stock rights from the author to `to`.
@@ -375,18 +376,18 @@ pub(crate) fn read_event(doc: &Automerge, list: &ObjId, index: usize) -> Result<
     let time_ms = get_u64(doc, &map, "time_ms")?;
     let kind = get_str(doc, &map, "kind")?;
     let body = match kind.as_str() {
-        "enrolled" => EventBody::Enrolled { certificate: decode_postcard(&get_bytes(doc, &map, "certificate")?, "certificate")? },
+        "enrolled" => EventBody::Enrolled { certificate: Arc::new(decode_postcard(&get_bytes(doc, &map, "certificate")?, "certificate")?) },
         "product" => {
             let tags = get_str_list(doc, &get_obj(doc, &map, "tags", ObjType::List)?, "tags")?;
             EventBody::ProductUpserted {
-                product: Product {
+                product: Arc::new(Product {
                     sku: get_str(doc, &map, "sku")?,
                     name: get_str(doc, &map, "name")?,
                     price_cents: get_u64(doc, &map, "price_cents")?,
                     currency: get_str(doc, &map, "currency")?,
                     stall: get_str(doc, &map, "stall")?,
                     tags,
-                },
+                }),
                 lamport: get_u64(doc, &map, "lamport")?,
             }
         }

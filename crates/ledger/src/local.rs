@@ -16,7 +16,7 @@ impl Ledger {
             return Ok(None);
         }
         self.certificate.verify(&self.ctx.market_key, now_ms).map_err(LedgerError::Certificate)?;
-        let body = EventBody::Enrolled { certificate: self.certificate.clone() };
+        let body = EventBody::Enrolled { certificate: std::sync::Arc::new(self.certificate.clone()) };
         self.commit_local(Event { time_ms: now_ms, body }).map(Some)
     }
 
@@ -101,7 +101,7 @@ impl Ledger {
             }
             LocalOp::UpsertProduct(p) => {
                 let stall = p.stall.clone();
-                let body = EventBody::ProductUpserted { product: p, lamport: next_lamport()? };
+                let body = EventBody::ProductUpserted { product: std::sync::Arc::new(p), lamport: next_lamport()? };
                 limits(&body)?;
                 if self.certificate.role == stallmesh_identity::Role::Seller && stall != self.certificate.stall {
                     return Err(LedgerError::OtherStall { own: self.certificate.stall.clone(), other: stall });

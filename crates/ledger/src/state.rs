@@ -8,6 +8,7 @@ use crate::event::{Event, EventBody, Product, RecommendationShown, SaleLine, Sal
 use serde::Serialize;
 use stallmesh_identity::{Certificate, DeviceId, Dot};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// A sale's id is its journal position: unique by construction, so it can never be duplicated.
 pub fn sale_id(dot: Dot) -> String {
@@ -39,14 +40,16 @@ pub struct DropRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeviceRecord {
-    pub certificate: Certificate,
+    /// Shared with the enrolment event it was folded from (every replica folds the same one).
+    pub certificate: Arc<Certificate>,
     pub revoked_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProductRecord {
+    /// Shared with the event it was folded from (every replica folds the same one).
     #[serde(flatten)]
-    pub product: Product,
+    pub product: Arc<Product>,
     pub lamport: u64,
     pub author: DeviceId,
 }
@@ -123,6 +126,9 @@ impl Holders {
         let i = match self.0.binary_search_by(|(d, _)| d.cmp(&device)) {
             Ok(i) => i,
             Err(i) => {
+                // Room for exactly one more: a SKU gains holders one at a time and rarely (a
+                // doubling Vec would keep four slots for the usual one holder, in every replica).
+                self.0.reserve_exact(1);
                 self.0.insert(i, (device, 0));
                 i
             }

@@ -131,7 +131,7 @@ fn forged_unenrolled_wrong_market_and_wrong_actor_changes_are_rejected_without_e
     let bad_cert = stranger.enrol(key.device_id(), "Fake", stallmesh_identity::Role::Seller, u64::MAX);
     let mut fake = Ledger::new(m.ctx.clone(), key, bad_cert);
     // The fake ledger thinks it is enrolled; peers must not.
-    let e0 = fake.commit_local(Event { time_ms: 1, body: EventBody::Enrolled { certificate: fake.certificate().clone() } }).unwrap();
+    let e0 = fake.commit_local(Event { time_ms: 1, body: EventBody::Enrolled { certificate: fake.certificate().clone().into() } }).unwrap();
     let r = b.apply_remote([e0.change]);
     assert!(matches!(r.rejected[0].1, Rejection::BadEnrolment(_)), "{:?}", r.rejected);
 
@@ -284,7 +284,7 @@ fn every_replica_refuses_a_watermark_from_a_device_that_is_not_the_cloud_and_a_s
     let cloud_cert = m.key.enrol(cloud_key.device_id(), "cloud", stallmesh_identity::Role::Cloud, u64::MAX);
     let mut state = State::default();
     state.fold(e_seller.change.dot(), &e_seller.event);
-    let cloud_enrolment = Event { time_ms: 0, body: EventBody::Enrolled { certificate: cloud_cert } };
+    let cloud_enrolment = Event { time_ms: 0, body: EventBody::Enrolled { certificate: cloud_cert.into() } };
     let cloud = Dot { device: cloud_key.device_id(), seq: 0 };
     state.check(cloud, &cloud_enrolment).unwrap();
     state.fold(cloud, &cloud_enrolment);
@@ -880,7 +880,7 @@ fn remote_events_beyond_the_local_limits_are_refused_with_the_field_named() {
     let with = |f: fn(&mut Product)| {
         let mut p = product("honey", 250);
         f(&mut p);
-        EventBody::ProductUpserted { product: p, lamport: 1 }
+        EventBody::ProductUpserted { product: p.into(), lamport: 1 }
     };
     let honey = || vec![LocalOp::UpsertProduct(product("honey", 250))];
     // Twice MAX_QTY, so the forger itself can fold a transfer of MAX_QTY + 1.
@@ -1074,7 +1074,7 @@ fn a_photo_of_the_largest_size_replicates() {
 fn a_peers_product_beyond_the_catalogue_clock_limit_is_refused_and_local_upserts_go_on() {
     let m = TestMarket::new(30);
     let (mut a, ea0) = m.device(1, "Test Stall");
-    let last = forge(&mut a, EventBody::ProductUpserted { product: product("honey", 250), lamport: u64::MAX });
+    let last = forge(&mut a, EventBody::ProductUpserted { product: product("honey", 250).into(), lamport: u64::MAX });
     let mut b = a_peer(&m);
     let report = b.apply_remote(changes(&[ea0, last]));
     assert_eq!(report.applied.len(), 1, "the enrolment only");
@@ -1082,7 +1082,7 @@ fn a_peers_product_beyond_the_catalogue_clock_limit_is_refused_and_local_upserts
     b.record(LocalOp::UpsertProduct(product("jam", 100)), 5).expect("the clock is not exhausted");
     // At the limit itself, a local upsert is refused rather than going past it.
     let (mut c, ec0) = m.device(3, "Test Stall");
-    let at_limit = forge(&mut c, EventBody::ProductUpserted { product: product("tea", 250), lamport: validate::MAX_LAMPORT });
+    let at_limit = forge(&mut c, EventBody::ProductUpserted { product: product("tea", 250).into(), lamport: validate::MAX_LAMPORT });
     let mut d = a_peer(&m);
     assert_eq!(d.apply_remote(changes(&[ec0, at_limit])).applied.len(), 2);
     assert!(matches!(d.record(LocalOp::UpsertProduct(product("jam", 100)), 5), Err(LedgerError::Invalid { field: "lamport", .. })));

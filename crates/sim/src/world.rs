@@ -35,6 +35,30 @@ const OPEN_DOCS_BUDGET: usize = 16_384;
 fn open_docs_per_replica(devices: u32) -> usize {
     (OPEN_DOCS_BUDGET / devices.max(1) as usize).clamp(stallmesh_ledger::MIN_OPEN_SEGMENT_DOCS, stallmesh_ledger::MAX_OPEN_SEGMENT_DOCS)
 }
+
+/// Threads the start of a run restores replicas on: each is restored alone from the same entries,
+/// so any split gives the same ledgers (a thousand replicas take ~16 s on one core).
+const SETUP_THREADS: usize = 2;
+
+/// Every device's ledger restored from the day's opening entries, in device order.
+fn restore_replicas(ctx: &MarketContext, replicas: Vec<(DeviceKey, Certificate, bool)>, entries: &[Entry], open_docs: usize) -> Vec<Ledger> {
+    let restore = |(key, cert, broken): (DeviceKey, Certificate, bool)| {
+        let mut l = Ledger::restore(ctx.clone(), key, cert, entries.iter().cloned()).expect("setup entries restore");
+        l.set_open_docs_limit(open_docs);
+        l.allow_overspend_for_tests = broken;
+        l
+    };
+    let per_thread = replicas.len().div_ceil(SETUP_THREADS).max(1);
+    let mut chunks: Vec<Vec<(DeviceKey, Certificate, bool)>> = Vec::new();
+    let mut rest = replicas.into_iter().peekable();
+    while rest.peek().is_some() {
+        chunks.push(rest.by_ref().take(per_thread).collect());
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks.into_iter().map(|chunk| scope.spawn(move || chunk.into_iter().map(restore).collect::<Vec<Ledger>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a setup thread does not panic")).collect()
+    })
+}
 /// A device's broadcast duplicate cache is pruned of expired entries when it reaches this size
 /// (and each power of two past it): pruning is O(n), so it runs rarely.
 const SEEN_PRUNE_LEN: usize = 1024;
@@ -272,6 +296,20 @@ struct Device {
     broken: bool,
     /// Broadcasts already seen (gossipsub's duplicate cache): content hash → first seen (virtual µs).
     seen: BTreeMap<u64, u64>,
+}
+
+impl Device {
+    /// Makes `entries` durable in the device's store, after what it holds. The store grows by an
+    /// eighth, not by doubling: every device's store holds the whole day's entries.
+    fn store(&mut self, entries: impl IntoIterator<Item = Rc<Entry>>) {
+        for e in entries {
+            if self.durable.len() == self.durable.capacity() {
+                self.durable.reserve_exact((self.durable.len() / 8).max(16));
+            }
+            self.storage_bytes += e.change.encoded_len() as u64;
+            self.durable.push(e);
+        }
+    }
 }
 
 /// A tablet's uplink: the real uplink core (`stallmesh-ingest`) and its request in flight.
@@ -796,9 +834,11 @@ impl World {
             })
             .collect();
         let setup_bytes: u64 = shared.iter().map(|e| e.change.encoded_len() as u64).sum();
-        for d in 0..n {
-            let ledger = restore(self, d, &shared);
-            let dev = &mut self.devices[d as usize];
+        let replicas: Vec<(DeviceKey, Certificate, bool)> =
+            self.devices.iter().map(|d| (DeviceKey::from_secret(d.key_secret), d.cert.clone(), d.broken)).collect();
+        let ledgers = restore_replicas(&self.ctx, replicas, &shared, open_docs_per_replica(n));
+        debug_assert_eq!(ledgers.len(), n as usize);
+        for (dev, ledger) in self.devices.iter_mut().zip(ledgers) {
             dev.ledger = ledger;
             dev.durable = shared_rc.clone();
             dev.storage_bytes = setup_bytes;
@@ -936,8 +976,7 @@ impl World {
                 let d = &mut self.devices[dev as usize];
                 d.commit_scheduled = false;
                 let entries = std::mem::take(&mut d.unsynced);
-                d.storage_bytes += entries.iter().map(|e| e.change.encoded_len() as u64).sum::<u64>();
-                d.durable.extend(entries);
+                d.store(entries);
             }
             Ev::FaultStart(i) => self.fault_start(i),
             Ev::FaultEnd(i) => self.fault_end(i),
@@ -1245,9 +1284,7 @@ impl World {
         // A durable commit makes the relaxed ones before it durable too (`Store::append_relaxed`):
         // the store stays a causal prefix when a sale spends rights that just arrived.
         let earlier = std::mem::take(&mut d.unsynced);
-        d.storage_bytes += earlier.iter().chain([&entry]).map(|e| e.change.encoded_len() as u64).sum::<u64>();
-        d.durable.extend(earlier);
-        d.durable.push(entry);
+        d.store(earlier.into_iter().chain([entry]));
         let out = self.protocol(|w| w.devices[dev as usize].sync.local_changes(vec![change]));
         for o in &out {
             if let Output::Broadcast { bytes } = o {

@@ -21,7 +21,7 @@ pub mod rebalance;
 
 use serde::{Deserialize, Serialize};
 use stallmesh_identity::{DeviceId, SignedChange};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 
 /// What a node holds: device → number of journal entries (= next seq expected).
@@ -42,6 +42,14 @@ pub const MAX_HEADS_ENTRIES: usize = 4_096;
 pub const MAX_IN_FLIGHT_BYTES_PER_PEER: usize = 8 * MAX_MESSAGE_BYTES;
 /// Most connected peers a node keeps sessions for (a market has tens of devices).
 pub const MAX_PEERS: usize = 256;
+/// Most devices a node's sessions keep numbers for ([`DeviceIndex`]): room for two markets' worth
+/// of full heads, so a peer telling one whole market never finds it full. Reached only by peers
+/// naming devices that hold nothing anywhere else: the numbers are then compacted to the devices
+/// some session still names, and a peer whose heads still do not fit is dropped
+/// (`ProtocolError::OverLimit`).
+pub const MAX_KNOWN_DEVICES: usize = 2 * MAX_HEADS_ENTRIES;
+const _: () = assert!(MAX_KNOWN_DEVICES >= MAX_HEADS_ENTRIES, "one full heads always fits an empty index");
+const _: () = assert!(MAX_KNOWN_DEVICES <= u32::MAX as usize, "device numbers are u32");
 /// A heartbeat due goes out together with those due within `heartbeat_ms / HEARTBEAT_COALESCE_DIVISOR`
 /// (250 ms of the default second, the node's old fixed tick): peers' heartbeats fall into step, so
 /// a driver woken at [`Sync::poll_timeout`] wakes about once a round instead of once per peer, and
@@ -218,15 +226,58 @@ impl Default for SyncConfig {
     }
 }
 
+/// The devices a node's sessions have heard of, numbered in the order first heard. A session keeps
+/// its peer's heads as a vector by these numbers: 8 bytes a device instead of a map entry of ~45,
+/// and a lookup per device instead of a walk down a tree keyed by 32-byte ids. (A tablet of a
+/// 1,000-device market keeps ~15 sessions.)
+///
+/// Architecture invariant: numbers are only handed out and compacted here; a session's vector is
+/// never longer than `ids`, and entry `i` is the peer's count for `ids[i]`.
+#[derive(Debug, Clone, Default)]
+struct DeviceIndex {
+    ids: Vec<DeviceId>,
+    /// Hash-ordered, so never iterated (`ids` is the order); keyed with a random seed, so a peer
+    /// cannot pick ids that collide.
+    numbers: HashMap<DeviceId, u32>,
+}
+
+impl DeviceIndex {
+    fn number(&self, device: &DeviceId) -> Option<usize> {
+        self.numbers.get(device).map(|&i| i as usize)
+    }
+
+    /// The device's number, handed out if it has none; `None` when the index is full.
+    fn number_or_insert(&mut self, device: DeviceId) -> Option<usize> {
+        if let Some(i) = self.number(&device) {
+            return Some(i);
+        }
+        if self.ids.len() >= MAX_KNOWN_DEVICES {
+            return None;
+        }
+        let i = self.ids.len();
+        self.ids.push(device);
+        self.numbers.insert(device, i as u32);
+        debug_assert_eq!(self.ids.len(), self.numbers.len());
+        Some(i)
+    }
+}
+
+/// A peer's count for `device` in `their_heads` (a vector by [`DeviceIndex`] number).
+fn told(index: &DeviceIndex, their_heads: &[u64], device: &DeviceId) -> u64 {
+    index.number(device).and_then(|i| their_heads.get(i).copied()).unwrap_or(0)
+}
+
 /// One connected peer, as this node sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PeerSession {
     pub connected_at_ms: u64,
     pub last_heard_ms: u64,
     pub last_sent_ms: u64,
-    /// The peer's heads as it told them (merged by max), and their sum.
+    /// The peer's heads as it told them (merged by max), by device number ([`DeviceIndex`]; a
+    /// device past the end holds 0). Read through [`Sync::peer_holds`].
     #[serde(skip)]
-    pub their_heads: BTreeMap<DeviceId, u64>,
+    their_heads: Vec<u64>,
+    /// The sum of the peer's heads.
     pub their_total: u64,
     /// Changes served to the peer beyond what it told: device → (next seq sent, since when the
     /// peer's heads for it have not moved). Counted as held so they are not sent twice; dropped when
@@ -266,9 +317,20 @@ pub struct PeerSession {
 
 impl PeerSession {
     /// The next seq of `device` the peer holds or has been sent.
-    fn held(&self, device: &DeviceId) -> u64 {
-        let told = self.their_heads.get(device).copied().unwrap_or(0);
+    fn held(&self, index: &DeviceIndex, device: &DeviceId) -> u64 {
+        let told = told(index, &self.their_heads, device);
         self.sent_ahead.get(device).map_or(told, |(sent, _)| told.max(*sent))
+    }
+
+    /// Sets the peer's count for device number `i` (the vector grows to the index's length, exactly:
+    /// every session of a node grows alike, so doubling would waste the most where it is repeated).
+    fn set_told(&mut self, index: &DeviceIndex, i: usize, n: u64) {
+        debug_assert!(i < index.ids.len());
+        if i >= self.their_heads.len() {
+            self.their_heads.reserve_exact(index.ids.len() - self.their_heads.len());
+            self.their_heads.resize(index.ids.len(), 0);
+        }
+        self.their_heads[i] = n;
     }
 }
 
@@ -295,12 +357,63 @@ pub struct SyncStats {
 pub struct Sync<P> {
     config: SyncConfig,
     peers: BTreeMap<P, PeerSession>,
+    devices: DeviceIndex,
     stats: SyncStats,
 }
 
 impl<P: Ord + Clone + Debug> Sync<P> {
     pub fn new(config: SyncConfig) -> Self {
-        Self { config, peers: BTreeMap::new(), stats: SyncStats::default() }
+        Self { config, peers: BTreeMap::new(), devices: DeviceIndex::default(), stats: SyncStats::default() }
+    }
+
+    /// How many entries of `device`'s journal `peer` holds, as of its last heads (`None`: no session).
+    pub fn peer_holds(&self, peer: &P, device: &DeviceId) -> Option<u64> {
+        Some(told(&self.devices, &self.peers.get(peer)?.their_heads, device))
+    }
+
+    /// Renumbers the devices to those some session still names (a nonzero count): run when the
+    /// index fills, which only peers naming devices nobody else holds can cause.
+    fn compact_devices(&mut self) {
+        let old = &self.devices.ids;
+        let mut named = vec![false; old.len()];
+        for s in self.peers.values() {
+            for (i, &n) in s.their_heads.iter().enumerate() {
+                named[i] |= n > 0;
+            }
+        }
+        let mut index = DeviceIndex::default();
+        let mut renumber = vec![None; old.len()];
+        for (i, d) in old.iter().enumerate() {
+            if named[i] {
+                renumber[i] = index.number_or_insert(*d);
+            }
+        }
+        for s in self.peers.values_mut() {
+            let mut heads = Vec::with_capacity(index.ids.len());
+            heads.resize(index.ids.len(), 0);
+            for (i, &n) in s.their_heads.iter().enumerate() {
+                if let Some(j) = renumber[i] {
+                    heads[j] = n;
+                }
+            }
+            s.their_heads = heads;
+        }
+        tracing::warn!(before = old.len(), after = index.ids.len(), "device numbers compacted");
+        self.devices = index;
+    }
+
+    /// Drops `peer`, whose heads name more devices than [`MAX_KNOWN_DEVICES`] leaves room for.
+    fn too_many_devices(&mut self, mut out: Vec<Output<P>>, peer: P) -> Vec<Output<P>> {
+        self.protocol_error(&mut out, peer, ProtocolError::OverLimit("known devices"));
+        out
+    }
+
+    /// Drops `peer` for breaking the protocol.
+    fn protocol_error(&mut self, out: &mut Vec<Output<P>>, peer: P, e: ProtocolError) {
+        *self.stats.protocol_errors.entry(e.label()).or_default() += 1;
+        tracing::warn!(peer = ?peer, error = %e, "protocol error; dropping peer");
+        self.peers.remove(&peer);
+        out.push(Output::Disconnect { peer, reason: e.to_string() });
     }
 
     pub fn peers(&self) -> &BTreeMap<P, PeerSession> {
@@ -314,7 +427,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     /// How many entries `peer` lacks compared with `mine`, as of its last heads.
     pub fn behind(&self, peer: &P, mine: &Heads) -> Option<u64> {
         let s = self.peers.get(peer)?;
-        Some(mine.iter().map(|(d, n)| n.saturating_sub(s.their_heads.get(d).copied().unwrap_or(0))).sum())
+        Some(mine.iter().map(|(d, n)| n.saturating_sub(told(&self.devices, &s.their_heads, d))).sum())
     }
 
     /// Changes served to `peer` and not yet confirmed by its heads: device → next seq sent.
@@ -325,7 +438,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     /// How many entries `peer` holds that `mine` lacks, as of its last heads.
     pub fn ahead(&self, peer: &P, mine: &Heads) -> Option<u64> {
         let s = self.peers.get(peer)?;
-        Some(s.their_heads.iter().map(|(d, n)| n.saturating_sub(mine.get(d).copied().unwrap_or(0))).sum())
+        let ids = &self.devices.ids;
+        Some(s.their_heads.iter().zip(ids).map(|(n, d)| n.saturating_sub(mine.get(d).copied().unwrap_or(0))).sum())
     }
 
     /// A connection to an authenticated peer of this market opened: start catch-up both ways.
@@ -396,13 +510,20 @@ impl<P: Ord + Clone + Debug> Sync<P> {
         let msg = match Message::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
-                *self.stats.protocol_errors.entry(e.label()).or_default() += 1;
-                tracing::warn!(peer = ?from, error = %e, "protocol error; dropping peer");
-                self.peers.remove(&from);
-                out.push(Output::Disconnect { peer: from, reason: e.to_string() });
+                self.protocol_error(&mut out, from, e);
                 return out;
             }
         };
+        if let Message::Heads { heads, full, .. } = &msg {
+            // Room for every device this heads may name is made before any session changes: the
+            // numbers are never compacted in the middle of a message.
+            if self.devices.ids.len() + heads.len() > MAX_KNOWN_DEVICES {
+                if let Some(s) = self.peers.get_mut(&from).filter(|_| *full) {
+                    s.their_heads.clear(); // about to be replaced: its devices need no number
+                }
+                self.compact_devices();
+            }
+        }
         let Some(session) = self.peers.get_mut(&from) else {
             // Not (or no longer) a session: broadcasts can still arrive from a peer being set up.
             if let Message::Changes { changes, .. } = msg {
@@ -419,24 +540,30 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 let mine_total = mine.total();
                 let unchanged = !full && heads.is_empty() && session.served_total == Some(mine_total);
                 let they_have_more;
+                let index = &mut self.devices;
                 if full {
-                    session.their_heads = heads.into_iter().collect();
-                    session.their_total = session.their_heads.values().sum();
+                    session.their_heads.clear();
+                    for (d, n) in heads {
+                        let Some(i) = index.number_or_insert(d) else { return self.too_many_devices(out, from) };
+                        session.set_told(index, i, n); // a device listed twice: the last entry counts
+                    }
+                    session.their_total = saturating_sum(&session.their_heads);
                     session.complete_through = None;
                     session.full_heads_wanted_ms = None;
                     let their = &session.their_heads;
-                    session.sent_ahead.retain(|d, (n, _)| their.get(d).copied().unwrap_or(0) < *n);
-                    they_have_more = holds_more(&session.their_heads, mine);
+                    session.sent_ahead.retain(|d, (n, _)| told(index, their, d) < *n);
+                    they_have_more = holds_more(index, &session.their_heads, mine);
                 } else {
                     // Only the entries in this message can show something new the peer holds:
                     // earlier ones were looked at when they arrived.
                     they_have_more = heads.iter().any(|(d, n)| *n > mine.get(d).copied().unwrap_or(0));
                     for (d, n) in heads {
-                        let h = session.their_heads.entry(d).or_default();
-                        let advanced = n > *h;
+                        let Some(i) = index.number_or_insert(d) else { return self.too_many_devices(out, from) };
+                        let h = session.their_heads.get(i).copied().unwrap_or(0);
+                        let advanced = n > h;
                         if advanced {
-                            session.their_total += n - *h;
-                            *h = n;
+                            session.their_total = session.their_total.saturating_add(n - h);
+                            session.set_told(index, i, n);
                         }
                         match session.sent_ahead.get_mut(&d) {
                             Some((sent, _)) if *sent <= n => {
@@ -447,7 +574,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                         }
                     }
                 }
-                debug_assert_eq!(session.their_total, session.their_heads.values().sum::<u64>(), "their_total is their heads' sum");
+                debug_assert_eq!(session.their_total, saturating_sum(&session.their_heads), "their_total is their heads' sum");
                 let timeout = self.config.liveness_timeout_ms;
                 let asked_lately = session.full_heads_wanted_ms.is_some_and(|at| now_ms.saturating_sub(at) <= timeout);
                 if session.their_total != total && !asked_lately {
@@ -498,32 +625,20 @@ impl<P: Ord + Clone + Debug> Sync<P> {
                 let mut v: Vec<(DeviceId, u64, u64)> = mine
                     .changed_since(through)
                     .filter_map(|(d, n)| {
-                        let theirs = session.held(d);
+                        let theirs = session.held(&self.devices, d);
                         (theirs < n).then_some((*d, theirs, n))
                     })
                     .collect();
                 v.sort_unstable_by_key(|e| e.0);
                 v
             }
-            None => {
-                // Both maps are sorted by device: walk them together instead of a lookup per device.
-                let mut theirs = session.their_heads.iter().peekable();
-                let mut v = Vec::new();
-                for (device, &my_next) in mine.iter() {
-                    while theirs.peek().is_some_and(|(d, _)| *d < device) {
-                        theirs.next();
-                    }
-                    let told = match theirs.peek() {
-                        Some((d, n)) if *d == device => **n,
-                        _ => 0,
-                    };
-                    let their_next = session.sent_ahead.get(device).map_or(told, |(sent, _)| told.max(*sent));
-                    if their_next < my_next {
-                        v.push((*device, their_next, my_next));
-                    }
-                }
-                v
-            }
+            None => mine
+                .iter()
+                .filter_map(|(device, &my_next)| {
+                    let their_next = session.held(&self.devices, device);
+                    (their_next < my_next).then_some((*device, their_next, my_next))
+                })
+                .collect(),
         };
         let mut changes = Vec::new();
         let mut bytes = 0usize;
@@ -634,7 +749,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     /// (`last_heard_ms + liveness_timeout_ms + 1`: silence is *longer* than the timeout), or served
     /// changes unconfirmed past it (the oldest `sent_ahead` entry, likewise). Before it `tick` sends
     /// nothing and changes nothing; a driver sleeps until it (or until bytes arrive) and calls
-    /// `tick` then, and asks again after every call into the core, since each may move it. `None`:
+    /// `tick` then, and asks again after every call into the core, since each may move it (a
+    /// `receive` that returns no outputs only ever moves it later: it heard from a peer). `None`:
     /// no peers, nothing will ever be due. A time already past (a clock that jumped forward) means
     /// tick now. O(peers + unconfirmed devices).
     pub fn poll_timeout(&self) -> Option<u64> {
@@ -693,19 +809,14 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     }
 }
 
-/// Whether `theirs` names an entry `mine` lacks. Both maps are sorted by device: one merge pass
-/// (a full heads of a 1,000-device market is 1,000 entries; a lookup each costs several times more).
-fn holds_more(theirs: &BTreeMap<DeviceId, u64>, mine: &Heads) -> bool {
-    let mut mine = mine.iter().peekable();
-    theirs.iter().any(|(d, n)| {
-        while mine.peek().is_some_and(|(m, _)| *m < d) {
-            mine.next();
-        }
-        match mine.peek() {
-            Some((m, my_next)) if *m == d => n > my_next,
-            _ => *n > 0,
-        }
-    })
+/// Whether `theirs` (a peer's heads by device number) names an entry `mine` lacks.
+fn holds_more(index: &DeviceIndex, theirs: &[u64], mine: &Heads) -> bool {
+    theirs.iter().zip(&index.ids).any(|(n, d)| *n > mine.get(d).copied().unwrap_or(0))
+}
+
+/// The sum of a peer's heads, at most `u64::MAX` (a peer may send any counts).
+fn saturating_sum(heads: &[u64]) -> u64 {
+    heads.iter().fold(0u64, |t, n| t.saturating_add(*n))
 }
 
 #[cfg(test)]

@@ -21,6 +21,18 @@ impl Node {
     }
 }
 
+/// `Sync::receive`, checking the promise a driver may rely on: a receive that asks for nothing
+/// never moves `poll_timeout` earlier (its pending wake still stands).
+fn receive_checked(n: &mut Node, from: usize, bytes: &[u8], now: u64, heads: &Heads) -> Vec<Output<usize>> {
+    let before = n.sync.poll_timeout();
+    let out = n.sync.receive(from, bytes, now, heads, &n.log);
+    if out.is_empty() {
+        let after = n.sync.poll_timeout();
+        assert!(after.is_none() || before.is_some_and(|b| after >= Some(b)), "a quiet receive moved poll_timeout from {before:?} to {after:?}");
+    }
+    out
+}
+
 /// Nodes on a network where every message is delivered, in order, unless `drop` says otherwise.
 struct Net {
     nodes: Vec<Node>,
@@ -68,7 +80,7 @@ impl Net {
                     self.bytes_to[to] += bytes.len();
                     let n = &mut self.nodes[to];
                     let heads = n.heads();
-                    for o in n.sync.receive(src, &bytes, self.now, &heads, &n.log) {
+                    for o in receive_checked(n, src, &bytes, self.now, &heads) {
                         queue.push_back((to, o));
                     }
                 }
@@ -79,7 +91,7 @@ impl Net {
                             self.bytes_to[to] += bytes.len();
                             let n = &mut self.nodes[to];
                             let heads = n.heads();
-                            for o in n.sync.receive(src, &bytes, self.now, &heads, &n.log) {
+                            for o in receive_checked(n, src, &bytes, self.now, &heads) {
                                 queue.push_back((to, o));
                             }
                         }
@@ -558,4 +570,47 @@ fn a_bounded_batch_of_what_a_peer_lacks_gives_every_journal_its_turn() {
     assert!(changes.iter().map(|c| c.encoded_len() + 8).sum::<usize>() <= budget);
     // What the peer already holds is not sent again.
     assert_eq!(missing(&mine, &heads, &log, MAX_CHANGES_PER_MESSAGE, budget).unwrap(), (vec![], false));
+}
+
+/// Device `i` of those made up from `tag`.
+fn made_up(tag: u8, i: u32) -> DeviceId {
+    let mut id = [tag; 32];
+    id[..4].copy_from_slice(&i.to_le_bytes());
+    DeviceId(id)
+}
+
+/// Full heads naming `n` devices made up from `tag`, each holding one entry.
+fn made_up_heads(tag: u8, n: usize) -> Vec<u8> {
+    let heads = (0..n as u32).map(|i| (made_up(tag, i), 1)).collect();
+    Message::Heads { heads, full: true, total: n as u64 }.encode()
+}
+
+#[test]
+fn device_numbers_are_compacted_when_full_and_a_peer_whose_heads_still_do_not_fit_is_dropped() {
+    let market = TestMarket::new(11);
+    let net = Net::new(&market, 1);
+    let n = &net.nodes[0];
+    let (mine, log) = (n.heads(), &n.log);
+    let mut sync: Sync<usize> = Sync::new(SyncConfig::default());
+    for peer in 1..=4 {
+        sync.connected(peer, 0, &mine);
+    }
+    // Peers 1 and 2 fill every number with devices nobody else names.
+    sync.receive(1, &made_up_heads(1, MAX_HEADS_ENTRIES), 1, &mine, log);
+    sync.receive(2, &made_up_heads(2, MAX_KNOWN_DEVICES - MAX_HEADS_ENTRIES), 1, &mine, log);
+    let named_by_2 = made_up(2, 7);
+    assert_eq!(sync.peer_holds(&2, &named_by_2), Some(1));
+    sync.disconnected(&1);
+    // Peer 3's one new device finds room: peer 1's devices lost their numbers, peer 2 keeps its view.
+    let out = sync.receive(3, &made_up_heads(3, 1), 2, &mine, log);
+    assert!(!out.iter().any(|o| matches!(o, Output::Disconnect { .. })), "{out:?}");
+    assert_eq!(sync.peer_holds(&3, &made_up(3, 0)), Some(1));
+    assert_eq!(sync.peer_holds(&2, &named_by_2), Some(1), "renumbering keeps what a peer told");
+    assert_eq!(sync.peer_holds(&2, &made_up(1, 0)), Some(0));
+    // Peer 4 names more than is left even after compacting: dropped, the others untouched.
+    let out = sync.receive(4, &made_up_heads(4, MAX_HEADS_ENTRIES), 3, &mine, log);
+    assert!(matches!(out.as_slice(), [Output::Disconnect { peer: 4, .. }]), "{out:?}");
+    assert_eq!(sync.stats().protocol_errors.get("over_limit"), Some(&1));
+    assert_eq!(sync.peers().keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(sync.peer_holds(&2, &named_by_2), Some(1));
 }

@@ -677,7 +677,7 @@ impl<'a> Columns<'a> {
                     c.dev_expires.push(int(certificate.expires_at_ms));
                 }
                 EventBody::ProductUpserted { product, lamport } => {
-                    let candidate = (*lamport, change.device, product);
+                    let candidate = (*lamport, change.device, &**product);
                     c.products
                         .entry(&product.sku)
                         .and_modify(|cur| {

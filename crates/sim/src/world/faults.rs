@@ -65,8 +65,7 @@ impl World {
             d.unsynced.clear();
         } else {
             let entries = std::mem::take(&mut d.unsynced);
-            d.storage_bytes += entries.iter().map(|e| e.change.encoded_len() as u64).sum::<u64>();
-            d.durable.extend(entries);
+            d.store(entries);
         }
         let peers: Vec<(u32, u32)> = self.conns.keys().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
         for (a, b) in peers {

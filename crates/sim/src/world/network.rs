@@ -104,6 +104,9 @@ impl World {
             let held = HeldLog { all: &w.all_changes, heads: d.ledger.heads_ref() };
             d.sync.receive(from, &bytes, now, d.ledger.heads_ref(), &held)
         });
+        if out.is_empty() {
+            return; // an idle heartbeat: it moved no timeout earlier (`Sync::poll_timeout`), the pending wake stands
+        }
         self.execute(to, out);
     }
 
