@@ -6,10 +6,6 @@
 //! `cargo run --release -p stallmesh-sim --example run_scenario -- simulations/market-day.toml 1 [out/]`
 //! `cargo run --release -p stallmesh-sim --example run_scenario -- simulations/flaky-wifi.toml 1..1001 [jobs]`
 
-/// The node binary's allocator, so the harness measures what `stallmesh sim` runs.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().expect("usage: run_scenario <scenario.toml> [seed | A..B] [out-dir | jobs]");
