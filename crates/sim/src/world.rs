@@ -43,22 +43,23 @@ fn open_docs_per_replica(devices: u32) -> usize {
 /// thread's allocations during the day never share.
 const SETUP_THREADS: usize = 2;
 
+/// One device's ledger restored from `entries` as from its store, within the run's share of open
+/// documents; `broken`: the deliberately broken build's device.
+fn restore_replica(ctx: &MarketContext, key_secret: [u8; 32], cert: &Certificate, broken: bool, entries: &[Entry], open_docs: usize) -> Ledger {
+    let mut l = Ledger::restore(ctx.clone(), DeviceKey::from_secret(key_secret), cert.clone(), entries.iter().cloned()).expect("setup entries restore");
+    l.set_open_docs_limit(open_docs);
+    l.allow_overspend_for_tests = broken;
+    l
+}
+
 /// Every device's ledger restored from the day's opening entries, in device order.
-fn restore_replicas(ctx: &MarketContext, replicas: Vec<(DeviceKey, Certificate, bool)>, entries: &[Entry], open_docs: usize) -> Vec<Ledger> {
-    let restore = |(key, cert, broken): (DeviceKey, Certificate, bool)| {
-        let mut l = Ledger::restore(ctx.clone(), key, cert, entries.iter().cloned()).expect("setup entries restore");
-        l.set_open_docs_limit(open_docs);
-        l.allow_overspend_for_tests = broken;
-        l
-    };
+fn restore_replicas(ctx: &MarketContext, replicas: &[([u8; 32], Certificate, bool)], entries: &[Entry], open_docs: usize) -> Vec<Ledger> {
     let per_thread = replicas.len().div_ceil(SETUP_THREADS).max(1);
-    let mut chunks: Vec<Vec<(DeviceKey, Certificate, bool)>> = Vec::new();
-    let mut rest = replicas.into_iter().peekable();
-    while rest.peek().is_some() {
-        chunks.push(rest.by_ref().take(per_thread).collect());
-    }
     std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks.into_iter().map(|chunk| scope.spawn(move || chunk.into_iter().map(restore).collect::<Vec<Ledger>>())).collect();
+        let handles: Vec<_> = replicas
+            .chunks(per_thread)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(|(secret, cert, broken)| restore_replica(ctx, *secret, cert, *broken, entries, open_docs)).collect::<Vec<_>>()))
+            .collect();
         handles.into_iter().flat_map(|h| h.join().expect("a setup thread does not panic")).collect()
     })
 }
@@ -786,11 +787,7 @@ impl World {
         let n = self.n();
         let restore = |w: &World, d: u32, entries: &[Entry]| -> Ledger {
             let dev = &w.devices[d as usize];
-            let mut l = Ledger::restore(w.ctx.clone(), DeviceKey::from_secret(dev.key_secret), dev.cert.clone(), entries.iter().cloned())
-                .expect("setup entries restore");
-            l.set_open_docs_limit(open_docs_per_replica(w.n()));
-            l.allow_overspend_for_tests = dev.broken;
-            l
+            restore_replica(&w.ctx, dev.key_secret, &dev.cert, dev.broken, entries, open_docs_per_replica(w.n()))
         };
         // Everyone enrols (a first meeting before the day).
         let mut shared: Vec<Entry> = Vec::new();
@@ -838,9 +835,8 @@ impl World {
             })
             .collect();
         let setup_bytes: u64 = shared.iter().map(|e| e.change.encoded_len() as u64).sum();
-        let replicas: Vec<(DeviceKey, Certificate, bool)> =
-            self.devices.iter().map(|d| (DeviceKey::from_secret(d.key_secret), d.cert.clone(), d.broken)).collect();
-        let ledgers = restore_replicas(&self.ctx, replicas, &shared, open_docs_per_replica(n));
+        let replicas: Vec<([u8; 32], Certificate, bool)> = self.devices.iter().map(|d| (d.key_secret, d.cert.clone(), d.broken)).collect();
+        let ledgers = restore_replicas(&self.ctx, &replicas, &shared, open_docs_per_replica(n));
         debug_assert_eq!(ledgers.len(), n as usize);
         for (dev, ledger) in self.devices.iter_mut().zip(ledgers) {
             dev.ledger = ledger;

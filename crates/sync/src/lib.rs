@@ -389,8 +389,7 @@ impl<P: Ord + Clone + Debug> Sync<P> {
             }
         }
         for s in self.peers.values_mut() {
-            let mut heads = Vec::with_capacity(index.ids.len());
-            heads.resize(index.ids.len(), 0);
+            let mut heads = vec![0; index.ids.len()];
             for (i, &n) in s.their_heads.iter().enumerate() {
                 if let Some(j) = renumber[i] {
                     heads[j] = n;
@@ -439,7 +438,8 @@ impl<P: Ord + Clone + Debug> Sync<P> {
     pub fn ahead(&self, peer: &P, mine: &Heads) -> Option<u64> {
         let s = self.peers.get(peer)?;
         let ids = &self.devices.ids;
-        Some(s.their_heads.iter().zip(ids).map(|(n, d)| n.saturating_sub(mine.get(d).copied().unwrap_or(0))).sum())
+        // Saturating: a peer may tell any counts.
+        Some(s.their_heads.iter().zip(ids).fold(0u64, |t, (n, d)| t.saturating_add(n.saturating_sub(mine.get(d).copied().unwrap_or(0)))))
     }
 
     /// A connection to an authenticated peer of this market opened: start catch-up both ways.
