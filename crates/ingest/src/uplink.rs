@@ -65,6 +65,9 @@ pub struct UplinkStats {
 pub struct Uplink {
     /// What the cloud said it holds, from its last reply; `None`: ask before uploading.
     cloud_heads: Option<BTreeMap<DeviceId, u64>>,
+    /// `cloud_heads` with refused journals counted as held (`u64::MAX`), so they are not offered
+    /// again: kept beside it (set together in `set_cloud_heads`), since every `poll_timeout` reads it.
+    cloud_view: Option<BTreeMap<DeviceId, u64>>,
     /// The cloud's log length at its last reply.
     cloud_offset: Option<u64>,
     in_flight: bool,
@@ -95,6 +98,7 @@ impl Uplink {
     pub fn new(seed: u64) -> Self {
         Self {
             cloud_heads: None,
+            cloud_view: None,
             cloud_offset: None,
             in_flight: false,
             failures: 0,
@@ -137,19 +141,21 @@ impl Uplink {
         &self.refused
     }
 
-    /// The cloud's heads with refused journals counted as held, so they are not offered again.
-    fn effective_cloud_heads(&self) -> Option<BTreeMap<DeviceId, u64>> {
-        let mut heads = self.cloud_heads.clone()?;
-        for d in self.refused.keys() {
-            heads.insert(*d, u64::MAX);
-        }
-        Some(heads)
+    /// Replaces the cloud's heads (and the view with refused journals counted as held).
+    fn set_cloud_heads(&mut self, heads: Option<BTreeMap<DeviceId, u64>>) {
+        self.cloud_view = heads.clone().map(|mut view| {
+            for d in self.refused.keys() {
+                view.insert(*d, u64::MAX);
+            }
+            view
+        });
+        self.cloud_heads = heads;
     }
 
     /// Changes this tablet holds that the cloud lacks (by the cloud's last heads).
     pub fn lacking(&self, mine: &Heads) -> u64 {
-        let Some(cloud) = self.effective_cloud_heads() else { return 0 };
-        mine.iter().map(|(d, n)| n.saturating_sub(cloud.get(d).copied().unwrap_or(0))).sum()
+        let Some(cloud) = &self.cloud_view else { return 0 };
+        stallmesh_sync::against(mine, cloud).fold(0u64, |t, (_, n, held)| t.saturating_add(n.saturating_sub(held)))
     }
 
     /// This tablet ran short of `sku` (`for_sale`: a customer waits) and the market's online
@@ -192,11 +198,8 @@ impl Uplink {
             return Some(Outgoing { body: Message::RightsWanted { sku, qty, for_sale }.encode(), changes: 0 });
         }
         let refresh_due = self.last_heads_ms.is_none_or(|t| now_ms >= t.saturating_add(HEADS_REFRESH_MS));
-        let cloud = match self.effective_cloud_heads() {
-            Some(c) => c,
-            None => return Some(self.heads_request(now_ms, mine)),
-        };
-        let (changes, _more) = match stallmesh_sync::missing(mine, &cloud, log, UPLOAD_MAX_CHANGES, UPLOAD_MAX_BYTES) {
+        let Some(cloud) = &self.cloud_view else { return Some(self.heads_request(now_ms, mine)) };
+        let (changes, _more) = match stallmesh_sync::missing(mine, cloud, log, UPLOAD_MAX_CHANGES, UPLOAD_MAX_BYTES) {
             Ok(found) => found,
             Err(e) => {
                 // The tablet's own store failed to read: try again later, like a network failure.
@@ -224,12 +227,17 @@ impl Uplink {
         self.in_flight = true;
         self.last_heads_ms = Some(now_ms);
         self.stats.requests += 1;
-        let mut heads: BTreeMap<DeviceId, u64> = mine.iter().map(|(d, n)| (*d, *n)).collect();
-        for d in self.refused_downloads.keys() {
-            heads.insert(*d, u64::MAX);
-        }
-        let total = heads.values().fold(0u64, |t, n| t.saturating_add(*n));
-        Outgoing { body: Message::Heads { heads: heads.into_iter().collect(), full: true, total }.encode(), changes: 0 }
+        let heads: Vec<(DeviceId, u64)> = if self.refused_downloads.is_empty() {
+            mine.iter().map(|(d, n)| (*d, *n)).collect() // already in device order
+        } else {
+            let mut heads: BTreeMap<DeviceId, u64> = mine.iter().map(|(d, n)| (*d, *n)).collect();
+            for d in self.refused_downloads.keys() {
+                heads.insert(*d, u64::MAX);
+            }
+            heads.into_iter().collect()
+        };
+        let total = heads.iter().fold(0u64, |t, (_, n)| t.saturating_add(*n));
+        Outgoing { body: Message::Heads { heads, full: true, total }.encode(), changes: 0 }
     }
 
     /// This tablet's ledger refused changes of these journals that the cloud sent: ask for no more
@@ -259,7 +267,8 @@ impl Uplink {
         // it again at once would only repeat that: back off, growing, until heads move.
         let progress = match &self.cloud_heads {
             None => true,
-            Some(old) => new_heads.iter().any(|(d, n)| old.get(d).is_none_or(|o| n > o)),
+            // Some device the old heads lack or hold less of (one walk down both).
+            Some(old) => stallmesh_sync::against(&new_heads, old).any(|(d, n, held)| n > held || (held == 0 && !old.contains_key(d))),
         };
         if sent > 0 && !progress {
             self.stalled = self.stalled.saturating_add(1);
@@ -270,7 +279,7 @@ impl Uplink {
         }
         // The cloud's word is what it holds now: heads from a reply replace the old view (another
         // process or tablet may have moved them; a restored cloud may even hold less).
-        self.cloud_heads = Some(new_heads);
+        self.set_cloud_heads(Some(new_heads));
         self.cloud_offset = Some(reply.offset);
         if reply.more && !reply.changes.is_empty() {
             self.last_heads_ms = None; // ask again at once for the rest
@@ -302,7 +311,7 @@ impl Uplink {
         }
         self.last_error = rejected.first().map(|r| format!("the cloud refused {}:{}: {}", r.device.short(), r.seq, r.message));
         // What the cloud holds after a partial acceptance is not known: ask.
-        self.cloud_heads = None;
+        self.set_cloud_heads(None);
     }
 
     /// The request failed (no connection, timeout, a 5xx, a reply that does not decode): back off
@@ -312,7 +321,7 @@ impl Uplink {
         self.failures = self.failures.saturating_add(1);
         self.stats.failures += 1;
         self.last_error = Some(error);
-        self.cloud_heads = None;
+        self.set_cloud_heads(None);
         let wait = self.backoff_ms(self.failures);
         self.retry_at_ms = now_ms.saturating_add(wait);
     }

@@ -34,7 +34,10 @@ impl Heads {
     /// The devices whose entry grew after the heads' total was `total`, with their current entry,
     /// most recently changed last.
     pub fn changed_since(&self, total: u64) -> impl Iterator<Item = (&DeviceId, u64)> + '_ {
-        self.by_change.range(total.saturating_add(1)..).map(|(_, d)| (d, self.map.get(d).copied().unwrap_or(0)))
+        let start = total.saturating_add(1);
+        // Nothing grew since `total` (a peer served a moment ago): no search down the index.
+        let changed = (start <= self.total).then(|| self.by_change.range(start..));
+        changed.into_iter().flatten().map(|(_, d)| (d, self.map.get(d).copied().unwrap_or(0)))
     }
 
     pub(crate) fn set(&mut self, device: DeviceId, next: u64) {

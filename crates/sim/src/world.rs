@@ -16,8 +16,8 @@ use stallmesh_ingest::{LogRecord, MarketIngest};
 use stallmesh_ledger::{sale_id, Entry, EventBody, KnownApplied, Ledger, LedgerError, LineRequest, LocalOp, LoyaltyOnSale, MarketContext, Product};
 use stallmesh_sync::rebalance::{recent_sales_since_ms, Ask, AskStats, Rebalancer, SaleWait, SaleWaitStep};
 use stallmesh_sync::{MemoryLog, Output, Sync as SyncCore, SyncConfig};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,7 @@ mod drops;
 mod faults;
 mod loyalty;
 mod network;
+mod queue;
 
 pub use checker::CLOUD_INVARIANT;
 pub use faults::{fault_kind, fault_label};
@@ -244,33 +245,6 @@ enum Ev {
     },
 }
 
-struct Item {
-    t: u64,
-    seq: u64,
-    ev: Ev,
-}
-
-// A market day queues hundreds of thousands of events and every push and pop moves items along the
-// heap: keep them small (large payloads are boxed).
-const _: () = assert!(std::mem::size_of::<Item>() <= 64);
-
-impl PartialEq for Item {
-    fn eq(&self, o: &Self) -> bool {
-        (self.t, self.seq) == (o.t, o.seq)
-    }
-}
-impl Eq for Item {}
-impl PartialOrd for Item {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Item {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.t, self.seq).cmp(&(o.t, o.seq))
-    }
-}
-
 struct Device {
     id: DeviceId,
     stall: u32,
@@ -389,8 +363,7 @@ pub struct World {
     sc: Scenario,
     opts: Options,
     now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<Item>>,
+    queue: queue::EventQueue<Ev>,
     /// The tablets, numbered 0.. in stall order.
     devices: Vec<Device>,
     cloud: Cloud,
@@ -399,7 +372,9 @@ pub struct World {
     active_faults: BTreeSet<usize>,
     /// Tablets walked to another side of the Wi-Fi split (`move` faults): device → side.
     moved: BTreeMap<u32, usize>,
-    conns: BTreeMap<(u32, u32), Conn>,
+    /// Open streams by tablet pair (low, high): looked up twice per message, so hashed (with a
+    /// fixed hasher: never iterated in hash order, see `faults.rs`).
+    conns: HashMap<(u32, u32), Conn, BuildHasherDefault<rustc_hash::FxHasher>>,
     wanted: BTreeSet<(u32, u32)>,
     epochs: u64,
     stall_rngs: Vec<ChaCha8Rng>,
@@ -656,13 +631,12 @@ impl World {
             sc,
             opts,
             now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            queue: queue::EventQueue::new(),
             devices,
             ctx,
             faults,
             active_faults: BTreeSet::new(),
-            conns: BTreeMap::new(),
+            conns: HashMap::default(),
             wanted: BTreeSet::new(),
             epochs: 0,
             stall_rngs,
@@ -736,8 +710,7 @@ impl World {
     }
 
     fn push(&mut self, t: u64, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse(Item { t, seq: self.seq, ev }));
+        self.queue.push(t, ev);
     }
 
     /// The device's own clock (offset, drift, jumps), in ms: what its ledger and sync core see.
@@ -927,11 +900,11 @@ impl World {
             b.set_message(self.sc.name.clone());
             b
         });
-        while let Some(Reverse(item)) = self.queue.pop() {
-            while item.t >= self.series.next_sample_us() {
+        while let Some((t, ev)) = self.queue.pop() {
+            while t >= self.series.next_sample_us() {
                 self.sample_series();
             }
-            self.now = item.t;
+            self.now = t;
             self.events += 1;
             if self.events > MAX_EVENTS {
                 break;
@@ -941,7 +914,7 @@ impl World {
                     b.set_position(self.now / US_PER_S);
                 }
             }
-            self.handle(item.ev);
+            self.handle(ev);
             if self.finished {
                 break;
             }

@@ -614,3 +614,29 @@ fn device_numbers_are_compacted_when_full_and_a_peer_whose_heads_still_do_not_fi
     assert_eq!(sync.peers().keys().copied().collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(sync.peer_holds(&2, &named_by_2), Some(1));
 }
+
+/// `against` walks both maps at once: each of mine's devices meets exactly what a lookup in
+/// theirs finds, whichever devices either side lacks.
+#[test]
+fn against_pairs_each_of_my_devices_with_what_the_other_side_holds() {
+    let mut mine = BTreeMap::new();
+    let mut theirs = BTreeMap::new();
+    for i in 0..200u32 {
+        match i % 5 {
+            0 => {
+                mine.insert(made_up(1, i), u64::from(i) + 1);
+            }
+            1 => {
+                theirs.insert(made_up(1, i), 7);
+            }
+            _ => {
+                mine.insert(made_up(1, i), u64::from(i));
+                theirs.insert(made_up(1, i), u64::from(i % 3));
+            }
+        }
+    }
+    let walked: Vec<(DeviceId, u64, u64)> = against(&mine, &theirs).map(|(d, n, h)| (*d, n, h)).collect();
+    let looked_up: Vec<(DeviceId, u64, u64)> = mine.iter().map(|(d, n)| (*d, *n, theirs.get(d).copied().unwrap_or(0))).collect();
+    assert_eq!(walked, looked_up);
+    assert!(walked.iter().any(|(_, _, h)| *h == 0) && walked.iter().any(|(_, _, h)| *h > 0));
+}

@@ -67,7 +67,8 @@ impl World {
             let entries = std::mem::take(&mut d.unsynced);
             d.store(entries);
         }
-        let peers: Vec<(u32, u32)> = self.conns.keys().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
+        let mut peers: Vec<(u32, u32)> = self.conns.keys().filter(|(a, b)| *a == dev || *b == dev).copied().collect();
+        peers.sort_unstable(); // torn down in pair order: `conns` is hashed
         for (a, b) in peers {
             self.teardown(a, b);
         }
