@@ -164,7 +164,7 @@ enum Ev {
         from: u32,
         to: u32,
         epoch: u64,
-        bytes: Rc<Vec<u8>>,
+        bytes: Payload,
         /// `None`: a message on the ordered stream; a broadcast carries its gossip message id
         /// (a hash of its bytes, computed once where it was published).
         broadcast: Option<u64>,
@@ -219,7 +219,7 @@ enum Ev {
     CardAfterWait {
         dev: u32,
         lines: Vec<LineRequest>,
-        /// Boxed: the rarest event must not make every queued event larger (see `Item`).
+        /// Boxed: the rarest event must not make every queued event larger (see the size assertion below).
         card: Box<LoyaltyOnSale>,
     },
     /// A voucher redemption after the till waited for the holder to hand it over.
@@ -243,6 +243,28 @@ enum Ev {
     DropWalkIn {
         stall: u32,
     },
+}
+
+// Events wait in the queue's slab, tens of thousands at once: one cache line each (large payloads
+// are boxed).
+const _: () = assert!(std::mem::size_of::<Option<Ev>>() <= 64);
+
+/// A message's bytes: its own for a message to one peer (most are heartbeats: no second
+/// allocation to share them), shared by every copy of a broadcast.
+#[derive(Debug, Clone)]
+enum Payload {
+    Own(Vec<u8>),
+    Shared(Rc<Vec<u8>>),
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Own(b) => b,
+            Payload::Shared(b) => b,
+        }
+    }
 }
 
 struct Device {
@@ -1301,10 +1323,10 @@ impl World {
         let mut queue: VecDeque<Output<u32>> = outputs.into();
         while let Some(o) = queue.pop_front() {
             match o {
-                Output::Send { to, bytes } => self.transmit(dev, to, Rc::new(bytes), None),
+                Output::Send { to, bytes } => self.transmit(dev, to, Payload::Own(bytes), None),
                 Output::Broadcast { bytes } => {
                     let id = Some(fnv_bytes(&bytes));
-                    let bytes = Rc::new(bytes);
+                    let bytes = Payload::Shared(Rc::new(bytes));
                     let peers: Vec<u32> = self.devices[dev as usize].sync.peers().keys().copied().collect();
                     for p in peers {
                         self.transmit(dev, p, bytes.clone(), id);

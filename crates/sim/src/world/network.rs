@@ -30,7 +30,8 @@ impl World {
         !self.devices[dev as usize].up || self.uplink_outage()
     }
 
-    pub(super) fn transmit(&mut self, from: u32, to: u32, bytes: Rc<Vec<u8>>, broadcast: Option<u64>) {
+    pub(super) fn transmit(&mut self, from: u32, to: u32, bytes: Payload, broadcast: Option<u64>) {
+        debug_assert_eq!(broadcast.is_some(), matches!(bytes, Payload::Shared(_)), "only broadcasts share their bytes");
         let ordered = broadcast.is_none();
         let key = pair(from, to);
         let Some(conn) = self.conns.get(&key) else { return };
@@ -66,13 +67,15 @@ impl World {
             at = at.max(conn.last_deliver[dir]);
             conn.last_deliver[dir] = at;
         }
-        self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), broadcast });
         if duplicate {
+            self.push(at, Ev::Deliver { from, to, epoch, bytes: bytes.clone(), broadcast });
             self.push(at + delay_us, Ev::Deliver { from, to, epoch, bytes, broadcast });
+        } else {
+            self.push(at, Ev::Deliver { from, to, epoch, bytes, broadcast });
         }
     }
 
-    pub(super) fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Rc<Vec<u8>>, broadcast: Option<u64>) {
+    pub(super) fn on_deliver(&mut self, from: u32, to: u32, epoch: u64, bytes: Payload, broadcast: Option<u64>) {
         let ordered = broadcast.is_none();
         match self.conns.get(&pair(from, to)) {
             Some(c) if c.epoch == epoch => {}
