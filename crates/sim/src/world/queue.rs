@@ -14,7 +14,8 @@ type Key = (u64, u64, u32);
 const _: () = assert!(std::mem::size_of::<Key>() == 24, "a key is three words at most");
 
 /// A bucket spans 2^10 µs: a message (2 ms and more on the simulated Wi-Fi) lands a few buckets
-/// ahead, and a bucket holds a handful of events.
+/// ahead, and a bucket holds a handful of events on average (hundreds at a burst, see
+/// `BUCKET_KEPT_CAPACITY`).
 const BUCKET_SHIFT: u32 = 10;
 /// Buckets in the ring: 2^13 of them cover 8.4 s, past a heartbeat round (5 s in the big
 /// scenarios), so only arrivals, faults and the like wait in the heap.
