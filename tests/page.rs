@@ -508,6 +508,9 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
             }
             assert_eq!((planned, sold), (5, 5), "{text}");
             screenshot(&c, "drop-kpis").await;
+            // Ends the WebDriver session, and with it the browser: killing chromedriver alone
+            // leaves Chromium running after the test.
+            c.close().await.unwrap();
         });
     });
 }
