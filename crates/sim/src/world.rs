@@ -1,7 +1,8 @@
 //! The simulated market: devices running the real ledger and sync core, a network of ordered
 //! streams with latency, loss and partitions, customers, faults, and a discrete-event loop in
-//! virtual time. No wall clock, no threads, no hash-ordered iteration: a scenario and a seed fully
-//! determine the run.
+//! virtual time. No wall clock, no threads in the event loop (setup restores replicas on two, each
+//! alone from the same entries), no hash-ordered iteration: a scenario and a seed fully determine
+//! the run.
 
 use crate::report::{HourStats, Report};
 use crate::series::{OpenFault, Series, SeriesBuilder};
