@@ -76,12 +76,14 @@ impl Journal {
     }
 }
 
-/// Pushes growing by an eighth (at least 4), not by doubling: a replica keeps a journal for every
-/// device of the market, most of them take a change now and then, and doubling would leave each
-/// of those up to half empty. An eighth keeps pushes amortised O(1).
+/// Pushes growing by an eighth (at least one), not by doubling: a replica keeps a journal for
+/// every device of the market, most of them take a change or two a day, and doubling (or a
+/// minimum of four) would leave each of those mostly empty: room for three spare changes in the
+/// 1,000 journals of 1,000 replicas is 190 MB by the end of `stress-1000`'s day. An eighth keeps
+/// pushes amortised O(1) for long journals; a short one is reallocated once per change.
 fn push_compact<T>(v: &mut Vec<T>, item: T) {
     if v.len() == v.capacity() {
-        v.reserve_exact((v.len() / 8).max(4));
+        v.reserve_exact((v.len() / 8).max(1));
     }
     v.push(item);
 }
@@ -157,5 +159,27 @@ pub(crate) fn events_list(doc: &Automerge) -> Option<ObjId> {
     match doc.get(ROOT, "events") {
         Ok(Some((automerge::Value::Object(ObjType::List), id))) => Some(id),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_compact;
+
+    #[test]
+    fn a_short_journal_grows_one_change_at_a_time_and_a_long_one_by_an_eighth() {
+        let mut v: Vec<u64> = Vec::new();
+        for n in 1..=8u64 {
+            push_compact(&mut v, n);
+            assert_eq!(v.capacity(), v.len(), "no spare room in a journal of {n}");
+        }
+        let mut grown = 0;
+        for n in 9..=10_000u64 {
+            let before = v.capacity();
+            push_compact(&mut v, n);
+            grown += usize::from(v.capacity() != before);
+            assert!(v.capacity() <= v.len() + v.len() / 8, "at most an eighth spare at {n}");
+        }
+        assert!(grown < 80, "amortised: {grown} reallocations over 10,000 pushes");
     }
 }

@@ -6,6 +6,10 @@
 //! `cargo run --release -p stallmesh-sim --example run_scenario -- simulations/market-day.toml 1 [out/]`
 //! `cargo run --release -p stallmesh-sim --example run_scenario -- simulations/flaky-wifi.toml 1..1001 [jobs]`
 
+/// The allocator `stallmesh sim` runs on (`node/src/main.rs`), so the harness measures the same.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().expect("usage: run_scenario <scenario.toml> [seed | A..B] [out-dir | jobs]");
