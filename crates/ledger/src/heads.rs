@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 /// Each device is also indexed by the total at which its entry last grew, so "which devices changed
 /// since total T" costs the number of changes, not the number of devices: in a 1,000-device market
 /// one sale changes one entry, and the sync core must not walk all 1,000 for every peer.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Heads {
     map: BTreeMap<DeviceId, u64>,
     total: u64,
@@ -19,6 +19,14 @@ pub struct Heads {
     /// Device → its entry and its key in `by_change`: a point lookup in one probe, where the sorted
     /// map walks three nodes of 32-byte keys (the sync core looks up every device a peer's heads name).
     index: HashMap<DeviceId, (u64, u64)>,
+}
+
+/// The entries and their total: the indexes are derived from them, and the hash index's order is
+/// random per process, so it stays out of anything printed.
+impl std::fmt::Debug for Heads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heads").field("map", &self.map).field("total", &self.total).finish()
+    }
 }
 
 impl PartialEq for Heads {
