@@ -421,6 +421,21 @@ async fn drop_text(c: &Client) -> String {
     }
 }
 
+/// The drop panel's text from the first read that shows `what`. The panel is re-rendered every second
+/// and a read of the element being replaced is empty, so a later, separate read may see nothing: what
+/// is checked about the panel is checked on the read that matched.
+async fn drop_text_showing(c: &Client, what: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = drop_text(c).await;
+        if text.contains(what) {
+            return text;
+        }
+        assert!(start.elapsed() < SHOWN, "not within {SHOWN:?}: {what:?} on the drop panel; last read: {text:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
 #[test]
 fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_the_other_stalls() {
     const NAME: &str = "the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_the_other_stalls";
@@ -451,8 +466,7 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
             let c = browser(&driver, 1280, 800).await;
             open(&c, lan.url(1)).await;
             shown(&c, "[data-testid=drop][data-status=scheduled]").await;
-            let before = drop_text(&c).await;
-            assert!(before.contains("opens in 0:0"), "a countdown: {before}");
+            let before = drop_text_showing(&c, "opens in 0:0").await;
             assert!(before.contains("here 3") && before.contains("other stalls 2"), "{before}");
             screenshot(&c, "drop-countdown").await;
             // One read of the panel: it is re-rendered every second, and a read of the element being
@@ -467,40 +481,39 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
             for _ in 0..2 {
                 assert_eq!(lan.post(2, "/api/v1/sales", &json!({ "lines": [{ "sku": "TOTE", "qty": 1 }] })).0, 201);
             }
-            until("tablet 2's sales on this till", || async { drop_text(&c).await.contains("sold 2 of 5: here 0 · other stalls 2") }).await;
+            let shown_text = drop_text_showing(&c, "sold 2 of 5: here 0 · other stalls 2").await;
             // Tablet 2 may have been refilled from here meanwhile (the mesh rebalances): three left in all.
-            let shown_text = drop_text(&c).await;
             let left = shown_text.lines().find(|l| l.starts_with("left:")).unwrap_or_default().to_string();
             let units: u64 = left.split(|ch: char| !ch.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum();
             assert_eq!(units, 3, "{shown_text}");
             assert_eq!(lan.post(1, "/api/v1/sales", &json!({ "lines": [{ "sku": "TOTE", "qty": 3 }] })).0, 201);
-            until("sold out", || async { drop_text(&c).await.contains("sold out at") }).await;
-            assert!(drop_text(&c).await.contains("sold 5 of 5: here 3 · other stalls 2"), "{}", drop_text(&c).await);
+            let sold_out = drop_text_showing(&c, "sold out at").await;
+            assert!(sold_out.contains("sold 5 of 5: here 3 · other stalls 2"), "{sold_out}");
             screenshot(&c, "drop-sold-out").await;
 
             // The KPIs screen: the drop's sell-through per channel, and when it sold out.
             tap(&c, "[data-testid=nav-kpis]").await;
             shown(&c, "[data-testid=kpi-drop]").await;
-            until("the drop sold out on the KPIs", || async {
-                let t = c.find(css("[data-testid=kpi-drop-status]")).await.ok();
-                match t {
-                    Some(e) => e.text().await.unwrap_or_default().contains("after opening"),
-                    None => false,
+            // The panel and its table in one read in the page: a screen re-rendered between two
+            // WebDriver reads would leave the second one reading a detached element.
+            const KPI_DROP: &str = "const d = document.querySelector('[data-testid=kpi-drop]'); \
+                return d ? { text: d.innerText, rows: [...d.querySelectorAll('[data-testid=kpi-drop-channel]')] \
+                .map((r) => [...r.querySelectorAll('td')].map((td) => td.innerText.trim())) } : null";
+            let start = Instant::now();
+            let read = loop {
+                let read = c.execute(KPI_DROP, vec![]).await.unwrap_or_default();
+                if read["text"].as_str().is_some_and(|t| t.contains("after opening")) {
+                    break read;
                 }
-            })
-            .await;
-            let text = c.find(css("[data-testid=kpi-drop]")).await.unwrap().text().await.unwrap();
+                assert!(start.elapsed() < SHOWN, "the drop not sold out on the KPIs within {SHOWN:?}: {read}");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            };
+            let text = read["text"].as_str().unwrap_or_default().to_string();
             assert!(text.contains("5 of 5 sold") && text.contains("sold out at"), "{text}");
             let mut planned = 0;
             let mut sold = 0;
-            for row in c.find_all(css("[data-testid=kpi-drop-channel]")).await.unwrap() {
-                let cells: Vec<String> = {
-                    let mut v = Vec::new();
-                    for td in row.find_all(css("td")).await.unwrap() {
-                        v.push(td.text().await.unwrap());
-                    }
-                    v
-                };
+            for row in read["rows"].as_array().cloned().unwrap_or_default() {
+                let cells: Vec<String> = row.as_array().into_iter().flatten().map(|c| c.as_str().unwrap_or_default().to_string()).collect();
                 assert_eq!(cells.len(), 5, "{cells:?}");
                 planned += cells[1].parse::<u64>().unwrap();
                 sold += cells[2].parse::<u64>().unwrap();
