@@ -138,8 +138,16 @@ async fn hidden(c: &Client, selector: &str, limit: Duration) {
     }
 }
 
+/// The text of `selector` once shown. A screen re-rendered between finding the element and reading
+/// it leaves the element detached: that read fails, and the element is found again.
 async fn text(c: &Client, selector: &str) -> String {
-    shown(c, selector).await.text().await.unwrap()
+    let start = Instant::now();
+    loop {
+        if let Ok(t) = shown(c, selector).await.text().await {
+            return t;
+        }
+        assert!(start.elapsed() < SHOWN, "{selector} could not be read within {SHOWN:?}");
+    }
 }
 
 async fn js(c: &Client, script: &str) -> Value {
