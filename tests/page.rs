@@ -141,13 +141,8 @@ async fn hidden(c: &Client, selector: &str, limit: Duration) {
 /// The text of `selector` once shown. A screen re-rendered between finding the element and reading
 /// it leaves the element detached: that read fails, and the element is found again.
 async fn text(c: &Client, selector: &str) -> String {
-    let start = Instant::now();
-    loop {
-        if let Ok(t) = shown(c, selector).await.text().await {
-            return t;
-        }
-        assert!(start.elapsed() < SHOWN, "{selector} could not be read within {SHOWN:?}");
-    }
+    let read = || async { shown(c, selector).await.text().await.ok() };
+    until_read(&format!("{selector} read"), read, Option::is_some).await.unwrap_or_default()
 }
 
 async fn js(c: &Client, script: &str) -> Value {
@@ -181,10 +176,21 @@ async fn first_attr(c: &Client, selector: &str, attr: &str) -> Option<String> {
 }
 
 /// Polls `cond` until it holds; fails with `what` after [`SHOWN`].
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl FnMut() -> F) {
+    until_read(what, cond, |held| *held).await;
+}
+
+/// Reads with `read` until a read satisfies `ok`, and returns that read: what is checked about a
+/// screen that re-renders is checked on the read that matched, not on a later one (which may catch
+/// the element being replaced). Fails with `what` and the last read after [`SHOWN`].
+async fn until_read<T: std::fmt::Debug, F: std::future::Future<Output = T>>(what: &str, mut read: impl FnMut() -> F, ok: impl Fn(&T) -> bool) -> T {
     let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < SHOWN, "not within {SHOWN:?}: {what}");
+    loop {
+        let last = read().await;
+        if ok(&last) {
+            return last;
+        }
+        assert!(start.elapsed() < SHOWN, "not within {SHOWN:?}: {what}; last read: {last:?}");
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
 }
@@ -429,19 +435,9 @@ async fn drop_text(c: &Client) -> String {
     }
 }
 
-/// The drop panel's text from the first read that shows `what`. The panel is re-rendered every second
-/// and a read of the element being replaced is empty, so a later, separate read may see nothing: what
-/// is checked about the panel is checked on the read that matched.
+/// The drop panel's text from the first read that shows `what` (the panel re-renders every second).
 async fn drop_text_showing(c: &Client, what: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = drop_text(c).await;
-        if text.contains(what) {
-            return text;
-        }
-        assert!(start.elapsed() < SHOWN, "not within {SHOWN:?}: {what:?} on the drop panel; last read: {text:?}");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    until_read(&format!("{what:?} on the drop panel"), || drop_text(c), |t| t.contains(what)).await
 }
 
 #[test]
@@ -507,15 +503,12 @@ fn the_till_counts_down_to_a_drop_then_shows_what_is_left_and_sold_here_and_at_t
             const KPI_DROP: &str = "const d = document.querySelector('[data-testid=kpi-drop]'); \
                 return d ? { text: d.innerText, rows: [...d.querySelectorAll('[data-testid=kpi-drop-channel]')] \
                 .map((r) => [...r.querySelectorAll('td')].map((td) => td.innerText.trim())) } : null";
-            let start = Instant::now();
-            let read = loop {
-                let read = c.execute(KPI_DROP, vec![]).await.unwrap_or_default();
-                if read["text"].as_str().is_some_and(|t| t.contains("after opening")) {
-                    break read;
-                }
-                assert!(start.elapsed() < SHOWN, "the drop not sold out on the KPIs within {SHOWN:?}: {read}");
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            };
+            let read = until_read(
+                "the drop sold out on the KPIs",
+                || async { c.execute(KPI_DROP, vec![]).await.unwrap_or_default() },
+                |read: &Value| read["text"].as_str().is_some_and(|t| t.contains("after opening")),
+            )
+            .await;
             let text = read["text"].as_str().unwrap_or_default().to_string();
             assert!(text.contains("5 of 5 sold") && text.contains("sold out at"), "{text}");
             let mut planned = 0;
